@@ -1,0 +1,144 @@
+"""Example inputs and model outputs: normalisation, calling, flattening and comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class InputError(TypeError):
+    """Example inputs have a form graphopt cannot call a model with."""
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Positional and keyword inputs of one model call.
+
+    Users may pass a tensor, a tuple/list of positional args, or a dict of keyword args;
+    :func:`as_example_inputs` turns each into this form.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def call(self, module: nn.Module) -> Any:
+        return module(*self.args, **self.kwargs)
+
+    def to(self, device: torch.device | str) -> ExampleInputs:
+        return ExampleInputs(_map_tensors(self.args, lambda t: t.to(device)),
+                             _map_tensors(self.kwargs, lambda t: t.to(device)))
+
+    def describe(self) -> str:
+        parts = [_describe(a) for a in self.args]
+        parts += [f"{k}={_describe(v)}" for k, v in self.kwargs.items()]
+        return ", ".join(parts)
+
+
+def as_example_inputs(inputs: Any) -> ExampleInputs:
+    """Normalise a tensor, a tuple/list of args, a dict of kwargs or an ExampleInputs."""
+    if isinstance(inputs, ExampleInputs):
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return ExampleInputs((inputs,), {})
+    if isinstance(inputs, Mapping):
+        bad = [k for k in inputs if not isinstance(k, str)]
+        if bad:
+            raise InputError(f"example input dict keys must be argument names (str), got {bad!r}")
+        return ExampleInputs((), dict(inputs))
+    if isinstance(inputs, (tuple, list)):
+        return ExampleInputs(tuple(inputs), {})
+    raise InputError(
+        f"example_inputs must be a tensor, a tuple/list of positional args or a dict of keyword args; "
+        f"got {type(inputs).__name__}"
+    )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    return type(value).__name__
+
+
+def _map_tensors(value: Any, fn) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def flatten_outputs(output: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
+    """Flatten a model output (tensor, tuple, dict, HF ModelOutput, nesting) to ``{path: tensor}``."""
+    flat: dict[str, torch.Tensor] = {}
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[path] = value
+        elif isinstance(value, Mapping):  # dicts and HF ModelOutput (an OrderedDict)
+            for key, item in value.items():
+                visit(item, f"{path}.{key}")
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                visit(item, f"{path}[{i}]")
+        elif hasattr(value, "key_cache") or hasattr(value, "layers"):  # HF Cache objects: not compared
+            return
+
+    visit(output, prefix)
+    return flat
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Error of one output against a reference: max abs and max abs relative to the reference's scale."""
+
+    max_abs: float
+    max_rel: float
+    worst: str = ""
+
+    def __str__(self) -> str:
+        return f"max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g}" + (f" ({self.worst})" if self.worst else "")
+
+
+class OutputMismatch(ValueError):
+    """Two model outputs do not have the same structure or shapes."""
+
+
+def compare_outputs(got: Any, ref: Any) -> OutputError:
+    """Compare two model outputs tensor by tensor.
+
+    ``max_rel`` is ``max|got - ref| / max|ref|`` per tensor (the scale-free error used for tolerances);
+    the worst tensor is named. Raises :class:`OutputMismatch` when structure or shapes differ.
+    """
+    g, r = flatten_outputs(got), flatten_outputs(ref)
+    if g.keys() != r.keys():
+        raise OutputMismatch(f"outputs differ in structure: {sorted(g)} vs {sorted(r)}")
+    worst_abs, worst_rel, worst = 0.0, 0.0, ""
+    for key, ref_t in r.items():
+        got_t = g[key]
+        if got_t.shape != ref_t.shape:
+            raise OutputMismatch(f"{key}: shape {tuple(got_t.shape)} differs from {tuple(ref_t.shape)}")
+        if ref_t.device.type == "meta" or got_t.device.type == "meta" or ref_t.numel() == 0:
+            continue
+        if not ref_t.is_floating_point() and not ref_t.is_complex():
+            diff = float((got_t != ref_t).sum())
+            abs_err, rel_err = diff, diff
+        else:
+            delta = (got_t.detach().double() - ref_t.detach().double()).abs()
+            if not torch.isfinite(got_t).all():
+                abs_err, rel_err = float("inf"), float("inf")
+            else:
+                abs_err = float(delta.max())
+                scale = float(ref_t.detach().double().abs().max())
+                rel_err = abs_err / scale if scale > 0 else abs_err
+        if rel_err > worst_rel or (rel_err == worst_rel and abs_err > worst_abs):
+            worst = key
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+    return OutputError(worst_abs, worst_rel, worst)

@@ -1,0 +1,85 @@
+"""``optimize()``: the one call users make, and its result."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from .inputs import as_example_inputs
+from .manager import Measure, PassManager
+from .pass_infra import Pass
+from .pipeline import Pipeline, as_pipeline
+from .program import Program
+from .report import Report
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIPELINE = "default"
+
+
+@dataclass
+class OptimizeResult:
+    """The optimised model, the Program it came from, the pipeline that ran and the report."""
+
+    model: nn.Module
+    program: Program
+    pipeline: Pipeline
+    report: Report
+
+    def export_onnx(self, path: str | Path, **kwargs: Any) -> Path:
+        """Export the optimised model to ONNX, checked in onnxruntime (see :func:`graphopt.export_onnx`)."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self.model, self.program.example_inputs, path, **kwargs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write weights (safetensors) and the edit log (JSON); see :func:`graphopt.save`."""
+        from .serialize import save
+
+        return save(self, directory)
+
+
+def _materialise(calib: Iterable[Any] | None) -> Iterable[Any] | None:
+    if calib is None:
+        return None
+    try:
+        if iter(calib) is calib:  # a one-shot iterator: passes may need several epochs
+            return list(calib)
+    except TypeError:
+        raise TypeError(f"calib must be an iterable of model inputs, got {type(calib).__name__}") from None
+    return calib
+
+
+def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | Iterable[Pass | str] = DEFAULT_PIPELINE,
+             *, calib: Iterable[Any] | None = None, inplace: bool = False, verify: bool = True,
+             measure: Measure | bool = True, on_error: Literal["rollback", "raise"] = "rollback",
+             progress: bool | None = None, model_spec: str = "MODEL") -> OptimizeResult:
+    """Run ``pipeline`` on a copy of ``model`` (or on ``model`` itself with ``inplace=True``).
+
+    Args:
+        model: the model to optimise; put in eval mode (on the copy unless ``inplace``).
+        example_inputs: a tensor, a tuple of positional args, or a dict of keyword args.
+        pipeline: pipeline text (``"fold_bn,remove_dropout"``), a preset name, or a list of passes.
+        calib: calibration data for passes that need it: an iterable of model inputs.
+        verify: run the model after each pass and check its outputs against the pass's tolerance.
+        measure: record params/FLOPs/latency per pass (a :class:`Measure` picks which).
+        on_error: ``"rollback"`` a failing pass and go on, or roll back and ``"raise"`` PassFailedError.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
+    passes = as_pipeline(pipeline)  # parse first: a typo costs nothing
+    inputs = as_example_inputs(example_inputs)
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    original = model if not inplace else None
+    program = Program(work, inputs, calib=_materialise(calib), original=original)
+    manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
+                          model_spec=model_spec)
+    report = manager.run(program)
+    return OptimizeResult(program.module, program, passes, report)

@@ -1,0 +1,95 @@
+"""Small models built from HuggingFace configs (no download), for tests, benchmarks and examples.
+
+``hf_model(name)`` returns ``(model, example_inputs)`` with random weights in eval mode.
+``llama_7b_meta()`` builds a 7B-shaped Llama on the ``meta`` device (no memory for weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_TEXT = {"input_ids": (2, 16)}
+
+
+def _text_inputs(vocab: int, batch: int = 2, seq: int = 16, mask: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids}
+    if mask:
+        out["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    return out
+
+
+def _pixels(size: int, channels: int = 3, batch: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(batch, channels, size, size, generator=g)}
+
+
+def _bert() -> tuple[Any, dict]:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return BertModel(cfg), _text_inputs(128)
+
+
+def _gpt2() -> tuple[Any, dict]:
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    return GPT2Model(cfg), _text_inputs(128)
+
+
+def _llama() -> tuple[Any, dict]:
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      use_cache=False)
+    return LlamaModel(cfg), _text_inputs(128)
+
+
+def _vit() -> tuple[Any, dict]:
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64)
+    return ViTModel(cfg), _pixels(32)
+
+
+def _resnet() -> tuple[Any, dict]:
+    from transformers import ResNetConfig, ResNetModel
+
+    cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck")
+    return ResNetModel(cfg), _pixels(32)
+
+
+ZOO: dict[str, Callable[[], tuple[Any, dict]]] = {
+    "bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "resnet": _resnet,
+}
+
+
+def hf_model(name: str, *, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny HF model ``name`` (one of :data:`ZOO`) in eval mode, with example inputs."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; choose from {', '.join(ZOO)}")
+    torch.manual_seed(seed)
+    model, inputs = ZOO[name]()
+    return model.eval(), inputs
+
+
+def llama_7b_meta(num_layers: int = 32) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A Llama-2-7B-shaped LlamaModel on the meta device, with meta example inputs."""
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      use_cache=False)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    inputs = {"input_ids": torch.zeros(1, 128, dtype=torch.long, device="meta")}
+    return model.eval(), inputs
