@@ -76,8 +76,10 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     passes = as_pipeline(pipeline)  # parse first: a typo costs nothing
     inputs = as_example_inputs(example_inputs)
     work = model if inplace else copy.deepcopy(model)
+    original = model
+    if inplace and any(p.needs_original for p in passes):
+        original = copy.deepcopy(model)  # the teacher must not change under the passes
     work.eval()
-    original = model if not inplace else None
     program = Program(work, inputs, calib=_materialise(calib), original=original)
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
                           model_spec=model_spec)

@@ -56,11 +56,14 @@ class Pass:
       previous program that verification accepts; ``None`` marks a lossy pass (shapes and finiteness
       are still checked).
     - ``needs_calibration``: the pass reads ``program.calib`` and fails clearly without it.
+    - ``needs_original``: the pass reads ``program.original`` (the model given to ``optimize``, e.g. as a
+      distillation teacher); ``optimize(inplace=True)`` then keeps a copy of it.
     """
 
     name: ClassVar[str] = ""
     tolerance: ClassVar[float | None] = 1e-5
     needs_calibration: ClassVar[bool] = False
+    needs_original: ClassVar[bool] = False
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")

@@ -232,6 +232,8 @@ def _parse_args(name: str, text: str) -> tuple[list[Any], dict[str, Any]]:
     for arg in _split_top(text, ","):
         key, eq, raw = arg.partition("=")
         if eq and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", key):
+            if key.strip() in options:
+                raise PipelineError(f"{name}: option {key.strip()!r} given twice")
             options[key.strip()] = _parse_value(raw.strip())
         else:
             if options:

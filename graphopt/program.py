@@ -59,7 +59,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class Program:
-    """A model under optimisation: root module, example inputs, calibration data, edits, analyses."""
+    """A model under optimisation: root module, example inputs, calibration data, edits, analyses.
+
+    ``original`` is the model given to ``optimize`` (a distillation teacher, say): passes read it and
+    never change it (not even its train/eval mode without restoring it).
+    """
 
     def __init__(self, module: nn.Module, example_inputs: Any, *, calib: Iterable[Any] | None = None,
                  original: nn.Module | None = None) -> None:
