@@ -11,6 +11,7 @@ import logging
 
 from .analysis import PRESERVE_ALL, AnalysisManager, list_analyses, register_analysis
 from .capture import CaptureError, capture
+from .depgraph import DependencyGraph, Group, analyze
 from .inputs import ExampleInputs, InputError, as_example_inputs, compare_outputs
 from .manager import Measure, PassFailedError, PassManager, VerificationError
 from .module_spec import ModuleSpecError, register_module_spec
@@ -47,7 +48,7 @@ def load(directory, base_model, **kwargs):
 
 
 __all__ = [
-    "PRESERVE_ALL", "AnalysisManager", "CaptureError", "Diagnostic", "Edit", "EditError", "ExampleInputs",
+    "PRESERVE_ALL", "AnalysisManager", "CaptureError", "DependencyGraph", "Group", "analyze", "Diagnostic", "Edit", "EditError", "ExampleInputs",
     "InputError", "Measure", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager",
     "PassRecord", "PassResult", "Pipeline", "PipelineError", "Program", "Report", "VerificationError",
     "as_example_inputs", "capture", "compare_outputs", "export_onnx", "get_pass", "list_analyses",

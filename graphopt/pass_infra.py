@@ -38,6 +38,9 @@ class PassResult:
     preserved: frozenset[str] = frozenset()
     stats: dict[str, float] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: The pass changed output shapes on purpose (e.g. ``prune(outputs=true)``): verification then
+    #: checks only that the model runs and stays finite.
+    changes_outputs: bool = False
 
     def skip(self, target: str, why: str) -> None:
         """Record that ``target`` was left alone because ``why``."""

@@ -1,0 +1,352 @@
+"""Zero-configuration structural pruning over the dependency graph (DepGraph-class).
+
+Each prunable :class:`~graphopt.depgraph.Group` is ranked by the sum of its members' importance
+per unit (a channel, a head, a key/value-head group); the lowest units go, from every member at
+once. Allocation is ``uniform`` (the same fraction of every group) or ``global`` (one ranking across
+groups after normalising each group's scores, in the spirit of LAMP, Lee et al. 2021). Targets: a
+fraction of units (``ratio``) or of parameters kept (``target_params``). Sizes held in module
+attributes (``in_features``, ``num_heads``, view/split sizes baked into the graph) follow.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphopt.analysis import AnalysisManager
+from graphopt.depgraph import DependencyGraph, Group
+from graphopt.pass_infra import Pass, PassResult, register_pass
+from graphopt.program import Program
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """Units kept per group, and the resulting kept indices per (tensor, dim)."""
+
+    keep: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@register_pass("prune", tolerance=None)
+class Prune(Pass):
+    """Remove the least important channels/heads of every coupled group (zero configuration)."""
+
+    ratio: float = 0.3
+    target_params: float | None = None
+    importance: Literal["l1", "l2", "taylor"] = "l2"
+    allocation: Literal["uniform", "global"] = "uniform"
+    where: str = "*"
+    round_to: int = 1
+    outputs: bool = False
+    min_units: int = 1
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        self._check_options()
+        if program.device.type == "meta":
+            raise ValueError("prune needs real weights to rank units; the model is on the meta device")
+        graph: DependencyGraph = am.get("dependency_graph_outputs" if self.outputs else "dependency_graph")
+        result = PassResult(modified=False)
+        result.diagnostics += graph.diagnostics
+        groups = [g for g in graph.groups if self._in_scope(g)]
+        for g in graph.groups:
+            if g not in groups:
+                result.skip(g.modules[0], f"group {g.id} outside where={self.where!r}")
+        if not groups:
+            result.note("", "no prunable group found", "warning")
+            return result
+        scores = {g.id: self._importance(program, g) for g in groups}
+        keep = self._allocate(program, groups, scores)
+        changed = [g for g in groups if len(keep[g.id]) < g.units]
+        if not changed:
+            result.note("", "nothing to prune at this ratio (groups too small for min_units/round_to)")
+            return result
+        self._apply(program, [g for g in changed], keep, result)
+        result.modified = True
+        result.changes_outputs = self.outputs
+        result.stats.update({"groups": len(groups), "groups_pruned": len(changed),
+                             "units_removed": sum(g.units - len(keep[g.id]) for g in changed)})
+        return result
+
+    # --- options and scope ----------------------------------------------------------------------
+    def _check_options(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"prune(ratio={self.ratio}): ratio is the fraction of units removed, in [0, 1)")
+        if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
+            raise ValueError(f"prune(target_params={self.target_params}): the fraction of parameters kept, "
+                             f"in (0, 1]")
+        if self.round_to < 1 or self.min_units < 1:
+            raise ValueError("prune: round_to and min_units must be >= 1")
+        if self.importance == "taylor":
+            raise ValueError("prune(importance=taylor) is not available yet; use l1 or l2")
+
+    def _in_scope(self, g: Group) -> bool:
+        return all(fnmatch.fnmatchcase(m.module, self.where) for m in g.members if not m.is_buffer)
+
+    # --- importance -----------------------------------------------------------------------------
+    def _importance(self, program: Program, g: Group) -> np.ndarray:
+        """Sum over members of |w| (l1) or w^2 (l2) of each unit's slice."""
+        score = np.zeros(g.units)
+        for m in g.members:
+            if m.is_buffer:
+                continue
+            w = program.tensor(m.fqn).detach().float()
+            other = [d for d in range(w.dim()) if d != m.dim]
+            per_index = (w.abs() if self.importance == "l1" else w.pow(2)).sum(dim=other) if other else (
+                w.abs() if self.importance == "l1" else w.pow(2))
+            valid = m.positions >= 0
+            score += np.bincount(m.positions[valid], weights=per_index.numpy()[valid], minlength=g.units)
+        return score
+
+    # --- allocation -----------------------------------------------------------------------------
+    def _n_keep(self, g: Group, ratio: float) -> int:
+        keep = g.units - math.floor(g.units * ratio + 1e-9)
+        if self.round_to > 1:
+            keep = max(self.round_to, int(round(keep / self.round_to)) * self.round_to)
+        return int(min(g.units, max(self.min_units, keep)))
+
+    def _allocate(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]
+                  ) -> dict[int, np.ndarray]:
+        if self.allocation == "uniform":
+            ratio = self.ratio
+            if self.target_params is not None:
+                ratio = self._search_ratio(program, groups, scores)
+            return {g.id: _top(scores[g.id], self._n_keep(g, ratio)) for g in groups}
+        return self._allocate_global(program, groups, scores)
+
+    def _search_ratio(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]) -> float:
+        lo, hi = 0.0, 0.999
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            keep = {g.id: _top(scores[g.id], self._n_keep(g, mid)) for g in groups}
+            if _params_kept_fraction(program, groups, keep) > self.target_params:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def _allocate_global(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]
+                         ) -> dict[int, np.ndarray]:
+        """Rank all units together by score / mean score of their group; drop the lowest first."""
+        entries = []
+        for g in groups:
+            s = scores[g.id]
+            norm = s / (s.mean() + 1e-12)
+            entries += [(float(norm[u]), g.id, u) for u in range(g.units)]
+        entries.sort()
+        by_id = {g.id: g for g in groups}
+        removed: dict[int, set[int]] = {g.id: set() for g in groups}
+        total_units = sum(g.units for g in groups)
+
+        def keep_of() -> dict[int, np.ndarray]:
+            return {gid: np.array(sorted(set(range(by_id[gid].units)) - r)) for gid, r in removed.items()}
+
+        budget = math.floor(total_units * self.ratio) if self.target_params is None else total_units
+        done = 0
+        for _, gid, unit in entries:
+            g = by_id[gid]
+            if g.units - len(removed[gid]) <= max(self.min_units, self.round_to):
+                continue
+            if self.target_params is None and done >= budget:
+                break
+            removed[gid].add(unit)
+            done += 1
+            if self.target_params is not None and done % 8 == 0 and \
+                    _params_kept_fraction(program, groups, keep_of()) <= self.target_params:
+                break
+        keep = keep_of()
+        if self.round_to > 1:  # bring survivors back up to a multiple of round_to, best first
+            for g in groups:
+                n = len(keep[g.id])
+                want = min(g.units, max(self.round_to, math.ceil(n / self.round_to) * self.round_to))
+                keep[g.id] = _top(scores[g.id], want) if want != n else keep[g.id]
+        return keep
+
+    # --- applying -------------------------------------------------------------------------------
+    def _apply(self, program: Program, groups: list[Group], keep: dict[int, np.ndarray],
+               result: PassResult) -> None:
+        masks: dict[tuple[str, int], np.ndarray] = {}
+        old_shapes: dict[str, tuple[int, ...]] = {}
+        canonical: dict[int, str] = {}  # tied tensors may appear under several names: resize once
+        for g in groups:
+            for m in g.members:
+                tensor = program.tensor(m.fqn)
+                fqn = canonical.setdefault(id(tensor), m.fqn)
+                mask = masks.setdefault((fqn, m.dim), np.ones(tensor.shape[m.dim], dtype=bool))
+                mask &= (m.positions < 0) | np.isin(m.positions, keep[g.id])
+        for (fqn, dim), mask in masks.items():
+            old_shapes.setdefault(fqn, tuple(program.tensor(fqn).shape))
+            for alias in program.aliases(fqn):
+                old_shapes.setdefault(alias, old_shapes[fqn])
+            program.resize(fqn, dim, np.nonzero(mask)[0])
+        size_changes = _size_changes(groups, keep)
+        _sync_constants(program, groups, keep, result)  # reads attributes before leaf modules change them
+        for module_name in sorted({fqn.rpartition(".")[0] for fqn in old_shapes}):
+            _sync_leaf_module(program, module_name, old_shapes, result)
+        _sync_head_attributes(program, groups, keep, size_changes, result)
+        for g in groups:
+            result.note(g.modules[0], f"group {g.id}: {g.units} -> {len(keep[g.id])} {g.unit}s "
+                        f"({len(g.members)} members)", "info")
+
+
+def _top(score: np.ndarray, n: int) -> np.ndarray:
+    return np.sort(np.argsort(-score, kind="stable")[:n])
+
+
+def _params_kept_fraction(program: Program, groups: list[Group], keep: dict[int, np.ndarray]) -> float:
+    """Fraction of all model parameters kept if the groups keep ``keep`` units."""
+    kept_sizes: dict[tuple[str, int], int] = {}
+    masks: dict[tuple[str, int], np.ndarray] = {}
+    for g in groups:
+        for m in g.members:
+            if m.is_buffer:
+                continue
+            mask = masks.setdefault((m.fqn, m.dim), np.ones(len(m.positions), dtype=bool))
+            mask &= (m.positions < 0) | np.isin(m.positions, keep[g.id])
+    for key, mask in masks.items():
+        kept_sizes[key] = int(mask.sum())
+    total = removed = 0
+    seen: set[int] = set()
+    for name, p in program.module.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        shape = [kept_sizes.get((name, d), s) for d, s in enumerate(p.shape)]
+        removed += p.numel() - int(np.prod(shape))
+    return (total - removed) / max(total, 1)
+
+
+def _size_changes(groups: list[Group], keep: dict[int, np.ndarray]) -> dict[int, int]:
+    """old size -> new size for every member dim and head space touched by one group only."""
+    out: dict[int, int] = {}
+    for g in groups:
+        for m in g.members:
+            new = int(((m.positions < 0) | np.isin(m.positions, keep[g.id])).sum())
+            out.setdefault(len(m.positions), new)
+    return out
+
+
+#: Size attributes of layers, by class name: attribute -> (tensor, dim) it must equal.
+SIZE_ATTRS: dict[str, dict[str, tuple[str, int]]] = {
+    "Linear": {"in_features": ("weight", 1), "out_features": ("weight", 0)},
+    "Embedding": {"embedding_dim": ("weight", 1), "num_embeddings": ("weight", 0)},
+    "Conv1D": {"nx": ("weight", 0), "nf": ("weight", 1)},  # transformers' GPT-2 style linear layer
+}
+
+
+def register_size_attrs(class_name: str, attrs: dict[str, tuple[str, int]]) -> None:
+    """Tell ``prune`` which attributes of a layer class hold which tensor's size along which dim."""
+    SIZE_ATTRS[class_name] = dict(attrs)
+
+
+def _is_known_layer(module: nn.Module) -> bool:
+    return type(module).__name__ in SIZE_ATTRS or isinstance(
+        module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm))
+
+
+def _sync_leaf_module(program: Program, name: str, old_shapes: dict[str, tuple[int, ...]],
+                      result: PassResult) -> None:
+    """Update size attributes of a module whose parameters were resized."""
+    module = program.get_submodule(name)
+    w = getattr(module, "weight", None)
+    if type(module).__name__ in SIZE_ATTRS:
+        for attr, (tensor, dim) in SIZE_ATTRS[type(module).__name__].items():
+            t = getattr(module, tensor, None)
+            if hasattr(module, attr) and isinstance(t, torch.Tensor):
+                _set(program, name, attr, int(t.shape[dim]))
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        old_w = old_shapes.get(f"{name}.weight", tuple(w.shape))
+        if module.transposed:
+            _set(program, name, "in_channels", int(w.shape[0]))
+            _set(program, name, "out_channels", int(w.shape[1]) * module.groups)
+        else:
+            groups = module.groups
+            if groups > 1:  # whole groups were removed: per-group output width is unchanged
+                groups = groups * int(w.shape[0]) // int(old_w[0])
+                _set(program, name, "groups", groups)
+            _set(program, name, "out_channels", int(w.shape[0]))
+            _set(program, name, "in_channels", int(w.shape[1]) * groups)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        ref = module.running_mean if module.running_mean is not None else w
+        _set(program, name, "num_features", int(ref.shape[0]))
+    elif isinstance(module, nn.LayerNorm):
+        _set(program, name, "normalized_shape", list(w.shape) if w is not None else module.normalized_shape)
+    elif any(isinstance(v, int) and not isinstance(v, bool) for v in vars(module).values()):
+        result.note(name, f"{type(module).__name__}: size attributes are updated only where the graph uses "
+                    f"them (view/split sizes); others may be stale")
+
+
+def _set(program: Program, module: str, attr: str, value: object) -> None:
+    current = getattr(program.get_submodule(module), attr)
+    if isinstance(current, tuple):
+        value = tuple(value) if isinstance(value, list) else value
+        if current == value:
+            return
+        program.set_attr(module, attr, list(value))
+        setattr(program.get_submodule(module), attr, tuple(value))
+        return
+    if current != value:
+        program.set_attr(module, attr, value)
+
+
+def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.ndarray],
+                    result: PassResult) -> None:
+    """Sizes baked into view/split/expand calls come from module attributes: update those."""
+    changes: dict[str, dict[int, set[int]]] = {}
+    ops: dict[tuple[str, int], str] = {}
+    for g in groups:
+        for c in g.constants:
+            new = int(((c.positions < 0) | np.isin(c.positions, keep[g.id])).sum())
+            if new != c.value:
+                changes.setdefault(c.module, {}).setdefault(c.value, set()).add(new)
+                ops[(c.module, c.value)] = c.op
+    for module_name, old_to_new in changes.items():
+        module = program.get_submodule(module_name) if module_name else program.module
+        if _is_known_layer(module):
+            continue  # its size attributes follow its tensors' shapes (_sync_leaf_module)
+        originals = {a: v for a, v in vars(module).items() if not a.startswith("_") and type(v) is int}
+        for old, news in sorted(old_to_new.items()):
+            where, op = module_name or "<root>", ops[(module_name, old)]
+            if len(news) > 1:
+                result.note(where, f"{op} size {old} becomes {sorted(news)} in different places; "
+                            f"attributes left alone", "warning")
+                continue
+            new = news.pop()
+            attrs = [a for a, v in originals.items() if v == old]
+            for a in attrs:
+                program.set_attr(module_name, a, new)
+            if attrs:
+                result.note(where, f"{op} size {old} -> {new}: updated {', '.join(attrs)}")
+            else:
+                result.note(where, f"{op} size {old} -> {new}: no attribute holds it; assuming it is "
+                            f"computed from tensor shapes", "warning")
+
+
+def _sync_head_attributes(program: Program, groups: list[Group], keep: dict[int, np.ndarray],
+                          size_changes: dict[int, int], result: PassResult) -> None:
+    """Head counts (``num_heads``, ``num_key_value_heads``) and packed widths (``all_head_size``)."""
+    counts: dict[str, dict[int, int]] = {}
+    for g in groups:
+        for module_name, pos in g.head_spaces:
+            new = int(((pos < 0) | np.isin(pos, keep[g.id])).sum())
+            if new != len(pos):
+                counts.setdefault(module_name, {})[len(pos)] = new
+    widths = {o: n for o, n in size_changes.items() if o != n}
+    for module_name, old_to_new in counts.items():
+        module = program.get_submodule(module_name) if module_name else program.module
+        for attr, value in list(vars(module).items()):  # decide from the original values, then set
+            if attr.startswith("_") or type(value) is not int:
+                continue
+            low = attr.lower()
+            if "head" in low and "dim" not in low and "size" not in low and value in old_to_new:
+                program.set_attr(module_name, attr, old_to_new[value])
+            elif low in ("all_head_size", "inner_dim") and value in widths:
+                program.set_attr(module_name, attr, widths[value])

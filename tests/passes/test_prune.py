@@ -1,0 +1,165 @@
+"""Zero-configuration structural pruning: groups, lossless removal of dead units, options, replay."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt as go
+from graphopt.zoo import hf_model
+
+from .prune_models import ODD_MODELS, randomize_norms
+
+HF = ["bert", "gpt2", "llama", "vit", "resnet"]
+
+
+def _model(name):
+    if name in ODD_MODELS:
+        cls, make_input = ODD_MODELS[name]
+        torch.manual_seed(0)
+        model = cls().eval()
+        randomize_norms(model)
+        return model, make_input()
+    return hf_model(name)
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return go.ExampleInputs(*(((inputs,), {}) if isinstance(inputs, torch.Tensor) else ((), inputs))).call(model)
+
+
+def _kill_units(model, inputs, ratio, seed=0):
+    """Zero every member slice of floor(ratio * units) random units per group; return the group list."""
+    program = go.capture(model, inputs)
+    graph = program.analyses.get("dependency_graph")
+    rng = np.random.default_rng(seed)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for g in graph.groups:
+        n_dead = math.floor(g.units * ratio + 1e-9)
+        dead = rng.choice(g.units, size=n_dead, replace=False)
+        for m in g.members:
+            t = params.get(m.fqn, buffers.get(m.fqn))
+            idx = torch.as_tensor(np.nonzero(np.isin(m.positions, dead))[0])
+            if m.fqn.endswith("running_var"):
+                continue  # a zero variance would not be "dead"; the zero weight/bias already are
+            with torch.no_grad():
+                t.index_fill_(m.dim, idx, 0.0)
+    return graph
+
+
+@pytest.mark.parametrize("name", HF + list(ODD_MODELS))
+def test_pruning_dead_units_is_lossless(name):
+    model, inputs = _model(name)
+    graph = _kill_units(model, inputs, 0.5)
+    expected = _outputs(model, inputs)
+    res = go.optimize(model, inputs, "prune(ratio=0.5,importance=l2,allocation=uniform)", measure=False,
+                      on_error="raise")
+    rec = res.report.records[1]
+    err = go.compare_outputs(_outputs(res.model, inputs), expected)
+    assert err.max_rel < 1e-4, f"{name}: pruned dead units changed the output: {err}"
+    if graph.groups:
+        assert rec.status == "ok" and rec.stats["groups_pruned"] >= 1
+        n_before = sum(p.numel() for p in model.parameters())
+        n_after = sum(p.numel() for p in res.model.parameters())
+        assert n_after < n_before
+
+
+def test_heads_are_pruned_whole_and_attributes_follow():
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "prune(ratio=0.5)", measure=False, on_error="raise")
+    attn = res.model.encoder.layer[0].attention.self
+    assert attn.query.out_features == 16 and attn.query.weight.shape == (16, 32)
+    assert attn.num_attention_heads == 2 and attn.all_head_size == 16
+    assert res.model.encoder.layer[0].intermediate.dense.out_features == 32
+    assert type(res.model) is type(model)
+
+
+def test_gqa_prunes_kv_groups_with_their_query_heads():
+    model, inputs = hf_model("llama")  # 4 query heads sharing 2 kv heads
+    graph = go.capture(model, inputs).analyses.get("dependency_graph")
+    heads = [g for g in graph.groups if g.unit == "kv-head group"]
+    assert len(heads) == 2 and all(g.units == 2 for g in heads)
+    res = go.optimize(model, inputs, "prune(ratio=0.5)", measure=False, on_error="raise")
+    attn = res.model.layers[0].self_attn
+    assert attn.k_proj.out_features == 8 and attn.q_proj.out_features == 16  # 1 kv head, its 2 q heads
+    assert attn.num_key_value_groups == 2
+
+
+def test_outputs_keep_shape_and_residual_stream_is_frozen_by_default():
+    model, inputs = hf_model("gpt2")
+    graph = go.capture(model, inputs).analyses.get("dependency_graph")
+    assert not graph.group_of("ln_f.weight", 0)
+    frozen = {m for f in graph.frozen for m in f.members}
+    assert ("ln_f.weight", 0) in frozen
+    assert any("reaches a model output" in r for f in graph.frozen for r in f.reasons)
+
+
+def test_tied_embeddings_stay_tied():
+    model, inputs = _model("tied_lm")  # logits keep the vocab dim; the hidden dim is internal
+    res = go.optimize(model, inputs, "prune(ratio=0.25)", measure=False, on_error="raise")
+    m = res.model
+    assert m.emb.weight.shape == (50, 12) and m.emb.embedding_dim == 12
+    assert m.out.weight is m.emb.weight and m.out.in_features == 12
+    assert m.fc1.in_features == 12 and m.fc2.out_features == 12 and m.fc1.out_features == 24
+    assert m(inputs).shape == (2, 7, 50)
+
+
+def test_outputs_true_prunes_the_hidden_size_of_a_model_output():
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "prune(ratio=0.25,outputs=true)", measure=False, on_error="raise")
+    assert res.model.embeddings.word_embeddings.embedding_dim == 24
+    assert res.model.encoder.layer[1].output.LayerNorm.normalized_shape == (24,)
+    assert res.model(**inputs).last_hidden_state.shape == (2, 16, 24)
+    assert any("output shapes changed on purpose" in d.message for d in res.report.records[1].diagnostics)
+
+
+def test_target_params_and_global_allocation():
+    model, inputs = hf_model("bert")
+    total = sum(p.numel() for p in model.parameters())
+    for alloc in ("uniform", "global"):
+        res = go.optimize(model, inputs, f"prune(target_params=0.85,allocation={alloc})", measure=False,
+                          on_error="raise")
+        kept = sum(p.numel() for p in res.model.parameters()) / total
+        assert 0.75 < kept <= 0.86, (alloc, kept)
+
+
+def test_round_to_and_where():
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "prune(ratio=0.3,round_to=8,where='encoder.layer.1.*')", measure=False,
+                      on_error="raise")
+    layers = res.model.encoder.layer
+    assert layers[0].intermediate.dense.out_features == 64  # out of scope
+    assert layers[1].intermediate.dense.out_features % 8 == 0 and layers[1].intermediate.dense.out_features < 64
+
+
+def test_l1_and_l2_prefer_small_units():
+    model, inputs = _model("chunk_gate")
+    rows = list(range(6)) + list(range(24, 30))  # gate and up rows of units 0..5 (chunk halves)
+    with torch.no_grad():
+        model.down.weight[:, :6] *= 1e-3  # units 0..5 nearly dead in every member
+        model.proj.weight[rows] *= 1e-3
+        model.proj.bias[rows] *= 1e-3
+    for imp in ("l1", "l2"):
+        res = go.optimize(model, inputs, f"prune(ratio=0.25,importance={imp})", measure=False, on_error="raise")
+        kept_cols = res.model.down.weight.shape[1]
+        assert kept_cols == 18
+        assert torch.allclose(res.model.down.weight, model.down.weight[:, 6:])
+
+
+def test_bad_options_are_reported():
+    model, inputs = _model("chunk_gate")
+    res = go.optimize(model, inputs, "prune(ratio=1.5)", measure=False)
+    assert res.report.records[1].status == "rolled back" and "in [0, 1)" in res.report.records[1].reason
+
+
+def test_dependency_graph_is_inspectable():
+    model, inputs = hf_model("vit")
+    graph = go.capture(model, inputs).analyses.get("dependency_graph")
+    g = graph.to_networkx()
+    groups = [n for n, d in g.nodes(data=True) if d["kind"] == "group"]
+    assert len(groups) == len(graph.groups) == 4
+    assert "4 heads x 8" in str(graph)
+    head = next(grp for grp in graph.groups if grp.unit == "head")
+    assert ("layers.0.attention.q_proj.weight", 0) in head.params or ("layers.1.attention.q_proj.weight", 0) in head.params
