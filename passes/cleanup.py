@@ -15,16 +15,26 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 
 @register_pass("remove_dropout")
 class RemoveDropout(Pass):
-    """Replace Dropout modules (identities in eval mode) with nn.Identity."""
+    """Replace Dropout modules (identities in eval mode) with nn.Identity.
+
+    The replacement keeps a ``p = 0.0`` attribute: models such as HuggingFace's read
+    ``self.dropout.p`` in training mode to drop attention weights, and must keep working (without
+    dropout) when trained after the pass.
+    """
 
     where: str = "*"
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         result = PassResult(modified=False)
-        targets = [n for n, m in program.named_modules()
+        # Every name, so a Dropout registered under two names is removed under both.
+        targets = [n for n, m in program.module.named_modules(remove_duplicate=False)
                    if isinstance(m, _DROPOUTS) and fnmatch.fnmatchcase(n, self.where)]
+        if "" in targets:
+            targets.remove("")
+            result.skip("", "the root module itself is a Dropout; there is nothing to replace it in")
         for name in targets:
             program.replace_module(name, nn.Identity())
+            program.set_attr(name, "p", 0.0)
         result.modified = bool(targets)
         result.stats["removed"] = len(targets)
         if program.module.training:
