@@ -10,6 +10,8 @@ provide a spec by registering a function with :func:`register_module_spec` or by
 from __future__ import annotations
 
 import importlib
+import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -47,15 +49,35 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _tensor_meta(module: nn.Module) -> dict[str, Any]:
+    # Module.to(dtype) only casts floating-point tensors, so only a floating dtype is worth recording.
     tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    if not tensors:
-        return {}
-    return {"dtype": _dtype_name(tensors[0].dtype)}
+    for t in tensors:
+        if t.is_floating_point():
+            return {"dtype": _dtype_name(t.dtype)}
+    return {}
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _container_spec(module: nn.Module) -> dict[str, Any]:
+    children = []
+    for name, child in module.named_children():
+        try:
+            children.append([name, module_spec(child)])
+        except ModuleSpecError as e:
+            raise ModuleSpecError(f"child {name!r} of {type(module).__name__}: {e}") from None
+    return {"class": class_path(type(module)), "children": children}
 
 
 def module_spec(module: nn.Module) -> dict[str, Any]:
-    """Return ``{"class": path, "kwargs": {...}}`` for a module, or raise :class:`ModuleSpecError`."""
+    """Return ``{"class": path, "kwargs": {...}}`` for a module, or raise :class:`ModuleSpecError`.
+
+    ``nn.Sequential``/``ModuleList``/``ModuleDict`` are described by their children's specs.
+    """
     cls = type(module)
+    if cls in _CONTAINERS:
+        return _container_spec(module)
     fn = _SPEC_FNS.get(cls)
     if fn is None and hasattr(module, "graphopt_spec"):
         fn = type(module).graphopt_spec  # type: ignore[attr-defined]
@@ -68,25 +90,49 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
     return {"class": class_path(cls), "kwargs": fn(module), **_tensor_meta(module)}
 
 
-def build_module(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a module from :func:`module_spec` output (parameters uninitialised values; shapes right)."""
-    path = spec["class"]
+def _resolve_class(path: str) -> type:
     cls = _ALLOWED_CLASSES.get(path)
+    mod_name, _, qual = path.rpartition(".")
+    if cls is None and mod_name in sys.modules:
+        # A class that opted in through graphopt_spec, from a module the caller has already imported.
+        found = getattr(sys.modules[mod_name], qual, None)
+        if isinstance(found, type) and hasattr(found, "graphopt_spec"):
+            cls = found
     if cls is None:
         if not path.startswith(_ALLOWED_PREFIXES):
             raise ModuleSpecError(
                 f"refusing to build {path}: only torch.nn, graphopt and registered classes are rebuilt; "
-                f"import the module that registers it before loading"
+                f"import the module that defines it (with graphopt_spec or register_module_spec) before loading"
             )
-        mod_name, _, qual = path.rpartition(".")
         try:
             cls = getattr(importlib.import_module(mod_name), qual)
         except (ImportError, AttributeError) as e:
             raise ModuleSpecError(f"cannot import {path}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModuleSpecError(f"refusing to build {path}: it is not an nn.Module class")
+    return cls
+
+
+def build_module(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a module from :func:`module_spec` output (parameters uninitialised values; shapes right)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+        raise ModuleSpecError(f"a module spec is a dict with a 'class' path, got {spec!r}")
+    cls = _resolve_class(spec["class"])
+    if "children" in spec:
+        children = [(name, build_module(child)) for name, child in spec["children"]]
+        if issubclass(cls, nn.ModuleList):
+            return cls([m for _, m in children])
+        return cls(OrderedDict(children))
     kwargs = dict(spec.get("kwargs", {}))
-    module = cls(**kwargs)
+    try:
+        module = cls(**kwargs)
+    except TypeError as e:
+        raise ModuleSpecError(f"cannot build {spec['class']} from kwargs {kwargs}: {e}") from e
     if "dtype" in spec:
-        module = module.to(getattr(torch, spec["dtype"]))
+        dtype = getattr(torch, str(spec["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ModuleSpecError(f"unknown dtype {spec['dtype']!r} in the spec of {spec['class']}")
+        module = module.to(dtype)
     return module
 
 
@@ -122,7 +168,9 @@ def _layernorm_spec(m: nn.LayerNorm) -> dict[str, Any]:
 
 @register_module_spec(nn.Embedding)
 def _embedding_spec(m: nn.Embedding) -> dict[str, Any]:
-    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx}
+    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx,
+            "max_norm": m.max_norm, "norm_type": m.norm_type, "scale_grad_by_freq": m.scale_grad_by_freq,
+            "sparse": m.sparse}
 
 
 def _bn_spec(m: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:

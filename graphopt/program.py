@@ -8,6 +8,7 @@ replay it on a freshly built base model before loading them (no pickle anywhere)
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,15 @@ class Program:
             return ex.call(self.module)
 
     @property
+    def dependency_graph(self) -> Any:
+        """The cached dependency graph analysis (groups of coupled parameter slices)."""
+        return self.analyses.get("dependency_graph")
+
+    @property
+    def dependency_groups(self) -> list[Any]:
+        return self.dependency_graph.groups
+
+    @property
     def device(self) -> torch.device:
         for t in self.module.parameters():
             return t.device
@@ -135,23 +145,41 @@ class Program:
                 raise EditError(f"{fqn!r} is neither a parameter nor a buffer")
             self._log("set_tensor", fqn, {"remove": True, "buffer": is_buffer})
             return
+        data: dict[str, Any] = {"shape": list(value.shape), "dtype": _dtype_name(value.dtype), "buffer": is_buffer}
         if is_buffer:
             persistent = name not in owner._non_persistent_buffers_set
             owner._parameters.pop(name, None)
             owner.register_buffer(name, value.detach(), persistent=persistent)
+            data["persistent"] = persistent
         else:
             old = owner._parameters.get(name)
             grad = requires_grad if requires_grad is not None else (old.requires_grad if old is not None else True)
+            grad = grad and (value.is_floating_point() or value.is_complex())
             owner._buffers.pop(name, None)
-            owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=grad and value.is_floating_point())
-        self._log("set_tensor", fqn, {"shape": list(value.shape), "dtype": _dtype_name(value.dtype),
-                                      "buffer": is_buffer})
+            owner._non_persistent_buffers_set.discard(name)
+            owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=grad)
+            data["requires_grad"] = grad
+        self._log("set_tensor", fqn, data)
 
-    def resize(self, fqn: str, dim: int, keep: torch.Tensor | list[int]) -> None:
-        """Keep only indices ``keep`` of parameter/buffer ``fqn`` along ``dim``."""
+    def resize(self, fqn: str, dim: int, keep: Any) -> None:
+        """Keep only indices ``keep`` of parameter/buffer ``fqn`` along ``dim`` (tied aliases follow)."""
         tensor = self.tensor(fqn)
         index = torch.as_tensor(keep, dtype=torch.long, device=tensor.device)
+        aliases = self.aliases(fqn)
         self.set_tensor(fqn, tensor.detach().index_select(dim, index))
+        new = self.tensor(fqn)
+        for other in aliases:
+            owner_name, name = _split(other)
+            owner = self.get_submodule(owner_name)
+            (owner._parameters if name in owner._parameters else owner._buffers)[name] = new
+            self._log("tie", other, {"to": fqn})
+
+    def aliases(self, fqn: str) -> list[str]:
+        """Other names of the same tensor object (tied weights), not including ``fqn``."""
+        target = self.tensor(fqn)
+        named = list(self.module.named_parameters(remove_duplicate=False))
+        named += list(self.module.named_buffers(remove_duplicate=False))
+        return [n for n, t in named if t is target and n != fqn]
 
     def tensor(self, fqn: str) -> torch.Tensor:
         owner_name, name = _split(fqn)
@@ -168,7 +196,10 @@ class Program:
         except TypeError as e:
             raise EditError(f"attribute {fqn}.{name} must be JSON-serialisable to be replayable: {e}") from None
         setattr(self.get_submodule(fqn), name, value)
-        self._log("set_attr", fqn, {"name": name, "value": value})
+        data = {"name": name, "value": value}
+        if isinstance(value, tuple):  # JSON has no tuples: remember to turn the list back into one
+            data["tuple"] = True
+        self._log("set_attr", fqn, data)
 
     def _log(self, op: str, target: str, data: dict[str, Any] | None) -> None:
         self.edits.append(Edit(op, target, data or {}, by=self.current_pass))
@@ -186,36 +217,69 @@ class Program:
         self.analyses.clear()
 
 
-def replay_edits(root: nn.Module, edits: Iterable[Edit]) -> nn.Module:
-    """Apply the structural part of ``edits`` to ``root`` (weights come afterwards)."""
-    for edit in edits:
-        if edit.op == "replace_module":
-            if "unrecordable" in edit.data:
-                raise EditError(f"edit by {edit.by!r} on {edit.target!r} cannot be replayed: "
-                                f"{edit.data['unrecordable']}")
-            owner_name, attr = _split(edit.target)
-            owner = _get_submodule(root, owner_name) if owner_name else root
-            old = getattr(owner, attr)
-            device = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
-            with torch.device(device):
-                new = build_module(edit.data)
-            setattr(owner, attr, new)
-        elif edit.op == "set_tensor":
-            owner_name, name = _split(edit.target)
-            owner = _get_submodule(root, owner_name) if owner_name else root
-            if edit.data.get("remove"):
-                (owner._buffers if edit.data.get("buffer") else owner._parameters)[name] = None
-                continue
-            ref = next(iter(list(owner.parameters()) + list(owner.buffers())), torch.empty(0))
-            value = torch.empty(edit.data["shape"], dtype=getattr(torch, edit.data["dtype"]), device=ref.device)
-            if edit.data.get("buffer"):
-                owner._parameters.pop(name, None)
-                owner.register_buffer(name, value)
-            else:
-                owner._buffers.pop(name, None)
-                owner._parameters[name] = nn.Parameter(value, requires_grad=value.is_floating_point())
-        elif edit.op == "set_attr":
-            setattr(_get_submodule(root, edit.target) if edit.target else root, edit.data["name"], edit.data["value"])
+def _first_device(*modules: nn.Module) -> torch.device:
+    for m in modules:
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _replay_one(root: nn.Module, edit: Edit) -> None:
+    data = edit.data
+    if edit.op == "replace_module":
+        if "unrecordable" in data:
+            raise EditError(f"the module was not recorded: {data['unrecordable']}")
+        owner_name, attr = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        old = getattr(owner, attr, None)
+        if not isinstance(old, nn.Module):
+            raise EditError(f"{edit.target!r} is not a submodule of {type(root).__name__}")
+        with torch.device(_first_device(old, root)):
+            new = build_module(data)
+        setattr(owner, attr, new)
+    elif edit.op == "set_tensor":
+        owner_name, name = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        if data.get("remove"):
+            (owner._buffers if data.get("buffer") else owner._parameters)[name] = None
+            return
+        dtype = getattr(torch, str(data.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise EditError(f"unknown dtype {data.get('dtype')!r}")
+        value = torch.empty(data["shape"], dtype=dtype, device=_first_device(owner, root))
+        if data.get("buffer"):
+            persistent = data.get("persistent", name not in owner._non_persistent_buffers_set)
+            owner._parameters.pop(name, None)
+            owner.register_buffer(name, value, persistent=persistent)
         else:
-            raise EditError(f"unknown edit op {edit.op!r} (written by a newer graphopt?)")
+            grad = data.get("requires_grad", True) and (value.is_floating_point() or value.is_complex())
+            owner._buffers.pop(name, None)
+            owner._non_persistent_buffers_set.discard(name)
+            owner._parameters[name] = nn.Parameter(value, requires_grad=grad)
+    elif edit.op == "tie":  # ``target`` names the same tensor as ``data["to"]`` (tied weights)
+        src_owner, src_name = _split(data["to"])
+        src = _get_submodule(root, src_owner) if src_owner else root
+        tensor = src._parameters.get(src_name, src._buffers.get(src_name))
+        owner_name, name = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        (owner._buffers if name in owner._buffers else owner._parameters)[name] = tensor
+    elif edit.op == "set_attr":
+        value = tuple(data["value"]) if data.get("tuple") else data["value"]
+        setattr(_get_submodule(root, edit.target) if edit.target else root, data["name"], value)
+    else:
+        raise EditError(f"unknown edit op {edit.op!r} (written by a newer graphopt?)")
+
+
+def replay_edits(root: nn.Module, edits: Iterable[Edit]) -> nn.Module:
+    """Apply the structural part of ``edits`` to ``root``, in order (weights come afterwards).
+
+    New tensors are allocated uninitialised on the device of the module they land in (``meta``
+    for a meta-device model). A failing edit raises :class:`EditError` naming its position.
+    """
+    for i, edit in enumerate(edits):
+        try:
+            _replay_one(root, edit)
+        except (EditError, ModuleSpecError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+            by = f" by pass {edit.by!r}" if edit.by else ""
+            raise EditError(f"cannot replay edit #{i} ({edit.op} {edit.target!r}{by}): {e}") from e
     return root

@@ -68,7 +68,24 @@ class Prune(Pass):
         if not changed:
             result.note("", "nothing to prune at this ratio (groups too small for min_units/round_to)")
             return result
-        self._apply(program, [g for g in changed], keep, result)
+        snapshot = program.snapshot()
+        suspects = self._apply(program, changed, keep, result)
+        error = _runs(program)
+        if error and suspects:  # a size baked into the graph as a literal: keep those groups whole
+            program.restore(snapshot)
+            result.diagnostics = [d for d in result.diagnostics if d.level != "info"]
+            changed = [g for g in changed if g.id not in suspects]
+            for g in groups:
+                if g.id in suspects:
+                    result.skip(g.modules[0], f"group {g.id}: a size in the graph follows it but no module "
+                                f"attribute holds it, and the model failed with it pruned ({error})")
+            if changed:
+                self._apply(program, changed, keep, result)
+                error = _runs(program)
+        if error:
+            raise RuntimeError(f"the pruned model does not run: {error}")
+        if not changed:
+            return result
         result.modified = True
         result.changes_outputs = self.outputs
         result.stats.update({"groups": len(groups), "groups_pruned": len(changed),
@@ -171,7 +188,8 @@ class Prune(Pass):
 
     # --- applying -------------------------------------------------------------------------------
     def _apply(self, program: Program, groups: list[Group], keep: dict[int, np.ndarray],
-               result: PassResult) -> None:
+               result: PassResult) -> set[int]:
+        """Resize every member and the attributes that hold sizes; return groups with unbacked sizes."""
         masks: dict[tuple[str, int], np.ndarray] = {}
         old_shapes: dict[str, tuple[int, ...]] = {}
         canonical: dict[int, str] = {}  # tied tensors may appear under several names: resize once
@@ -187,13 +205,23 @@ class Prune(Pass):
                 old_shapes.setdefault(alias, old_shapes[fqn])
             program.resize(fqn, dim, np.nonzero(mask)[0])
         size_changes = _size_changes(groups, keep)
-        _sync_constants(program, groups, keep, result)  # reads attributes before leaf modules change them
+        suspects = _sync_constants(program, groups, keep, result)  # before leaf modules change attributes
         for module_name in sorted({fqn.rpartition(".")[0] for fqn in old_shapes}):
             _sync_leaf_module(program, module_name, old_shapes, result)
         _sync_head_attributes(program, groups, keep, size_changes, result)
         for g in groups:
             result.note(g.modules[0], f"group {g.id}: {g.units} -> {len(keep[g.id])} {g.unit}s "
                         f"({len(g.members)} members)", "info")
+        return suspects
+
+
+def _runs(program: Program) -> str:
+    """'' if the model runs on its example inputs, else the error."""
+    try:
+        program.run()
+    except Exception as e:  # any failure means the structure is inconsistent
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
 
 
 def _top(score: np.ndarray, n: int) -> np.ndarray:
@@ -298,16 +326,23 @@ def _set(program: Program, module: str, attr: str, value: object) -> None:
 
 
 def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.ndarray],
-                    result: PassResult) -> None:
-    """Sizes baked into view/split/expand calls come from module attributes: update those."""
+                    result: PassResult) -> set[int]:
+    """Sizes baked into view/split/expand calls come from module attributes: update those.
+
+    Returns the groups whose sizes appear as constants no attribute holds (computed from tensor
+    shapes, or literals: only running the model tells).
+    """
     changes: dict[str, dict[int, set[int]]] = {}
     ops: dict[tuple[str, int], str] = {}
+    owners: dict[tuple[str, int], set[int]] = {}
+    suspects: set[int] = set()
     for g in groups:
         for c in g.constants:
             new = int(((c.positions < 0) | np.isin(c.positions, keep[g.id])).sum())
             if new != c.value:
                 changes.setdefault(c.module, {}).setdefault(c.value, set()).add(new)
                 ops[(c.module, c.value)] = c.op
+                owners.setdefault((c.module, c.value), set()).add(g.id)
     for module_name, old_to_new in changes.items():
         module = program.get_submodule(module_name) if module_name else program.module
         if _is_known_layer(module):
@@ -318,6 +353,7 @@ def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.nd
             if len(news) > 1:
                 result.note(where, f"{op} size {old} becomes {sorted(news)} in different places; "
                             f"attributes left alone", "warning")
+                suspects |= owners[(module_name, old)]
                 continue
             new = news.pop()
             attrs = [a for a, v in originals.items() if v == old]
@@ -327,7 +363,9 @@ def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.nd
                 result.note(where, f"{op} size {old} -> {new}: updated {', '.join(attrs)}")
             else:
                 result.note(where, f"{op} size {old} -> {new}: no attribute holds it; assuming it is "
-                            f"computed from tensor shapes", "warning")
+                            f"computed from tensor shapes")
+                suspects |= owners[(module_name, old)]
+    return suspects
 
 
 def _sync_head_attributes(program: Program, groups: list[Group], keep: dict[int, np.ndarray],
