@@ -21,18 +21,10 @@ import torch
 from torch.fx import Node
 
 from .analysis import AnalysisManager, register_analysis
+from .capture import node_module_path as node_module
 from .dim_rules import IGNORED, RULES, is_pointwise, op_key, pointwise
 from .dims import Space, SpaceTable
 from .pass_infra import Diagnostic
-
-
-def node_module(node: Node) -> str:
-    """Innermost module path that executed ``node`` ("" for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else ""
 
 
 @dataclass

@@ -12,8 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-_TEXT = {"input_ids": (2, 16)}
-
 
 def _text_inputs(vocab: int, batch: int = 2, seq: int = 16, mask: bool = True) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -40,7 +38,8 @@ def _bert() -> tuple[Any, dict]:
 def _gpt2() -> tuple[Any, dict]:
     from transformers import GPT2Config, GPT2Model
 
-    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
     return GPT2Model(cfg), _text_inputs(128)
 
 
@@ -68,8 +67,85 @@ def _resnet() -> tuple[Any, dict]:
     return ResNetModel(cfg), _pixels(32)
 
 
+def _roberta() -> tuple[Any, dict]:
+    from transformers import RobertaConfig, RobertaModel
+
+    cfg = RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return RobertaModel(cfg), _text_inputs(128)
+
+
+def _distilbert() -> tuple[Any, dict]:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    cfg = DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    return DistilBertModel(cfg), _text_inputs(128)
+
+
+def _qwen2() -> tuple[Any, dict]:
+    from transformers import Qwen2Config, Qwen2Model
+
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return Qwen2Model(cfg), _text_inputs(128)
+
+
+def _mistral() -> tuple[Any, dict]:
+    from transformers import MistralConfig, MistralModel
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                        sliding_window=8, use_cache=False)
+    return MistralModel(cfg), _text_inputs(128)
+
+
+def _t5_encoder() -> tuple[Any, dict]:
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)
+    return T5EncoderModel(cfg), _text_inputs(128)
+
+
+def _whisper_encoder() -> tuple[Any, dict]:
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(vocab_size=128, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                        encoder_ffn_dim=64, num_mel_bins=16, max_source_positions=32, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    g = torch.Generator().manual_seed(0)
+    return WhisperEncoder(cfg), {"input_features": torch.randn(2, 16, 64, generator=g)}  # 2 x max_source_positions
+
+
+def _swin() -> tuple[Any, dict]:
+    from transformers import SwinConfig, SwinModel
+
+    cfg = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)
+    return SwinModel(cfg), _pixels(32)
+
+
+def _convnext() -> tuple[Any, dict]:
+    from transformers import ConvNextConfig, ConvNextModel
+
+    cfg = ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)
+    return ConvNextModel(cfg), _pixels(32)
+
+
+def _mobilenet_v2() -> tuple[Any, dict]:
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.25, finegrained_output=False)
+    return MobileNetV2Model(cfg), _pixels(32)
+
+
+#: name -> builder. Text models take ``input_ids`` + ``attention_mask`` (2 x 16); vision models
+#: ``pixel_values`` (2 x 3 x 32 x 32); whisper_encoder ``input_features`` (2 x 16 mel bins x 64).
+#: GQA: llama (4 query / 2 KV heads), qwen2 (4/2), mistral (4/1, sliding window).
 ZOO: dict[str, Callable[[], tuple[Any, dict]]] = {
     "bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "resnet": _resnet,
+    "roberta": _roberta, "distilbert": _distilbert, "qwen2": _qwen2, "mistral": _mistral,
+    "t5_encoder": _t5_encoder, "whisper_encoder": _whisper_encoder, "swin": _swin, "convnext": _convnext,
+    "mobilenet_v2": _mobilenet_v2,
 }
 
 

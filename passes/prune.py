@@ -11,6 +11,7 @@ attributes (``in_features``, ``num_heads``, view/split sizes baked into the grap
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from torch import nn
 
 from graphopt.analysis import AnalysisManager
 from graphopt.depgraph import DependencyGraph, Group
+from graphopt.inputs import as_example_inputs, flatten_outputs
 from graphopt.pass_infra import Pass, PassResult, register_pass
 from graphopt.program import Program
 
@@ -47,6 +49,11 @@ class Prune(Pass):
     round_to: int = 1
     outputs: bool = False
     min_units: int = 1
+    calib_batches: int = 8
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]  # only Taylor reads calibration data
+        return self.importance == "taylor"
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         self._check_options()
@@ -62,7 +69,10 @@ class Prune(Pass):
         if not groups:
             result.note("", "no prunable group found", "warning")
             return result
-        scores = {g.id: self._importance(program, g) for g in groups}
+        if self.importance == "taylor":
+            scores = self._taylor(program, groups)
+        else:
+            scores = {g.id: self._importance(program, g) for g in groups}
         keep = self._allocate(program, groups, scores)
         changed = [g for g in groups if len(keep[g.id]) < g.units]
         if not changed:
@@ -101,8 +111,8 @@ class Prune(Pass):
                              f"in (0, 1]")
         if self.round_to < 1 or self.min_units < 1:
             raise ValueError("prune: round_to and min_units must be >= 1")
-        if self.importance == "taylor":
-            raise ValueError("prune(importance=taylor) is not available yet; use l1 or l2")
+        if self.calib_batches < 1:
+            raise ValueError("prune: calib_batches must be >= 1")
 
     def _in_scope(self, g: Group) -> bool:
         return all(fnmatch.fnmatchcase(m.module, self.where) for m in g.members if not m.is_buffer)
@@ -115,12 +125,55 @@ class Prune(Pass):
             if m.is_buffer:
                 continue
             w = program.tensor(m.fqn).detach().float()
-            other = [d for d in range(w.dim()) if d != m.dim]
-            per_index = (w.abs() if self.importance == "l1" else w.pow(2)).sum(dim=other) if other else (
-                w.abs() if self.importance == "l1" else w.pow(2))
+            per_index = _sum_except(w.abs() if self.importance == "l1" else w.pow(2), m.dim)
             valid = m.positions >= 0
-            score += np.bincount(m.positions[valid], weights=per_index.numpy()[valid], minlength=g.units)
+            score += np.bincount(m.positions[valid], weights=per_index[valid], minlength=g.units)
         return score
+
+    def _taylor(self, program: Program, groups: list[Group]) -> dict[int, np.ndarray]:
+        """First-order estimate of how much removing each unit moves the outputs.
+
+        For random probes r, the Taylor term of <r, f(x)> for removing unit u is
+        sum_{w in u} w * d<r, f>/dw; its square averages to |J_u w_u|^2, the squared first-order output
+        change (Molchanov et al. 2019 use a task loss instead; with no labels, outputs are the target).
+        """
+        model = program.module
+        batches = list(itertools.islice(iter(program.calib), self.calib_batches))
+        if not batches:
+            raise ValueError("prune(importance=taylor): the calibration data is empty")
+        generator = torch.Generator().manual_seed(0)
+        scores = {g.id: np.zeros(g.units) for g in groups}
+        flags = {id(p): p.requires_grad for p in model.parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(p.is_floating_point())
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    outputs = [t for t in flatten_outputs(as_example_inputs(batch).call(model)).values()
+                               if t.is_floating_point() and t.requires_grad]
+                    if not outputs:
+                        raise ValueError("prune(importance=taylor): the model's outputs do not depend on "
+                                         "its parameters")
+                    probe = sum((t * torch.randn(t.shape, generator=generator).to(t)).sum() for t in outputs)
+                    probe.backward()
+                for g in groups:
+                    effect = np.zeros(g.units)
+                    seen: set[tuple[int, int]] = set()
+                    for m in g.members:
+                        t = program.tensor(m.fqn)
+                        if m.is_buffer or t.grad is None or (id(t), m.dim) in seen:
+                            continue
+                        seen.add((id(t), m.dim))
+                        per_index = _sum_except(t.detach().float() * t.grad.float(), m.dim)
+                        valid = m.positions >= 0
+                        effect += np.bincount(m.positions[valid], weights=per_index[valid], minlength=g.units)
+                    scores[g.id] += effect ** 2
+        finally:
+            model.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.requires_grad_(flags[id(p)])
+        return scores
 
     # --- allocation -----------------------------------------------------------------------------
     def _n_keep(self, g: Group, ratio: float) -> int:
@@ -215,6 +268,26 @@ class Prune(Pass):
         return suspects
 
 
+def apply_plan(program: Program, keep: dict[int, list[int] | np.ndarray], *, outputs: bool = False) -> PassResult:
+    """Prune by an explicit plan: ``{group id: units to keep}`` over ``program.dependency_graph``.
+
+    For users who rank units themselves; groups not named are left whole.
+    """
+    graph: DependencyGraph = program.analyses.get("dependency_graph_outputs" if outputs else "dependency_graph")
+    by_id = {g.id: g for g in graph.groups}
+    unknown = sorted(set(keep) - set(by_id))
+    if unknown:
+        raise KeyError(f"no prunable group with id {unknown}; the graph has {len(by_id)} groups")
+    plan = {gid: np.sort(np.asarray(units, dtype=np.int64)) for gid, units in keep.items()}
+    for gid, units in plan.items():
+        if len(units) == 0 or units.min() < 0 or units.max() >= by_id[gid].units:
+            raise ValueError(f"group {gid} has {by_id[gid].units} units; cannot keep {units.tolist()}")
+    result = PassResult(modified=True)
+    Prune()._apply(program, [by_id[gid] for gid in plan], plan, result)
+    program.analyses.clear()
+    return result
+
+
 def _runs(program: Program) -> str:
     """'' if the model runs on its example inputs, else the error."""
     try:
@@ -222,6 +295,11 @@ def _runs(program: Program) -> str:
     except Exception as e:  # any failure means the structure is inconsistent
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return ""
+
+
+def _sum_except(t: torch.Tensor, dim: int) -> np.ndarray:
+    other = [d for d in range(t.dim()) if d != dim]
+    return (t.sum(dim=other) if other else t).double().numpy()
 
 
 def _top(score: np.ndarray, n: int) -> np.ndarray:
