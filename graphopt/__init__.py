@@ -15,6 +15,7 @@ from .depgraph import DependencyGraph, Group, analyze
 from .inputs import ExampleInputs, InputError, as_example_inputs, compare_outputs
 from .manager import Measure, PassFailedError, PassManager, VerificationError
 from .module_spec import ModuleSpecError, register_module_spec
+from .onnx_export import ExportReport, OnnxExportError, OnnxVerificationError
 from .optimize import OptimizeResult, optimize
 from .pass_infra import Diagnostic, Pass, PassResult, get_pass, list_passes, register_pass
 from .pipeline import Pipeline, PipelineError, list_presets, parse_pipeline, register_preset
@@ -49,7 +50,7 @@ def load(directory, base_model, **kwargs):
 
 __all__ = [
     "PRESERVE_ALL", "AnalysisManager", "CaptureError", "DependencyGraph", "Group", "analyze", "Diagnostic", "Edit", "EditError", "ExampleInputs",
-    "InputError", "Measure", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager",
+    "ExportReport", "InputError", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager",
     "PassRecord", "PassResult", "Pipeline", "PipelineError", "Program", "Report", "VerificationError",
     "as_example_inputs", "capture", "compare_outputs", "export_onnx", "get_pass", "list_analyses",
     "list_passes", "list_presets", "load", "optimize", "parse_pipeline", "register_analysis",

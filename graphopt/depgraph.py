@@ -159,8 +159,11 @@ class RuleContext:
         spaces = self.all_dims(node) + [d for a in self.tensor_args(node) for d in self.all_dims(a)]
         reason = f"{op_key(node.target)} in {node_module(node) or '<root>'}: {why}"
         self.freeze(spaces, reason)
+        values = [a.meta["val"] for a in [node, *self.tensor_args(node)] if self.has_dims(a)]
+        carries_features = any(v.is_floating_point() for v in values)  # masks and indices carry no channels
         self.diagnostics.append(Diagnostic(node_module(node) or "<root>",
-                                           f"{op_key(node.target)}: {why}; dims through it are frozen", "warning"))
+                                           f"{op_key(node.target)}: {why}; dims through it are frozen",
+                                           "warning" if carries_features else "info"))
 
 
 @dataclass
@@ -252,6 +255,7 @@ def _apply_rule(ctx: RuleContext, node: Node) -> None:
 def _collect(ctx: RuleContext, ep: torch.export.ExportedProgram,
              tensors: dict[str, tuple[str, bool]]) -> DependencyGraph:
     table = ctx.table
+    table.check_products()
     frozen = table.frozen_reasons()
     members: dict[int, list[Member]] = defaultdict(list)
     frozen_members: dict[tuple[str, ...], list[tuple[str, int]]] = defaultdict(list)

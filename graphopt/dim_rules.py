@@ -129,6 +129,17 @@ def matmul(ctx: RuleContext, node: Node) -> None:
     broadcast(ctx, out[:-2], [a[:-2], b[:-2]], why)
 
 
+@rule("aten::baddbmm", "aten::addbmm")
+def baddbmm(ctx: RuleContext, node: Node) -> None:
+    base, a, b = (ctx.dims(x) for x in node.args[:3])
+    out, why = ctx.dims(node), ctx.where(node)
+    ctx.unify(a[-1], b[-2], why)
+    ctx.unify(out[-2], a[-2], why)
+    ctx.unify(out[-1], b[-1], why)
+    broadcast(ctx, out[:-2], [a[:-2], b[:-2]], why)
+    broadcast(ctx, out, [base], why)
+
+
 @rule("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::_convolution")
 def conv(ctx: RuleContext, node: Node) -> None:
     x, w = ctx.dims(node.args[0]), ctx.dims(node.args[1])
@@ -148,9 +159,10 @@ def conv(ctx: RuleContext, node: Node) -> None:
         ctx.unify(x[1], w[1], why)
         ctx.unify(out[1], w[0], why)
     else:  # channels = groups x channels-per-group; pruning keeps whole groups
-        g = ctx.new_space(groups)
+        g, per_group_out = ctx.new_space(groups), ctx.new_space(w[0].size // groups)
+        ctx.freeze([w[1], per_group_out], f"{why}: channels within a conv group (whole groups are pruned)")
         ctx.layout(x[1], "prod", [g, w[1]], why)
-        ctx.layout(w[0], "prod", [g, ctx.new_space(w[0].size // groups)], why)
+        ctx.layout(w[0], "prod", [g, per_group_out], why)
         ctx.unify(out[1], w[0], why)
     if isinstance(b, Node):
         ctx.unify(ctx.dims(b)[0], out[1], why)
@@ -270,7 +282,16 @@ def transpose(ctx: RuleContext, node: Node) -> None:
         ctx.unify(out[k], x[src], ctx.where(node))
 
 
-@rule("aten::expand", "aten::expand_as")
+@rule("aten::numpy_T", "aten::mT", "aten::mH", "aten::adjoint")
+def reverse_dims(ctx: RuleContext, node: Node) -> None:
+    x, out = ctx.dims(node.args[0]), ctx.dims(node)
+    perm = list(range(len(x)))[::-1] if op_key(node.target) == "aten::numpy_T" else (
+        list(range(len(x) - 2)) + [len(x) - 1, len(x) - 2])
+    for k, src in enumerate(perm):
+        ctx.unify(out[k], x[src], ctx.where(node))
+
+
+@rule("aten::expand", "aten::expand_as", "aten::broadcast_to")
 def expand(ctx: RuleContext, node: Node) -> None:
     x, out, why = ctx.dims(node.args[0]), ctx.dims(node), ctx.where(node)
     for k in range(1, len(out) + 1):
@@ -278,7 +299,7 @@ def expand(ctx: RuleContext, node: Node) -> None:
             ctx.unify(x[-k], out[-k], why)
         elif out[-k].size != 1:
             ctx.freeze([out[-k]], f"{why}: broadcast by expand")
-            if op_key(node.target) == "aten::expand":
+            if op_key(node.target) in ("aten::expand", "aten::broadcast_to"):
                 ctx.constant(node, out[-k])
 
 
@@ -378,6 +399,25 @@ def index_select(ctx: RuleContext, node: Node) -> None:
     for k in range(len(x)):
         if k != dim:
             ctx.unify(x[k], out[k], why)
+
+
+@rule("aten::index")
+def index(ctx: RuleContext, node: Node) -> None:
+    """Advanced indexing with one index tensor: the indexed dim is frozen, the others pass through."""
+    x, out, why = ctx.dims(node.args[0]), ctx.dims(node), ctx.where(node)
+    indices = list(node.args[1])
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or not ctx.has_dims(indices[used[0]]):
+        ctx.unknown(node, "indexing with several index tensors")
+        return
+    p, idx = used[0], ctx.dims(indices[used[0]])
+    ctx.freeze([x[p]], f"{why}: entries selected by an index tensor")
+    expected = x[:p] + idx + x[p + 1:]
+    if len(expected) != len(out):
+        ctx.unknown(node, "unexpected index result shape")
+        return
+    for a, b in zip(x[:p] + idx + x[p + 1:], out):
+        ctx.unify(a, b, why)
 
 
 @rule("aten::gather")

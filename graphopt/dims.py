@@ -125,6 +125,18 @@ class SpaceTable:
         visit(s, 0)
         return out
 
+    def check_products(self) -> None:
+        """Freeze products whose factors share a leaf: a unit would then index two factors at once."""
+        for s in self.spaces:
+            if s.parent is None and s.kind == "prod":
+                seen: set[int] = set()
+                for part in s.parts:
+                    ids = {leaf.id for leaf in self.leaves(part)}
+                    if ids & seen:
+                        self.freeze(s, f"product of spaces sharing a unit ({[p.size for p in s.parts]})")
+                        break
+                    seen |= ids
+
     def frozen_reasons(self) -> dict[int, list[str]]:
         """Leaf id -> reasons, for every leaf under a frozen space (freezing flows down layouts)."""
         out: dict[int, list[str]] = {}

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from .pass_infra import Pass
 from .pipeline import Pipeline, as_pipeline
 from .program import Program
 from .report import Report
+
+if TYPE_CHECKING:
+    from .onnx_export import ExportReport
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class OptimizeResult:
     pipeline: Pipeline
     report: Report
 
-    def export_onnx(self, path: str | Path, **kwargs: Any) -> Path:
+    def export_onnx(self, path: str | Path, **kwargs: Any) -> ExportReport:
         """Export the optimised model to ONNX, checked in onnxruntime (see :func:`graphopt.export_onnx`)."""
         from .onnx_export import export_onnx
 

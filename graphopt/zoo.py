@@ -138,6 +138,64 @@ def _mobilenet_v2() -> tuple[Any, dict]:
     return MobileNetV2Model(cfg), _pixels(32)
 
 
+def _opt() -> tuple[Any, dict]:
+    from transformers import OPTConfig, OPTModel
+
+    cfg = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32, use_cache=False)
+    return OPTModel(cfg), _text_inputs(128)
+
+
+def _phi3() -> tuple[Any, dict]:
+    from transformers import Phi3Config, Phi3Model
+
+    cfg = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Phi3Model(cfg), _text_inputs(128)
+
+
+def _gemma() -> tuple[Any, dict]:
+    from transformers import GemmaConfig, GemmaModel
+
+    cfg = GemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                      use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GemmaModel(cfg), _text_inputs(128)
+
+
+def _falcon() -> tuple[Any, dict]:
+    from transformers import FalconConfig, FalconModel
+
+    cfg = FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       new_decoder_architecture=True, num_kv_heads=2, use_cache=False, bos_token_id=1,
+                       eos_token_id=2)
+    return FalconModel(cfg), _text_inputs(128)
+
+
+def _bloom() -> tuple[Any, dict]:
+    from transformers import BloomConfig, BloomModel
+
+    cfg = BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, use_cache=False, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    return BloomModel(cfg), _text_inputs(128)
+
+
+def _efficientnet() -> tuple[Any, dict]:
+    from transformers import EfficientNetConfig, EfficientNetModel
+
+    cfg = EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320,
+                             num_hidden_layers=4)
+    return EfficientNetModel(cfg), _pixels(32)
+
+
+def _regnet() -> tuple[Any, dict]:
+    from transformers import RegNetConfig, RegNetModel
+
+    cfg = RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8)
+    return RegNetModel(cfg), _pixels(32)
+
+
 #: name -> builder. Text models take ``input_ids`` + ``attention_mask`` (2 x 16); vision models
 #: ``pixel_values`` (2 x 3 x 32 x 32); whisper_encoder ``input_features`` (2 x 16 mel bins x 64).
 #: GQA: llama (4 query / 2 KV heads), qwen2 (4/2), mistral (4/1, sliding window).
@@ -145,7 +203,8 @@ ZOO: dict[str, Callable[[], tuple[Any, dict]]] = {
     "bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "resnet": _resnet,
     "roberta": _roberta, "distilbert": _distilbert, "qwen2": _qwen2, "mistral": _mistral,
     "t5_encoder": _t5_encoder, "whisper_encoder": _whisper_encoder, "swin": _swin, "convnext": _convnext,
-    "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v2": _mobilenet_v2, "opt": _opt, "phi3": _phi3, "gemma": _gemma, "falcon": _falcon,
+    "bloom": _bloom, "efficientnet": _efficientnet, "regnet": _regnet,
 }
 
 

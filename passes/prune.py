@@ -81,16 +81,18 @@ class Prune(Pass):
         snapshot = program.snapshot()
         suspects = self._apply(program, changed, keep, result)
         error = _runs(program)
-        if error and suspects:  # a size baked into the graph as a literal: keep those groups whole
+        while error and suspects:  # sizes baked into the graph as literals: keep those groups whole
             program.restore(snapshot)
+            snapshot = program.snapshot()
             result.diagnostics = [d for d in result.diagnostics if d.level != "info"]
-            changed = [g for g in changed if g.id not in suspects]
-            for g in groups:
+            for g in changed:
                 if g.id in suspects:
                     result.skip(g.modules[0], f"group {g.id}: a size in the graph follows it but no module "
                                 f"attribute holds it, and the model failed with it pruned ({error})")
+            changed = [g for g in changed if g.id not in suspects]
+            suspects, error = set(), ""
             if changed:
-                self._apply(program, changed, keep, result)
+                suspects = self._apply(program, changed, keep, result)
                 error = _runs(program)
         if error:
             raise RuntimeError(f"the pruned model does not run: {error}")
@@ -448,21 +450,31 @@ def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.nd
 
 def _sync_head_attributes(program: Program, groups: list[Group], keep: dict[int, np.ndarray],
                           size_changes: dict[int, int], result: PassResult) -> None:
-    """Head counts (``num_heads``, ``num_key_value_heads``) and packed widths (``all_head_size``)."""
-    counts: dict[str, dict[int, int]] = {}
+    """Head counts (``num_heads``, ``num_key_value_heads``) and packed widths (``all_head_size``).
+
+    Query-head counts come from the attention op's head dims; key/value-head counts from the units
+    of a "kv-head group" group (the kv heads may be broadcast before attention, as in Falcon).
+    """
+    heads: dict[str, dict[int, int]] = {}
+    kv_heads: dict[str, dict[int, int]] = {}
     for g in groups:
         for module_name, pos in g.head_spaces:
             new = int(((pos < 0) | np.isin(pos, keep[g.id])).sum())
             if new != len(pos):
-                counts.setdefault(module_name, {})[len(pos)] = new
+                heads.setdefault(module_name, {})[len(pos)] = new
+                if g.unit == "kv-head group":
+                    kv_heads.setdefault(module_name, {})[g.units] = len(keep[g.id])
     widths = {o: n for o, n in size_changes.items() if o != n}
-    for module_name, old_to_new in counts.items():
+    for module_name, old_to_new in heads.items():
         module = program.get_submodule(module_name) if module_name else program.module
+        kv = kv_heads.get(module_name, {})
         for attr, value in list(vars(module).items()):  # decide from the original values, then set
             if attr.startswith("_") or type(value) is not int:
                 continue
             low = attr.lower()
-            if "head" in low and "dim" not in low and "size" not in low and value in old_to_new:
-                program.set_attr(module_name, attr, old_to_new[value])
+            if "head" in low and "dim" not in low and "size" not in low:
+                mapping = kv if ("kv" in low or "key_value" in low) else old_to_new
+                if value in mapping:
+                    program.set_attr(module_name, attr, mapping[value])
             elif low in ("all_head_size", "inner_dim") and value in widths:
                 program.set_attr(module_name, attr, widths[value])

@@ -2,8 +2,15 @@
 
 import logging
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("default", max_examples=25, deadline=None)
+settings.register_profile("thorough", max_examples=400, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(2)
 logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -203,3 +203,17 @@ def test_dependency_graph_is_inspectable():
     assert "4 heads x 8" in str(graph)
     head = next(grp for grp in graph.groups if grp.unit == "head")
     assert ("layers.0.attention.q_proj.weight", 0) in head.params or ("layers.1.attention.q_proj.weight", 0) in head.params
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "depthwise_se", "tied_lm"])
+def test_pruned_models_save_and_load_without_pickle(name, tmp_path):
+    model, inputs = _model(name)
+    res = go.optimize(model, inputs, "prune(ratio=0.5)", measure=False, on_error="raise")
+    go.save(res, tmp_path)
+    base = copy.deepcopy(model)
+    if name in ODD_MODELS:
+        base = ODD_MODELS[name][0]().eval()
+    loaded = go.load(tmp_path, base)
+    err = go.compare_outputs(_outputs(loaded, inputs), _outputs(res.model, inputs))
+    assert err.max_abs == 0.0
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in res.model.parameters())

@@ -95,7 +95,7 @@ def _kill(model, x, ratio, seed):
     return graph
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # examples: HYPOTHESIS_PROFILE (conftest)
 @given(steps=st.lists(step, min_size=1, max_size=7), seed=st.integers(0, 2**16))
 def test_random_dags_prune_dead_units_exactly(steps, seed):
     torch.manual_seed(seed)
