@@ -97,6 +97,9 @@ def as_pipeline(spec: str | Pass | Iterable[Pass | str] | Pipeline) -> Pipeline:
 
 def parse_pipeline(text: str) -> Pipeline:
     """Parse pipeline text into configured passes; raises :class:`PipelineError` with a hint."""
+    from .pass_infra import _load_builtin_passes
+
+    _load_builtin_passes()  # built-in passes and presets register on import
     passes: list[Pass] = []
     for item in _split_top(text, ","):
         item = item.strip()

@@ -80,7 +80,10 @@ def test_bad_pipelines_name_the_problem(text, match):
         go.parse_pipeline(text)
 
 
-def test_presets_expand():
+def test_presets_expand(monkeypatch):
+    from graphopt import pipeline
+
+    monkeypatch.setattr(pipeline, "_PRESETS", dict(pipeline._PRESETS))  # keep the preset local to this test
     go.register_preset("t_preset", "t_opts(ratio=0.1),remove_dropout")
     p = go.parse_pipeline("t_preset,t_opts")
     assert str(p) == "t_opts(ratio=0.1),remove_dropout,t_opts"

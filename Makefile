@@ -1,0 +1,50 @@
+# graphopt: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv (with python3) and install graphopt into it first; the install re-runs only
+# when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.graphopt-installed
+OUT ?= out
+# Serial by default: on 2 cores, `-n 2` (pytest-xdist) measured slower (torch already uses both cores).
+PYTEST_ARGS ?=
+
+# torch comes as the CPU wheel on machines without an NVIDIA GPU (never the CUDA packages):
+# from a local wheel folder when the machine has one, else from PyTorch's CPU index.
+WHEELS ?= /opt/wheels
+ifneq ($(wildcard $(WHEELS)/*.whl),)
+PIP_SOURCES := --find-links $(WHEELS)
+else ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+PIP_SOURCES := --extra-index-url https://download.pytorch.org/whl/cpu
+endif
+
+.PHONY: demo test lint examples clean distclean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt $(PIP_SOURCES) -e '.[dev]'
+	@touch $@
+
+# The main job: optimize the embedded all-MiniLM-L6-v2 end to end, print the report, save the model,
+# export ONNX (checked in onnxruntime) and the report as JSON under $(OUT)/.
+demo: $(STAMP)
+	$(BIN)/graphopt optimize minilm --out $(OUT)/minilm --onnx $(OUT)/minilm.onnx --dynamic \
+		--json $(OUT)/minilm-report.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check graphopt passes kernels tests examples benchmarks
+
+examples: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/custom_pass.py
+
+clean:
+	rm -rf $(OUT) build dist .pytest_cache .ruff_cache .hypothesis *.egg-info
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,316 @@
+"""The ``graphopt`` command: ``passes``, ``optimize``, ``inspect``, exit codes and error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt as go
+from graphopt import pass_infra
+from graphopt.cli import DEFAULT_CALIB_SIZE, main
+
+FACTORY_SOURCE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.drop = nn.Dropout(0.2)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.drop(torch.relu(self.bn(self.conv(x))))
+            return self.head(y.mean((2, 3)))
+
+    def make():
+        torch.manual_seed(0)
+        model = ConvNet()
+        with torch.no_grad():  # non-trivial statistics, so folding BN really changes the weights
+            model.bn.running_mean.uniform_(-1, 1)
+            model.bn.running_var.uniform_(0.5, 2)
+            model.bn.weight.uniform_(0.5, 1.5)
+        return model, torch.randn(2, 3, 8, 8)
+
+    def make_model_only():
+        return nn.Linear(2, 2)
+
+    def make_wrong():
+        return "not a model"
+''')
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("graphopt: error:")]
+
+
+@pytest.fixture
+def factory_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cli_models.py"
+    path.write_text(FACTORY_SOURCE)
+    return path
+
+
+@pytest.fixture
+def factory_module(factory_file: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.syspath_prepend(str(factory_file.parent))
+    monkeypatch.delitem(sys.modules, "cli_models", raising=False)
+    return "cli_models"
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT with the real MiniLM tokenizer, saved as a HuggingFace directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from graphopt.models import embedded_directory
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_directory("minilm")))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes registered by a test disappear after it."""
+    go.list_passes()  # built-in passes first
+    monkeypatch.setattr(pass_infra, "_REGISTRY", dict(pass_infra._REGISTRY))
+
+
+# --- graphopt passes -------------------------------------------------------------------------------
+
+def test_passes_lists_every_pass_with_options_and_presets(capsys):
+    code, out, err = run_cli(capsys, "passes")
+    assert code == 0 and not error_lines(err)
+    for name, cls in go.list_passes().items():
+        assert f"{name}  [" in out
+        assert cls.doc() in out
+    assert "remove_dropout  [tolerance 1e-05]" in out
+    assert "      where: str = *" in out  # remove_dropout's option with type and default
+    for name, text in go.list_presets().items():
+        assert re.search(rf"^  {name} += {re.escape(text)}$", out, re.M), name
+    assert "default" in go.list_presets()
+
+
+def test_installed_script_runs_without_stdin_and_fails_with_one_line(tmp_path):
+    script = shutil.which("graphopt", path=os.path.dirname(sys.executable))
+    assert script, "the graphopt console script is not installed next to this interpreter"
+    env = {**os.environ, "CI": "true"}
+    ok = subprocess.run([script, "passes"], capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "remove_dropout  [" in ok.stdout and "where: str = *" in ok.stdout
+    bad = subprocess.run([script, "optimize", "minilm", "--pipeline", "remove_dropot,fold_bn"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "graphopt: error: bad pipeline: unknown pass 'remove_dropot'; did you mean 'remove_dropout'?"]
+    assert "Traceback" not in bad.stderr
+
+
+# --- graphopt optimize -----------------------------------------------------------------------------
+
+def test_optimize_minilm_writes_model_and_report(capsys, tmp_path):
+    from transformers import AutoModel
+
+    from graphopt.models import load_model_spec
+
+    out_dir, report_file = tmp_path / "minilm-opt", tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "optimize", "minilm", "--pipeline", "remove_dropout", "--out", str(out_dir),
+                             "--json", str(report_file), "--no-measure")
+    assert code == 0, err
+    assert "model: all-MiniLM-L6-v2 (BertModel" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("original", "remove_"))}
+    assert rows["remove_dropout"][1] == "ok"
+
+    model, inputs, tokenizer, _ = load_model_spec("minilm")
+    n_dropout = sum(isinstance(m, nn.Dropout) for m in model.modules())
+    report = json.loads(report_file.read_text())
+    assert report["pipeline"] == "remove_dropout"
+    record = report["records"][1]
+    assert record["status"] == "ok" and record["stats"]["removed"] == n_dropout > 0
+    assert record["max_rel_err"] == 0.0
+
+    with torch.device("meta"):
+        base = AutoModel.from_config(model.config)
+    reloaded = go.load(out_dir, base)
+    assert not any(isinstance(m, nn.Dropout) for m in reloaded.modules())
+    with torch.no_grad():
+        err_vs_original = go.compare_outputs(reloaded(**inputs), model(**inputs))
+    assert err_vs_original.max_abs == 0.0
+
+
+def test_unknown_pass_exits_2_with_suggestion_before_loading(capsys):
+    code, out, err = run_cli(capsys, "optimize", "no/such/model", "--pipeline", "fold_bn,remove_dropot")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "graphopt: error: bad pipeline: unknown pass 'remove_dropot'; did you mean 'remove_dropout'?"]
+
+
+def test_unknown_option_exits_2_with_suggestion(capsys, factory_module):
+    code, _, err = run_cli(capsys, "optimize", f"{factory_module}:make", "--pipeline", "remove_dropout(wher='*')")
+    assert code == 2
+    assert error_lines(err) == ["graphopt: error: bad pipeline: remove_dropout has no option 'wher'; "
+                                "did you mean 'where'?"]
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("{tmp}/missing", "no such directory: {tmp}/missing"),
+    ("{tmp}", "{tmp} has no config.json"),
+    ("missing_module_xyz:make", "no module named 'missing_module_xyz'"),
+    ("{tmp}/nofile.py:make", "no such file: {tmp}/nofile.py"),
+    ("not-a-model", "unknown model spec 'not-a-model'"),
+])
+def test_bad_model_spec_exits_2_with_one_line(capsys, tmp_path, spec, reason):
+    spec, reason = spec.format(tmp=tmp_path), reason.format(tmp=tmp_path)
+    code, out, err = run_cli(capsys, "optimize", spec)
+    assert code == 2 and out == ""
+    lines = error_lines(err)
+    assert len(lines) == 1 and reason in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_factory_returning_wrong_type_exits_2(capsys, factory_module):
+    code, _, err = run_cli(capsys, "optimize", f"{factory_module}:make_wrong", "-q")
+    assert code == 2
+    assert error_lines(err) == [f"graphopt: error: factory {factory_module}:make_wrong returned a str, "
+                                "expected nn.Module or (model, example_inputs)"]
+    code, _, err = run_cli(capsys, "optimize", f"{factory_module}:make_model_only", "-q")
+    assert code == 2 and "return (model, example_inputs) instead" in error_lines(err)[0]
+
+
+def test_factory_model_is_optimized_with_default_pipeline(capsys, factory_module, tmp_path):
+    report_file = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "optimize", f"{factory_module}:make", "--json", str(report_file), "-q")
+    assert code == 0, err
+    assert "pipeline: remove_dropout,fold_bn" in out
+    records = {r["name"]: r for r in json.loads(report_file.read_text())["records"]}
+    assert records["remove_dropout"]["stats"]["removed"] == 1
+    assert records["fold_bn"]["status"] == "ok" and records["fold_bn"]["stats"]["folded"] == 1
+    assert records["fold_bn"]["max_rel_err"] < 1e-5
+    assert records["fold_bn"]["params"] < records["original"]["params"]  # BN's 16 parameters are gone
+
+
+def test_factory_file_spec_and_onnx_export(capsys, factory_file, tmp_path):
+    onnx_file = tmp_path / "convnet.onnx"
+    code, out, err = run_cli(capsys, "optimize", f"{factory_file}:make", "--onnx", str(onnx_file), "-q",
+                             "--no-measure")
+    assert code == 0, err
+    assert onnx_file.is_file() and onnx_file.stat().st_size > 0
+    assert f"wrote {onnx_file}" in out
+
+
+def test_rolled_back_pass_exits_1_and_still_reports(capsys, factory_module, scratch_registry):
+    @go.register_pass("cli_test_explodes")
+    def explodes(program, am):
+        """Always fails."""
+        raise RuntimeError("boom")
+
+    code, out, err = run_cli(capsys, "optimize", f"{factory_module}:make", "--pipeline",
+                             "remove_dropout,cli_test_explodes", "-q", "--no-measure")
+    assert code == 1
+    assert "cli_test_explodes  rolled back" in out and "RuntimeError: boom" in out
+    assert "graphopt: 1 pass(es) rolled back: cli_test_explodes (see the report)" in err
+
+
+# --- calibration ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def calib_probe(scratch_registry) -> dict:
+    """A pass that needs calibration and records what it got."""
+    seen: dict = {}
+
+    @go.register_pass("cli_test_probe", needs_calibration=True)
+    def probe(program, am):
+        """Records the calibration batches."""
+        batches = list(program.calib)
+        seen["batches"] = batches
+        result = go.PassResult(modified=False)
+        result.stats = {"batches": len(batches), "samples": sum(b["input_ids"].shape[0] for b in batches)}
+        return result
+
+    return seen
+
+
+def test_calib_docstrings_reaches_passes_as_token_batches(capsys, text_model_dir, calib_probe):
+    code, out, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "cli_test_probe",
+                             "--calib", "docstrings", "--calib-size", "10", "--batch-size", "4",
+                             "--max-length", "24", "-q", "--no-measure")
+    assert code == 0, err
+    batches = calib_probe["batches"]
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
+    assert all(b["input_ids"].shape[1] <= 24 for b in batches)
+    assert set(batches[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert "calibration: 10 samples in 3 batches from docstrings" in out
+
+
+def test_calib_defaults_to_docstrings_when_a_pass_needs_it(capsys, text_model_dir, calib_probe):
+    code, out, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "cli_test_probe", "-q",
+                             "--no-measure")
+    assert code == 0, err
+    assert sum(b["input_ids"].shape[0] for b in calib_probe["batches"]) == DEFAULT_CALIB_SIZE
+
+
+def test_calib_file_gives_one_sample_per_line(capsys, text_model_dir, calib_probe, tmp_path):
+    texts = tmp_path / "calib.txt"
+    texts.write_text("The first sample.\n\nA second, longer sample of text.\nThird.\n")
+    code, _, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "cli_test_probe",
+                           "--calib", str(texts), "--calib-size", "2", "-q", "--no-measure")
+    assert code == 0, err
+    assert sum(b["input_ids"].shape[0] for b in calib_probe["batches"]) == 2
+    code, _, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "cli_test_probe",
+                           "--calib", str(texts), "-q", "--no-measure")  # fewer lines than the default size
+    assert code == 0, err
+    assert sum(b["input_ids"].shape[0] for b in calib_probe["batches"]) == 3
+    code, _, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "cli_test_probe",
+                           "--calib", str(texts), "--calib-size", "4", "-q")
+    assert code == 2 and error_lines(err) == [f"graphopt: error: {texts} has 3 texts, 4 were asked for; "
+                                              "ask for at most 3"]
+    code, _, err = run_cli(capsys, "optimize", str(text_model_dir), "--calib", str(tmp_path / "none.txt"))
+    assert code == 2 and "--calib" in error_lines(err)[0] and "no such file" in error_lines(err)[0]
+
+
+def test_calib_without_tokenizer_exits_2(capsys, factory_module, calib_probe):
+    code, _, err = run_cli(capsys, "optimize", f"{factory_module}:make", "--pipeline", "cli_test_probe", "-q")
+    assert code == 2
+    assert "needs calibration data" in error_lines(err)[0] and "has no tokenizer" in error_lines(err)[0]
+
+
+# --- graphopt inspect -------------------------------------------------------------------------------
+
+def test_inspect_prints_graph_summary(capsys, factory_module):
+    code, out, err = run_cli(capsys, "inspect", f"{factory_module}:make")
+    assert code == 0, err
+    assert "ConvNet" in out
+    assert "aten.conv2d" in out and "batch_norm" in out and "aten.linear" in out
+    assert "float32[2, 3, 8, 8]" in out  # the input with its shape
+    assert "float32[2, 4]" in out  # the output
+
+
+def test_inspect_bad_spec_exits_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "missing"))
+    assert code == 2 and error_lines(err) == [f"graphopt: error: no such directory: {tmp_path / 'missing'}"]
