@@ -54,6 +54,7 @@ class ConstantUse:
     module: str
     value: int
     positions: np.ndarray  # unit per index of the dim whose size the constant is
+    from_inputs: bool = False  # also scales with an input dim (batch x heads): no attribute holds it
 
 
 @dataclass
@@ -288,10 +289,12 @@ def _collect(ctx: RuleContext, ep: torch.export.ExportedProgram,
         groups.append(grp)
         by_leaf[leaf_id] = grp
     for node, space in ctx.constants:
+        # e.g. batch x heads: computed from input shapes, never held by an attribute
+        from_inputs = any("model input" in r for leaf in table.leaves(space) for r in frozen.get(leaf.id, ()))
         for leaf_id, pos in table.positions(space).items():
             if leaf_id in by_leaf:
-                by_leaf[leaf_id].constants.append(
-                    ConstantUse(node.name, op_key(node.target), node_module(node), table.find(space).size, pos))
+                by_leaf[leaf_id].constants.append(ConstantUse(
+                    node.name, op_key(node.target), node_module(node), table.find(space).size, pos, from_inputs))
     for node, space in ctx.heads:
         for leaf_id, pos in table.positions(space).items():
             if leaf_id in by_leaf:

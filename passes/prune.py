@@ -285,7 +285,12 @@ def apply_plan(program: Program, keep: dict[int, list[int] | np.ndarray], *, out
         if len(units) == 0 or units.min() < 0 or units.max() >= by_id[gid].units:
             raise ValueError(f"group {gid} has {by_id[gid].units} units; cannot keep {units.tolist()}")
     result = PassResult(modified=True)
+    snapshot = program.snapshot()
     Prune()._apply(program, [by_id[gid] for gid in plan], plan, result)
+    error = _runs(program)
+    if error:
+        program.restore(snapshot)
+        raise RuntimeError(f"the model does not run with this plan (restored): {error}")
     program.analyses.clear()
     return result
 
@@ -419,7 +424,9 @@ def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.nd
     for g in groups:
         for c in g.constants:
             new = int(((c.positions < 0) | np.isin(c.positions, keep[g.id])).sum())
-            if new != c.value:
+            if new != c.value and c.from_inputs:
+                suspects.add(g.id)  # only running the model tells whether the code recomputes it
+            elif new != c.value:
                 changes.setdefault(c.module, {}).setdefault(c.value, set()).add(new)
                 ops[(c.module, c.value)] = c.op
                 owners.setdefault((c.module, c.value), set()).add(g.id)

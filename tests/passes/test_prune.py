@@ -217,3 +217,17 @@ def test_pruned_models_save_and_load_without_pickle(name, tmp_path):
     err = go.compare_outputs(_outputs(loaded, inputs), _outputs(res.model, inputs))
     assert err.max_abs == 0.0
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in res.model.parameters())
+
+
+def test_sizes_that_scale_with_inputs_do_not_touch_attributes():
+    """BLOOM reshapes to batch x heads = 8 = head_dim: that constant must not rewrite head_dim."""
+    model, inputs = hf_model("bloom")
+    program = go.capture(model, inputs)
+    heads = next(g for g in program.dependency_groups if g.units == 4)
+    with pytest.raises(RuntimeError, match="does not run with this plan"):
+        apply_plan(program, {heads.id: [0, 1, 3]})  # ALiBi is built from the root's num_heads
+    assert model.h[0].self_attention.head_dim == 8 and model.h[0].self_attention.query_key_value.out_features == 96
+    program.run()  # restored
+    res = go.optimize(model, inputs, "prune(ratio=0.3)", measure=False, on_error="raise")
+    assert res.report.records[1].status == "ok"
+    assert any(f"group {heads.id}:" in d.message for d in res.report.records[1].diagnostics if d.level == "skipped")
