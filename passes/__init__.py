@@ -2,6 +2,6 @@
 
 from graphopt.pipeline import register_preset
 
-from . import cleanup, fold_bn  # noqa: F401  (registration side effects)
+from . import cleanup, dyt, fold_bn, heal, prune  # noqa: F401  (registration side effects)  # noqa: F401
 
 register_preset("default", "remove_dropout,fold_bn")

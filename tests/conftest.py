@@ -1,7 +1,6 @@
 """Shared test settings: deterministic, small thread count (CI has 2 cores)."""
 
 import logging
-
 import os
 
 import pytest
