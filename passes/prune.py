@@ -4,7 +4,8 @@ Each prunable :class:`~graphopt.depgraph.Group` is ranked by the sum of its memb
 per unit (a channel, a head, a key/value-head group); the lowest units go, from every member at
 once. Allocation is ``uniform`` (the same fraction of every group) or ``global`` (one ranking across
 groups after normalising each group's scores, in the spirit of LAMP, Lee et al. 2021). Targets: a
-fraction of units (``ratio``) or of parameters kept (``target_params``). Sizes held in module
+fraction of units (``ratio``), of parameters kept (``target_params``) or of FLOPs kept
+(``target_flops``, measured on the example inputs). Sizes held in module
 attributes (``in_features``, ``num_heads``, view/split sizes baked into the graph) follow.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.depgraph import DependencyGraph, Group
 from graphopt.inputs import as_example_inputs, flatten_outputs
+from graphopt.metrics import count_flops
 from graphopt.pass_infra import Pass, PassResult, register_pass
 from graphopt.program import Program
 
@@ -43,6 +45,7 @@ class Prune(Pass):
 
     ratio: float = 0.3
     target_params: float | None = None
+    target_flops: float | None = None
     importance: Literal["l1", "l2", "taylor"] = "l2"
     allocation: Literal["uniform", "global"] = "uniform"
     where: str = "*"
@@ -57,6 +60,7 @@ class Prune(Pass):
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         self._check_options()
+        self.__dict__.pop("_base_flops", None)  # measured afresh for this model
         if program.device.type == "meta":
             raise ValueError("prune needs real weights to rank units; the model is on the meta device")
         graph: DependencyGraph = am.get("dependency_graph_outputs" if self.outputs else "dependency_graph")
@@ -108,6 +112,10 @@ class Prune(Pass):
     def _check_options(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"prune(ratio={self.ratio}): ratio is the fraction of units removed, in [0, 1)")
+        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
+            raise ValueError(f"prune(target_flops={self.target_flops}): the fraction of FLOPs kept, in (0, 1]")
+        if self.target_flops is not None and self.target_params is not None:
+            raise ValueError("prune: give target_params or target_flops, not both")
         if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
             raise ValueError(f"prune(target_params={self.target_params}): the fraction of parameters kept, "
                              f"in (0, 1]")
@@ -187,18 +195,37 @@ class Prune(Pass):
     def _allocate(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]
                   ) -> dict[int, np.ndarray]:
         if self.allocation == "uniform":
-            ratio = self.ratio
-            if self.target_params is not None:
-                ratio = self._search_ratio(program, groups, scores)
+            ratio = self.ratio if self._target is None else self._search_ratio(program, groups, scores)
             return {g.id: _top(scores[g.id], self._n_keep(g, ratio)) for g in groups}
         return self._allocate_global(program, groups, scores)
 
+    @property
+    def _target(self) -> float | None:
+        return self.target_flops if self.target_flops is not None else self.target_params
+
+    def _kept_fraction(self, program: Program, groups: list[Group], keep: dict[int, np.ndarray]) -> float:
+        """Fraction of the parameters (or, with target_flops, of the FLOPs) that ``keep`` leaves."""
+        if self.target_flops is None:
+            return _params_kept_fraction(program, groups, keep)
+        if not hasattr(self, "_base_flops"):
+            self._base_flops = count_flops(program.module, program.example_inputs)
+        snapshot = program.snapshot()
+        try:
+            self._apply(program, [g for g in groups if len(keep[g.id]) < g.units], keep, PassResult(False))
+            flops = count_flops(program.module, program.example_inputs)
+        finally:
+            program.restore(snapshot)
+        if not flops or not self._base_flops:
+            raise ValueError("prune(target_flops=...): FLOPs cannot be counted for this model; use target_params")
+        return flops / self._base_flops
+
     def _search_ratio(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]) -> float:
+        """The smallest uniform ratio that meets the target (bisection on the measured fraction)."""
         lo, hi = 0.0, 0.999
-        for _ in range(30):
+        for _ in range(30 if self.target_flops is None else 12):
             mid = (lo + hi) / 2
             keep = {g.id: _top(scores[g.id], self._n_keep(g, mid)) for g in groups}
-            if _params_kept_fraction(program, groups, keep) > self.target_params:
+            if self._kept_fraction(program, groups, keep) > self._target:
                 lo = mid
             else:
                 hi = mid
@@ -214,32 +241,36 @@ class Prune(Pass):
             entries += [(float(norm[u]), g.id, u) for u in range(g.units)]
         entries.sort()
         by_id = {g.id: g for g in groups}
-        removed: dict[int, set[int]] = {g.id: set() for g in groups}
-        total_units = sum(g.units for g in groups)
+        floor_units = max(self.min_units, self.round_to)
 
-        def keep_of() -> dict[int, np.ndarray]:
-            return {gid: np.array(sorted(set(range(by_id[gid].units)) - r)) for gid, r in removed.items()}
+        def keep_for(k: int) -> dict[int, np.ndarray]:
+            removed: dict[int, set[int]] = {g.id: set() for g in groups}
+            done = 0
+            for _, gid, unit in entries:
+                if done >= k:
+                    break
+                if by_id[gid].units - len(removed[gid]) > floor_units:
+                    removed[gid].add(unit)
+                    done += 1
+            keep = {gid: np.array(sorted(set(range(by_id[gid].units)) - r)) for gid, r in removed.items()}
+            if self.round_to > 1:  # bring survivors back up to a multiple of round_to, best first
+                for g in groups:
+                    n = len(keep[g.id])
+                    want = min(g.units, max(self.round_to, math.ceil(n / self.round_to) * self.round_to))
+                    keep[g.id] = _top(scores[g.id], want) if want != n else keep[g.id]
+            return keep
 
-        budget = math.floor(total_units * self.ratio) if self.target_params is None else total_units
-        done = 0
-        for _, gid, unit in entries:
-            g = by_id[gid]
-            if g.units - len(removed[gid]) <= max(self.min_units, self.round_to):
-                continue
-            if self.target_params is None and done >= budget:
-                break
-            removed[gid].add(unit)
-            done += 1
-            if self.target_params is not None and done % 8 == 0 and \
-                    _params_kept_fraction(program, groups, keep_of()) <= self.target_params:
-                break
-        keep = keep_of()
-        if self.round_to > 1:  # bring survivors back up to a multiple of round_to, best first
-            for g in groups:
-                n = len(keep[g.id])
-                want = min(g.units, max(self.round_to, math.ceil(n / self.round_to) * self.round_to))
-                keep[g.id] = _top(scores[g.id], want) if want != n else keep[g.id]
-        return keep
+        total = len(entries)
+        if self._target is None:
+            return keep_for(math.floor(total * self.ratio + 1e-9))
+        lo, hi = 0, total  # the fewest removals that meet the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._kept_fraction(program, groups, keep_for(mid)) <= self._target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return keep_for(lo)
 
     # --- applying -------------------------------------------------------------------------------
     def _apply(self, program: Program, groups: list[Group], keep: dict[int, np.ndarray],

@@ -149,6 +149,17 @@ def test_target_params_and_global_allocation():
         assert 0.75 < kept <= 0.86, (alloc, kept)
 
 
+def test_target_flops_is_measured():
+    model, inputs = hf_model("gpt2")
+    base = go.optimize(model, inputs, "remove_dropout", on_error="raise").report.records[0].flops
+    for alloc in ("uniform", "global"):
+        res = go.optimize(model, inputs, f"prune(target_flops=0.7,allocation={alloc})", on_error="raise")
+        kept = res.report.records[1].flops / base
+        assert 0.6 < kept <= 0.7, (alloc, kept)
+    bad = go.optimize(model, inputs, "prune(target_flops=0.7,target_params=0.7)", measure=False)
+    assert "not both" in bad.report.records[1].reason
+
+
 def test_round_to_and_where():
     model, inputs = hf_model("bert")
     res = go.optimize(model, inputs, "prune(ratio=0.3,round_to=8,where='encoder.layer.1.*')", measure=False,
