@@ -29,6 +29,7 @@ from graphopt.inputs import ExampleInputs
 from graphopt.metrics import measure_latency
 from graphopt.models import load_model_spec
 from graphopt.norms import DyT, is_norm_like
+from graphopt.quality import embedding_agreement, sentence_embeddings
 
 HEAL = "heal(steps={steps},lr={lr},features={features},warmup=20{freeze})"
 
@@ -39,24 +40,6 @@ def batches_by_length(tokenizer: Any, texts: list[str], batch_size: int, max_len
     return list(text_batches(tokenizer, order, batch_size=batch_size, max_length=max_length))
 
 
-@torch.no_grad()
-def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    """Sentence embeddings: attention-masked mean of the last hidden state, L2-normalised."""
-    out = []
-    for b in batches:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-        out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
-    return torch.cat(out)
-
-
-def agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """Mean cosine of paired embeddings, and the share of rows whose nearest other row is the same."""
-    cos = float((ref * got).sum(-1).mean())
-    eye = torch.eye(ref.shape[0], dtype=torch.bool)
-    nn_ref = (ref @ ref.T).masked_fill(eye, -2).argmax(1)
-    nn_got = (got @ got.T).masked_fill(eye, -2).argmax(1)
-    return cos, float((nn_ref == nn_got).float().mean())
 
 
 def norm_latency(model: nn.Module, inputs: dict, repeat: int) -> float:
@@ -98,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                               args.max_length)
     held = batches_by_length(tokenizer, stdlib_texts(args.eval, seed=0, split="eval"), args.batch,
                              args.max_length)
-    reference = embed(model, held)
+    reference = sentence_embeddings(model, held)
     print(f"{description}; {sum(len(b['input_ids']) for b in calib)} calibration / {reference.shape[0]} held-out sentences "
           f"(disjoint), {torch.get_num_threads()} CPU threads\n")
 
@@ -108,14 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     for label, pipeline in (("init", "dyt(mode=init)"), ("calibrated", args.dyt)):
         start = time.perf_counter()
         models[label] = go.optimize(model, example, pipeline, calib=calib, measure=False, on_error="raise").model
-        rows.append((label, pipeline, *agreement(reference, embed(models[label], held)),
+        rows.append((label, pipeline, *embedding_agreement(reference, sentence_embeddings(models[label], held)),
                      time.perf_counter() - start))
     # heal the calibrated model (the teacher is the original): same as optimize(model, ..., "dyt,heal")
     start = time.perf_counter()
     program = go.Program(copy.deepcopy(models["calibrated"]), example, calib=calib, original=model)
     go.PassManager(go.parse_pipeline(heal), measure=False, on_error="raise").run(program)
     models["calibrated+heal"] = program.module
-    rows.append(("calibrated+heal", f"{args.dyt},{heal}", *agreement(reference, embed(program.module, held)),
+    rows.append(("calibrated+heal", f"{args.dyt},{heal}", *embedding_agreement(reference, sentence_embeddings(program.module, held)),
                  rows[1][-1] + time.perf_counter() - start))
     width = max(len(r[1]) for r in rows)
     print(f"{'variant':<16} {'pipeline':<{width}} {'mean cos':>9} {'NN agree':>9} {'time s':>7}")

@@ -59,6 +59,7 @@ from torch import nn
 
 import graphopt as go
 from graphopt.inputs import flatten_outputs
+from graphopt.quality import sentence_embeddings
 from graphopt.zoo import ZOO, hf_model
 
 ATTENTION_GLOB = "*[aA]tt*"  # every HF attention module name has "att"/"Att" in it (attn, attention, SelfAttention)
@@ -451,15 +452,6 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
 
 # --- the MiniLM figure -------------------------------------------------------------------------------
 
-@torch.no_grad()
-def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    """Sentence embeddings as sentence-transformers makes them: masked mean pooling, L2 norm."""
-    out = []
-    for b in batches:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-        out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
-    return torch.cat(out)
 
 
 def similarity(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
@@ -500,7 +492,7 @@ def minilm_figure(args: argparse.Namespace) -> None:
     held = list(text_batches(tokenizer, eval_texts, batch_size=32, max_length=args.max_length))
     calib = list(text_batches(tokenizer, stdlib_texts(args.calib_texts, seed=0, split="calib"),
                               batch_size=16, max_length=args.max_length))
-    reference = embed(model, held)
+    reference = sentence_embeddings(model, held)
     print(f"\n{description}: encoder {enc / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
           f"(embeddings {sum(p.numel() for p in model.embeddings.parameters()) / 1e6:.2f}M)")
     print(f"encoder -{args.encoder_cut:.0%} => keep {target:.4f} of the whole model: "
@@ -520,7 +512,7 @@ def minilm_figure(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         res = go.optimize(model, example, pipeline, calib=calib, measure=False, on_error="raise")
         seconds = time.perf_counter() - start
-        cos, p5, nn1 = similarity(reference, embed(res.model, held))
+        cos, p5, nn1 = similarity(reference, sentence_embeddings(res.model, held))
         e = encoder_params(res.model)
         rows.append([label, f"{n_params(res.model) / 1e6:.2f}M", f"-{1 - e / enc:.1%}",
                      f"{cos:.4f}", f"{p5:.4f}", f"{nn1:.3f}", f"{seconds:.1f}"])

@@ -2,7 +2,7 @@
 
     import graphopt as go
     res = go.optimize(model, example_inputs, pipeline="fold_bn")
-    print(res.report)
+    res.report          # str(res.report) is the per-pass table
 """
 
 from __future__ import annotations
