@@ -18,3 +18,12 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster and immune to other processes competing for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ from graphopt.kernels.dyt import ONNX_TRANSLATIONS, dyt, dyt_backward_reference,
 from graphopt.norms import DyT
 from graphopt.zoo import hf_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(c=12, per_channel=False, bias=True, dtype=torch.float32, shape=(3, 5)):

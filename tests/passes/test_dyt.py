@@ -11,14 +11,7 @@ from graphopt.module_spec import build_module, module_spec
 from graphopt.norms import ELN, DyT, NormInfo, fit_elementwise, isru, probe_norm
 from graphopt.zoo import ZOO, hf_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- odd norm-like modules ---------------------------------------------------------------------------

@@ -7,14 +7,7 @@ import graphopt as go
 from graphopt.norms import DyT
 from graphopt.zoo import hf_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and immune to other processes competing for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(vocab=128, n=6, batch=4, seq=16, seed=1):
