@@ -12,23 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from torch import nn
-
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.models import load_model_spec
-
-
-@torch.no_grad()
-def sentence_embeddings(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    """Masked mean pooling + L2 normalisation, as sentence-transformers does for this model."""
-    out = []
-    for b in batches:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-        out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
+from graphopt.quality import sentence_embeddings
 
 
 def main() -> None:
@@ -41,7 +28,7 @@ def main() -> None:
     print(description)
 
     # Calibration data: any iterable of model inputs; here batches of real sentences.
-    calib = list(text_batches(tokenizer, stdlib_texts(600, seed=0, split="calib"), batch_size=32))
+    calib = list(text_batches(tokenizer, stdlib_texts(split="calib"), batch_size=32))  # ~1900 sentences
     held_out = list(text_batches(tokenizer, stdlib_texts(200, seed=0, split="eval"), batch_size=32))
 
     # 1. fit α, γ, β of each DyT layer to its LayerNorm's outputs (layer by layer, in execution order)
