@@ -102,6 +102,7 @@ class OutputError:
     max_abs: float
     max_rel: float
     worst: str = ""
+    cosine: float = 1.0  # lowest over float outputs of the mean row-wise (last-dim) cosine similarity
 
     def __str__(self) -> str:
         return f"max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g}" + (f" ({self.worst})" if self.worst else "")
@@ -120,7 +121,7 @@ def compare_outputs(got: Any, ref: Any) -> OutputError:
     g, r = flatten_outputs(got), flatten_outputs(ref)
     if g.keys() != r.keys():
         raise OutputMismatch(f"outputs differ in structure: {sorted(g)} vs {sorted(r)}")
-    worst_abs, worst_rel, worst = 0.0, 0.0, ""
+    worst_abs, worst_rel, worst, cosine = 0.0, 0.0, "", 1.0
     for key, ref_t in r.items():
         got_t = g[key]
         if got_t.shape != ref_t.shape:
@@ -138,7 +139,13 @@ def compare_outputs(got: Any, ref: Any) -> OutputError:
                 abs_err = float(delta.max())
                 scale = float(ref_t.detach().double().abs().max())
                 rel_err = abs_err / scale if scale > 0 else abs_err
+                if ref_t.dim() >= 1 and ref_t.shape[-1] > 1:
+                    rows = torch.nn.functional.cosine_similarity(
+                        got_t.detach().double().flatten(0, -2) if ref_t.dim() > 1 else got_t.detach().double()[None],
+                        ref_t.detach().double().flatten(0, -2) if ref_t.dim() > 1 else ref_t.detach().double()[None],
+                        dim=-1)
+                    cosine = min(cosine, float(rows.mean()))
         if rel_err > worst_rel or (rel_err == worst_rel and abs_err > worst_abs):
             worst = key
         worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
-    return OutputError(worst_abs, worst_rel, worst)
+    return OutputError(worst_abs, worst_rel, worst, cosine)

@@ -174,7 +174,7 @@ class PassManager:
             try:
                 err = compare_outputs(out, original_out)
                 if program.device.type != "meta":
-                    record.max_abs_err, record.max_rel_err = err.max_abs, err.max_rel
+                    record.max_abs_err, record.max_rel_err, record.cosine = err.max_abs, err.max_rel, err.cosine
             except OutputMismatch:
                 pass
         return record

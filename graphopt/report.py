@@ -23,6 +23,7 @@ class PassRecord:
     max_abs_err: float | None = None  # vs the original model
     max_rel_err: float | None = None
     step_rel_err: float | None = None  # vs the program before this pass
+    cosine: float | None = None  # vs the original: mean row-wise cosine of the worst output
     reason: str = ""
     reproduce: str = ""
     stats: dict[str, float] = field(default_factory=dict)
@@ -64,12 +65,14 @@ class Report:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
 
     def __str__(self) -> str:
-        header = ["pass", "status", "time s", "params", "FLOPs", "latency ms", "max abs err", "max rel err"]
+        header = ["pass", "status", "time s", "params", "FLOPs", "latency ms", "max abs err", "max rel err",
+                  "cosine"]
         rows = []
         for r in self.records:
             rows.append([
                 r.text or r.name, r.status, f"{r.seconds:.2f}", _human(r.params), _human(r.flops),
                 "-" if r.latency_ms is None else f"{r.latency_ms:.2f}", _err(r.max_abs_err), _err(r.max_rel_err),
+                "-" if r.cosine is None else f"{r.cosine:.4f}",
             ])
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         line = "  ".join(h.ljust(w) for h, w in zip(header, widths))

@@ -104,7 +104,7 @@ def test_lossy_pass_is_checked_for_shapes_but_not_tolerance():
     model, x = Tiny().eval(), torch.randn(5, 8)
     res = go.optimize(model, x, "t_lossy,t_shape_change")
     ok, bad = res.report.records[1:]
-    assert ok.status == "ok" and ok.max_abs_err > 0.5 and ok.step_rel_err > 0
+    assert ok.status == "ok" and ok.max_abs_err > 0.5 and ok.step_rel_err > 0 and ok.cosine < 1.0
     assert bad.status == "rolled back" and "shape (5, 5) differs from (5, 4)" in bad.reason
 
 
@@ -158,9 +158,9 @@ def test_report_rows_measure_the_model():
     assert base.params == row.params == n_params
     assert base.flops == 2 * 4 * (8 * 16 + 16 * 4)  # two matmuls; FlopCounterMode counts 2*m*n*k
     assert base.latency_ms > 0 and row.latency_ms > 0
-    assert row.max_abs_err == 0.0 and row.stats == {"removed": 1}
+    assert row.max_abs_err == 0.0 and row.cosine == 1.0 and row.stats == {"removed": 1}
     text = str(res.report)
-    assert "remove_dropout" in text and "latency ms" in text and "removed=1" in text
+    assert "remove_dropout" in text and "latency ms" in text and "cosine" in text and "removed=1" in text
     data = json.loads(res.report.to_json())
     assert data["pipeline"] == "remove_dropout" and data["records"][1]["status"] == "ok"
 
