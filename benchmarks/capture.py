@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/capture.py --models llama,vit --repeat 5 --llama-layers 8
 
 Prints a markdown table: parameters, graph nodes (all / ops), build time and capture time
-(``graphopt.capture`` with torch.export, non-strict; best of ``--repeat`` runs after a warm-up).
+(``graphopt.capture()`` with torch.export, non-strict; best of ``--repeat`` runs after a warm-up).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import graphopt as go
-from graphopt.zoo import ZOO, hf_model, llama_7b_meta
+from graphopt.helpers.zoo import ZOO, hf_model, llama_7b_meta
 
 
 def _human(n: int) -> str:

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 import graphopt as go
+from graphopt.analysis.norms import is_norm_like
 from graphopt.data import stdlib_texts, text_batches
-from graphopt.inputs import ExampleInputs
-from graphopt.metrics import measure_latency
+from graphopt.frontend.inputs import ExampleInputs
+from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
+from graphopt.infra.metrics import measure_latency
+from graphopt.infra.text import format_value
 from graphopt.models import load_model_spec
-from graphopt.norms import DyT, is_norm_like
-from graphopt.quality import embedding_agreement, sentence_embeddings
+from graphopt.nn.dyt import DyT
 
 HEAL = "heal(steps={steps},lr={lr},features={features},warmup=20{freeze})"
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{description}; {sum(len(b['input_ids']) for b in calib)} calibration / {reference.shape[0]} held-out sentences "
           f"(disjoint), {torch.get_num_threads()} CPU threads\n")
 
-    freeze = f",freeze={go.pipeline.format_value(args.freeze)}" if args.freeze else ""
+    freeze = f",freeze={format_value(args.freeze)}" if args.freeze else ""
     heal = HEAL.format(steps=args.steps, lr=args.lr, features=args.features, freeze=freeze)
     rows, models = [], {}
     for label, pipeline in (("init", "dyt(mode=init)"), ("calibrated", args.dyt)):

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/prune_zoo.py --models bert,llama,opt --no-minilm
     .venv/bin/python benchmarks/prune_zoo.py --no-zoo --eval-texts 1024 --heal-steps 400
 
-**Zoo table.** Every model of :data:`graphopt.zoo.ZOO` plus a few architectures built here from
+**Zoo table.** Every model of :data:`graphopt.helpers.zoo.ZOO` plus a few architectures built here from
 configs (OPT, Phi-3, Gemma with one KV head, Falcon, BLOOM, EfficientNet, RegNet) is pruned by
 graphopt (``prune(ratio=R)``) and by Torch-Pruning with zero configuration (``MetaPruner``,
 ``MagnitudeImportance(p=2)``, ``pruning_ratio=R``, the example inputs and nothing else), each on its
@@ -58,9 +58,9 @@ import torch
 from torch import nn
 
 import graphopt as go
-from graphopt.inputs import flatten_outputs
-from graphopt.quality import sentence_embeddings
-from graphopt.zoo import ZOO, hf_model
+from graphopt.frontend.inputs import flatten_outputs
+from graphopt.helpers.quality import sentence_embeddings
+from graphopt.helpers.zoo import ZOO, hf_model
 
 ATTENTION_GLOB = "*[aA]tt*"  # every HF attention module name has "att"/"Att" in it (attn, attention, SelfAttention)
 EXACT = 1e-4  # relative output error under which pruning dead heads counts as exact

@@ -14,8 +14,8 @@ import argparse
 
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
+from graphopt.helpers.quality import sentence_embeddings
 from graphopt.models import load_model_spec
-from graphopt.quality import sentence_embeddings
 
 
 def main() -> None:

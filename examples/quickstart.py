@@ -39,7 +39,7 @@ def main() -> None:
         err = go.compare_outputs(reloaded(**inputs), result.model(**inputs))
     print(f"reloaded model vs optimized model: {err}")
 
-    if importlib.util.find_spec("graphopt.onnx_export") is not None:
+    if importlib.util.find_spec("graphopt.emit.onnx_export") is not None:
         # Dynamic batch and sequence axes; the file is checked in onnxruntime against torch.
         print(result.export_onnx(out / "minilm-opt.onnx", dynamic_axes="auto"))
     else:

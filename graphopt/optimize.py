@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
-from .inputs import as_example_inputs
-from .manager import Measure, PassManager
-from .pass_infra import Pass
-from .pipeline import Pipeline, as_pipeline
-from .program import Program
-from .report import Report
+from .frontend.inputs import as_example_inputs
+from .infra.contract import Pass
+from .infra.manager import Measure, PassManager
+from .infra.pipeline import Pipeline, as_pipeline
+from .infra.program import Program
+from .infra.report import Report
 
 if TYPE_CHECKING:
-    from .onnx_export import ExportReport
+    from .emit.onnx_export import ExportReport
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,13 @@ class OptimizeResult:
 
     def export_onnx(self, path: str | Path, **kwargs: Any) -> ExportReport:
         """Export the optimised model to ONNX, checked in onnxruntime (see :func:`graphopt.export_onnx`)."""
-        from .onnx_export import export_onnx
+        from .emit.onnx_export import export_onnx
 
         return export_onnx(self.model, self.program.example_inputs, path, **kwargs)
 
     def save(self, directory: str | Path) -> Path:
         """Write weights (safetensors) and the edit log (JSON); see :func:`graphopt.save`."""
-        from .serialize import save
+        from .emit.save import save
 
         return save(self, directory)
 

@@ -7,8 +7,9 @@ import fnmatch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
-from graphopt.pass_infra import Pass, PassResult, register_pass
-from graphopt.program import Program
+from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.program import Program
+from graphopt.infra.registry import register_pass
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 

@@ -4,7 +4,7 @@ Sources: Zhu et al. 2025, "Transformers without Normalization" (DyT); Stollenwer
 Layer Normalization" (ELN); Heimersheim 2025, "Transformers Don't Need LayerNorm at Inference Time"
 (removing norms from a pretrained model needs fine-tuning to recover).
 
-Norms are found structurally (:func:`graphopt.norms.probe_norm`), never by class name. Modes:
+Norms are found structurally (:func:`graphopt.analysis.norms.probe_norm`), never by class name. Modes:
 
 - ``init``: the paper's architecture swap. ``α`` starts at ``alpha0``, or per role when unset: 0.5
   for LayerNorm models; for RMSNorm (LLaMA-style) models the paper's width-dependent pair
@@ -33,18 +33,12 @@ import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
-from graphopt.inputs import as_example_inputs
-from graphopt.norms import (
-    SQUASH,
-    VARIANTS,
-    NormInfo,
-    fit_elementwise,
-    is_norm_like,
-    probe_norm,
-    reference_norm,
-)
-from graphopt.pass_infra import Pass, PassResult, register_pass
-from graphopt.program import Program
+from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, reference_norm
+from graphopt.frontend.inputs import as_example_inputs
+from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.program import Program
+from graphopt.infra.registry import register_pass
+from graphopt.nn.dyt import SQUASH, VARIANTS, fit_elementwise
 
 log = logging.getLogger(__name__)
 

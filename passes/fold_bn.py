@@ -25,8 +25,9 @@ from torch import nn
 from torch.fx import Node
 
 from graphopt.analysis import AnalysisManager
-from graphopt.pass_infra import Pass, PassResult, register_pass
-from graphopt.program import Program
+from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.program import Program
+from graphopt.infra.registry import register_pass
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graphopt.analysis import AnalysisManager
-from graphopt.inputs import as_example_inputs, flatten_outputs
-from graphopt.pass_infra import Pass, PassResult, register_pass
-from graphopt.program import Program
+from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
+from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.program import Program
+from graphopt.infra.registry import register_pass
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import graphopt as go
-from graphopt import pass_infra
 from graphopt.cli import DEFAULT_CALIB_SIZE, main
+from graphopt.infra import registry
 
 FACTORY_SOURCE = textwrap.dedent('''
     import torch
@@ -97,7 +97,7 @@ def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Passes registered by a test disappear after it."""
     go.list_passes()  # built-in passes first
-    monkeypatch.setattr(pass_infra, "_REGISTRY", dict(pass_infra._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 # --- graphopt passes -------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import graphopt as go
+from graphopt.helpers.zoo import hf_model
 from graphopt.kernels.dyt import ONNX_TRANSLATIONS, dyt, dyt_backward_reference, dyt_reference
-from graphopt.norms import DyT
-from graphopt.zoo import hf_model
+from graphopt.nn.dyt import DyT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import graphopt as go
-from graphopt.zoo import hf_model
+from graphopt.helpers.zoo import hf_model
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 

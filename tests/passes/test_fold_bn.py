@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import graphopt as go
+from graphopt.helpers.zoo import hf_model
 from graphopt.passes.fold_bn import folded_weights
-from graphopt.zoo import hf_model
 
 _BN = nn.modules.batchnorm._BatchNorm
 

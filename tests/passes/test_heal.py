@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import graphopt as go
-from graphopt.norms import DyT
-from graphopt.zoo import hf_model
+from graphopt.helpers.zoo import hf_model
+from graphopt.nn.dyt import DyT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

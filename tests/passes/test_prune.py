@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import graphopt as go
+from graphopt.helpers.zoo import ZOO, hf_model
 from graphopt.passes.prune import apply_plan
-from graphopt.zoo import ZOO, hf_model
 
 from .prune_models import ODD_MODELS, randomize_norms
 
@@ -203,17 +203,6 @@ def test_bad_options_are_reported():
     model, inputs = _model("chunk_gate")
     res = go.optimize(model, inputs, "prune(ratio=1.5)", measure=False)
     assert res.report.records[1].status == "rolled back" and "in [0, 1)" in res.report.records[1].reason
-
-
-def test_dependency_graph_is_inspectable():
-    model, inputs = hf_model("vit")
-    graph = go.capture(model, inputs).analyses.get("dependency_graph")
-    g = graph.to_networkx()
-    groups = [n for n, d in g.nodes(data=True) if d["kind"] == "group"]
-    assert len(groups) == len(graph.groups) == 4
-    assert "4 heads x 8" in str(graph)
-    head = next(grp for grp in graph.groups if grp.unit == "head")
-    assert ("layers.0.attention.q_proj.weight", 0) in head.params or ("layers.1.attention.q_proj.weight", 0) in head.params
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "depthwise_se", "tied_lm"])

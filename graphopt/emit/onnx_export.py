@@ -1,0 +1,240 @@
+"""Verified ONNX emission: ``torch.onnx.export(dynamo=True)``, ``onnx.checker``, then onnxruntime vs torch.
+
+:func:`export_onnx` writes the file and reports success only after onnxruntime reproduced the torch
+outputs within tolerance on the example inputs and, when axes are marked dynamic, on inputs with
+other sizes on those axes (a graph specialised to the example shape is caught there). On a mismatch
+it raises :class:`OnnxVerificationError` and renames the file to ``<name>.failed``, so no
+valid-looking file is left at the requested path.
+
+Dynamic axes are named per input (``{"input_ids": {0: "batch", 1: "seq"}}``) and become shared
+``torch.export.Dim`` objects; inputs passed through ``*args``/``**kwargs`` or containers are exported
+through a flat wrapper (initializer names then start with ``model.``). An axis the model's code
+fixes anyway (the file's input keeps a number there) is refused.
+
+Custom ops of ``graphopt.kernels`` are exported through the ``ONNX_TRANSLATIONS`` table of each
+imported kernel module. The caller's model is not changed: it is exported in eval mode, and its
+training flags, hooks and attributes are restored afterwards.
+"""
+
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..frontend.inputs import ExampleInputs, as_example_inputs, flatten_outputs
+from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
+from .onnx_report import ExportReport, OnnxExportError, OnnxVerificationError, VerifiedRun, first_lines
+from .onnx_verify import check_dynamic_dims, file_info, verify_file
+
+log = logging.getLogger(__name__)
+
+_CHATTY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx",
+                   "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir")
+
+
+# --- exporter plumbing ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's prints, logs and warnings (re-logged at DEBUG); errors still raise."""
+    loggers = [logging.getLogger(n) for n in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    printed = io.StringIO()
+    caught: list[warnings.WarningMessage] = []
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed), \
+                contextlib.redirect_stderr(printed):  # torch.export dumps partial graphs there on failure
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        for w in caught:
+            log.debug("exporter warning: %s", w.message)
+        if printed.getvalue().strip():
+            log.debug("exporter output:\n%s", printed.getvalue().rstrip())
+
+
+def _translations(extra: Mapping[Callable, Callable] | None) -> dict[Callable, Callable]:
+    """ONNX translations of graphopt's custom ops (from every imported ``graphopt.kernels`` module)."""
+    table: dict[Callable, Callable] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("graphopt.kernels.") and module is not None:
+            table.update(getattr(module, "ONNX_TRANSLATIONS", {}) or {})
+    table.update(extra or {})
+    return table
+
+
+def _output_names(output: Any, input_names: Sequence[str]) -> tuple[list[torch.Tensor], list[str] | None]:
+    """The output tensors in the exporter's order and readable names (``None`` if they cannot be matched).
+
+    Names come from :func:`flatten_outputs`: ``last_hidden_state`` for HF outputs, ``output_0``,
+    ``output_1.gate`` for tuples and dicts; a name that an input already has gets an ``output.`` prefix.
+    """
+    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+    flat = flatten_outputs(output)
+    if len(flat) != len(leaves) or any(a is not b for a, b in zip(flat.values(), leaves)):
+        return leaves, None
+    names = [re.sub(r"\[(\d+)\]", r"_\1", key.removeprefix("output.")) for key in flat]
+    names = [f"output.{n}" if n in input_names else n for n in names]
+    return leaves, names if len(set(names)) == len(names) else None
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; afterwards every module's training flag, hooks and attributes are as before.
+
+    Running a model can leave state behind (e.g. transformers installs output-capturing hooks on the
+    first call with ``output_hidden_states``); hooks and attributes added meanwhile are removed, so the
+    caller's model is exactly as it was (the library re-creates them lazily when needed).
+    """
+    before = [(m, m.training, {h: set(getattr(m, h, None) or ()) for h in _HOOK_DICTS}, set(vars(m)))
+              for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        removed = 0
+        for m, training, hooks, attrs in before:
+            m.training = training
+            for h, keys in hooks.items():
+                table = getattr(m, h, None)
+                for key in [k for k in (table or ()) if k not in keys]:
+                    del table[key]
+                    removed += h in _HOOK_DICTS[:4]
+            for attr in set(vars(m)) - attrs:
+                del vars(m)[attr]
+        if removed:
+            log.debug("removed %d hooks that running %s installed", removed, type(model).__name__)
+
+
+def _export_error(exc: BaseException, model: nn.Module, inputs: ExampleInputs,
+                  dynamic: bool) -> OnnxExportError:
+    """A clear error for a failed ``torch.onnx.export``: which step failed, where, and what to try."""
+    head = f"ONNX export of {type(model).__name__} on {inputs.describe()} failed"
+    if type(exc).__name__ == "TorchExportError":  # step 1: torch.export; graphopt's capture diagnosis applies
+        from ..frontend.errors import diagnose, exception_chain
+
+        text = "\n".join(str(e) for e in exception_chain(exc))
+        if dynamic and ("Constraints violated" in text or "specializ" in text or "specialis" in text):
+            return OnnxExportError(f"{head}: the model fixes the size of a dynamic axis.\n"
+                                   f"    {first_lines(exc, 12)}\n  try: drop that axis from dynamic_axes, "
+                                   "or follow torch's suggested Dim range")
+        return OnnxExportError(f"{head} in torch.export (step 1 of 3):\n{diagnose(exc, model, inputs)}")
+    return OnnxExportError(f"{head} while translating to ONNX:\n    {first_lines(exc)}\n"
+                           "  try: an op without an ONNX translation needs custom_translations={op overload: "
+                           "onnxscript function}; or pass opset=<newer opset>")
+
+
+def _check_materialised(model: nn.Module, layout: CallLayout) -> None:
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"{type(model).__name__} has {len(meta)} parameters/buffers on the meta device "
+                         f"(e.g. {meta[0]!r}); ONNX needs real weights. Materialise them first, e.g. "
+                         "model.to_empty(device='cpu') then load_state_dict(...), or from_pretrained(...)")
+    meta_inputs = [n for n, t in zip(layout.names, layout.tensors) if t.is_meta]
+    if meta_inputs:
+        raise ValueError(f"example inputs {meta_inputs} are on the meta device; pass real tensors")
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                dynamic_axes: DynamicAxes | None = None, opset: int | None = None, atol: float = 1e-4,
+                rtol: float = 1e-3, check: bool = True, external_data: bool | None = None,
+                custom_translations: Mapping[Callable, Callable] | None = None) -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` and verify the file in onnxruntime against torch.
+
+    Args:
+        model: the model; exported in eval mode, left unchanged (training flags restored).
+        example_inputs: a tensor, a tuple of positional args, a dict of keyword args, or ExampleInputs.
+        path: the ``.onnx`` file to write (parent folders are created).
+        dynamic_axes: ``{input name: {axis: dim name}}``, e.g. ``{"input_ids": {0: "batch", 1: "seq"}}``
+            (axes that share a name share a size), or ``"auto"``: axis 0 of every input is ``batch`` and
+            axis 1 of 2-D integer inputs (token ids, masks) is ``seq``. Dynamic axes are re-verified
+            with other sizes (``batch+1``, ``seq+3``).
+        opset: ONNX opset version (default: the exporter's).
+        atol, rtol: an output value passes when ``|ort - torch| <= atol + rtol * |torch|``.
+        check: run ``onnx.checker`` and the onnxruntime comparison (strongly recommended).
+        external_data: store weights in ``<path>.data``; ``None`` does so only above 2 GB.
+        custom_translations: extra ``{op overload: onnxscript function}`` for custom ops.
+
+    Returns:
+        An :class:`ExportReport` (path, opset, size, input/output shapes, errors); ``os.fspath`` works on it.
+
+    Raises:
+        OnnxVerificationError: the checker or onnxruntime disagreed; the file is renamed ``<path>.failed``.
+        OnnxExportError: torch.onnx.export failed. ValueError/TypeError/InputError: bad arguments.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
+    inputs = as_example_inputs(example_inputs)
+    layout = call_layout(model, inputs)
+    _check_materialised(model, layout)
+    axes = normalise_axes(dynamic_axes, layout)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    if model.training:
+        log.info("exporting %s in eval mode (its training mode is restored afterwards)", type(model).__name__)
+    with _preserved(model):
+        with torch.no_grad():
+            output = inputs.call(model)
+        reference, names = _output_names(output, layout.names)
+        flat = bool(axes) and not layout.simple
+        target: nn.Module = FlatCall(model, layout) if flat else model
+        if flat:
+            args, kwargs = tuple(layout.tensors), {}
+        else:
+            bound = layout.bind(layout.tensors)
+            args, kwargs = tuple(bound.args), dict(bound.kwargs)
+        log.info("exporting %s to %s (dynamic axes: %s)", type(model).__name__, path, axes or "none")
+        try:
+            with _quiet_exporter():
+                program = torch.onnx.export(
+                    target, args, kwargs=kwargs, dynamo=True, verbose=False, opset_version=opset,
+                    input_names=layout.names, output_names=names,
+                    dynamic_shapes=dynamic_shapes(axes, layout, flat),
+                    custom_translation_table=_translations(custom_translations) or None)
+                program.save(path, external_data=external_data)
+            del program
+        except Exception as e:
+            raise _export_error(e, model, inputs, bool(axes)) from e
+        info = file_info(path)
+        check_dynamic_dims(path, info[3], axes)
+        out_names = names or [f"output_{i}" for i in range(len(reference))]
+        runs: list[VerifiedRun] = []
+        notes: list[str] = []
+        if check:
+            runs, notes = verify_file(path, model, layout, out_names, reference, axes, atol, rtol)
+        else:
+            log.warning("ONNX file %s written without verification (check=False)", path)
+    opset_used, size, external, in_shapes, out_shapes = info
+    report = ExportReport(path, opset_used, size, in_shapes, out_shapes, axes, tuple(runs), external,
+                          time.perf_counter() - start, tuple(notes))
+    log.info("%s", report)
+    return report
+
+
+__all__ = ["ExportReport", "OnnxExportError", "OnnxVerificationError", "VerifiedRun", "export_onnx"]

@@ -1,0 +1,16 @@
+"""Stage 3's machinery, the pass infrastructure: Program and its edit log, the pass contract and
+registry, pipeline text, the pass manager (verification, rollback), report and metrics.
+Imports analysis, frontend and nn.
+"""
+
+from .contract import Pass, PassResult
+from .manager import Measure, PassFailedError, PassManager, VerificationError
+from .pipeline import Pipeline, parse_pipeline
+from .program import Edit, EditError, Program, analyze, capture
+from .registry import get_pass, list_passes, list_presets, register_pass, register_preset
+from .report import PassRecord, Report
+from .text import PipelineError
+
+__all__ = ["Edit", "EditError", "Measure", "Pass", "PassFailedError", "PassManager", "PassRecord", "PassResult",
+           "Pipeline", "PipelineError", "Program", "Report", "VerificationError", "analyze", "capture", "get_pass",
+           "list_passes", "list_presets", "parse_pipeline", "register_pass", "register_preset"]

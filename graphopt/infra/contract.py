@@ -1,0 +1,83 @@
+"""The pass contract: ``Pass`` and ``PassResult`` (``Diagnostic`` is re-exported from the analyses).
+
+A pass is a dataclass whose fields are its options, with ``run(program, am) -> PassResult``.
+The registry (:mod:`graphopt.infra.registry`) registers pass classes and plain functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..analysis.diagnostics import Diagnostic
+from .text import format_pass
+
+if TYPE_CHECKING:
+    from ..analysis.manager import AnalysisManager
+    from .program import Program
+
+__all__ = ["Diagnostic", "Pass", "PassResult"]
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the model, analyses it kept valid, counts and diagnostics."""
+
+    modified: bool
+    preserved: frozenset[str] = frozenset()
+    stats: dict[str, float] = field(default_factory=dict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: The pass changed output shapes on purpose (e.g. ``prune(outputs=true)``): verification then
+    #: checks only that the model runs and stays finite.
+    changes_outputs: bool = False
+
+    def skip(self, target: str, why: str) -> None:
+        """Record that ``target`` was left alone because ``why``."""
+        self.diagnostics.append(Diagnostic(target, why, "skipped"))
+
+    def note(self, target: str, message: str, level: str = "info") -> None:
+        self.diagnostics.append(Diagnostic(target, message, level))
+
+
+class Pass:
+    """Base class of every pass. Subclasses are dataclasses; their fields are the pass's options.
+
+    Class attributes a pass may set:
+
+    - ``tolerance``: the largest relative output error (``max|new-old| / max|old|``) against the
+      previous program that verification accepts; ``None`` marks a lossy pass (shapes and finiteness
+      are still checked).
+    - ``needs_calibration``: the pass reads ``program.calib`` and fails clearly without it.
+    - ``needs_original``: the pass reads ``program.original`` (the model given to ``optimize``, e.g. as a
+      distillation teacher); ``optimize(inplace=True)`` then keeps a copy of it.
+    """
+
+    name: ClassVar[str] = ""
+    tolerance: ClassVar[float | None] = 1e-5
+    needs_calibration: ClassVar[bool] = False
+    needs_original: ClassVar[bool] = False
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def options(self, *, all: bool = False) -> dict[str, Any]:
+        """This pass's option values (only those that differ from the defaults unless ``all``)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if all or value != default:
+                out[f.name] = value
+        return out
+
+    def __str__(self) -> str:
+        return format_pass(self)
+
+    @classmethod
+    def doc(cls) -> str:
+        """The first line of the pass's docstring."""
+        text = inspect.getdoc(cls) or ""
+        return text.strip().splitlines()[0] if text.strip() else ""

@@ -1,0 +1,181 @@
+"""The pass manager: run passes, verify after each, roll back failures, record measurements."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis.diagnostics import Diagnostic
+from ..frontend.inputs import OutputMismatch, compare_outputs, flatten_outputs
+from .contract import Pass, PassResult
+from .metrics import count_flops, count_params, measure_latency
+from .pipeline import Pipeline
+from .program import Program
+from .report import PassRecord, Report
+
+log = logging.getLogger(__name__)
+
+
+class PassFailedError(RuntimeError):
+    """A pass raised or failed verification (raised only with ``on_error="raise"``; the model is rolled back)."""
+
+    def __init__(self, record: PassRecord, report: Report) -> None:
+        super().__init__(f"pass {record.text} failed: {record.reason}\n  reproduce: {record.reproduce}")
+        self.record = record
+        self.report = report
+
+
+class VerificationError(RuntimeError):
+    """The model no longer runs, or its outputs moved beyond the pass's tolerance."""
+
+
+@dataclass
+class Measure:
+    """Which instruments run after each pass."""
+
+    params: bool = True
+    flops: bool = True
+    latency: bool = True
+    latency_repeat: int = 10
+
+
+class PassManager:
+    """Runs a pipeline over a Program with verification, rollback and instrumentation."""
+
+    def __init__(self, pipeline: Pipeline, *, verify: bool = True, measure: Measure | bool = True,
+                 on_error: Literal["rollback", "raise"] = "rollback", progress: bool | None = None,
+                 model_spec: str = "MODEL") -> None:
+        if on_error not in ("rollback", "raise"):
+            raise ValueError(f"on_error must be 'rollback' or 'raise', got {on_error!r}")
+        self.pipeline = pipeline
+        self.verify = verify
+        self.measure = measure if isinstance(measure, Measure) else Measure(*(4 * [bool(measure)]))
+        if not self.measure.latency:
+            self.measure.latency_repeat = 0
+        self.on_error = on_error
+        self.progress = progress
+        self.model_spec = model_spec
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, program: Program) -> Report:
+        report = Report(pipeline=str(self.pipeline))
+        original_out = self._outputs(program)
+        report.records.append(self._measured(PassRecord("original", "original", "baseline"), program,
+                                             original_out, original_out))
+        previous_out = original_out
+        bar = tqdm(list(self.pipeline), desc="graphopt", unit="pass", disable=self._bar_disabled(),
+                   leave=False)
+        for index, p in enumerate(bar):
+            bar.set_postfix_str(p.name)
+            record, previous_out = self._run_one(program, p, index, previous_out, original_out)
+            report.records.append(record)
+            if record.status == "rolled back":
+                log.warning("pass %s rolled back: %s", record.text, record.reason)
+                if self.on_error == "raise":
+                    bar.close()
+                    raise PassFailedError(record, report)
+        bar.close()
+        return report
+
+    def _bar_disabled(self) -> bool:
+        if self.progress is None:
+            return len(self.pipeline) < 2 or None  # None: tqdm disables itself on a non-tty
+        return not self.progress
+
+    def _run_one(self, program: Program, p: Pass, index: int, previous_out: Any,
+                 original_out: Any) -> tuple[PassRecord, Any]:
+        text = str(p)
+        record = PassRecord(p.name, text, "ok")
+        snapshot = program.snapshot()
+        program.current_pass = text
+        start = time.perf_counter()
+        try:
+            if p.needs_calibration and program.calib is None:
+                raise ValueError(f"{p.name} needs calibration data: pass calib=<iterable of model inputs> "
+                                 f"to optimize() (CLI: --calib)")
+            result = p.run(program, program.analyses)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"{type(p).__name__}.run returned {type(result).__name__}; "
+                                f"a pass must return go.PassResult(modified=...)")
+            record.seconds = time.perf_counter() - start
+            record.stats, record.diagnostics = dict(result.stats), list(result.diagnostics)
+            program.analyses.invalidate(result.preserved if result.modified else {"*"})
+            if not result.modified:
+                record.status = "unchanged"
+            new_out = previous_out
+            if result.modified:
+                if result.changes_outputs:
+                    new_out = self._outputs(program)
+                    if not all(bool(t.isfinite().all()) for t in flatten_outputs(new_out).values()
+                               if t.is_floating_point() and t.device.type != "meta"):
+                        raise VerificationError("outputs are no longer finite")
+                    original_out = new_out  # a new baseline: errors vs the original are undefined
+                    record.diagnostics.append(Diagnostic("<outputs>", "output shapes changed on purpose; "
+                                                         "errors against the original are not defined", "info"))
+                else:
+                    new_out, record.step_rel_err = self._verify(program, p, previous_out)
+        except Exception as e:  # a failing pass never takes the model down with it
+            record.seconds = time.perf_counter() - start
+            program.restore(snapshot)
+            record.status = "rolled back"
+            record.reason = f"{type(e).__name__}: {e}"
+            record.reproduce = self._reproducer(index)
+            log.debug("pass %s failed:\n%s", text, traceback.format_exc())
+            new_out = previous_out
+        finally:
+            program.current_pass = ""
+        return self._measured(record, program, new_out, original_out), new_out
+
+    def _reproducer(self, index: int) -> str:
+        prefix = str(self.pipeline[: index + 1])
+        return f"graphopt optimize {self.model_spec} --pipeline '{prefix}'"
+
+    def _outputs(self, program: Program) -> Any:
+        try:
+            return program.run()
+        except Exception as e:
+            raise VerificationError(
+                f"the model does not run on its example inputs ({program.example_inputs.describe()}): "
+                f"{type(e).__name__}: {e}") from e
+
+    def _verify(self, program: Program, p: Pass, previous_out: Any) -> tuple[Any, float | None]:
+        """Lint, run, and compare with the previous program; return the new outputs and step error."""
+        if isinstance(program.module, torch.fx.GraphModule):
+            program.module.graph.lint()
+        if not self.verify:
+            return previous_out, None
+        out = self._outputs(program)
+        try:
+            err = compare_outputs(out, previous_out)
+        except OutputMismatch as e:
+            raise VerificationError(f"outputs changed shape or structure: {e}") from None
+        if not math.isfinite(err.max_rel):
+            raise VerificationError(f"outputs are no longer finite ({err.worst})")
+        if p.tolerance is not None and err.max_rel > p.tolerance:
+            raise VerificationError(f"output error {err} exceeds the pass's tolerance {p.tolerance:g} "
+                                    f"(max|new-old| / max|old|)")
+        return out, (None if program.device.type == "meta" else err.max_rel)
+
+    def _measured(self, record: PassRecord, program: Program, out: Any, original_out: Any) -> PassRecord:
+        m, module, inputs = self.measure, program.module, program.example_inputs
+        if m.params:
+            record.params = count_params(module)
+        if m.flops:
+            record.flops = count_flops(module, inputs)
+        if m.latency and m.latency_repeat:
+            record.latency_ms = measure_latency(module, inputs, repeat=m.latency_repeat)
+        if self.verify or record.status == "baseline":
+            try:
+                err = compare_outputs(out, original_out)
+                if program.device.type != "meta":
+                    record.max_abs_err, record.max_rel_err, record.cosine = err.max_abs, err.max_rel, err.cosine
+            except OutputMismatch:
+                pass
+        return record

@@ -1,0 +1,247 @@
+"""Textual pipelines that round-trip: ``"fold_bn,prune(ratio=0.3),quantize(int4)"``.
+
+Grammar: passes separated by top-level commas; each is ``name`` or ``name(args)``; args are
+``key=value`` or positional values (bound to the pass's fields in order). Values are numbers,
+``true``/``false``/``none``, bare words, quoted strings or ``[lists]``. Values are type-checked
+against the pass's dataclass fields. Named presets expand to their pipelines.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, Union
+
+from .contract import Pass
+from .registry import get_pass, get_preset, list_passes, list_presets, load_builtin_passes
+from .text import PipelineError, format_pass, suggest
+
+
+class Pipeline:
+    """An ordered list of configured passes; ``str()`` gives the canonical, re-parseable text."""
+
+    def __init__(self, passes: Iterable[Pass] = ()) -> None:
+        self.passes: list[Pass] = list(passes)
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise PipelineError(f"pipeline items must be go.Pass instances, got {type(p).__name__}")
+
+    def __iter__(self) -> Iterator[Pass]:
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        return Pipeline(self.passes[i]) if isinstance(i, slice) else self.passes[i]
+
+    def __str__(self) -> str:
+        return ",".join(format_pass(p) for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+def as_pipeline(spec: str | Pass | Iterable[Pass | str] | Pipeline) -> Pipeline:
+    """Accept a pipeline text, a Pipeline, a Pass, or a list of passes and pass texts."""
+    if isinstance(spec, Pipeline):
+        return spec
+    if isinstance(spec, str):
+        return parse_pipeline(spec)
+    if isinstance(spec, Pass):
+        return Pipeline([spec])
+    passes: list[Pass] = []
+    for item in spec:
+        if isinstance(item, str):
+            passes.extend(parse_pipeline(item))
+        elif isinstance(item, type) and issubclass(item, Pass):
+            passes.append(item())
+        else:
+            passes.append(item)
+    return Pipeline(passes)
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    """Parse pipeline text into configured passes; raises :class:`PipelineError` with a hint."""
+    load_builtin_passes()  # built-in passes and presets register on import
+    passes: list[Pass] = []
+    for item in _split_top(text, ","):
+        item = item.strip()
+        if not item:
+            if text.strip():
+                raise PipelineError(f"empty pass in pipeline {text!r} (stray comma?)")
+            continue
+        m = re.fullmatch(r"([A-Za-z_][\w]*)\s*(?:\((.*)\))?", item, re.S)
+        if not m:
+            raise PipelineError(f"cannot parse {item!r}: expected name or name(option=value, ...)")
+        name, args = m.group(1), m.group(2)
+        preset = get_preset(name)
+        if preset is not None and args is None:
+            passes.extend(parse_pipeline(preset))
+            continue
+        if preset is None:
+            try:
+                get_pass(name)
+            except PipelineError:
+                raise PipelineError(f"unknown pass {name!r}{suggest(name, _known_names())}") from None
+        elif args is not None:
+            raise PipelineError(f"preset {name!r} takes no options; write its passes out: {preset}")
+        passes.append(build_pass(name, *_parse_args(name, args or "")))
+    return Pipeline(passes)
+
+
+def _known_names() -> list[str]:
+    return list(list_passes()) + list(list_presets())
+
+
+def build_pass(name: str, positional: list[Any], options: dict[str, Any]) -> Pass:
+    """Instantiate pass ``name`` from parsed values, checking option names and types."""
+    cls = get_pass(name)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    field_names = [f.name for f in fields]
+    if len(positional) > len(fields):
+        raise PipelineError(f"{name} takes at most {len(fields)} positional option(s), got {len(positional)}")
+    values = dict(zip(field_names, positional))
+    for key, value in options.items():
+        if key not in field_names:
+            hint = suggest(key, field_names) if field_names else "; it takes no options"
+            raise PipelineError(f"{name} has no option {key!r}{hint}")
+        if key in values:
+            raise PipelineError(f"{name}: option {key!r} given twice")
+        values[key] = value
+    hints = typing.get_type_hints(cls)
+    checked = {k: coerce(f"{name}({k}=...)", v, hints.get(k, Any)) for k, v in values.items()}
+    return cls(**checked)
+
+
+def coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp`` (ints widen to float); raise PipelineError if wrong."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return coerce(where, value, arm)
+            except PipelineError as e:
+                errors.append(str(e))
+        raise PipelineError(f"{where}: {value!r} fits none of {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise PipelineError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
+                            f"{suggest(str(value), map(str, choices))}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise PipelineError(f"{where}: expected none, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [coerce(where, v, item_tp) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise PipelineError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets and quotes."""
+    parts, depth, quote, buf = [], 0, "", []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+            if depth < 0:
+                raise PipelineError(f"unbalanced ')' or ']' in {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    if quote or depth:
+        raise PipelineError(f"unclosed quote or bracket in {text!r}")
+    parts.append("".join(buf))
+    return parts
+
+
+def _parse_args(name: str, text: str) -> tuple[list[Any], dict[str, Any]]:
+    positional, options = [], {}
+    if not text.strip():
+        return positional, options
+    for arg in _split_top(text, ","):
+        key, eq, raw = arg.partition("=")
+        if eq and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", key):
+            if key.strip() in options:
+                raise PipelineError(f"{name}: option {key.strip()!r} given twice")
+            options[key.strip()] = _parse_value(raw.strip())
+        else:
+            if options:
+                raise PipelineError(f"{name}: positional value {arg.strip()!r} after keyword options")
+            positional.append(_parse_value(arg.strip()))
+    return positional, options
+
+
+def _parse_value(raw: str) -> Any:
+    if not raw:
+        raise PipelineError("empty option value")
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if raw[0] == "[":
+        if raw[-1] != "]":
+            raise PipelineError(f"unclosed list {raw!r}")
+        return [_parse_value(v.strip()) for v in _split_top(raw[1:-1], ",") if v.strip()]
+    if raw[0] in "'\"":
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise PipelineError(f"bad quoted string {raw!r}") from None
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return float(raw)
+    except ValueError:
+        return raw  # a bare word: a string
+
+

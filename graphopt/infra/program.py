@@ -1,0 +1,316 @@
+"""The Program: the module tree (program of record), example inputs, and a log of structural edits.
+
+Passes change a model only through a Program's edit methods. Each edit is recorded as JSON-able
+data, so :func:`graphopt.save` can write it next to the weights and :func:`graphopt.load` can
+replay it on a freshly built base model before loading them (no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.manager import AnalysisManager
+from ..frontend.inputs import ExampleInputs, as_example_inputs
+from ..nn.spec import ModuleSpecError, build_module, module_spec
+
+log = logging.getLogger(__name__)
+
+
+class EditError(ValueError):
+    """A Program edit names something that does not exist or cannot be recorded."""
+
+
+@dataclass
+class Edit:
+    """One structural change: ``op`` on ``target`` with JSON-able ``data``, made by pass ``by``."""
+
+    op: str  # "replace_module" | "set_tensor" | "set_attr"
+    target: str
+    data: dict[str, Any] = field(default_factory=dict)
+    by: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Edit:
+        return Edit(op=d["op"], target=d["target"], data=dict(d.get("data", {})), by=d.get("by", ""))
+
+
+def _split(fqn: str) -> tuple[str, str]:
+    owner, _, name = fqn.rpartition(".")
+    return owner, name
+
+
+def _get_submodule(root: nn.Module, fqn: str) -> nn.Module:
+    try:
+        return root.get_submodule(fqn)
+    except AttributeError as e:
+        raise EditError(f"no submodule {fqn!r} in {type(root).__name__}: {e}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Program:
+    """A model under optimisation: root module, example inputs, calibration data, edits, analyses.
+
+    ``original`` is the model given to ``optimize`` (a distillation teacher, say): passes read it and
+    never change it (not even its train/eval mode without restoring it).
+    """
+
+    def __init__(self, module: nn.Module, example_inputs: Any, *, calib: Iterable[Any] | None = None,
+                 original: nn.Module | None = None) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.example_inputs: ExampleInputs = as_example_inputs(example_inputs)
+        self.calib = calib
+        self.original = original
+        self.edits: list[Edit] = []
+        self.analyses = AnalysisManager(self)
+        self.current_pass = ""
+
+    # --- reading -------------------------------------------------------------------------------
+    def get_submodule(self, fqn: str) -> nn.Module:
+        return _get_submodule(self.module, fqn) if fqn else self.module
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        return self.module.named_modules()
+
+    def run(self, inputs: Any | None = None) -> Any:
+        """Call the module on ``inputs`` (default: the example inputs) without autograd."""
+        ex = self.example_inputs if inputs is None else as_example_inputs(inputs)
+        with torch.no_grad():
+            return ex.call(self.module)
+
+    @property
+    def dependency_graph(self) -> Any:
+        """The cached dependency graph analysis (groups of coupled parameter slices)."""
+        return self.analyses.get("dependency_graph")
+
+    @property
+    def dependency_groups(self) -> list[Any]:
+        return self.dependency_graph.groups
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.module.parameters():
+            return t.device
+        for t in self.module.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    # --- edits ---------------------------------------------------------------------------------
+    def replace_module(self, fqn: str, new: nn.Module) -> nn.Module:
+        """Swap the submodule at ``fqn`` for ``new``; return the old one."""
+        if not fqn:
+            raise EditError("replace_module needs a submodule name; the root module cannot be replaced")
+        owner_name, attr = _split(fqn)
+        owner = self.get_submodule(owner_name)
+        old = getattr(owner, attr, None)
+        if not isinstance(old, nn.Module):
+            raise EditError(f"{fqn!r} is not a submodule of {type(self.module).__name__}")
+        try:
+            spec: dict[str, Any] | None = module_spec(new)
+        except ModuleSpecError as e:
+            spec = {"unrecordable": str(e)}
+        setattr(owner, attr, new)
+        self._log("replace_module", fqn, spec)
+        return old
+
+    def set_tensor(self, fqn: str, value: torch.Tensor | None, *, buffer: bool | None = None,
+                   requires_grad: bool | None = None) -> None:
+        """Create, replace or (``value=None``) remove the parameter or buffer ``fqn``.
+
+        Parameters stay parameters and buffers stay buffers unless ``buffer`` says otherwise; a
+        new name becomes a parameter unless ``buffer=True``.
+        """
+        owner_name, name = _split(fqn)
+        owner = self.get_submodule(owner_name)
+        is_buffer = name in owner._buffers if buffer is None else buffer
+        if value is None:
+            if name in owner._parameters:
+                owner._parameters[name] = None
+            elif name in owner._buffers:
+                owner._buffers[name] = None
+            else:
+                raise EditError(f"{fqn!r} is neither a parameter nor a buffer")
+            self._log("set_tensor", fqn, {"remove": True, "buffer": is_buffer})
+            return
+        data: dict[str, Any] = {"shape": list(value.shape), "dtype": _dtype_name(value.dtype), "buffer": is_buffer}
+        if is_buffer:
+            persistent = name not in owner._non_persistent_buffers_set
+            owner._parameters.pop(name, None)
+            owner.register_buffer(name, value.detach(), persistent=persistent)
+            data["persistent"] = persistent
+        else:
+            old = owner._parameters.get(name)
+            grad = requires_grad if requires_grad is not None else (old.requires_grad if old is not None else True)
+            grad = grad and (value.is_floating_point() or value.is_complex())
+            owner._buffers.pop(name, None)
+            owner._non_persistent_buffers_set.discard(name)
+            owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=grad)
+            data["requires_grad"] = grad
+        self._log("set_tensor", fqn, data)
+
+    def resize(self, fqn: str, dim: int, keep: Any) -> None:
+        """Keep only indices ``keep`` of parameter/buffer ``fqn`` along ``dim`` (tied aliases follow)."""
+        tensor = self.tensor(fqn)
+        index = torch.as_tensor(keep, dtype=torch.long, device=tensor.device)
+        aliases = self.aliases(fqn)
+        self.set_tensor(fqn, tensor.detach().index_select(dim, index))
+        new = self.tensor(fqn)
+        for other in aliases:
+            owner_name, name = _split(other)
+            owner = self.get_submodule(owner_name)
+            (owner._parameters if name in owner._parameters else owner._buffers)[name] = new
+            self._log("tie", other, {"to": fqn})
+
+    def aliases(self, fqn: str) -> list[str]:
+        """Other names of the same tensor object (tied weights), not including ``fqn``."""
+        target = self.tensor(fqn)
+        named = list(self.module.named_parameters(remove_duplicate=False))
+        named += list(self.module.named_buffers(remove_duplicate=False))
+        return [n for n, t in named if t is target and n != fqn]
+
+    def tensor(self, fqn: str) -> torch.Tensor:
+        owner_name, name = _split(fqn)
+        owner = self.get_submodule(owner_name)
+        value = owner._parameters.get(name, owner._buffers.get(name))
+        if value is None:
+            raise EditError(f"{fqn!r} is neither a parameter nor a buffer")
+        return value
+
+    def set_attr(self, fqn: str, name: str, value: Any) -> None:
+        """Set a plain attribute (e.g. ``in_features``, ``num_heads``) on submodule ``fqn``."""
+        try:
+            json.dumps(value)
+        except TypeError as e:
+            raise EditError(f"attribute {fqn}.{name} must be JSON-serialisable to be replayable: {e}") from None
+        setattr(self.get_submodule(fqn), name, value)
+        data = {"name": name, "value": value}
+        if isinstance(value, tuple):  # JSON has no tuples: remember to turn the list back into one
+            data["tuple"] = True
+        self._log("set_attr", fqn, data)
+
+    def _log(self, op: str, target: str, data: dict[str, Any] | None) -> None:
+        self.edits.append(Edit(op, target, data or {}, by=self.current_pass))
+
+    # --- snapshots (for rollback) --------------------------------------------------------------
+    def snapshot(self) -> tuple[nn.Module, int]:
+        return copy.deepcopy(self.module), len(self.edits)
+
+    def restore(self, snap: tuple[nn.Module, int]) -> None:
+        module, n_edits = snap
+        # Keep the root object's identity (callers of inplace=True hold it): swap its state back.
+        self.module.__dict__.clear()
+        self.module.__dict__.update(module.__dict__)
+        del self.edits[n_edits:]
+        self.analyses.clear()
+
+
+def _first_device(*modules: nn.Module) -> torch.device:
+    for m in modules:
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _replay_one(root: nn.Module, edit: Edit) -> None:
+    data = edit.data
+    if edit.op == "replace_module":
+        if "unrecordable" in data:
+            raise EditError(f"the module was not recorded: {data['unrecordable']}")
+        owner_name, attr = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        old = getattr(owner, attr, None)
+        if not isinstance(old, nn.Module):
+            raise EditError(f"{edit.target!r} is not a submodule of {type(root).__name__}")
+        with torch.device(_first_device(old, root)):
+            new = build_module(data)
+        setattr(owner, attr, new)
+    elif edit.op == "set_tensor":
+        owner_name, name = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        if data.get("remove"):
+            (owner._buffers if data.get("buffer") else owner._parameters)[name] = None
+            return
+        dtype = getattr(torch, str(data.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise EditError(f"unknown dtype {data.get('dtype')!r}")
+        value = torch.empty(data["shape"], dtype=dtype, device=_first_device(owner, root))
+        if data.get("buffer"):
+            persistent = data.get("persistent", name not in owner._non_persistent_buffers_set)
+            owner._parameters.pop(name, None)
+            owner.register_buffer(name, value, persistent=persistent)
+        else:
+            grad = data.get("requires_grad", True) and (value.is_floating_point() or value.is_complex())
+            owner._buffers.pop(name, None)
+            owner._non_persistent_buffers_set.discard(name)
+            owner._parameters[name] = nn.Parameter(value, requires_grad=grad)
+    elif edit.op == "tie":  # ``target`` names the same tensor as ``data["to"]`` (tied weights)
+        src_owner, src_name = _split(data["to"])
+        src = _get_submodule(root, src_owner) if src_owner else root
+        tensor = src._parameters.get(src_name, src._buffers.get(src_name))
+        owner_name, name = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        (owner._buffers if name in owner._buffers else owner._parameters)[name] = tensor
+    elif edit.op == "set_attr":
+        value = tuple(data["value"]) if data.get("tuple") else data["value"]
+        setattr(_get_submodule(root, edit.target) if edit.target else root, data["name"], value)
+    else:
+        raise EditError(f"unknown edit op {edit.op!r} (written by a newer graphopt?)")
+
+
+def replay_edits(root: nn.Module, edits: Iterable[Edit]) -> nn.Module:
+    """Apply the structural part of ``edits`` to ``root``, in order (weights come afterwards).
+
+    New tensors are allocated uninitialised on the device of the module they land in (``meta``
+    for a meta-device model). A failing edit raises :class:`EditError` naming its position.
+    """
+    for i, edit in enumerate(edits):
+        try:
+            _replay_one(root, edit)
+        except (EditError, ModuleSpecError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+            by = f" by pass {edit.by!r}" if edit.by else ""
+            raise EditError(f"cannot replay edit #{i} ({edit.op} {edit.target!r}{by}): {e}") from e
+    return root
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+_METHODS = {"export": "exported", "fx": "fx_graph"}
+
+
+def capture(model: nn.Module, example_inputs: Any, *, calib: Any = None, method: str = "export") -> Program:
+    """Capture ``model`` on ``example_inputs`` into a Program; the graph is computed now and cached.
+
+    ``method="export"`` (default) caches the ``"exported"`` analysis (torch.export, non-strict);
+    ``method="fx"`` caches ``"fx_graph"`` (torch.fx.symbolic_trace). The model is not copied and
+    never changed (``optimize`` works on a copy). Raises :class:`CaptureError` when it cannot be captured.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown capture method {method!r}; choose 'export' (torch.export) or 'fx' "
+                         "(torch.fx.symbolic_trace)")
+    program = Program(model, as_example_inputs(example_inputs), calib=calib)
+    start = time.perf_counter()
+    program.analyses.get(_METHODS[method])
+    log.info("captured %s with %s in %.2fs", type(model).__name__, method, time.perf_counter() - start)
+    return program
+
+
+def analyze(model: nn.Module, example_inputs: Any) -> Program:
+    """Capture ``model`` and return its Program; ``.dependency_groups`` lists the prunable groups."""
+    return capture(model, example_inputs)

@@ -1,0 +1,56 @@
+"""Pipeline text pieces shared by the pass contract, the registry and the parser.
+
+:class:`PipelineError`, name suggestions, and the canonical formatting of option values and passes
+(``format_pass(p)`` is what ``str(pass)`` and ``str(pipeline)`` print).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from difflib import get_close_matches
+from typing import Any
+
+
+class PipelineError(ValueError):
+    """A pipeline text or list names an unknown pass/option or gives a value of the wrong type."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """'; did you mean X?' for the closest of ``choices`` (or the list of choices)."""
+    choices = sorted(choices)
+    close = get_close_matches(name, choices, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; valid names: {', '.join(choices)}" if choices else ""
+
+
+_BARE = re.compile(r"[A-Za-z_*?.\-/][\w*?.\-/]*")
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        bare_ok = _BARE.fullmatch(value) and value.lower() not in ("true", "false", "none", "null")
+        if bare_ok:
+            try:
+                float(value)
+            except ValueError:
+                return value
+        return repr(value)
+    return repr(value)
+
+
+def format_pass(p: Any) -> str:
+    """Canonical text of one configured pass (only non-default options, in field order)."""
+    opts = p.options()
+    if not opts:
+        return p.name
+    return f"{p.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in opts.items()) + ")"

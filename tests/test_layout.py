@@ -1,0 +1,142 @@
+"""The package layout stays layered: no import cycles, and imports point down the stages.
+
+Edges come from the AST of every module of graphopt (graphopt/, passes/, kernels/): top-level
+imports, imports inside functions and ``TYPE_CHECKING`` blocks alike. The one kind of import left
+out is a lazy import that a registry needs, which must say so in a ``# lazy:`` comment on the line
+before it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: where each import name lives in the source tree (see pyproject's package-dir)
+PACKAGE_DIRS = {"graphopt": ROOT / "graphopt", "graphopt.passes": ROOT / "passes", "graphopt.kernels": ROOT / "kernels"}
+
+#: The layers, top to bottom (docs/design.md). A module may import its own layer and the layers below.
+LAYERS = [
+    ["graphopt", "graphopt.cli", "graphopt.models", "graphopt.data", "graphopt.helpers"],
+    ["graphopt.optimize"],
+    ["graphopt.emit"],
+    ["graphopt.passes"],
+    ["graphopt.infra"],
+    ["graphopt.analysis"],
+    ["graphopt.frontend", "graphopt.nn"],
+    ["graphopt.kernels", "graphopt.version"],
+]
+
+
+def _modules(package_dirs: dict[str, Path]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for package, folder in package_dirs.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            out.setdefault(name, path)
+    return out
+
+
+MODULES = _modules(PACKAGE_DIRS)
+
+
+def _is_lazy_registry_import(lines: list[str], node: ast.AST) -> bool:
+    previous = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
+    return previous.startswith("# lazy:")
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
+    text = path.read_text()
+    lines = text.splitlines()
+    is_package = path.name == "__init__.py"
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(name, is_package, node)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        if _is_lazy_registry_import(lines, node):
+            continue
+        found += [(t, node.lineno) for t in targets if t in modules and t != name]
+    return found
+
+
+def import_graph(modules: dict[str, Path] = MODULES) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for name, path in modules.items():
+        graph.add_node(name)
+        for target, line in _imports(name, path, modules):
+            graph.add_edge(name, target, line=line)
+    return graph
+
+
+def _layer(module: str) -> int:
+    best = (-1, -1)  # (prefix length, layer)
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best[0]:
+                best = (len(p), i)
+    assert best[1] >= 0, f"{module} is in no layer of tests/test_layout.py; add it to LAYERS"
+    return best[1]
+
+
+def test_the_graph_sees_the_package():
+    graph = import_graph()
+    assert len(MODULES) > 40
+    assert graph.has_edge("graphopt.infra.program", "graphopt.analysis.manager")
+    assert graph.has_edge("graphopt.passes.prune", "graphopt.analysis.depgraph")
+
+
+def test_no_import_cycles():
+    cycles = list(nx.simple_cycles(import_graph()))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles[:5])
+
+
+def test_imports_point_down_the_stages():
+    graph = import_graph()
+    upward = [f"{a} -> {b} (line {d['line']})" for a, b, d in graph.edges(data=True) if _layer(a) > _layer(b)]
+    assert not upward, "imports from a lower layer to a higher one: " + "; ".join(upward)
+
+
+@pytest.mark.parametrize("folder", ["graphopt", "passes", "kernels"])
+def test_files_stay_small(folder):
+    big = {str(p.relative_to(ROOT)): n for p in (ROOT / folder).rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 500}
+    assert not big, f"split these along a seam (docs/design.md): {big}"
+
+
+def test_function_and_type_checking_imports_count_and_lazy_registry_imports_do_not(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n")
+    (pkg / "c.py").write_text("from .b import f\n")
+    (pkg / "d.py").write_text("def g():\n    # lazy: the registry loads c on first use\n    from . import c\n")
+    graph = import_graph(_modules({"pkg": pkg}))
+    assert sorted(map(sorted, nx.simple_cycles(graph))) == [["pkg.a", "pkg.b"]]
+    assert graph.has_edge("pkg.c", "pkg.b") and not graph.has_edge("pkg.d", "pkg.c")
+
+
+def test_pyproject_lists_every_package():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages == listed, f"missing from pyproject: {packages - listed}; stale: {listed - packages}"
