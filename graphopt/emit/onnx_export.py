@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..frontend.inputs import ExampleInputs, as_example_inputs, flatten_outputs
+from ..frontend.kv_cache import caches_off
 from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
 from .onnx_report import ExportReport, OnnxExportError, OnnxVerificationError, VerifiedRun, first_lines
 from .onnx_verify import check_dynamic_dims, file_info, verify_file
@@ -198,7 +199,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     if model.training:
         log.info("exporting %s in eval mode (its training mode is restored afterwards)", type(model).__name__)
-    with _preserved(model):
+    with _preserved(model), caches_off(model):  # graphopt's runs and the exported graph: no KV cache
         with torch.no_grad():
             output = inputs.call(model)
         reference, names = _output_names(output, layout.names)

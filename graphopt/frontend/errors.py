@@ -99,8 +99,8 @@ def _classify(chain: list[BaseException], module_path: str | None, op: str, inpu
         cls, where = found.group(1).rpartition(".")[2], found.group(2)
         if "Cache" in cls:
             return (f"the model returns a {cls} (a KV cache), which {tool} cannot flatten into tensors",
-                    "pass use_cache=False (in the example inputs, or set model.config.use_cache = False) "
-                    "so that the model returns tensors only")
+                    "graphopt turns the config's KV cache off for its own runs; drop use_cache=True (or a "
+                    "past_key_values cache) from the example inputs so that the model returns tensors only")
         return (f"the model's {where} contains a {cls}, which {tool} cannot flatten into tensors",
                 f"use tensors, tuples or dicts there, or register {cls} as a pytree node "
                 "(torch.utils._pytree.register_pytree_node, or torch.export.register_dataclass)")

@@ -20,6 +20,7 @@ from torch.export import ExportedProgram
 
 from .errors import diagnose, first_line, stderr_without_partial_graph
 from .inputs import ExampleInputs, as_example_inputs
+from .kv_cache import caches_off
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def export_program(module: nn.Module, inputs: Any) -> ExportedProgram:
     inputs = as_example_inputs(inputs)
     with stderr_without_partial_graph() as drop:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), caches_off(module):
                 return torch.export.export(module, inputs.args, inputs.kwargs, strict=False)
         except Exception as e:
             err = diagnose(e, module, inputs, "torch.export")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .kv_cache import caches_off
 
 
 class InputError(TypeError):
@@ -26,7 +29,9 @@ class ExampleInputs:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def call(self, module: nn.Module) -> Any:
-        return module(*self.args, **self.kwargs)
+        """``module(*args, **kwargs)``, with HF KV caches off (see :mod:`graphopt.frontend.kv_cache`)."""
+        with caches_off(module):
+            return module(*self.args, **self.kwargs)
 
     def to(self, device: torch.device | str) -> ExampleInputs:
         return ExampleInputs(_map_tensors(self.args, lambda t: t.to(device)),
@@ -75,8 +80,14 @@ def _map_tensors(value: Any, fn) -> Any:
     return value
 
 
-def flatten_outputs(output: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
-    """Flatten a model output (tensor, tuple, dict, HF ModelOutput, nesting) to ``{path: tensor}``."""
+def flatten_outputs(output: Any, prefix: str = "output", *,
+                    skipped: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Flatten a model output (tensor, tuple, dict, HF ModelOutput, dataclass, nesting) to ``{path: tensor}``.
+
+    Values that hold no tensors to compare (``None``, numbers, strings, HF cache objects) are left
+    out; pass a list as ``skipped`` to learn the paths of the objects left out (numbers and ``None``
+    are not listed).
+    """
     flat: dict[str, torch.Tensor] = {}
 
     def visit(value: Any, path: str) -> None:
@@ -88,8 +99,11 @@ def flatten_outputs(output: Any, prefix: str = "output") -> dict[str, torch.Tens
         elif isinstance(value, (tuple, list)):
             for i, item in enumerate(value):
                 visit(item, f"{path}[{i}]")
-        elif hasattr(value, "key_cache") or hasattr(value, "layers"):  # HF Cache objects: not compared
-            return
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name), f"{path}.{f.name}")
+        elif value is not None and not isinstance(value, (bool, int, float, complex)) and skipped is not None:
+            skipped.append(f"{path} ({type(value).__name__})")  # HF caches, strings, other objects
 
     visit(output, prefix)
     return flat

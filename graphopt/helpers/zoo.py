@@ -1,6 +1,9 @@
 """Small models built from HuggingFace configs (no download), for tests, benchmarks and examples.
 
-``hf_model(name)`` returns ``(model, example_inputs)`` with random weights in eval mode.
+Each config is the architecture's default apart from small sizes (and token ids that fit the small
+vocabulary): KV caches are on, as users hold these models. ``hf_model(name)`` returns
+``(model, example_inputs)`` with random weights in eval mode; :data:`ZOO` holds the base models,
+:data:`TASK_ZOO` models with task heads (causal LM, seq2seq, classification, masked LM).
 ``llama_7b_meta()`` builds a 7B-shaped Llama on the ``meta`` device (no memory for weights).
 """
 
@@ -38,7 +41,7 @@ def _bert() -> tuple[Any, dict]:
 def _gpt2() -> tuple[Any, dict]:
     from transformers import GPT2Config, GPT2Model
 
-    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                      bos_token_id=0, eos_token_id=0)
     return GPT2Model(cfg), _text_inputs(128)
 
@@ -47,8 +50,7 @@ def _llama() -> tuple[Any, dict]:
     from transformers import LlamaConfig, LlamaModel
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      use_cache=False)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaModel(cfg), _text_inputs(128)
 
 
@@ -86,7 +88,7 @@ def _qwen2() -> tuple[Any, dict]:
     from transformers import Qwen2Config, Qwen2Model
 
     cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return Qwen2Model(cfg), _text_inputs(128)
 
 
@@ -95,14 +97,14 @@ def _mistral() -> tuple[Any, dict]:
 
     cfg = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-                        sliding_window=8, use_cache=False)
+                        sliding_window=8)
     return MistralModel(cfg), _text_inputs(128)
 
 
 def _t5_encoder() -> tuple[Any, dict]:
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     return T5EncoderModel(cfg), _text_inputs(128)
 
 
@@ -142,7 +144,7 @@ def _opt() -> tuple[Any, dict]:
     from transformers import OPTConfig, OPTModel
 
     cfg = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, use_cache=False)
+                    max_position_embeddings=64, word_embed_proj_dim=32)
     return OPTModel(cfg), _text_inputs(128)
 
 
@@ -150,7 +152,7 @@ def _phi3() -> tuple[Any, dict]:
     from transformers import Phi3Config, Phi3Model
 
     cfg = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return Phi3Model(cfg), _text_inputs(128)
 
@@ -159,8 +161,7 @@ def _gemma() -> tuple[Any, dict]:
     from transformers import GemmaConfig, GemmaModel
 
     cfg = GemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                      use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return GemmaModel(cfg), _text_inputs(128)
 
 
@@ -168,7 +169,7 @@ def _falcon() -> tuple[Any, dict]:
     from transformers import FalconConfig, FalconModel
 
     cfg = FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       new_decoder_architecture=True, num_kv_heads=2, use_cache=False, bos_token_id=1,
+                       new_decoder_architecture=True, num_kv_heads=2, bos_token_id=1,
                        eos_token_id=2)
     return FalconModel(cfg), _text_inputs(128)
 
@@ -176,7 +177,7 @@ def _falcon() -> tuple[Any, dict]:
 def _bloom() -> tuple[Any, dict]:
     from transformers import BloomConfig, BloomModel
 
-    cfg = BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, use_cache=False, bos_token_id=1,
+    cfg = BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0)
     return BloomModel(cfg), _text_inputs(128)
 
@@ -196,6 +197,53 @@ def _regnet() -> tuple[Any, dict]:
     return RegNetModel(cfg), _pixels(32)
 
 
+def _causal_lm(family: str) -> Callable[[], tuple[Any, dict]]:
+    def build() -> tuple[Any, dict]:
+        import transformers
+
+        base, inputs = ZOO[family]()
+        head = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+        return getattr(transformers, head)(base.config), {"input_ids": inputs["input_ids"]}
+
+    return build
+
+
+def _t5() -> tuple[Any, dict]:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    ids = _text_inputs(128)["input_ids"]
+    return T5ForConditionalGeneration(cfg), {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+
+
+def _whisper() -> tuple[Any, dict]:
+    from transformers import WhisperForConditionalGeneration
+
+    encoder, inputs = _whisper_encoder()
+    cfg = encoder.config
+    cfg.decoder_layers, cfg.decoder_attention_heads, cfg.decoder_ffn_dim, cfg.max_target_positions = 2, 4, 64, 32
+    ids = _text_inputs(128)["input_ids"][:, :4]
+    return WhisperForConditionalGeneration(cfg), {**inputs, "decoder_input_ids": ids}
+
+
+def _bert_head(head: str) -> Callable[[], tuple[Any, dict]]:
+    def build() -> tuple[Any, dict]:
+        import transformers
+
+        base, inputs = _bert()
+        return getattr(transformers, head)(base.config), inputs
+
+    return build
+
+
+def _vit_classifier() -> tuple[Any, dict]:
+    from transformers import ViTForImageClassification
+
+    base, inputs = _vit()
+    base.config.num_labels = 5
+    return ViTForImageClassification(base.config), inputs
+
+
 #: name -> builder. Text models take ``input_ids`` + ``attention_mask`` (2 x 16); vision models
 #: ``pixel_values`` (2 x 3 x 32 x 32); whisper_encoder ``input_features`` (2 x 16 mel bins x 64).
 #: GQA: llama (4 query / 2 KV heads), qwen2 (4/2), mistral (4/1, sliding window).
@@ -208,12 +256,29 @@ ZOO: dict[str, Callable[[], tuple[Any, dict]]] = {
 }
 
 
-def hf_model(name: str, *, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A tiny HF model ``name`` (one of :data:`ZOO`) in eval mode, with example inputs."""
-    if name not in ZOO:
-        raise KeyError(f"unknown zoo model {name!r}; choose from {', '.join(ZOO)}")
+#: Task heads on the base models above: what users load with ``AutoModelFor*``.
+TASK_ZOO: dict[str, Callable[[], tuple[Any, dict]]] = {
+    "llama_causal_lm": _causal_lm("llama"), "qwen2_causal_lm": _causal_lm("qwen2"),
+    "gpt2_lm_head": _causal_lm("gpt2"), "t5": _t5, "whisper": _whisper,
+    "bert_sequence_classification": _bert_head("BertForSequenceClassification"),
+    "bert_masked_lm": _bert_head("BertForMaskedLM"), "vit_image_classification": _vit_classifier,
+}
+
+
+def hf_model(name: str, *, seed: int = 0, use_cache: bool | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny HF model ``name`` (of :data:`ZOO` or :data:`TASK_ZOO`) in eval mode, with example inputs.
+
+    ``use_cache`` overrides the config's default (``None``: keep it, which for decoders is ``True``).
+    """
+    builders = {**ZOO, **TASK_ZOO}
+    if name not in builders:
+        raise KeyError(f"unknown zoo model {name!r}; choose from {', '.join(builders)}")
     torch.manual_seed(seed)
-    model, inputs = ZOO[name]()
+    model, inputs = builders[name]()
+    if use_cache is not None:
+        if not hasattr(model.config, "use_cache"):
+            raise ValueError(f"{name}'s config has no use_cache")
+        model.config.use_cache = use_cache
     return model.eval(), inputs
 
 
@@ -222,8 +287,7 @@ def llama_7b_meta(num_layers: int = 32) -> tuple[nn.Module, dict[str, torch.Tens
     from transformers import LlamaConfig, LlamaModel
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                      use_cache=False)
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     with torch.device("meta"):
         model = LlamaModel(cfg)
     inputs = {"input_ids": torch.zeros(1, 128, dtype=torch.long, device="meta")}

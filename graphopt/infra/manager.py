@@ -46,6 +46,26 @@ class Measure:
     latency_repeat: int = 10
 
 
+def compared_outputs(output: Any, model_name: str = "the model") -> tuple[list[str], list[str]]:
+    """``(compared, not compared)``: the tensor outputs verification compares as ``name[shape]``, and the rest.
+
+    Raises :class:`VerificationError` when the output holds no tensor at all (nothing could be verified).
+    """
+    skipped: list[str] = []
+    flat = flatten_outputs(output, skipped=skipped)
+    if not flat:
+        raise VerificationError(
+            f"{model_name} returns {type(output).__name__} with no tensors in it; graphopt verifies a rewrite by "
+            "comparing the tensors a user reads (logits, hidden states): return a tensor, a tuple/dict of "
+            "tensors, a dataclass or a HF ModelOutput")
+
+    def label(path: str) -> str:
+        return path.removeprefix("output.").removeprefix("output") or "output"
+
+    compared = [f"{label(k)}{list(t.shape)}" for k, t in flat.items()]
+    return compared, [label(s) for s in skipped]
+
+
 class PassManager:
     """Runs a pipeline over a Program with verification, rollback and instrumentation."""
 
@@ -67,6 +87,7 @@ class PassManager:
     def run(self, program: Program) -> Report:
         report = Report(pipeline=str(self.pipeline))
         original_out = self._outputs(program)
+        report.outputs, report.not_compared = compared_outputs(original_out, type(program.module).__name__)
         report.records.append(self._measured(PassRecord("original", "original", "baseline"), program,
                                              original_out, original_out))
         previous_out = original_out

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..frontend.inputs import ExampleInputs
+from ..frontend.kv_cache import caches_off
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def measure_latency(module: nn.Module, inputs: ExampleInputs, *, warmup: int = 2
         return None
     sync = torch.cuda.synchronize if any(t.is_cuda for t in module.parameters()) else (lambda: None)
     times: list[float] = []
-    with torch.no_grad():
+    with torch.no_grad(), caches_off(module):  # walk the module tree once, not per call
         for _ in range(warmup):
             inputs.call(module)
         sync()

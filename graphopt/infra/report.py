@@ -49,6 +49,9 @@ class Report:
 
     records: list[PassRecord] = field(default_factory=list)
     pipeline: str = ""
+    #: the tensor outputs verification compares (``name[shape]``), and what the model returns but is not compared
+    outputs: list[str] = field(default_factory=list)
+    not_compared: list[str] = field(default_factory=list)
 
     @property
     def passes(self) -> list[PassRecord]:
@@ -59,7 +62,8 @@ class Report:
         return [r for r in self.records if r.status == "rolled back"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "records": [asdict(r) for r in self.records]}
+        return {"pipeline": self.pipeline, "outputs": list(self.outputs), "not_compared": list(self.not_compared),
+                "records": [asdict(r) for r in self.records]}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
@@ -76,7 +80,11 @@ class Report:
             ])
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-        out = [line, "  ".join("-" * w for w in widths)]
+        out = []
+        if self.outputs:
+            out.append("outputs compared: " + ", ".join(self.outputs)
+                       + (f" (not compared: {', '.join(self.not_compared)})" if self.not_compared else ""))
+        out += [line, "  ".join("-" * w for w in widths)]
         out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
         for r in self.records:
             extra = []

@@ -248,20 +248,32 @@ def test_fx_branch_error_points_to_export_which_handles_shape_branches():
     assert op_counts(ep) == {"aten.mul.Tensor": 1}
 
 
-def test_kv_cache_output_says_use_cache_false():
+def test_default_config_decoder_captures_without_its_kv_cache_and_keeps_use_cache():
     from transformers import LlamaConfig, LlamaModel
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, use_cache=True)
+                      num_attention_heads=2, num_key_value_heads=1)  # default config: use_cache=True
     model = LlamaModel(cfg).eval()
     ids = torch.randint(0, 64, (1, 8))
     before = _state(model)
-    with pytest.raises(CaptureError) as info:
-        go.capture(model, {"input_ids": ids})
-    assert info.value.module_path is None
-    assert "DynamicCache" in str(info.value) and "use_cache=False" in str(info.value)
+    program = go.capture(model, {"input_ids": ids})
+    outputs = [str(s.arg.name) for s in program.analyses.get("exported").graph_signature.output_specs]
+    assert len(outputs) == 1  # last_hidden_state only: no cache tensors in the graph
+    assert model.config.use_cache is True and "Cache" in type(model(input_ids=ids).cache).__name__
     _assert_intact(model, before, training=False)
-    go.capture(model, {"input_ids": ids, "use_cache": False})  # the advice works
+
+
+def test_a_cache_asked_for_in_the_inputs_says_what_to_drop():
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaModel(cfg).eval()
+    with pytest.raises(CaptureError) as info:
+        go.capture(model, {"input_ids": torch.randint(0, 64, (1, 8)), "use_cache": True})
+    assert info.value.module_path is None
+    assert "DynamicCache" in str(info.value) and "drop use_cache=True" in str(info.value)
+    assert model.config.use_cache is True
 
 
 class _Box:
