@@ -413,16 +413,71 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+# --- reload with plain transformers ----------------------------------------------------------------
+
+_RELOADER = """
+import json, os, sys
+import torch, transformers
+out = {}
+for name in sorted(os.listdir(sys.argv[1])):
+    d = os.path.join(sys.argv[1], name)
+    try:
+        arch = json.load(open(os.path.join(d, "config.json")))["architectures"][0]
+        model = getattr(transformers, arch).from_pretrained(d).eval()
+        io = torch.load(os.path.join(d, "io.pt"))
+        with torch.no_grad():
+            got = model(**io["inputs"])
+        out[name] = max(float((got[k] - v).abs().max()) for k, v in io["outputs"].items())
+    except Exception as e:
+        out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+out["graphopt imported"] = "graphopt" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def save_uniform(name: str, model: nn.Module, inputs: dict, ratio: float, root: str) -> str:
+    """prune(uniform=true), then save_pretrained into ``root/name``; '' or why it could not be written."""
+    try:
+        res = go.optimize(copy.deepcopy(model), inputs, f"prune(ratio={ratio},uniform=true)", measure=False,
+                          on_error="raise")
+        kept = n_params(res.model) / n_params(model)
+        res.model.save_pretrained(os.path.join(root, name))
+        with torch.no_grad():
+            ref = {k.removeprefix("output."): v for k, v in outputs(res.model, inputs).items()}
+        torch.save({"inputs": inputs, "outputs": ref}, os.path.join(root, name, "io.pt"))
+        return f"kept {kept:.3f}"
+    except Exception as e:  # noqa: BLE001  (a model that cannot be written is a result)
+        return f"FAIL: {_short(e)}"
+
+
+def reload_all(root: str) -> dict[str, Any]:
+    """Every directory under ``root`` loaded by plain ``from_pretrained`` in a process without graphopt."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", _RELOADER, root], capture_output=True, text=True, env=env,
+                          timeout=900, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "reloader failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) -> None:
+    import tempfile
+
     go.capture(nn.Linear(2, 2), torch.randn(1, 2))  # warm-up: torch.export's one-time setup
     rows, notes = [], []
+    reload_root = tempfile.mkdtemp(prefix="graphopt-reload-")
+    written: dict[str, str] = {}
     for name in names:
         try:
             model, inputs = build(name)
             with torch.no_grad():
                 model(**inputs)
         except Exception as e:  # noqa: BLE001
-            rows.append([name, "does not build here", *[""] * (5 * len(tools) - 1)])
+            rows.append([name, "does not build here", *[""] * (5 * len(tools) - 1 + ("graphopt" in tools))])
             notes.append(f"{name}: {_short(e)}")
             continue
         row = [f"{name} ({n_params(model) / 1e3:.0f}K)"]
@@ -432,18 +487,38 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
             logging.info("%s / %s: %.1f s", name, tool, time.perf_counter() - start)
             row += [cell.ok, cell.kept, cell.seconds, cell.shape, cell.heads]
             notes += [f"{name} / {tool}: {n}" for n in cell.notes]
+        if "graphopt" in tools:
+            written[name] = save_uniform(name, model, inputs, ratio, reload_root)
+            row.insert(6, name)  # filled in once every model is written: one reloading process for all
         rows.append(row)
         print(f"  {name} done", flush=True)
+    reloaded = reload_all(reload_root) if written else {}
+    for row in rows:
+        if len(row) < 7 or row[6] not in written:
+            continue
+        name = row[6]
+        result = reloaded.get(name)
+        if isinstance(result, float):
+            row[6] = f"yes ({written[name].removeprefix('kept ')})" if result < 1e-5 else f"NO ({result:.1e})"
+        else:
+            row[6] = "FAIL"
+            notes.append(f"{name} / reload: {written[name] if written[name].startswith('FAIL') else result}")
+    if reloaded.get("graphopt imported"):
+        notes.append("the reloading process imported graphopt: the reload column does not count")
     short = {"graphopt": "go", "torch-pruning": "tp"}
     header = ["model (params)"]
     for tool in tools:
         header += [f"{short[tool]} runs", f"{short[tool]} kept", f"{short[tool]} analysis s",
                    f"{short[tool]} shape", f"{short[tool]} heads"]
+        if tool == "graphopt":
+            header.append("go reloads")
     print()
     print(table(header, rows))
     print("\nkept: parameters after / before. analysis s: model -> groups (go: torch.export + dimension "
           "propagation;\ntp: MetaPruner construction). heads: see the module docstring ('yes' = whole heads at "
-          f"ratio {ratio} and dead heads removed exactly).")
+          f"ratio {ratio} and dead heads removed exactly).\ngo reloads: prune(ratio={ratio},uniform=true), "
+          "save_pretrained, then plain from_pretrained in a process that never imports graphopt gives the same "
+          "outputs (max abs error < 1e-5); in brackets the parameters kept.")
     if notes:
         print("\nnotes:")
         for n in notes:
@@ -572,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
             tp_version = "not installed (pip install torch-pruning)"
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, torch-pruning {tp_version}, "
           f"python {platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     if args.zoo:

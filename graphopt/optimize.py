@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
+from .emit.hf import check_save_pretrained, refusal
 from .frontend.inputs import as_example_inputs
 from .infra.contract import Pass
 from .infra.manager import Measure, PassManager
@@ -87,4 +88,7 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
                           model_spec=model_spec)
     report = manager.run(program)
+    problems = check_save_pretrained(program.module)
+    if problems:
+        report.notes.append(refusal(program.module, problems))
     return OptimizeResult(program.module, program, passes, report)

@@ -23,12 +23,14 @@ import torch
 
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.depgraph import DependencyGraph, Group
+from graphopt.analysis.hf_config import numeric_attrs
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.metrics import count_flops
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
+from .hf_sync import describable_groups, sync_hf_config
 from .prune_apply import SIZE_ATTRS, apply_keep, apply_plan, register_size_attrs, run_error
 
 __all__ = ["SIZE_ATTRS", "Plan", "Prune", "apply_plan", "register_size_attrs"]
@@ -57,6 +59,7 @@ class Prune(Pass):
     outputs: bool = False
     min_units: int = 1
     calib_batches: int = 8
+    uniform: bool = False
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]  # only Taylor reads calibration data
@@ -74,6 +77,8 @@ class Prune(Pass):
         for g in graph.groups:
             if g not in groups:
                 result.skip(g.modules[0], f"group {g.id} outside where={self.where!r}")
+        if self.uniform:
+            groups = describable_groups(program, groups, result)
         if not groups:
             result.note("", "no prunable group found", "warning")
             return result
@@ -86,6 +91,7 @@ class Prune(Pass):
         if not changed:
             result.note("", "nothing to prune at this ratio (groups too small for min_units/round_to)")
             return result
+        attrs_before = numeric_attrs(program.module)
         snapshot = program.snapshot()
         suspects = apply_keep(program, changed, keep, result)
         error = run_error(program)
@@ -106,6 +112,9 @@ class Prune(Pass):
             raise RuntimeError(f"the pruned model does not run: {error}")
         if not changed:
             return result
+        if not sync_hf_config(program, attrs_before, result) and self.uniform:
+            raise RuntimeError("uniform=true: the HF config cannot describe the pruned model: "
+                               + next(d.message for d in result.diagnostics if d.target == "<config>"))
         result.modified = True
         result.changes_outputs = self.outputs
         result.stats.update({"groups": len(groups), "groups_pruned": len(changed),
@@ -127,6 +136,8 @@ class Prune(Pass):
             raise ValueError("prune: round_to and min_units must be >= 1")
         if self.calib_batches < 1:
             raise ValueError("prune: calib_batches must be >= 1")
+        if self.uniform and self.allocation != "uniform":
+            raise ValueError("prune(uniform=true) keeps the same count in every layer: it needs allocation=uniform")
 
     def _in_scope(self, g: Group) -> bool:
         return all(fnmatch.fnmatchcase(m.module, self.where) for m in g.members if not m.is_buffer)

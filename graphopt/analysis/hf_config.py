@@ -27,12 +27,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Config fields that set tensor sizes, by the names transformers' configs use.
+#: Config fields that set tensor sizes, by the names transformers' configs use. Per-head sizes
+#: (``head_dim``, ``d_kv``, ``kv_channels``) are not searched: graphopt's pruning keeps heads whole.
 SIZE_FIELDS = (
-    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "n_embd", "n_inner", "n_head", "d_model", "d_ff", "d_kv", "num_heads", "ffn_dim", "encoder_ffn_dim",
-    "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads", "hidden_dim", "n_heads", "dim",
-    "num_kv_heads", "word_embed_proj_dim", "ffn_hidden_size", "kv_channels", "multi_query_group_num",
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_inner",
+    "n_head", "d_model", "d_ff", "num_heads", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+    "encoder_attention_heads", "decoder_attention_heads", "hidden_dim", "n_heads", "dim", "num_kv_heads",
+    "word_embed_proj_dim", "ffn_hidden_size", "multi_query_group_num",
 )
 _SHOW = 5
 
@@ -68,18 +69,13 @@ def _numeric_attrs(module: nn.Module) -> dict[str, float]:
             if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def structure_mismatches(model: nn.Module, config: Any | None = None) -> list[str]:
-    """What ``type(model)(config)`` (default: the model's own config) has different from ``model``.
+def numeric_attrs(model: nn.Module) -> dict[str, float]:
+    """Every numeric module attribute, as ``{"module.attr": value}`` (to see which ones a rewrite changed)."""
+    return {f"{name}.{k}" if name else k: v for name, m in model.named_modules() for k, v in _numeric_attrs(m).items()}
 
-    An empty list means the config describes the model: saving it with ``save_pretrained`` and
-    loading with plain ``from_pretrained`` rebuilds the same structure.
-    """
-    config = model.config if config is None else config
-    try:
-        twin = build_from_config(model, config)
-    except Exception as e:  # noqa: BLE001 - a config the constructor rejects describes nothing
-        return [f"{type(model).__name__}(config) fails: {type(e).__name__}: {e}"]
-    problems = _shape_diffs(tensor_shapes(model), tensor_shapes(twin))
+
+def _module_diffs(model: nn.Module, twin: nn.Module, only: set[str] | None = None, attributes: bool = True) -> list[str]:
+    problems = []
     theirs = dict(twin.named_modules())
     for name, mine in model.named_modules():
         other = theirs.get(name)
@@ -88,10 +84,27 @@ def structure_mismatches(model: nn.Module, config: Any | None = None) -> list[st
         if type(other) is not type(mine):
             problems.append(f"{name or '<root>'}: a {type(mine).__name__}, the config builds a {type(other).__name__}")
             continue
+        if not attributes:
+            continue
         a, b = _numeric_attrs(mine), _numeric_attrs(other)
         problems += [f"{name or '<root>'}.{k}: {a[k]} vs the config's {b[k]}" for k in sorted(a.keys() & b.keys())
-                     if a[k] != b[k]]
+                     if a[k] != b[k] and (only is None or (f"{name}.{k}" if name else k) in only)]
     return problems
+
+
+def structure_mismatches(model: nn.Module, config: Any | None = None, *, attributes: bool = True) -> list[str]:
+    """What ``type(model)(config)`` (default: the model's own config) has different from ``model``.
+
+    Tensor names and shapes, module classes, and (``attributes=True``) numeric module attributes,
+    some of which are stale copies that no forward reads. An empty list means the config describes
+    the model: ``save_pretrained`` + plain ``from_pretrained`` rebuild the same structure.
+    """
+    config = model.config if config is None else config
+    try:
+        twin = build_from_config(model, config)
+    except Exception as e:  # noqa: BLE001 - a config the constructor rejects describes nothing
+        return [f"{type(model).__name__}(config) fails: {type(e).__name__}: {e}"]
+    return _shape_diffs(tensor_shapes(model), tensor_shapes(twin)) + _module_diffs(model, twin, attributes=attributes)
 
 
 @dataclass
@@ -110,7 +123,7 @@ class ConfigFit:
         return ", ".join(f"{k}={v}" for k, v in self.changes.items()) or "no change"
 
 
-def _with(config: Any, changes: dict[str, int]) -> Any:
+def with_changes(config: Any, changes: dict[str, int]) -> Any:
     new = copy.deepcopy(config)
     for k, v in changes.items():
         setattr(new, k, v)
@@ -132,52 +145,121 @@ def _candidates(value: Any, pairs: Iterable[tuple[int, int]]) -> set[int]:
     return out
 
 
-def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]], config: Any | None = None, *,
-               max_trials: int = 400) -> ConfigFit:
+def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]] | None = None, config: Any | None = None, *,
+               changed_attrs: set[str] | None = None, max_trials: int = 400) -> ConfigFit:
     """Search the config changes under which ``type(model)(config)`` has the ``target`` tensor shapes.
 
+    ``target=None`` fits the model as it is (its tensor shapes). ``changed_attrs`` names module
+    attributes a rewrite changed (``"layers.0.attn.num_heads"``, see :func:`numeric_attrs`); the
+    config's model must agree on those too, which tells 2 heads of 8 from 4 heads of 4 when the shapes
+    alone cannot. Attributes the rewrite left alone are not compared: many are stale copies of sizes
+    that the forward never reads.
+
     Greedy: each round tries every size field of the config at the values that would fix a dim still
-    off (builds on ``meta``), keeps the change that leaves the fewest differences, and stops when none
+    off (built on ``meta``), keeps the change that leaves the fewest differences, and stops when none
     are left or no change helps.
     """
+    target = tensor_shapes(model) if target is None else target
     config = copy.deepcopy(model.config if config is None else config)
     fields = [f for f in SIZE_FIELDS if f in config.to_dict()]
     fit = ConfigFit()
 
-    def diffs(changes: dict[str, int]) -> tuple[list[str], dict[str, tuple[int, ...]]] | None:
+    def diffs(changes: dict[str, int]) -> tuple[list[str], dict[str, tuple[int, ...]], list[tuple[int, int]]] | None:
         fit.trials += 1
         try:
-            shapes = tensor_shapes(build_from_config(model, _with(config, changes)))
+            twin = build_from_config(model, with_changes(config, changes))
         except Exception:  # noqa: BLE001 - the constructor rejects this combination
             return None
-        return _shape_diffs(target, shapes), shapes
+        shapes = tensor_shapes(twin)
+        problems = _shape_diffs(target, shapes)
+        pairs = [(h, w) for k in target.keys() & shapes.keys() if len(shapes[k]) == len(target[k])
+                 for h, w in zip(shapes[k], target[k]) if h != w]
+        if changed_attrs:
+            attrs = _attr_pairs(model, twin, changed_attrs)
+            problems += [f"{name}: {want} vs the config's {have}" for name, have, want in attrs]
+            pairs += [(int(h), int(w)) for _, h, w in attrs if float(h).is_integer() and float(w).is_integer() and h]
+        return problems, shapes, pairs
 
-    first = diffs({})
+    fit.changes = _head_dim_pin(model, config, diffs)
+    first = diffs(fit.changes)
     if first is None:
         fit.mismatches = [f"{type(model).__name__}(config) fails with the model's own config"]
         return fit
-    problems, shapes = first
+    problems, _, pairs = first
     while problems and fit.trials < max_trials:
-        pairs = {(h, w) for k in target.keys() & shapes.keys() for h, w in zip(shapes[k], target[k])
-                 if h != w and len(shapes[k]) == len(target[k])}
-        best: tuple[int, dict[str, int], list[str], dict] | None = None
+        best: tuple[dict[str, int], list[str], list[tuple[int, int]]] | None = None
         for f in fields:
             current = fit.changes.get(f, getattr(config, f, None))
-            for value in sorted(_candidates(current, pairs)):
+            for value in sorted(_candidates(current, set(pairs))):
                 trial = {**fit.changes, f: value}
                 result = diffs(trial)
-                if result is not None and (best is None or len(result[0]) < best[0]):
-                    best = (len(result[0]), trial, *result)
-        if best is None or best[0] >= len(problems):
+                if result is not None and (best is None or len(result[0]) < len(best[1])):
+                    best = (trial, result[0], result[2])
+        if best is None or len(best[1]) >= len(problems):
             break
-        _, fit.changes, problems, shapes = best
+        fit.changes, problems, pairs = best
+    if not problems and "head_dim" in fit.changes and "head_dim" not in config.to_dict():
+        unpinned = {k: v for k, v in fit.changes.items() if k != "head_dim"}
+        result = diffs(unpinned)
+        if result is not None and not result[0]:
+            fit.changes = unpinned  # the model never reads it: leave config.json as it was
     fit.mismatches = problems
     log.debug("config fit for %s: %s (%d trials, %d left)", type(model).__name__, fit.describe(), fit.trials,
               len(problems))
     return fit
 
 
+def _attr_pairs(model: nn.Module, twin: nn.Module, only: set[str]) -> list[tuple[str, float, float]]:
+    """``(name, the config's value, the model's value)`` of the listed attributes that differ."""
+    mine, theirs = numeric_attrs(model), numeric_attrs(twin)
+    return [(k, theirs[k], mine[k]) for k in sorted(only) if k in mine and k in theirs and mine[k] != theirs[k]]
+
+
+def _head_dim_pin(model: nn.Module, config: Any, diffs: Any) -> dict[str, int]:
+    """``{"head_dim": d}`` when the config derives the head size (``hidden // heads``) and says so explicitly
+    changes nothing for the model as configured now; pruning keeps heads whole, so their size must stay."""
+    if "head_dim" in config.to_dict():
+        return {}
+    sizes = {v for k, v in numeric_attrs(model).items() if k.rsplit(".", 1)[-1] == "head_dim"}
+    if len(sizes) != 1:
+        return {}
+    pin = {"head_dim": int(sizes.pop())}
+    try:
+        plain, pinned = build_from_config(model, config), build_from_config(model, with_changes(config, pin))
+    except Exception:  # noqa: BLE001
+        return {}
+    fit_trials_inert = tensor_shapes(plain) == tensor_shapes(pinned) and numeric_attrs(plain) == numeric_attrs(pinned)
+    return pin if fit_trials_inert else {}
+
+
 def summarize(problems: list[str], show: int = _SHOW) -> str:
     """The first ``show`` problems, then a count of the rest."""
     head = "; ".join(problems[:show])
     return head + (f"; ... {len(problems) - show} more" if len(problems) > show else "")
+
+
+def reload_mismatch(model: nn.Module, config: Any, example_inputs: Any, *, atol: float = 1e-5) -> str | None:
+    """Build ``type(model)(config)`` on the CPU, load ``model``'s weights into it, and compare outputs.
+
+    What plain ``from_pretrained`` would do with a saved directory, without writing one. Returns
+    ``None`` when the outputs agree within ``atol`` (relative to their scale), else what differs.
+    """
+    from ..frontend.inputs import as_example_inputs, compare_outputs
+
+    try:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.device(device):
+            twin = type(model)(config).to(dtype)  # built for real: non-persistent buffers are computed
+        missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+        if missing or unexpected:
+            return f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        twin.eval()
+        inputs = as_example_inputs(example_inputs)
+        with torch.no_grad():
+            err = compare_outputs(inputs.call(twin), inputs.call(model))
+    except Exception as e:  # noqa: BLE001 - any failure means the config does not rebuild the model
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if err.max_rel > atol:
+        return f"outputs differ after a reload ({err})"
+    return None

@@ -214,9 +214,7 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
         Path(args.json).write_text(result.report.to_json() + "\n", encoding="utf-8")
         con.print(f"\nreport written to {args.json}")
     if args.out:
-        with con.step(f"saving to {args.out}"):
-            result.save(args.out)
-        con.print(f"saved to {args.out} (load with graphopt.load(directory, base_model))")
+        _save(result, loaded, args.out, con)
     if args.onnx:
         with con.step(f"exporting ONNX to {args.onnx}"):
             exported = result.export_onnx(args.onnx, dynamic_axes="auto" if args.dynamic else None)
@@ -227,6 +225,24 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
         print(f"graphopt: {len(failed)} pass(es) rolled back: {names} (see the report)", file=con.err)
         return 1
     return 0
+
+
+def _save(result: Any, loaded: Any, out: str, con: Console) -> None:
+    """A directory plain transformers loads when the config describes the model, else graphopt's format."""
+    from ..analysis.hf_config import is_hf_model, summarize
+    from ..emit.hf import loadability_problems, write_pretrained
+
+    problems = loadability_problems(result.model) if is_hf_model(result.model) else None
+    if problems == []:
+        with con.step(f"saving to {out} (save_pretrained)"):
+            write_pretrained(result.model, out, loaded.tokenizer)
+        con.print(f"saved to {out}: config, weights{' and tokenizer' if loaded.tokenizer is not None else ''} "
+                  f"(load with transformers' {type(result.model).__name__}.from_pretrained(directory))")
+        return
+    with con.step(f"saving to {out}"):
+        result.save(out)
+    why = f"; not as a transformers directory: {summarize(problems, 2)}" if problems else ""
+    con.print(f"saved to {out} (load with graphopt.load(directory, base_model)){why}")
 
 
 def _batch_len(batch: Any) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..infra.program import Edit, EditError, replay_edits
 from ..nn.spec import class_path
+from .hf import check_save_pretrained
 from .saved_model import (
     FORMAT,
     FORMAT_VERSION,
@@ -178,5 +179,6 @@ def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, i
         raise SerializationError(f"cannot read {weights}: {e}; save the model again") from e
     _assign(model, tensors, manifest, strict, hint, weights)
     model.eval()
+    check_save_pretrained(model)  # a rewritten HF model: save_pretrained refuses what transformers cannot load
     log.info("loaded %s with %d edits from %s", type(model).__name__, len(edits), path)
     return model

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .inputs import ExampleInputs
+from .inputs import ExampleInputs, missing_inputs
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _CAPTURE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # frames of graphopt's own capture code
@@ -150,6 +150,9 @@ def diagnose(exc: BaseException, model: nn.Module, inputs: ExampleInputs | None,
     if op:
         lines.append(f"  op:     {op}")
     lines += [f"  error:  {first_line(chain[-1])}", f"  try:    {hint}"]
+    missing = missing_inputs(model, inputs) if inputs is not None else []
+    if missing:
+        lines.append(f"  inputs: forward() also takes {', '.join(missing)}, not in the example inputs")
     return CaptureError("\n".join(lines), module_path=module_path, op=op, cause=cause, hint=hint, location=location,
                         partial_graph=partial)
 

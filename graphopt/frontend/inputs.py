@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,24 @@ def as_example_inputs(inputs: Any) -> ExampleInputs:
         f"example_inputs must be a tensor, a tuple/list of positional args or a dict of keyword args; "
         f"got {type(inputs).__name__}"
     )
+
+
+_INPUT_NAME = re.compile(r"(^|_)(input_ids|ids|pixel_values|input_features|input_values|embeds)$")
+
+
+def missing_inputs(module: nn.Module, inputs: ExampleInputs) -> list[str]:
+    """Tensor inputs of ``module.forward`` (by their usual names: ``*_ids``, ``pixel_values``, ...) not given.
+
+    Said when a model fails on its example inputs: a seq2seq model without ``decoder_input_ids`` fails
+    deep inside with a message that does not name it.
+    """
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    given = set(inputs.kwargs) | {p.name for p in params[: len(inputs.args)]}
+    return [p.name for p in params if p.name not in given and _INPUT_NAME.search(p.name)
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _describe(value: Any) -> str:

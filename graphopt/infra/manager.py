@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.diagnostics import Diagnostic
-from ..frontend.inputs import OutputMismatch, compare_outputs, flatten_outputs
+from ..frontend.inputs import OutputMismatch, compare_outputs, flatten_outputs, missing_inputs
 from .contract import Pass, PassResult
 from .metrics import count_flops, count_params, measure_latency
 from .pipeline import Pipeline
@@ -162,9 +162,12 @@ class PassManager:
         try:
             return program.run()
         except Exception as e:
+            missing = missing_inputs(program.module, program.example_inputs)
+            hint = (f"; forward() also takes {', '.join(missing)}, not in the example inputs: pass what the model "
+                    "needs" if missing else "")
             raise VerificationError(
                 f"the model does not run on its example inputs ({program.example_inputs.describe()}): "
-                f"{type(e).__name__}: {e}") from e
+                f"{type(e).__name__}: {e}{hint}") from e
 
     def _verify(self, program: Program, p: Pass, previous_out: Any) -> tuple[Any, float | None]:
         """Lint, run, and compare with the previous program; return the new outputs and step error."""

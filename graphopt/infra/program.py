@@ -34,7 +34,7 @@ class EditError(ValueError):
 class Edit:
     """One structural change: ``op`` on ``target`` with JSON-able ``data``, made by pass ``by``."""
 
-    op: str  # "replace_module" | "set_tensor" | "set_attr"
+    op: str  # "replace_module" | "set_tensor" | "tie" | "set_attr" | "set_config"
     target: str
     data: dict[str, Any] = field(default_factory=dict)
     by: str = ""
@@ -205,6 +205,22 @@ class Program:
             data["tuple"] = True
         self._log("set_attr", fqn, data)
 
+    def set_config(self, key: str, value: Any) -> None:
+        """Set ``key`` of the model's HF config (and of every config copy its submodules hold, as T5's stacks do).
+
+        Keeps ``config.json`` describing the model after a structural change (heads, intermediate
+        sizes), so that ``save_pretrained`` + plain ``from_pretrained`` rebuild it.
+        """
+        configs = model_configs(self.module)
+        if not configs:
+            raise EditError(f"{type(self.module).__name__} has no config (set_config is for HuggingFace models)")
+        try:
+            json.dumps(value)
+        except TypeError as e:
+            raise EditError(f"config value {key}={value!r} must be JSON-serialisable: {e}") from None
+        _set_config(self.module, key, value)
+        self._log("set_config", "", {"key": key, "value": value})
+
     def _log(self, op: str, target: str, data: dict[str, Any] | None) -> None:
         self.edits.append(Edit(op, target, data or {}, by=self.current_pass))
 
@@ -219,6 +235,23 @@ class Program:
         self.module.__dict__.update(module.__dict__)
         del self.edits[n_edits:]
         self.analyses.clear()
+
+
+def model_configs(root: nn.Module) -> list[Any]:
+    """The distinct HF config objects of ``root``'s module tree (the model's own first)."""
+    seen: dict[int, Any] = {}
+    for m in root.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+def _set_config(root: nn.Module, key: str, value: Any) -> None:
+    configs = model_configs(root)
+    for config in configs:  # the root's config, and the copies submodules hold where they have the key
+        if config is configs[0] or hasattr(config, key):
+            setattr(config, key, value)
 
 
 def _first_device(*modules: nn.Module) -> torch.device:
@@ -270,6 +303,10 @@ def _replay_one(root: nn.Module, edit: Edit) -> None:
     elif edit.op == "set_attr":
         value = tuple(data["value"]) if data.get("tuple") else data["value"]
         setattr(_get_submodule(root, edit.target) if edit.target else root, data["name"], value)
+    elif edit.op == "set_config":
+        if not model_configs(root):
+            raise EditError(f"{type(root).__name__} has no config to set {data.get('key')!r} on")
+        _set_config(root, str(data["key"]), data["value"])
     else:
         raise EditError(f"unknown edit op {edit.op!r} (written by a newer graphopt?)")
 

@@ -52,6 +52,8 @@ class Report:
     #: the tensor outputs verification compares (``name[shape]``), and what the model returns but is not compared
     outputs: list[str] = field(default_factory=list)
     not_compared: list[str] = field(default_factory=list)
+    #: facts about the result as a whole (e.g. why ``save_pretrained`` would refuse it)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passes(self) -> list[PassRecord]:
@@ -63,6 +65,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "outputs": list(self.outputs), "not_compared": list(self.not_compared),
+                "notes": list(self.notes),
                 "records": [asdict(r) for r in self.records]}
 
     def to_json(self, **kw: Any) -> str:
@@ -101,4 +104,5 @@ class Report:
             if extra:
                 out.append(f"\n{r.text or r.name}:")
                 out += extra
+        out += [f"\nnote: {n}" for n in self.notes]
         return "\n".join(out)
