@@ -5,6 +5,7 @@
 
 Prints a markdown table: parameters, graph nodes (all / ops), build time and capture time
 (``graphopt.capture()`` with torch.export, non-strict; best of ``--repeat`` runs after a warm-up).
+Every model is built with its default config, so the decoders (the 7B Llama too) have KV caches on.
 """
 
 from __future__ import annotations

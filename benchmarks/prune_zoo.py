@@ -422,8 +422,13 @@ out = {}
 for name in sorted(os.listdir(sys.argv[1])):
     d = os.path.join(sys.argv[1], name)
     try:
-        arch = json.load(open(os.path.join(d, "config.json")))["architectures"][0]
-        model = getattr(transformers, arch).from_pretrained(d).eval()
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        arch, kind = cfg["architectures"][0], cfg["model_type"]
+        cls = getattr(transformers, arch, None)
+        if cls is None:  # a base model transformers does not export at the top (WhisperEncoder)
+            import importlib
+            cls = getattr(importlib.import_module(f"transformers.models.{kind}.modeling_{kind}"), arch)
+        model = cls.from_pretrained(d).eval()
         io = torch.load(os.path.join(d, "io.pt"))
         with torch.no_grad():
             got = model(**io["inputs"])

@@ -41,7 +41,13 @@ def sync_hf_config(program: Program, attrs_before: dict[str, float], result: Pas
         return True
     after = numeric_attrs(model)
     changed = {k for k, v in after.items() if attrs_before.get(k, v) != v}
-    fit = fit_config(model, changed_attrs=changed)
+    try:
+        fit = fit_config(model, changed_attrs=changed)
+    except Exception as e:  # noqa: BLE001 - the search must never cost the user the pruned model
+        log.debug("config search failed", exc_info=True)
+        result.note("<config>", f"the HF config was not updated: the config search failed ({type(e).__name__}: "
+                    f"{e}); save with go.save / go.load", "warning")
+        return False
     problem = summarize(fit.mismatches) if not fit.ok else None
     if problem is None and fit.changes:
         problem = reload_mismatch(model, with_changes(model.config, fit.changes), program.example_inputs)

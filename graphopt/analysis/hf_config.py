@@ -161,7 +161,9 @@ def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]] | None = Non
     """
     target = tensor_shapes(model) if target is None else target
     config = copy.deepcopy(model.config if config is None else config)
-    fields = [f for f in SIZE_FIELDS if f in config.to_dict()]
+    values = config.to_dict()
+    # one number per field (Swin's per-stage lists are not searched) or unset (GPT-2's n_inner)
+    fields = [f for f in SIZE_FIELDS if f in values and (values[f] is None or type(values[f]) is int)]
     fit = ConfigFit()
 
     def diffs(changes: dict[str, int]) -> tuple[list[str], dict[str, tuple[int, ...]], list[tuple[int, int]]] | None:

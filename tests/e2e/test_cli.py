@@ -314,3 +314,28 @@ def test_inspect_prints_graph_summary(capsys, factory_module):
 def test_inspect_bad_spec_exits_2(capsys, tmp_path):
     code, _, err = run_cli(capsys, "inspect", str(tmp_path / "missing"))
     assert code == 2 and error_lines(err) == [f"graphopt: error: no such directory: {tmp_path / 'missing'}"]
+
+
+def test_hf_directory_out_is_a_directory_plain_transformers_loads(capsys, text_model_dir, tmp_path):
+    out_dir = tmp_path / "pruned"
+    code, out, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "prune(ratio=0.5,uniform=true)",
+                             "--out", str(out_dir), "-q", "--no-measure")
+    assert code == 0, err
+    assert "from_pretrained" in out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
+    script = ("import sys, torch, transformers; d = sys.argv[1]; "
+              "m = transformers.AutoModel.from_pretrained(d).eval(); t = transformers.AutoTokenizer.from_pretrained(d); "
+              "x = t(['a short sentence'], return_tensors='pt'); m(**x); "
+              "print(m.config.intermediate_size, 'graphopt' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, str(out_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["32", "False"]
+
+
+def test_hf_directory_out_falls_back_to_graphopt_format_and_says_why(capsys, text_model_dir, tmp_path):
+    out_dir = tmp_path / "pruned"
+    code, out, err = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "prune(ratio=0.5)",
+                             "--out", str(out_dir), "-q", "--no-measure")
+    assert code == 0, err
+    assert "graphopt.load" in out and "not as a transformers directory" in out
+    assert (out_dir / "graphopt.json").exists() and not (out_dir / "config.json").exists()
