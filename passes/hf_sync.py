@@ -48,12 +48,12 @@ def sync_hf_config(program: Program, attrs_before: dict[str, float], result: Pas
         result.note("<config>", f"the HF config was not updated: the config search failed ({type(e).__name__}: "
                     f"{e}); save with go.save / go.load", "warning")
         return False
-    problem = summarize(fit.mismatches) if not fit.ok else None
+    problem = summarize(fit.mismatches, 1) if not fit.ok else None
     if problem is None and fit.changes:
         problem = reload_mismatch(model, with_changes(model.config, fit.changes), program.example_inputs)
     if problem is not None:
         result.note("<config>", f"the HF config cannot describe the rewritten model ({problem}); save_pretrained "
-                    "will refuse it: save with go.save / go.load, or prune with uniform=true", "warning")
+                    "will refuse it: save with go.save / go.load, or prune with uniform=true", "info")
         return False
     for key, value in fit.changes.items():
         program.set_config(key, value)

@@ -241,7 +241,7 @@ def _save(result: Any, loaded: Any, out: str, con: Console) -> None:
         return
     with con.step(f"saving to {out}"):
         result.save(out)
-    why = f"; not as a transformers directory: {summarize(problems, 2)}" if problems else ""
+    why = f"; not as a transformers directory: {summarize(problems, 1)}" if problems else ""
     con.print(f"saved to {out} (load with graphopt.load(directory, base_model)){why}")
 
 
