@@ -59,6 +59,7 @@ from torch import nn
 
 import graphopt as go
 from graphopt.frontend.inputs import flatten_outputs
+from graphopt.helpers.hf_reload import reload_with_transformers, write_for_reload
 from graphopt.helpers.quality import sentence_embeddings
 from graphopt.helpers.zoo import ZOO, hf_model
 
@@ -415,58 +416,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 # --- reload with plain transformers ----------------------------------------------------------------
 
-_RELOADER = """
-import json, os, sys
-import torch, transformers
-out = {}
-for name in sorted(os.listdir(sys.argv[1])):
-    d = os.path.join(sys.argv[1], name)
-    try:
-        cfg = json.load(open(os.path.join(d, "config.json")))
-        arch, kind = cfg["architectures"][0], cfg["model_type"]
-        cls = getattr(transformers, arch, None)
-        if cls is None:  # a base model transformers does not export at the top (WhisperEncoder)
-            import importlib
-            cls = getattr(importlib.import_module(f"transformers.models.{kind}.modeling_{kind}"), arch)
-        model = cls.from_pretrained(d).eval()
-        io = torch.load(os.path.join(d, "io.pt"))
-        with torch.no_grad():
-            got = model(**io["inputs"])
-        out[name] = max(float((got[k] - v).abs().max()) for k, v in io["outputs"].items())
-    except Exception as e:
-        out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-out["graphopt imported"] = "graphopt" in sys.modules
-print(json.dumps(out))
-"""
-
-
 def save_uniform(name: str, model: nn.Module, inputs: dict, ratio: float, root: str) -> str:
     """prune(uniform=true), then save_pretrained into ``root/name``; '' or why it could not be written."""
     try:
         res = go.optimize(copy.deepcopy(model), inputs, f"prune(ratio={ratio},uniform=true)", measure=False,
                           on_error="raise")
         kept = n_params(res.model) / n_params(model)
-        res.model.save_pretrained(os.path.join(root, name))
-        with torch.no_grad():
-            ref = {k.removeprefix("output."): v for k, v in outputs(res.model, inputs).items()}
-        torch.save({"inputs": inputs, "outputs": ref}, os.path.join(root, name, "io.pt"))
+        write_for_reload(res.model, inputs, os.path.join(root, name))
         return f"kept {kept:.3f}"
     except Exception as e:  # noqa: BLE001  (a model that cannot be written is a result)
         return f"FAIL: {_short(e)}"
-
-
-def reload_all(root: str) -> dict[str, Any]:
-    """Every directory under ``root`` loaded by plain ``from_pretrained`` in a process without graphopt."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", _RELOADER, root], capture_output=True, text=True, env=env,
-                          timeout=900, check=False)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "reloader failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) -> None:
@@ -497,7 +456,7 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
             row.insert(6, name)  # filled in once every model is written: one reloading process for all
         rows.append(row)
         print(f"  {name} done", flush=True)
-    reloaded = reload_all(reload_root) if written else {}
+    reloaded = reload_with_transformers(reload_root) if written else {}
     for row in rows:
         if len(row) < 7 or row[6] not in written:
             continue

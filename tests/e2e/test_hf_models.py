@@ -1,18 +1,13 @@
 """HuggingFace models as users hold them: default configs (KV caches on), task heads, generate(), and a
 reload with plain transformers in a process that never imports graphopt."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import graphopt as go
 from graphopt.emit.hf import NotLoadableError
-from graphopt.frontend.inputs import flatten_outputs
+from graphopt.helpers.hf_reload import reload_with_transformers, write_for_reload
 from graphopt.helpers.zoo import TASK_ZOO, ZOO, hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,37 +84,11 @@ def test_export_onnx_of_a_default_config_causal_lm(tmp_path):
 
 RELOAD = ["bert", "gpt2_lm_head", "llama_causal_lm", "qwen2_causal_lm", "vit", "t5"]
 
-_RELOADER = textwrap.dedent("""
-    import json, os, sys
-    import torch, transformers
-    results = {}
-    for name in sorted(os.listdir(sys.argv[1])):
-        d = os.path.join(sys.argv[1], name)
-        arch = json.load(open(os.path.join(d, "config.json")))["architectures"][0]
-        model = getattr(transformers, arch).from_pretrained(d).eval()
-        io = torch.load(os.path.join(d, "io.pt"))
-        with torch.no_grad():
-            out = model(**io["inputs"])
-        results[name] = max(float((out[k] - v).abs().max()) for k, v in io["outputs"].items())
-    assert "graphopt" not in sys.modules
-    print(json.dumps(results))
-""")
-
 
 def _reload_in_plain_transformers(root) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", _RELOADER, str(root)], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _write(model, inputs, directory):
-    model.save_pretrained(directory)
-    with torch.no_grad():
-        out = flatten_outputs(model(**inputs))
-    torch.save({"inputs": inputs, "outputs": {k.removeprefix("output."): v for k, v in out.items()}},
-               directory / "io.pt")
+    results = reload_with_transformers(root, timeout=300)
+    assert results.pop("graphopt imported") is False
+    return results
 
 
 def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
@@ -137,7 +106,7 @@ def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
         assert not res.report.notes, res.report.notes
         assert model.config.to_dict() == hf_model(name)[0].config.to_dict()  # the caller's config is untouched
         assert [e.op for e in res.program.edits].count("set_config") >= len(expected_config[name])
-        _write(res.model, inputs, tmp_path / name)
+        write_for_reload(res.model, inputs, tmp_path / name)
     errors = _reload_in_plain_transformers(tmp_path)
     assert set(errors) == set(RELOAD)
     assert all(err < 1e-5 for err in errors.values()), errors
@@ -182,7 +151,7 @@ def test_go_load_replays_config_edits_and_the_result_saves_pretrained(tmp_path):
     base = hf_model("llama_causal_lm", seed=7)[0]
     loaded = go.load(tmp_path / "g", base)
     assert loaded.config.num_key_value_heads == 1 and loaded.config.intermediate_size == 32
-    _write(loaded, inputs, tmp_path / "hf" / "llama")
+    write_for_reload(loaded, inputs, tmp_path / "hf" / "llama")
     errors = _reload_in_plain_transformers(tmp_path / "hf")
     assert errors["llama"] < 1e-5
 
