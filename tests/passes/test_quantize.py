@@ -1,0 +1,92 @@
+"""quantize: Before (Linear / Conv1D) -> Expected (QuantLinear with packed codes), on HF models with default configs."""
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt as go
+from graphopt.helpers.zoo import hf_model
+from graphopt.nn.quant import QuantLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _quantized(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.mark.parametrize("name", ["llama_causal_lm", "gpt2_lm_head"])
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 32), ("ternary", 0)])
+def test_causal_lms_quantize_run_and_generate(name, scheme, group):
+    model, inputs = hf_model(name)
+    res = go.optimize(model, inputs, f"quantize(scheme={scheme},group_size={group})", measure=False, on_error="raise")
+    rec = res.report.records[-1]
+    layers = _quantized(res.model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    assert rec.stats["layers"] == len(layers) == len(linears) - 1  # all but the LM head
+    assert "lm_head" not in layers and any("vocabulary projection (LM head)" in d.message for d in rec.diagnostics)
+    assert all(q.scheme == scheme for q in layers.values())
+    assert rec.stats["weight_mb_after"] < rec.stats["weight_mb_before"]
+    with torch.no_grad():
+        out = res.model.generate(inputs["input_ids"][:1, :4], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+    assert not _quantized(model)  # the caller's model is untouched
+
+
+def test_conv1d_is_quantized_in_its_transposed_layout():
+    model, inputs = hf_model("gpt2")
+    res = go.optimize(model, inputs, "quantize(scheme=int8,group_size=0)", measure=False, on_error="raise")
+    q = res.model.h[0].attn.c_attn
+    assert isinstance(q, QuantLinear) and (q.in_features, q.out_features) == (32, 96)
+    ref = model.h[0].attn.c_attn.weight.t()  # Conv1D stores [in, out]
+    assert (q.dequantized_weight() - ref).abs().max() <= ref.abs().max() / 254 + 1e-6
+
+
+def test_more_bits_are_closer_to_the_original():
+    model, inputs = hf_model("llama")
+    cos = {}
+    for text in ("quantize(scheme=int8,group_size=0)", "quantize(scheme=int4,group_size=16)",
+                 "quantize(scheme=ternary,group_size=0)"):
+        cos[text.split("=")[1].split(",")[0]] = go.optimize(model, inputs, text, measure=False).report.records[-1].cosine
+    assert cos["int8"] > 0.9999 and cos["int8"] > cos["int4"] > cos["ternary"]
+
+
+def test_where_skip_and_lm_head_options():
+    model, inputs = hf_model("llama_causal_lm")
+    res = go.optimize(model, inputs, "quantize(where='*mlp*',skip=['*down_proj'])", measure=False)
+    names = set(_quantized(res.model))
+    assert names and all("mlp" in n and "down_proj" not in n for n in names)
+    res = go.optimize(model, inputs, "quantize(lm_head=true)", measure=False)
+    assert "lm_head" in _quantized(res.model)
+
+
+def test_save_and_load_keep_the_packed_weights(tmp_path):
+    model, inputs = hf_model("llama_causal_lm")
+    res = go.optimize(model, inputs, "quantize(scheme=int4,group_size=16)", measure=False, on_error="raise")
+    go.save(res, tmp_path / "q")
+    loaded = go.load(tmp_path / "q", hf_model("llama_causal_lm", seed=9)[0])
+    q = loaded.model.layers[0].mlp.up_proj
+    assert isinstance(q, QuantLinear) and q.qweight.dtype == torch.uint8
+    assert torch.equal(q.qweight, res.model.model.layers[0].mlp.up_proj.qweight)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, res.model(**inputs).logits)
+
+
+def test_quantized_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "quantize(scheme=int4,group_size=16)", measure=False, on_error="raise")
+    report = res.export_onnx(tmp_path / "q.onnx")
+    assert report.verified
+
+
+def test_bad_options_fail_clearly_and_roll_back():
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "quantize(group_size=-4)", measure=False)
+    assert res.report.records[-1].status == "rolled back" and "group_size" in res.report.records[-1].reason
+    with pytest.raises(go.PipelineError):
+        go.parse_pipeline("quantize(scheme=int3)")
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    res = go.optimize(meta, torch.zeros(2, 4, device="meta"), "quantize", measure=False)
+    assert res.report.records[-1].status == "rolled back" and "meta device" in res.report.records[-1].reason
