@@ -28,7 +28,7 @@ from torch import nn
 Scheme = Literal["int8", "int4", "ternary"]
 SCHEMES: tuple[str, ...] = ("int8", "int4", "ternary")
 BITS = {"int8": 8, "int4": 4, "ternary": 2}
-_QMAX = {"int8": 127, "int4": 7}
+QMAX = {"int8": 127, "int4": 7}
 _PER_BYTE = {"int8": 1, "int4": 2, "ternary": 4}
 BACKENDS = ("auto", "torch", "int8_mm")
 
@@ -37,7 +37,7 @@ def n_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size <= 0 else math.ceil(in_features / group_size)
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[out, in]`` -> ``[out, groups, g]``, the last group zero-padded."""
     out, k = w.shape
     g = k if group_size <= 0 else group_size
@@ -50,13 +50,13 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int) -> tuple[t
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     k = w.shape[1]
-    wg = _grouped(w.detach().float(), group_size)
+    wg = grouped(w.detach().float(), group_size)
     if scheme == "ternary":
-        valid = _grouped(torch.ones_like(w, dtype=torch.float32), group_size)
+        valid = grouped(torch.ones_like(w, dtype=torch.float32), group_size)
         scale = (wg.abs().sum(-1) / valid.sum(-1)).clamp_min(1e-8)
         codes = (wg / scale[..., None]).round().clamp(-1, 1)
     else:
-        qmax = _QMAX[scheme]
+        qmax = QMAX[scheme]
         scale = (wg.abs().amax(-1) / qmax).clamp_min(1e-8)
         codes = (wg / scale[..., None]).round().clamp(-qmax - (scheme == "int4"), qmax)
     return codes.reshape(w.shape[0], -1)[:, :k].to(torch.int8), scale
@@ -90,8 +90,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, group_size: int, dtype:
                ) -> torch.Tensor:
     """Codes ``[out, in]`` times their group's scale -> weights ``[out, in]``."""
     k = codes.shape[1]
-    grouped = _grouped(codes.to(torch.float32), group_size) * scale.to(torch.float32)[..., None]
-    return grouped.reshape(codes.shape[0], -1)[:, :k].to(dtype)
+    values = grouped(codes.to(torch.float32), group_size) * scale.to(torch.float32)[..., None]
+    return values.reshape(codes.shape[0], -1)[:, :k].to(dtype)
 
 
 class QuantLinear(nn.Module):

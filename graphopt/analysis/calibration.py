@@ -1,0 +1,96 @@
+"""Calibration statistics streamed from a model's activations (bounded memory, padding masked).
+
+:class:`GramAccumulator` sums ``XᵀX`` in float64 over the rows of a layer's inputs, leaving out the
+padding tokens of each batch (its ``attention_mask``), so nothing but a ``[in, in]`` matrix is kept.
+:func:`layer_input_grams` runs calibration batches through a model and accumulates the Gram matrix
+of the inputs of chosen layers, stopping each forward as soon as all of them have been seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..frontend.inputs import as_example_inputs
+
+
+class GramAccumulator:
+    """Running ``Σ xᵀx`` (float64) and the number of rows, for one layer's inputs."""
+
+    def __init__(self, features: int) -> None:
+        self.gram = torch.zeros(features, features, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` (``[..., features]``); ``mask`` (``x.shape[:-1]``) marks the rows that count."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if mask is not None and mask.shape == x.shape[:-1]:
+            rows = rows[mask.reshape(-1).bool()]
+        rows = rows.to(device="cpu", dtype=torch.float64)
+        self.gram += rows.T @ rows
+        self.rows += rows.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """``XᵀX / rows`` (the GPTQ Hessian up to a factor 2)."""
+        if self.rows == 0:
+            raise ValueError("no calibration rows reached this layer")
+        return self.gram / self.rows
+
+
+class _Seen(Exception):
+    """Stops a forward once every watched layer has had its input."""
+
+
+def _mask_of(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return mask
+    return None
+
+
+def layer_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]
+                      ) -> dict[str, GramAccumulator]:
+    """The Gram matrix of each layer's input over ``batches`` (padding rows left out).
+
+    The model runs in eval mode without autograd; each forward stops once all ``layers`` have been
+    called, so only the part of the model up to them runs.
+    """
+    grams = {name: GramAccumulator(_in_features(m)) for name, m in layers.items()}
+    seen: set[str] = set()
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name not in seen:
+                grams[name].add(args[0], mask[0])
+                seen.add(name)
+            if len(seen) == len(layers):
+                raise _Seen
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                seen.clear()
+                mask[0] = _mask_of(batch)
+                with contextlib.suppress(_Seen):
+                    as_example_inputs(batch).call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def _in_features(module: nn.Module) -> int:
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:
+        return int(weight.shape[0])
+    raise TypeError(f"{type(module).__name__} has no in_features")

@@ -1,0 +1,67 @@
+"""GPTQ: Hessian-aware rounding of one layer's weights (Frantar et al. 2022, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers").
+
+Columns are quantized one at a time; the rounding error of each column is spread over the columns
+not yet quantized, weighted by the inverse Hessian of the layer's inputs (``H = XᵀX``), so the layer's
+*outputs* on calibration data change as little as possible, not its weights. Lazy batch updates in
+blocks of 128 columns, damping of ``H``'s diagonal, optional activation order (largest ``H_ii``
+first, with group scales fixed up front so that groups stay contiguous in storage).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.nn.quant import QMAX, grouped
+
+
+def _scales(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """One scale per row of ``w`` (``[out, g]``) for ``scheme``."""
+    if scheme == "ternary":
+        return w.abs().mean(-1).clamp_min(1e-8)
+    return (w.abs().amax(-1) / QMAX[scheme]).clamp_min(1e-8)
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    lo, hi = {"int8": (-127, 127), "int4": (-8, 7), "ternary": (-1, 1)}[scheme]
+    return (w / scale).round().clamp(lo, hi)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, group_size: int, *,
+                  damp: float = 0.01, act_order: bool = False, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8 ``[out, in]``) and scales (``[out, groups]``) for ``weight`` given its input Hessian."""
+    out, k = weight.shape
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
+    g = k if group_size <= 0 else group_size
+    n_groups = -(-k // g)
+    scales = torch.zeros(out, n_groups, dtype=torch.float64)
+    static = act_order or group_size <= 0
+    if static:  # fixed from the original weights: needed when columns are visited out of order
+        scales[:] = _scales(grouped(w, group_size), scheme)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(out, k, dtype=torch.float64)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out, end - start, dtype=torch.float64), \
+            hinv[start:end, start:end]
+        for i in range(end - start):
+            col = int(perm[start + i])
+            group = col // g
+            if not static and col % g == 0:  # a new group: its scale from the weights as updated so far
+                span = min(g, k - col)
+                scales[:, group] = _scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme)
+            q = _round(w1[:, i], scales[:, group], scheme)
+            codes[:, start + i] = q
+            err = (w1[:, i] - q * scales[:, group]) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+    inverse = torch.argsort(perm)
+    return codes[:, inverse].to(torch.int8), scales.to(torch.float32)
