@@ -202,3 +202,29 @@ def test_registration_errors():
 
     with pytest.raises(ValueError, match="must be an identifier"):
         go.register_pass("has space")
+
+
+def test_a_model_with_no_tensor_output_is_refused_before_any_pass():
+    class Talks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return {"text": "hello", "n": 3}
+
+    model = Talks()
+    with pytest.raises(go.VerificationError, match="returns dict with no tensors.*logits, hidden states"):
+        go.optimize(model, torch.randn(1, 2), "remove_dropout")
+
+
+def test_report_names_compared_outputs_and_what_it_leaves_out():
+    class Mixed(nn.Module):
+        def forward(self, x):
+            return {"y": x * 2, "label": "a string", "extra": (x + 1,)}
+
+    res = go.optimize(Mixed(), torch.randn(3, 4), "remove_dropout", measure=False)
+    assert res.report.outputs == ["y[3, 4]", "extra[0][3, 4]"]
+    assert res.report.not_compared == ["label (str)"]
+    assert "outputs compared: y[3, 4], extra[0][3, 4] (not compared: label (str))" in str(res.report)
+    assert res.report.to_dict()["outputs"] == res.report.outputs
