@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..frontend.inputs import as_example_inputs, compare_outputs
+
 log = logging.getLogger(__name__)
 
 #: Config fields that set tensor sizes, by the names transformers' configs use. Per-head sizes
@@ -74,7 +76,7 @@ def numeric_attrs(model: nn.Module) -> dict[str, float]:
     return {f"{name}.{k}" if name else k: v for name, m in model.named_modules() for k, v in _numeric_attrs(m).items()}
 
 
-def _module_diffs(model: nn.Module, twin: nn.Module, only: set[str] | None = None, attributes: bool = True) -> list[str]:
+def _module_diffs(model: nn.Module, twin: nn.Module, attributes: bool = True) -> list[str]:
     problems = []
     theirs = dict(twin.named_modules())
     for name, mine in model.named_modules():
@@ -88,7 +90,7 @@ def _module_diffs(model: nn.Module, twin: nn.Module, only: set[str] | None = Non
             continue
         a, b = _numeric_attrs(mine), _numeric_attrs(other)
         problems += [f"{name or '<root>'}.{k}: {a[k]} vs the config's {b[k]}" for k in sorted(a.keys() & b.keys())
-                     if a[k] != b[k] and (only is None or (f"{name}.{k}" if name else k) in only)]
+                     if a[k] != b[k]]
     return problems
 
 
@@ -182,7 +184,7 @@ def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]] | None = Non
             pairs += [(int(h), int(w)) for _, h, w in attrs if float(h).is_integer() and float(w).is_integer() and h]
         return problems, shapes, pairs
 
-    fit.changes = _head_dim_pin(model, config, diffs)
+    fit.changes = _head_dim_pin(model, config)
     first = diffs(fit.changes)
     if first is None:
         fit.mismatches = [f"{type(model).__name__}(config) fails with the model's own config"]
@@ -217,7 +219,7 @@ def _attr_pairs(model: nn.Module, twin: nn.Module, only: set[str]) -> list[tuple
     return [(k, theirs[k], mine[k]) for k in sorted(only) if k in mine and k in theirs and mine[k] != theirs[k]]
 
 
-def _head_dim_pin(model: nn.Module, config: Any, diffs: Any) -> dict[str, int]:
+def _head_dim_pin(model: nn.Module, config: Any) -> dict[str, int]:
     """``{"head_dim": d}`` when the config derives the head size (``hidden // heads``) and says so explicitly
     changes nothing for the model as configured now; pruning keeps heads whole, so their size must stay."""
     if "head_dim" in config.to_dict():
@@ -230,8 +232,8 @@ def _head_dim_pin(model: nn.Module, config: Any, diffs: Any) -> dict[str, int]:
         plain, pinned = build_from_config(model, config), build_from_config(model, with_changes(config, pin))
     except Exception:  # noqa: BLE001
         return {}
-    fit_trials_inert = tensor_shapes(plain) == tensor_shapes(pinned) and numeric_attrs(plain) == numeric_attrs(pinned)
-    return pin if fit_trials_inert else {}
+    inert = tensor_shapes(plain) == tensor_shapes(pinned) and numeric_attrs(plain) == numeric_attrs(pinned)
+    return pin if inert else {}
 
 
 def summarize(problems: list[str], show: int = _SHOW) -> str:
@@ -246,8 +248,6 @@ def reload_mismatch(model: nn.Module, config: Any, example_inputs: Any, *, atol:
     What plain ``from_pretrained`` would do with a saved directory, without writing one. Returns
     ``None`` when the outputs agree within ``atol`` (relative to their scale), else what differs.
     """
-    from ..frontend.inputs import as_example_inputs, compare_outputs
-
     try:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
