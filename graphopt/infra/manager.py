@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..analysis.diagnostics import Diagnostic
 from ..frontend.inputs import OutputMismatch, compare_outputs, flatten_outputs, missing_inputs
 from .contract import Pass, PassResult
-from .metrics import count_flops, count_params, measure_latency
+from .metrics import count_flops, count_params, count_weight_bytes, measure_latency
 from .pipeline import Pipeline
 from .program import Program
 from .report import PassRecord, Report
@@ -191,6 +191,7 @@ class PassManager:
         m, module, inputs = self.measure, program.module, program.example_inputs
         if m.params:
             record.params = count_params(module)
+            record.weight_bytes = count_weight_bytes(module)
         if m.flops:
             record.flops = count_flops(module, inputs)
         if m.latency and m.latency_repeat:

@@ -1,4 +1,4 @@
-"""Model measurements used by the report: parameters, FLOPs, latency."""
+"""Model measurements used by the report: parameters, weight bytes, FLOPs, latency."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def count_params(module: nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    return total
+
+
+def count_weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (packed quantized codes and their scales included), each
+    shared tensor counted once: what the model's tensors take in memory."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *(b for _, b in module.named_buffers())]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     return total
 
 

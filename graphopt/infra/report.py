@@ -18,6 +18,7 @@ class PassRecord:
     status: str  # "baseline" | "ok" | "unchanged" | "rolled back"
     seconds: float = 0.0
     params: int | None = None
+    weight_bytes: int | None = None  # parameters and buffers as stored (packed codes count their bytes)
     flops: int | None = None
     latency_ms: float | None = None
     max_abs_err: float | None = None  # vs the original model
@@ -72,12 +73,12 @@ class Report:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
 
     def __str__(self) -> str:
-        header = ["pass", "status", "time s", "params", "FLOPs", "latency ms", "max abs err", "max rel err",
+        header = ["pass", "status", "time s", "params", "weights", "FLOPs", "latency ms", "max abs err", "max rel err",
                   "cosine"]
         rows = []
         for r in self.records:
             rows.append([
-                r.text or r.name, r.status, f"{r.seconds:.2f}", _human(r.params), _human(r.flops),
+                r.text or r.name, r.status, f"{r.seconds:.2f}", _human(r.params), _human(r.weight_bytes, "B"), _human(r.flops),
                 "-" if r.latency_ms is None else f"{r.latency_ms:.2f}", _err(r.max_abs_err), _err(r.max_rel_err),
                 "-" if r.cosine is None else f"{r.cosine:.4f}",
             ])

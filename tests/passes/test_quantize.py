@@ -169,3 +169,15 @@ def test_gram_accumulator_leaves_padding_out():
     mask[1, 2:] = 0
     acc.add(x, mask)
     assert acc.rows == 6 and torch.allclose(acc.mean(), torch.ones(3, 3, dtype=torch.float64))
+
+
+def test_report_shows_the_weight_bytes_each_pass_leaves():
+    model, inputs = hf_model("llama")
+    res = go.optimize(model, inputs, "quantize(scheme=int8,group_size=0),quantize(scheme=int4,group_size=16)",
+                      measure=go.Measure(flops=False, latency=False))
+    base, int8 = res.report.records[0], res.report.records[1]
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
+    assert base.weight_bytes == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    saved = base.weight_bytes - int8.weight_bytes
+    assert 0.7 * linear_bytes < saved < 0.75 * linear_bytes  # 4 bytes -> 1 byte + a scale per row
+    assert "weights" in str(res.report).splitlines()[1] and res.report.to_dict()["records"][1]["weight_bytes"]
