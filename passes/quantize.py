@@ -74,8 +74,8 @@ class Quantize(Pass):
     lm_head: bool = False
     backend: Literal["auto", "torch", "int8_mm"] = "auto"
     damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
-    act_order: bool = False  # GPTQ: columns with the largest Hessian diagonal first
-    calib_batches: int = 16  # GPTQ: calibration batches read per group of layers
+    act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
+    calib_batches: int = 32  # GPTQ: calibration batches read per group of layers
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]  # only GPTQ reads calibration data
