@@ -28,7 +28,7 @@ from graphopt.frontend.inputs import as_example_inputs
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
-from graphopt.nn.quant import BACKENDS, QuantLinear, quantize_weight
+from graphopt.nn.quant import BACKENDS, QuantLinear
 
 from .gptq import gptq_quantize
 
@@ -116,17 +116,10 @@ class Quantize(Pass):
                      if self.method == "gptq" else {})
             for name in group:
                 weight, bias = linear_weight(program.get_submodule(name))
-                layer = QuantLinear(weight.shape[1], weight.shape[0], bias is not None, scheme=self.scheme,
-                                    group_size=self.group_size, backend=self.backend, dtype=weight.dtype,
-                                    device=weight.device)
-                if name in grams:
-                    codes, scale = gptq_quantize(weight, grams[name].mean(), self.scheme, self.group_size,
-                                                 damp=self.damp, act_order=self.act_order)
-                else:
-                    codes, scale = quantize_weight(weight, self.scheme, self.group_size)
-                layer.set_codes(codes, scale)
-                if bias is not None:
-                    layer.bias.data.copy_(bias.detach())
+                codes = (gptq_quantize(weight, grams[name].mean(), self.scheme, self.group_size, damp=self.damp,
+                                       act_order=self.act_order) if name in grams else None)
+                layer = QuantLinear.from_linear(weight, bias, scheme=self.scheme, group_size=self.group_size,
+                                                backend=self.backend, codes=codes)
                 program.replace_module(name, layer)
                 before += weight.numel() * weight.element_size()
                 after += layer.weight_bytes

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..frontend.inputs import flatten_outputs
 
-#: Runs in the fresh process: nothing of graphopt, and it says so in its answer.
+#: Runs in the fresh process: nothing of graphopt, and it says so in its answer (a JSON file, argv[2]).
 RELOADER = """
 import importlib, json, os, sys
 import torch, transformers
@@ -41,7 +42,8 @@ for name in sorted(os.listdir(sys.argv[1])):
     except Exception as e:
         out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 out["graphopt imported"] = "graphopt" in sys.modules
-print(json.dumps(out))
+with open(sys.argv[2], "w") as f:
+    json.dump(out, f)
 """
 
 
@@ -59,8 +61,10 @@ def write_for_reload(model: nn.Module, inputs: dict[str, torch.Tensor], director
 def reload_with_transformers(root: str | Path, timeout: float = 900) -> dict[str, Any]:
     """``{directory name: max abs output difference or error text, "graphopt imported": bool}``."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", RELOADER, str(root)], capture_output=True, text=True, env=env,
-                          timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the reloading process failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        answer = Path(tmp) / "reload.json"
+        proc = subprocess.run([sys.executable, "-c", RELOADER, str(root), str(answer)], capture_output=True,
+                              text=True, env=env, timeout=timeout, check=False)
+        if proc.returncode != 0 or not answer.exists():
+            raise RuntimeError(f"the reloading process failed: {proc.stderr.strip()[-2000:]}")
+        return json.loads(answer.read_text())

@@ -120,13 +120,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, scheme: Scheme, group_size: int,
-                    backend: str = "auto") -> QuantLinear:
-        """Quantize ``weight`` (``[out, in]``) by round-to-nearest into a new layer on its device and dtype."""
+                    backend: str = "auto", codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+        """A layer for ``weight`` (``[out, in]``) on its device and dtype: its round-to-nearest codes, or the
+        ``(codes, scales)`` given (from GPTQ, say)."""
         out, k = weight.shape
         layer = cls(k, out, bias is not None, scheme=scheme, group_size=group_size, backend=backend,
                     dtype=weight.dtype, device=weight.device)
-        codes, scale = quantize_weight(weight, scheme, group_size)
-        layer.set_codes(codes, scale)
+        layer.set_codes(*(codes if codes is not None else quantize_weight(weight, scheme, group_size)))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
