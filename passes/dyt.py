@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
+from graphopt.analysis.calibration import mask_of
 from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, reference_norm
 from graphopt.frontend.inputs import as_example_inputs
 from graphopt.infra.contract import Pass, PassResult
@@ -131,12 +132,6 @@ def _batches(calib: Any, limit: int) -> list[Any]:
     return list(itertools.islice(iter(calib), limit))
 
 
-def _mask_of(inputs: Any) -> torch.Tensor | None:
-    ex = as_example_inputs(inputs)
-    mask = ex.kwargs.get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
 def _select_rows(act: torch.Tensor, info: NormInfo, mask: torch.Tensor | None, limit: int,
                  seed: int) -> torch.Tensor:
     """Token rows ``(N, C)`` of an activation: padding dropped, at most ``limit`` (seeded choice)."""
@@ -182,7 +177,7 @@ def _capture(program: Program, norms: list[_Norm], batches: list[Any], limit: in
                        else mod.register_forward_pre_hook(lambda m, a, _n=n: grab(_n, a[0])))
     try:
         for b, inputs in enumerate(batches):
-            state.update(rows={n.name: [] for n in norms}, mask=_mask_of(inputs), batch=b)
+            state.update(rows={n.name: [] for n in norms}, mask=mask_of(inputs), batch=b)
             if calls is None or calls[b] > 0:
                 _run(program.module, inputs, program.device)
             for n in norms:

@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.nn.quant import QMAX, grouped
+from graphopt.nn.quant import CODE_RANGE, QMAX, grouped
 
 
-def _scales(w: torch.Tensor, scheme: str) -> torch.Tensor:
+def _scales(w: torch.Tensor, scheme: str, qmax: int | None) -> torch.Tensor:
     """One scale per row of ``w`` (``[out, g]``) for ``scheme``."""
     if scheme == "ternary":
         return w.abs().mean(-1).clamp_min(1e-8)
-    return (w.abs().amax(-1) / QMAX[scheme]).clamp_min(1e-8)
+    return (w.abs().amax(-1) / (qmax or QMAX[scheme])).clamp_min(1e-8)
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
-    lo, hi = {"int8": (-127, 127), "int4": (-8, 7), "ternary": (-1, 1)}[scheme]
+def _round(w: torch.Tensor, scale: torch.Tensor, scheme: str, qmax: int | None) -> torch.Tensor:
+    lo, hi = (-qmax, qmax) if qmax else CODE_RANGE[scheme]
     return (w / scale).round().clamp(lo, hi)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, group_size: int, *,
-                  damp: float = 0.01, act_order: bool = False, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (int8 ``[out, in]``) and scales (``[out, groups]``) for ``weight`` given its input Hessian."""
+                  damp: float = 0.01, act_order: bool = False, block: int = 128, qmax: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8 ``[out, in]``) and scales (``[out, groups]``) for ``weight`` given its input Hessian.
+
+    ``qmax`` narrows int8 / int4 codes to ``[-qmax, qmax]`` (w8a8's 7-bit weights)."""
     out, k = weight.shape
     w = weight.detach().to(torch.float64).clone()
     h = hessian.to(torch.float64).clone()
@@ -42,7 +45,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
     scales = torch.zeros(out, n_groups, dtype=torch.float64)
     static = act_order or group_size <= 0
     if static:  # fixed from the original weights: needed when columns are visited out of order
-        scales[:] = _scales(grouped(w, group_size), scheme)
+        scales[:] = _scales(grouped(w, group_size), scheme, qmax)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -56,8 +59,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
             group = col // g
             if not static and col % g == 0:  # a new group: its scale from the weights as updated so far
                 span = min(g, k - col)
-                scales[:, group] = _scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme)
-            q = _round(w1[:, i], scales[:, group], scheme)
+                scales[:, group] = _scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme, qmax)
+            q = _round(w1[:, i], scales[:, group], scheme, qmax)
             codes[:, start + i] = q
             err = (w1[:, i] - q * scales[:, group]) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graphopt.analysis import AnalysisManager
+from graphopt.analysis.calibration import mask_of
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.program import Program
@@ -93,11 +94,6 @@ class _Features:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _mask_of(inputs: Any) -> torch.Tensor | None:
-    mask = as_example_inputs(inputs).kwargs.get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def _masked_mean(per_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -281,7 +277,7 @@ class Heal(Pass):
         inputs = as_example_inputs(raw).to(program.device)
         t_out, t_feats = self._teacher(program, index, inputs, cache, t_hooks)
         s_out = inputs.call(program.module)
-        return self._loss(s_out, t_out, s_hooks.take(), t_feats, _mask_of(inputs))
+        return self._loss(s_out, t_out, s_hooks.take(), t_feats, mask_of(inputs))
 
     def _evaluate(self, program: Program, batches: list[Any], held: list[int], cache: dict[int, Any],
                   t_hooks: _Features, s_hooks: _Features) -> float:

@@ -1,14 +1,20 @@
-"""quantize: weight-only int8 / int4 / ternary quantization of Linear layers (round to nearest, or GPTQ).
+"""quantize: int8 / int4 / ternary weights, or w8a8 (int8 weights and activations), of Linear layers.
 
 Every ``nn.Linear`` and HuggingFace ``Conv1D`` (GPT-2's transposed linear) in scope becomes a
 :class:`graphopt.nn.quant.QuantLinear` holding packed codes and per-channel or per-group scales.
 Left alone, each with a diagnostic: the vocabulary projection (the LM head: HF's output embeddings,
 or a layer tied to an embedding table; the most sensitive layer; ``lm_head=true`` quantizes it),
-embedding tables, layers outside ``where`` or inside ``skip``, and non-float weights.
-``method=gptq`` rounds with the inputs' Hessian (:mod:`.gptq`), one group of layers at a time in
-forward order, on the activations of the already-quantized model (:mod:`graphopt.analysis.calibration`).
-Not yet here (the quantization issue's later slices): mixed precision, w8a8, quantized ONNX
-operators and compressed-tensors checkpoints.
+embedding tables (``embeddings=true`` packs them as int8 / int4 rows), layers outside ``where`` or
+inside ``skip``, and non-float weights.
+
+- ``method=gptq`` rounds with the inputs' Hessian (:mod:`.gptq`), one group of layers at a time in
+  forward order, on the activations of the already-quantized model, one block at a time
+  (:mod:`.gptq_blocks`).
+- ``budget_bits=4.5`` (with ``scheme=int4``): mixed precision, the most sensitive layers kept at int8
+  so that the average bits per weight meet the budget (:mod:`.quant_plan`).
+- ``scheme=w8a8``: int8 weights per channel (7-bit codes, see ``W8A8_QMAX``) and int8 activations
+  quantized per tensor at run time; ``alpha`` migrates activation outliers into the weights first
+  (SmoothQuant, :mod:`.smoothquant`); unset, it is chosen per group of layers, ``alpha=0`` is off.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
-from graphopt.analysis.calibration import layer_input_grams
-from graphopt.frontend.inputs import as_example_inputs
+from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
-from graphopt.nn.quant import BACKENDS, QuantLinear
+from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
 
 from .gptq import gptq_quantize
+from .gptq_blocks import gptq_by_block, input_groups
+from .quant_plan import LayerPlan, layer_sensitivity, mixed_precision, plan_layers
+from .smoothquant import SmoothStats, choose_alpha
 
 log = logging.getLogger(__name__)
 
@@ -64,40 +72,113 @@ def output_embeddings(model: nn.Module) -> set[int]:
 
 @register_pass("quantize", tolerance=None)
 class Quantize(Pass):
-    """Quantize Linear weights to int8 / int4 / ternary (packed, per channel or per group)."""
+    """Quantize Linear weights to int8 / int4 / ternary, or weights and activations to int8 (w8a8)."""
 
-    scheme: Literal["int8", "int4", "ternary"] = "int8"
-    group_size: int = 128
+    scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"
+    group_size: int | None = None  # None: 128 for int4, one scale per channel (0) otherwise
     method: Literal["rtn", "gptq"] = "rtn"
     where: str = "*"
     skip: list[str] = field(default_factory=list)  # globs of module names left in float
     lm_head: bool = False
+    embeddings: bool = False  # pack embedding tables too (int4 rows in groups for int4, int8 rows otherwise)
+    budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
+    alpha: float | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
+    uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
     backend: Literal["auto", "torch", "int8_mm"] = "auto"
     damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
     act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
-    calib_batches: int = 32  # GPTQ: calibration batches read per group of layers
+    calib_batches: int = 32  # calibration batches read (per group of layers for GPTQ)
+    by_block: bool = True  # GPTQ: one transformer block at a time (false: a forward of the model per group)
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]  # only GPTQ reads calibration data
-        return self.method == "gptq"
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        smoothing = self.scheme == "w8a8" and (self.alpha is None or self.alpha > 0)
+        return self.method == "gptq" or self.budget_bits is not None or smoothing
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
-        if self.group_size < 0:
+        self._check_options(program)
+        result = PassResult(modified=False)
+        model = program.module
+        targets, tables = self._targets(model, result)
+        if not targets and not tables:
+            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
+            return result
+        weights = {n: linear_weight(program.get_submodule(n)) for n in targets}
+        shapes = {n: tuple(w.shape) for n, (w, _) in weights.items()}
+        plans, notes = plan_layers(shapes, self.scheme, self.group_size, self.uneven_groups)
+        for name, message in notes:
+            result.note(name, message)
+        if self.budget_bits is not None:
+            plans = self._mixed(program, weights, plans, shapes, result)
+        smooth = (self._smoothing(program, targets, result)
+                  if self.scheme == "w8a8" and (self.alpha is None or self.alpha > 0) else {})
+        sizes = {"before": 0, "after": 0, "weights": 0}
+
+        def quantize_group(group: list[str], grams: dict) -> None:
+            for name in group:
+                weight, bias = linear_weight(program.get_submodule(name))
+                layer = self._quantized(weight, bias, plans[name], smooth.get(name),
+                                        grams[name].mean() if name in grams else None)
+                program.replace_module(name, layer)
+                sizes["before"] += weight.numel() * weight.element_size()
+                sizes["after"] += layer.weight_bytes
+                sizes["weights"] += weight.numel()
+
+        if self.method == "gptq":
+            batches = self._batches(program)
+            rest = gptq_by_block(model, targets, batches, quantize_group) if self.by_block else targets
+            for group in self._sequential_groups(program, rest) if rest else []:
+                quantize_group(group, layer_input_grams(model, {n: program.get_submodule(n) for n in group},
+                                                        batches))
+        else:
+            quantize_group(targets, {})
+        before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
+        for name in tables:
+            table = program.get_submodule(name)
+            int4 = self.scheme == "int4"
+            packed = QuantEmbedding.from_embedding(table, scheme="int4" if int4 else "int8",
+                                                   group_size=(self.group_size or 128) if int4 else 0)
+            program.replace_module(name, packed)
+            before += table.weight.numel() * table.weight.element_size()
+            after += packed.weight_bytes
+            n_weights += table.weight.numel()
+        result.modified = True
+        result.stats.update({"layers": len(targets), "weight_mb_before": round(before / 2**20, 4),
+                             "weight_mb_after": round(after / 2**20, 4),
+                             "bits_per_weight": round(8 * after / n_weights, 3)})
+        if tables:
+            result.stats["embedding_tables"] = len(tables)
+        return result
+
+    # --- options and scope ----------------------------------------------------------------------------
+    def _check_options(self, program: Program) -> None:
+        if self.group_size is not None and self.group_size < 0:
             raise ValueError(f"quantize(group_size={self.group_size}): give 0 (one scale per channel) or a "
                              "positive group size such as 32, 64 or 128")
         if self.backend not in BACKENDS:
             raise ValueError(f"quantize(backend={self.backend!r}): choose from {', '.join(BACKENDS)}")
         if not 0 <= self.damp < 1 or self.calib_batches < 1:
             raise ValueError("quantize: damp must be in [0, 1) and calib_batches >= 1")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"quantize(alpha={self.alpha}): SmoothQuant's alpha is in [0, 1] (0: no migration)")
+        if self.budget_bits is not None and self.scheme != "int4":
+            raise ValueError(f"quantize(budget_bits=...) mixes int4 and int8 layers; it needs scheme=int4, "
+                             f"not {self.scheme}")
         if program.device.type == "meta":
             raise ValueError("quantize needs real weights; the model is on the meta device (load its weights first)")
-        result = PassResult(modified=False)
-        model = program.module
+
+    def _targets(self, model: nn.Module, result: PassResult) -> tuple[list[str], list[str]]:
         heads = output_embeddings(model)
-        targets: list[str] = []
+        heads |= {id(m.weight) for m in model.modules() if id(m) in heads and isinstance(m, nn.Module)
+                  and isinstance(getattr(m, "weight", None), torch.Tensor)}  # and their weights (tied tables)
+        targets, tables = [], []
         for name, module in model.named_modules():
             if isinstance(module, nn.Embedding):
-                result.skip(name, "embedding table: stays in float (packed embedding rows are not supported yet)")
+                why = self._why_not_table(name, module, heads)
+                if why:
+                    result.skip(name, why)
+                else:
+                    tables.append(name)
                 continue
             found = linear_weight(module)
             if found is None or not name:
@@ -107,28 +188,62 @@ class Quantize(Pass):
                 result.skip(name, why)
             else:
                 targets.append(name)
-        if not targets:
-            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
-            return result
-        before = after = n_weights = 0
-        for group in (self._sequential_groups(program, targets) if self.method == "gptq" else [targets]):
-            grams = (layer_input_grams(model, {n: program.get_submodule(n) for n in group}, self._batches(program))
-                     if self.method == "gptq" else {})
-            for name in group:
-                weight, bias = linear_weight(program.get_submodule(name))
-                codes = (gptq_quantize(weight, grams[name].mean(), self.scheme, self.group_size, damp=self.damp,
-                                       act_order=self.act_order) if name in grams else None)
-                layer = QuantLinear.from_linear(weight, bias, scheme=self.scheme, group_size=self.group_size,
-                                                backend=self.backend, codes=codes)
-                program.replace_module(name, layer)
-                before += weight.numel() * weight.element_size()
-                after += layer.weight_bytes
-                n_weights += weight.numel()
-        result.modified = True
-        result.stats.update({"layers": len(targets), "weight_mb_before": round(before / 2**20, 4),
-                             "weight_mb_after": round(after / 2**20, 4),
-                             "bits_per_weight": round(8 * after / n_weights, 3)})
-        return result
+        return targets, tables
+
+    def _why_not_table(self, name: str, table: nn.Embedding, heads: set[int]) -> str:
+        if not self.embeddings:
+            return "embedding table: stays in float (quantize(embeddings=true) packs its rows)"
+        if id(table.weight) in heads and not self.lm_head:
+            return "embedding table tied to the LM head, which stays in float"
+        if not fnmatch.fnmatchcase(name, self.where) or any(fnmatch.fnmatchcase(name, g) for g in self.skip):
+            return "outside where / inside skip"
+        return ""
+
+    # --- per-layer quantization ---------------------------------------------------------------------
+    def _quantized(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: LayerPlan,
+                   smooth: torch.Tensor | None, hessian: torch.Tensor | None) -> QuantLinear:
+        qmax = W8A8_QMAX if plan.activations == "dynamic" else None
+        codes = None
+        if hessian is not None:
+            w, h = weight, hessian
+            if smooth is not None:  # the layer sees x * smooth and holds W / smooth
+                w = weight / smooth.to(weight.dtype)
+                h = hessian * smooth.double()[:, None] * smooth.double()[None, :]
+            codes = gptq_quantize(w, h, plan.scheme, plan.group_size, damp=self.damp, act_order=self.act_order,
+                                  qmax=qmax)
+        return QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size,
+                                       backend=self.backend, codes=codes, activations=plan.activations,
+                                       smooth=smooth)
+
+    def _mixed(self, program: Program, weights: dict, plans: dict[str, LayerPlan], shapes: dict,
+               result: PassResult) -> dict[str, LayerPlan]:
+        batches = self._batches(program)[:4]
+        scores = layer_sensitivity(program.module, weights, plans, batches,
+                                   lambda n, m: _swap(program.module, n, m))
+        chosen, reached = mixed_precision(plans, shapes, scores, self.budget_bits)
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        for rank, name in enumerate(ranked, 1):
+            plan = chosen[name]
+            bits = "int8 per channel" if plan.scheme == "int8" else f"{plan.scheme} g{plan.group_size}"
+            result.note(name, f"{bits} (sensitivity {scores[name]:.2e}, rank {rank} of {len(ranked)})")
+        result.stats["int8_layers"] = sum(p.scheme == "int8" for p in chosen.values())
+        result.stats["planned_bits"] = round(reached, 3)
+        return chosen
+
+    def _smoothing(self, program: Program, targets: list[str], result: PassResult) -> dict[str, torch.Tensor]:
+        """SmoothQuant's input multiplier (``1 / s``) per layer (:mod:`.smoothquant`), shared by the layers
+        that read one tensor."""
+        stats = layer_input_stats(program.module, {n: program.get_submodule(n) for n in targets},
+                                  self._batches(program), SmoothStats)
+        out = {}
+        for group in self._sequential_groups(program, targets):
+            weights = [linear_weight(program.get_submodule(n))[0] for n in group]
+            _, s, why = choose_alpha(stats[group[0]], weights, self.alpha)
+            result.note(group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})", f"SmoothQuant: {why}")
+            if s is not None:
+                for name, w in zip(group, weights):
+                    out[name] = (1.0 / s).to(device=w.device, dtype=w.dtype)
+        return out
 
     def _batches(self, program: Program) -> list:
         return list(itertools.islice(iter(program.calib), self.calib_batches))
@@ -138,32 +253,10 @@ class Quantize(Pass):
 
         GPTQ then quantizes one group at a time on the inputs the already-quantized layers produce.
         """
-        first: dict[str, int] = {}
-        order: list[str] = []
-
-        def hook(name: str):
-            def record(module: nn.Module, args: tuple) -> None:
-                if name not in first:
-                    first[name] = id(args[0])
-                    order.append(name)
-            return record
-
-        handles = [program.get_submodule(n).register_forward_pre_hook(hook(n)) for n in targets]
-        try:
-            with torch.no_grad():
-                as_example_inputs(self._batches(program)[0]).call(program.module)
-        finally:
-            for h in handles:
-                h.remove()
-        groups: list[list[str]] = []
-        for name in order:
-            if groups and first[groups[-1][0]] == first[name]:
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-        unreached = [n for n in targets if n not in first]
+        groups, unreached = input_groups(program.module, {n: program.get_submodule(n) for n in targets},
+                                         self._batches(program)[0])
         if unreached:
-            raise ValueError(f"quantize(method=gptq): the calibration data never reaches {unreached[:3]}; "
+            raise ValueError(f"quantize: the calibration data never reaches {unreached[:3]}; "
                              "give inputs that run every layer, or skip those layers")
         return groups
 
@@ -179,3 +272,12 @@ class Quantize(Pass):
             return ("the vocabulary projection (LM head): the most sensitive layer stays in float; "
                     "quantize(lm_head=true) quantizes it")
         return ""
+
+
+def _swap(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` without recording an edit (for measurements); returns what was there."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return old

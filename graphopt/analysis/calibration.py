@@ -2,20 +2,28 @@
 
 :class:`GramAccumulator` sums ``XᵀX`` in float64 over the rows of a layer's inputs, leaving out the
 padding tokens of each batch (its ``attention_mask``), so nothing but a ``[in, in]`` matrix is kept.
-:func:`layer_input_grams` runs calibration batches through a model and accumulates the Gram matrix
-of the inputs of chosen layers, stopping each forward as soon as all of them have been seen.
+:func:`layer_input_stats` runs calibration batches through a model and feeds the inputs of chosen
+layers to one accumulator each, stopping each forward as soon as all of them have been seen;
+:func:`layer_input_grams` is that with Gram matrices.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from ..frontend.inputs import as_example_inputs
+
+
+class Accumulator(Protocol):
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None: ...
+
+
+Acc = TypeVar("Acc", bound=Accumulator)
 
 
 class GramAccumulator:
@@ -45,22 +53,29 @@ class _Seen(Exception):
     """Stops a forward once every watched layer has had its input."""
 
 
-def _mask_of(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, dict):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return mask
-    return None
+def mask_of(inputs: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` keyword input of one batch (``[batch, seq]``), if it has one."""
+    mask = as_example_inputs(inputs).kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def layer_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]
-                      ) -> dict[str, GramAccumulator]:
-    """The Gram matrix of each layer's input over ``batches`` (padding rows left out).
+def layer_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any],
+                      masks: Sequence[torch.Tensor | None] | None = None) -> dict[str, GramAccumulator]:
+    """The Gram matrix of each layer's input over ``batches`` (padding rows left out)."""
+    return layer_input_stats(model, layers, batches, GramAccumulator, masks)
 
-    The model runs in eval mode without autograd; each forward stops once all ``layers`` have been
-    called, so only the part of the model up to them runs.
+
+def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any],
+                      accumulator: Callable[[int], Acc], masks: Sequence[torch.Tensor | None] | None = None
+                      ) -> dict[str, Acc]:
+    """One ``accumulator(in_features)`` per layer, fed the layer's first input of each batch.
+
+    ``model`` may be a part of a model (one block) and ``batches`` its inputs; ``masks`` then gives
+    each batch's padding mask (default: each batch's ``attention_mask``). The model runs without
+    autograd; each forward stops once all ``layers`` have been called, so only the part of the model
+    up to them runs.
     """
-    grams = {name: GramAccumulator(_in_features(m)) for name, m in layers.items()}
+    grams = {name: accumulator(_in_features(m)) for name, m in layers.items()}
     seen: set[str] = set()
     mask: list[torch.Tensor | None] = [None]
 
@@ -76,9 +91,9 @@ def layer_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: I
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 seen.clear()
-                mask[0] = _mask_of(batch)
+                mask[0] = mask_of(batch) if masks is None else masks[i]
                 with contextlib.suppress(_Seen):
                     as_example_inputs(batch).call(model)
     finally:

@@ -217,7 +217,8 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
         _save(result, loaded, args.out, con)
     if args.onnx:
         with con.step(f"exporting ONNX to {args.onnx}"):
-            exported = result.export_onnx(args.onnx, dynamic_axes="auto" if args.dynamic else None)
+            exported = result.export_onnx(args.onnx, dynamic_axes="auto" if args.dynamic else None,
+                                          quant_format=args.onnx_quant_format, accuracy_level=args.accuracy_level)
         con.print(str(exported))
     failed = result.report.failed
     if failed:
@@ -230,6 +231,7 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
 def _save(result: Any, loaded: Any, out: str, con: Console) -> None:
     """A directory plain transformers loads when the config describes the model, else graphopt's format."""
     from ..analysis.hf_config import is_hf_model, summarize
+    from ..emit.compressed_tensors import is_quantized
     from ..emit.hf import loadability_problems, write_pretrained
 
     problems = loadability_problems(result.model) if is_hf_model(result.model) else None
@@ -237,7 +239,8 @@ def _save(result: Any, loaded: Any, out: str, con: Console) -> None:
         with con.step(f"saving to {out} (save_pretrained)"):
             write_pretrained(result.model, out, loaded.tokenizer)
         con.print(f"saved to {out}: config, weights{' and tokenizer' if loaded.tokenizer is not None else ''} "
-                  f"(load with transformers' {type(result.model).__name__}.from_pretrained(directory))")
+                  f"(load with transformers' {type(result.model).__name__}.from_pretrained(directory)"
+                  f"{'; quantized: needs the compressed-tensors package' if is_quantized(result.model) else ''})")
         return
     with con.step(f"saving to {out}"):
         result.save(out)

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="FILE", help="export the optimized model to ONNX, checked in onnxruntime")
     p.add_argument("--dynamic", action="store_true",
                    help="--onnx with dynamic batch (and sequence, for token inputs) axes")
+    p.add_argument("--onnx-quant-format", choices=("qdq", "matmulnbits"), default="qdq",
+                   help="--onnx: how quantized layers are written (default: qdq, standard ONNX)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                   help="--onnx: onnxruntime's compute precision for 4-bit layers (0: float, 4: int8; default 0)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--inplace", action="store_true",
                    help="optimize the loaded model without copying it first (halves peak memory)")

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..analysis.hf_config import is_hf_model, structure_mismatches, summarize
+from .compressed_tensors import compressed_tensors_problems, is_quantized, save_compressed
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,22 @@ class NotLoadableError(ValueError):
 
 
 def loadability_problems(model: nn.Module) -> list[str]:
-    """Why ``from_pretrained`` could not rebuild ``model`` from its config (tensors and module classes)."""
+    """Why ``from_pretrained`` could not rebuild ``model`` from its config (tensors and module classes).
+
+    A quantized model is written as a compressed-tensors checkpoint: what that format cannot hold counts.
+    """
     if not is_hf_model(model):
         return [f"{type(model).__name__} is not a HuggingFace PreTrainedModel"]
+    if is_quantized(model):
+        return compressed_tensors_problems(model)
     return structure_mismatches(model, attributes=False)
 
 
 def refusal(model: nn.Module, problems: list[str]) -> str:
+    if is_quantized(model):
+        return (f"{type(model).__name__}.save_pretrained refused: the compressed-tensors format cannot hold this "
+                f"quantized model ({summarize(problems, 2)}). Save with go.save(result, directory) (graphopt's own "
+                "format keeps every layer), or export it to ONNX")
     return (f"{type(model).__name__}.save_pretrained refused: its config cannot describe the rewritten model, so "
             f"transformers could not load the directory ({summarize(problems, 1)}). Save with "
             "go.save(result, directory) and load with go.load(directory, base_model); or, for pruning, use "
@@ -42,10 +52,16 @@ def refusal(model: nn.Module, problems: list[str]) -> str:
 
 
 def save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-    """The model's own ``save_pretrained``, after checking that plain transformers can load what it writes."""
+    """The model's own ``save_pretrained``, after checking that plain transformers can load what it writes;
+    a quantized model is written as a compressed-tensors checkpoint (:mod:`.compressed_tensors`)."""
     problems = loadability_problems(self)
     if problems:
         raise NotLoadableError(refusal(self, problems))
+    if is_quantized(self):
+        if args or kwargs:
+            raise TypeError("save_pretrained of a quantized model takes only the directory (it writes the "
+                            "compressed-tensors format)")
+        return save_compressed(self, save_directory)
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 

@@ -48,11 +48,13 @@ def check_dynamic_dims(path: Path, shapes: dict[str, tuple[int | str, ...]],
                           "reshape on it): make the code shape-generic, or drop the axis from dynamic_axes")
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, config: dict[str, str] | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -72,8 +74,12 @@ def _run_ort(session: Any, names: list[str], tensors: Sequence[torch.Tensor]) ->
     return [torch.from_numpy(o) for o in session.run(None, feed)]
 
 
-def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> tuple[float, str]:
-    """``(max abs error, problem)``; ``problem`` is empty when ``got`` matches ``ref`` within tolerance."""
+def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float,
+             rel_l2: float | None = None) -> tuple[float, str]:
+    """``(max abs error, problem)``; ``problem`` is empty when ``got`` matches ``ref`` within tolerance.
+
+    With ``rel_l2``, a float output passes when ``||got - ref|| <= rel_l2 * ||ref||`` instead of elementwise.
+    """
     ref = ref.detach().cpu()
     if tuple(got.shape) != tuple(ref.shape):
         return float("inf"), (f"output {name!r} has shape {list(got.shape)} in onnxruntime, "
@@ -88,6 +94,10 @@ def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol:
     close = torch.isclose(g, r, rtol=rtol, atol=atol, equal_nan=True)
     diff = (g - r).abs().nan_to_num(nan=float("inf"))
     max_abs = float(diff.max())
+    if rel_l2 is not None:
+        rel = float(diff.norm() / r.norm().clamp_min(1e-12))
+        return max_abs, ("" if rel <= rel_l2 else f"output {name!r}: relative error {rel:.3g} > {rel_l2:g} "
+                         f"(max abs error {max_abs:.3g})")
     if bool(close.all()):
         return max_abs, ""
     excess = torch.where(close, torch.zeros_like(diff), diff - rtol * r.abs())
@@ -112,7 +122,10 @@ def refuse_file(path: Path, message: str) -> OnnxVerificationError:
 
 def verify_file(path: Path, model: nn.Module, layout: CallLayout, out_names: list[str],
             reference: list[torch.Tensor], axes: dict[str, dict[int, str]], atol: float,
-            rtol: float) -> tuple[list[VerifiedRun], list[str]]:
+            rtol: float, session_config: dict[str, str] | None = None, rel_l2: float | None = None
+            ) -> tuple[list[VerifiedRun], list[str]]:
+    """Check ``path`` with ``onnx.checker`` and compare onnxruntime (``session_config`` entries set) to torch
+    (elementwise, or by relative error ``rel_l2`` when given)."""
     import onnx
 
     try:
@@ -120,7 +133,7 @@ def verify_file(path: Path, model: nn.Module, layout: CallLayout, out_names: lis
     except Exception as e:
         raise refuse_file(path, f"onnx.checker rejected the exported model: {first_lines(e)}") from e
     try:
-        session = _session(path)
+        session = _session(path, session_config)
     except Exception as e:
         raise refuse_file(path, f"onnxruntime cannot load the exported model: {first_lines(e)}") from e
     runs: list[VerifiedRun] = []
@@ -143,7 +156,7 @@ def verify_file(path: Path, model: nn.Module, layout: CallLayout, out_names: lis
             raise refuse_file(path, f"onnxruntime returned {len(got)} outputs, torch {len(ref)} (on {described})")
         worst, problems = 0.0, []
         for name, g, r in zip(out_names, got, ref):
-            err, problem = _compare(name, g, r, atol, rtol)
+            err, problem = _compare(name, g, r, atol, rtol, rel_l2)
             worst = max(worst, err)
             if problem:
                 problems.append(problem)

@@ -1,19 +1,12 @@
-"""Quantized linear layers and their packed weight formats.
+"""Quantized linear layers: :class:`QuantLinear` holds packed codes and scales.
 
-Formats (symmetric, one scale per output row and group of ``group_size`` input columns; a last
-group shorter than ``group_size`` when ``in_features`` is not a multiple of it):
-
-- ``int8``: one signed byte per weight, codes in [-127, 127], ``scale = max|w| / 127`` per row
-  (``group_size=0``: per channel) or per group.
-- ``int4``: codes in [-8, 7], stored offset by +8 as unsigned nibbles, two per byte: column ``2j``
-  in the low nibble of byte ``j``, column ``2j + 1`` in the high one; ``scale = max|w| / 7``.
-- ``ternary``: codes in {-1, 0, 1} (BitNet b1.58's absmean rounding: ``scale = mean|w|``), stored
-  offset by +1 in 2 bits, four per byte: column ``4j + i`` at bits ``2i`` of byte ``j``.
-
-:class:`QuantLinear` holds the packed codes (``qweight``, a ``uint8``/``int8`` buffer) and the scales
-(``scale``, ``[out, groups]``); ``backend`` picks how it runs: ``"torch"`` (dequantize, then
-``F.linear``: the reference) or ``"int8_mm"`` (torch's packed int8 CPU kernel, int8 per channel
-only); ``"auto"`` takes the fastest one measured (today ``"torch"``; Triton on CUDA is next).
+The packed formats (int8, int4 two per byte, ternary four per byte) and the op that runs them live in
+:mod:`graphopt.kernels.quant`. A layer holds ``qweight`` (``int8``/``uint8`` buffer), ``scale``
+(``[out, groups]``), an optional ``smooth`` (``[in]``: SmoothQuant's per-input-channel factor, the
+input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"dynamic"``: w8a8,
+the input quantized to uint8 per call). ``backend`` picks how it runs: ``"torch"`` (the reference:
+dequantize, then a float matmul) or ``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per
+channel); ``"auto"`` takes the fastest one measured (today ``"torch"``; Triton on CUDA is next).
 """
 
 from __future__ import annotations
@@ -22,31 +15,37 @@ import math
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from graphopt.kernels.quant import (
+    ACTIVATIONS,
+    BITS,
+    CODE_RANGE,
+    PER_BYTE,
+    QMAX,
+    SCHEMES,
+    W8A8_QMAX,
+    dequantize,
+    grouped,
+    n_groups,
+    pack,
+    quant_linear,
+    unpack,
+)
+
 Scheme = Literal["int8", "int4", "ternary"]
-SCHEMES: tuple[str, ...] = ("int8", "int4", "ternary")
-BITS = {"int8": 8, "int4": 4, "ternary": 2}
-QMAX = {"int8": 127, "int4": 7}
-_PER_BYTE = {"int8": 1, "int4": 2, "ternary": 4}
 BACKENDS = ("auto", "torch", "int8_mm")
 
-
-def n_groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size <= 0 else math.ceil(in_features / group_size)
-
-
-def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[out, in]`` -> ``[out, groups, g]``, the last group zero-padded."""
-    out, k = w.shape
-    g = k if group_size <= 0 else group_size
-    pad = n_groups(k, group_size) * g - k
-    return F.pad(w, (0, pad)).reshape(out, -1, g)
+__all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_QMAX", "QuantEmbedding", "QuantLinear", "dequantize", "grouped",
+           "n_groups", "pack", "quantize_weight", "unpack"]
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest codes (``int8`` tensor ``[out, in]``) and scales (``[out, groups]``, float32)."""
+def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes (``int8`` tensor ``[out, in]``) and scales (``[out, groups]``, float32).
+
+    ``qmax`` narrows the int8 / int4 codes to ``[-qmax, qmax]`` (:data:`W8A8_QMAX` for w8a8 on x86 CPUs).
+    """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     k = w.shape[1]
@@ -54,79 +53,59 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int) -> tuple[t
     if scheme == "ternary":
         valid = grouped(torch.ones_like(w, dtype=torch.float32), group_size)
         scale = (wg.abs().sum(-1) / valid.sum(-1)).clamp_min(1e-8)
-        codes = (wg / scale[..., None]).round().clamp(-1, 1)
     else:
-        qmax = QMAX[scheme]
+        qmax = qmax or QMAX[scheme]
         scale = (wg.abs().amax(-1) / qmax).clamp_min(1e-8)
-        codes = (wg / scale[..., None]).round().clamp(-qmax - (scheme == "int4"), qmax)
+    lo, hi = CODE_RANGE[scheme]
+    codes = (wg / scale[..., None]).round().clamp(lo if qmax is None else -qmax, hi if qmax is None else qmax)
     return codes.reshape(w.shape[0], -1)[:, :k].to(torch.int8), scale
 
 
-def pack(codes: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """Codes ``[out, in]`` (int8) -> the stored layout (see the module docstring)."""
-    if scheme == "int8":
-        return codes.to(torch.int8).contiguous()
-    per, offset, bits = _PER_BYTE[scheme], (8 if scheme == "int4" else 1), BITS[scheme]
-    out, k = codes.shape
-    padded = F.pad(codes.to(torch.int16) + offset, (0, (-k) % per)).reshape(out, -1, per)
-    packed = torch.zeros(padded.shape[:2], dtype=torch.int16)
-    for i in range(per):
-        packed |= padded[..., i] << (bits * i)
-    return packed.to(torch.uint8)
-
-
-def unpack(packed: torch.Tensor, scheme: Scheme, in_features: int) -> torch.Tensor:
-    """The stored layout -> codes ``[out, in_features]`` (int8)."""
-    if scheme == "int8":
-        return packed[:, :in_features].to(torch.int8)
-    per, offset, bits = _PER_BYTE[scheme], (8 if scheme == "int4" else 1), BITS[scheme]
-    p = packed.to(torch.int16)
-    parts = [(p >> (bits * i)) & ((1 << bits) - 1) for i in range(per)]
-    codes = torch.stack(parts, -1).reshape(packed.shape[0], -1)[:, :in_features] - offset
-    return codes.to(torch.int8)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
-               ) -> torch.Tensor:
-    """Codes ``[out, in]`` times their group's scale -> weights ``[out, in]``."""
-    k = codes.shape[1]
-    values = grouped(codes.to(torch.float32), group_size) * scale.to(torch.float32)[..., None]
-    return values.reshape(codes.shape[0], -1)[:, :k].to(dtype)
-
-
 class QuantLinear(nn.Module):
-    """A Linear layer with packed low-bit weights (see the module docstring for the formats)."""
+    """A Linear layer with packed low-bit weights (formats: :mod:`graphopt.kernels.quant`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: Scheme = "int8",
-                 group_size: int = 0, backend: str = "auto", dtype: torch.dtype | str | None = None,
-                 device: Any = None) -> None:
+                 group_size: int = 0, backend: str = "auto", activations: str = "none", smooth: bool = False,
+                 dtype: torch.dtype | str | None = None, device: Any = None) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"unknown activations {activations!r}; choose from {', '.join(ACTIVATIONS)}")
         if group_size < 0:
             raise ValueError(f"group_size must be >= 0 (0: one scale per output channel), got {group_size}")
+        if activations == "dynamic" and (scheme != "int8" or group_size > 0):
+            raise ValueError("activations='dynamic' (w8a8) needs int8 weights with one scale per channel "
+                             f"(got scheme={scheme}, group_size={group_size})")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
         self.in_features, self.out_features = in_features, out_features
-        self.scheme, self.group_size, self.backend = scheme, group_size, backend
-        per = _PER_BYTE[scheme]
+        self.scheme, self.group_size, self.backend, self.activations = scheme, group_size, backend, activations
         stored = torch.int8 if scheme == "int8" else torch.uint8
-        self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features / per), dtype=stored,
-                                                    device=device))
+        self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features / PER_BYTE[scheme]),
+                                                    dtype=stored, device=device))
         self.register_buffer("scale", torch.ones(out_features, n_groups(in_features, group_size), dtype=dtype,
                                                  device=device))
+        self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, device=device) if smooth else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, scheme: Scheme, group_size: int,
-                    backend: str = "auto", codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+                    backend: str = "auto", codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    activations: str = "none", smooth: torch.Tensor | None = None) -> QuantLinear:
         """A layer for ``weight`` (``[out, in]``) on its device and dtype: its round-to-nearest codes, or the
-        ``(codes, scales)`` given (from GPTQ, say)."""
+        ``(codes, scales)`` given (from GPTQ, say). With ``smooth`` (``[in]``), the layer computes
+        ``(x * smooth) @ (W / smooth).T``: the codes are those of ``W / smooth``. w8a8 layers round their
+        weights to 7 bits (:data:`W8A8_QMAX`) unless ``codes`` are given."""
         out, k = weight.shape
         layer = cls(k, out, bias is not None, scheme=scheme, group_size=group_size, backend=backend,
-                    dtype=weight.dtype, device=weight.device)
-        layer.set_codes(*(codes if codes is not None else quantize_weight(weight, scheme, group_size)))
+                    activations=activations, smooth=smooth is not None, dtype=weight.dtype, device=weight.device)
+        if smooth is not None:
+            layer.smooth.copy_(smooth)
+            weight = weight / smooth.to(weight.dtype)
+        qmax = W8A8_QMAX if activations == "dynamic" else None
+        layer.set_codes(*(codes if codes is not None else quantize_weight(weight, scheme, group_size, qmax)))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
@@ -139,11 +118,19 @@ class QuantLinear(nn.Module):
         return unpack(self.qweight, self.scheme, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.codes(), self.scale, self.group_size, dtype or self.scale.dtype)
+        """The weight the layer applies to its (unsmoothed) input, ``[out, in]``."""
+        w = dequantize(self.codes(), self.scale, self.group_size, torch.float32)
+        if self.smooth is not None:
+            w = w * self.smooth.to(torch.float32)
+        return w.to(dtype or self.scale.dtype)
 
     @property
     def weight_bytes(self) -> int:
-        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.smooth) if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.weight_bytes / (self.in_features * self.out_features)
 
     def resolved_backend(self, x: torch.Tensor) -> str:
         """``auto`` is ``torch``: on the CPUs measured here torch's packed int8 kernel (``int8_mm``) ran
@@ -151,22 +138,81 @@ class QuantLinear(nn.Module):
         return "torch" if self.backend == "auto" else self.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resolved_backend(x) == "int8_mm":
-            if self.scheme != "int8" or self.group_size > 0:
-                raise ValueError("backend='int8_mm' runs int8 weights with one scale per channel only")
-            flat = x.reshape(-1, self.in_features)
-            y = torch._weight_int8pack_mm(flat, self.qweight, self.scale[:, 0].to(x.dtype))
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias.to(x.dtype) if self.bias is not None else y
-        w = self.dequantized_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        if self.smooth is not None:
+            x = x * self.smooth.to(x.dtype)
+        y = quant_linear(x, self.qweight, self.scale.to(x.dtype), self.scheme, self.group_size, self.in_features,
+                         self.activations, self.resolved_backend(x))
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "scheme": self.scheme, "group_size": self.group_size, "backend": self.backend,
+                "activations": self.activations, "smooth": self.smooth is not None,
                 "dtype": str(self.scale.dtype).removeprefix("torch.")}
 
     def extra_repr(self) -> str:
         group = f"group_size={self.group_size}" if self.group_size > 0 else "per channel"
+        acts = f", activations={self.activations}" if self.activations != "none" else ""
+        smooth = ", smoothed" if self.smooth is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"scheme={self.scheme}, {group}, backend={self.backend}")
+                f"scheme={self.scheme}, {group}{acts}{smooth}, backend={self.backend}")
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table stored as packed int8 / int4 rows with per-row (or per-row-group) scales.
+
+    A lookup gathers the packed rows of the ids, then unpacks and scales only those rows, so the
+    table stays packed in memory. ``weight`` (the dequantized table, built on each access) is there
+    for code that reads an embedding's dtype or shape; it is not what ``forward`` uses.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 scheme: Scheme = "int8", group_size: int = 0, dtype: torch.dtype | str | None = None,
+                 device: Any = None) -> None:
+        super().__init__()
+        if scheme not in ("int8", "int4"):
+            raise ValueError(f"embedding tables quantize to int8 or int4, not {scheme!r}")
+        if group_size < 0:
+            raise ValueError(f"group_size must be >= 0 (0: one scale per row), got {group_size}")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.scheme, self.group_size = scheme, group_size
+        stored = torch.int8 if scheme == "int8" else torch.uint8
+        self.register_buffer("qweight", torch.zeros(num_embeddings, math.ceil(embedding_dim / PER_BYTE[scheme]),
+                                                    dtype=stored, device=device))
+        self.register_buffer("scale", torch.ones(num_embeddings, n_groups(embedding_dim, group_size), dtype=dtype,
+                                                 device=device))
+
+    @classmethod
+    def from_embedding(cls, table: nn.Embedding, *, scheme: Scheme, group_size: int) -> QuantEmbedding:
+        w = table.weight.detach()
+        layer = cls(table.num_embeddings, table.embedding_dim, table.padding_idx, scheme=scheme,
+                    group_size=group_size, dtype=w.dtype, device=w.device)
+        codes, scale = quantize_weight(w, scheme, group_size)
+        layer.qweight = pack(codes.cpu(), scheme).to(w.device)
+        layer.scale = scale.to(device=w.device, dtype=w.dtype)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(unpack(self.qweight, self.scheme, self.embedding_dim), self.scale, self.group_size,
+                          self.scale.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = unpack(self.qweight.index_select(0, flat), self.scheme, self.embedding_dim)
+        values = dequantize(rows, self.scale.index_select(0, flat), self.group_size, self.scale.dtype)
+        return values.reshape(*ids.shape, self.embedding_dim)
+
+    def graphopt_spec(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, "scheme": self.scheme, "group_size": self.group_size,
+                "dtype": str(self.scale.dtype).removeprefix("torch.")}
+
+    def extra_repr(self) -> str:
+        group = f"group_size={self.group_size}" if self.group_size > 0 else "per row"
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}, {group}"

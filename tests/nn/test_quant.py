@@ -88,3 +88,78 @@ def test_bad_arguments_are_named():
         QuantLinear(4, 4, backend="cuda")
     with pytest.raises(ValueError, match="group_size"):
         QuantLinear(4, 4, group_size=-1)
+
+
+# --- w8a8, SmoothQuant factors, packed embeddings ------------------------------------------------------
+
+def _onnx_dynamic_quantize(x):
+    """ONNX DynamicQuantizeLinear written out from its specification (numpy, round half to even)."""
+    import numpy as np
+
+    a = x.numpy().astype(np.float32)
+    lo, hi = min(a.min(), 0.0), max(a.max(), 0.0)
+    scale = np.float32((hi - lo) / 255)
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    return np.clip(np.rint(a / scale) + zero, 0, 255), scale, zero
+
+
+def test_w8a8_layer_is_integer_arithmetic_on_onnx_style_codes():
+    from graphopt.nn.quant import W8A8_QMAX
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 9)
+    layer = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="dynamic")
+    assert int(layer.codes().abs().max()) == W8A8_QMAX  # 7-bit weight codes (see W8A8_QMAX)
+    x = torch.randn(2, 6, 40) * 3 + 1
+    q, scale, zero = _onnx_dynamic_quantize(x)
+    acc = (torch.from_numpy(q - zero).double() @ layer.codes().double().T)  # exact integers
+    want = acc * float(scale) * layer.scale[:, 0].double() + lin.bias.double()
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert float((got - lin(x)).abs().max()) < 0.05 * float(lin(x).abs().max())  # and close to float
+
+
+def test_w8a8_needs_int8_per_channel():
+    with pytest.raises(ValueError, match="one scale per channel"):
+        QuantLinear(16, 4, scheme="int8", group_size=8, activations="dynamic")
+    with pytest.raises(ValueError, match="int8 weights"):
+        QuantLinear(16, 4, scheme="int4", activations="dynamic")
+
+
+@pytest.mark.parametrize("activations", ["none", "dynamic"])
+def test_smoothing_factor_keeps_the_function(activations):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(24, 8)
+    smooth = torch.rand(24) * 4 + 0.1
+    layer = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations=activations,
+                                    smooth=smooth)
+    codes, scale = quantize_weight(lin.weight / smooth, "int8", 0, 63 if activations == "dynamic" else None)
+    assert torch.equal(layer.codes(), codes)  # the codes are those of W / smooth
+    assert torch.allclose(layer.dequantized_weight(), dequantize(codes, scale, 0) * smooth)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        if activations == "none":  # (x * smooth) @ (W / smooth).T is x @ W_effective.T
+            want = torch.nn.functional.linear(x, layer.dequantized_weight(), lin.bias)
+            assert torch.allclose(layer(x), want, atol=1e-5)
+        assert float((layer(x) - lin(x)).abs().max()) < 0.1 * float(lin(x).abs().max())
+    rebuilt = build_module(module_spec(layer))
+    rebuilt.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), layer(x))
+
+
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 16), ("int4", 0)])
+def test_quant_embedding_looks_up_packed_rows(scheme, group):
+    from graphopt.nn.quant import QuantEmbedding
+
+    table = torch.nn.Embedding(50, 37, padding_idx=0)
+    packed = QuantEmbedding.from_embedding(table, scheme=scheme, group_size=group)
+    ids = torch.randint(0, 50, (3, 7))
+    step = 1 / (127 if scheme == "int8" else 7)
+    assert torch.equal(packed(ids), packed.weight[ids])
+    assert float((packed(ids) - table(ids)).abs().max()) <= float(table.weight.abs().max()) * step / 2 + 1e-6
+    assert packed.weight_bytes < table.weight.numel() * 4 / (3.5 if scheme == "int8" else 4.5)
+    rebuilt = build_module(module_spec(packed))
+    rebuilt.load_state_dict(packed.state_dict())
+    assert rebuilt.padding_idx == 0 and torch.equal(rebuilt(ids), packed(ids))

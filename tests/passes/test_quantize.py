@@ -181,3 +181,29 @@ def test_report_shows_the_weight_bytes_each_pass_leaves():
     saved = base.weight_bytes - int8.weight_bytes
     assert 0.7 * linear_bytes < saved < 0.75 * linear_bytes  # 4 bytes -> 1 byte + a scale per row
     assert "weights" in str(res.report).splitlines()[1] and res.report.to_dict()["records"][1]["weight_bytes"]
+
+
+@pytest.mark.parametrize("name", ["llama_causal_lm", "bert", "gpt2_lm_head"])
+def test_gptq_block_by_block_equals_the_whole_model_order(name):
+    from graphopt.passes.gptq_blocks import repeated_blocks
+
+    model, inputs = hf_model(name)
+    calib = _calib(4)
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    assert len(repeated_blocks(model, targets)) == model.config.num_hidden_layers
+    codes, models = {}, {}
+    for by_block in (True, False):
+        res = go.optimize(model, inputs, f"quantize(scheme=int4,group_size=16,method=gptq,by_block={by_block})",
+                          calib=calib, measure=False, on_error="raise")
+        codes[by_block] = {n: m.codes() for n, m in _quantized(res.model).items()}
+        models[by_block] = res.model
+    assert codes[True].keys() == codes[False].keys() and codes[True]
+    # the same inputs reach every layer: the same codes, up to float rounding (a flipped code moves the
+    # error GPTQ spreads over the rest of its row, so flips come in runs)
+    same = sum(int((codes[True][n] == codes[False][n]).sum()) for n in codes[True])
+    total = sum(c.numel() for c in codes[True].values())
+    assert same / total > 0.9, same / total
+    with torch.no_grad():
+        out = {k: m(**inputs)[0] for k, m in models.items()}
+        ref = model(**inputs)[0]
+    assert float((out[True] - out[False]).norm()) < 0.2 * float((out[False] - ref).norm())

@@ -1,0 +1,172 @@
+"""Quantized HuggingFace checkpoints in the compressed-tensors format (loaded by transformers and vLLM).
+
+:func:`save_compressed` writes ``save_pretrained``'s directory for a model whose Linear layers are
+graphopt :class:`QuantLinear` layers: ``config.json`` gains a ``quantization_config`` with
+``quant_method: "compressed-tensors"``, one config group per (bits, group size), each layer named in
+its group's ``targets``, and the float layers in ``ignore``. Per quantized layer the weights are
+stored as the format wants them (compressed-tensors 0.20, pinned in ``constraints.txt``):
+
+- int4 and ternary (2 bits): ``pack-quantized``: ``weight_packed`` int32 ``[out, in * bits / 32]``
+  (code + 2^(bits-1) at bit ``bits * (i % (32 / bits))`` of word ``i // (32 / bits)``),
+  ``weight_scale`` ``[out, groups]`` and ``weight_shape``.
+- int8: ``int-quantized``: ``weight`` int8 ``[out, in]`` and ``weight_scale`` ``[out, 1]`` (or groups).
+
+Dequantizing is ``code * scale`` in both, so ``AutoModel.from_pretrained(directory)`` (with the
+``compressed-tensors`` package, without graphopt) computes what graphopt's quantized model does.
+What the format cannot hold is refused with the reason: w8a8 layers with SmoothQuant factors,
+groups that do not divide a layer, packed embedding tables, GPT-2's ``Conv1D`` layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.hf_config import is_hf_model, structure_mismatches
+from ..nn.quant import QuantEmbedding, QuantLinear
+
+log = logging.getLogger(__name__)
+
+#: The compressed-tensors version this writer is tested against (constraints.txt pins it).
+TESTED_VERSION = "0.20.1"
+_BITS = {"int8": 8, "int4": 4, "ternary": 2}
+
+
+def compressed_tensors_problems(model: nn.Module) -> list[str]:
+    """Why ``model`` cannot be written as a compressed-tensors checkpoint (``[]``: it can)."""
+    if not is_hf_model(model):
+        return [f"{type(model).__name__} is not a HuggingFace PreTrainedModel"]
+    problems = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantEmbedding):
+            problems.append(f"{name}: packed embedding tables have no compressed-tensors form here "
+                            "(quantize without embeddings=true)")
+        if not isinstance(m, QuantLinear):
+            continue
+        if m.activations != "none" or m.smooth is not None:
+            problems.append(f"{name}: w8a8 with SmoothQuant factors (the format has no per-input-channel "
+                            "factor; export it to ONNX instead)")
+        if m.group_size > 0 and m.in_features % m.group_size:
+            problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")
+    twin = float_twin(model)
+    problems += structure_mismatches(twin, attributes=False)
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)
+              and type(twin.get_submodule(n)).__name__ == "Conv1D"]
+    problems += [f"{n}: a transformers Conv1D layer (compressed-tensors quantizes nn.Linear only)" for n in conv1d]
+    return problems
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each QuantLinear back as the layer class the config builds, dequantized."""
+    twin = copy.deepcopy(model)
+    fresh = _config_modules(model)
+    for name, m in list(twin.named_modules()):
+        if not isinstance(m, (QuantLinear, QuantEmbedding)):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        weight = m.dequantized_weight() if isinstance(m, QuantLinear) else m.weight
+        kind = fresh.get(name, "Linear")
+        if isinstance(m, QuantEmbedding):
+            layer: nn.Module = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx)
+            layer.weight.data = weight.clone()
+        elif kind == "Conv1D":  # transformers' Conv1D keeps [in, out]
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(m.out_features, m.in_features)
+            layer.weight.data = weight.t().contiguous()
+            if m.bias is not None:
+                layer.bias.data = m.bias.detach().clone()
+        else:
+            layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            layer.weight.data = weight.clone()
+            if m.bias is not None:
+                layer.bias.data = m.bias.detach().clone()
+        setattr(twin.get_submodule(parent_name), attr, layer.to(weight.dtype))
+    return twin
+
+
+def _config_modules(model: nn.Module) -> dict[str, str]:
+    """Class names of the modules the model's config builds (on the meta device)."""
+    from ..analysis.hf_config import build_from_config
+
+    try:
+        twin = build_from_config(model, model.config)
+    except Exception:  # noqa: BLE001 - reported by loadability_problems
+        return {}
+    return {n: type(m).__name__ for n, m in twin.named_modules()}
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[rows, cols]`` (int8, signed) -> int32 words, ``32 // bits`` codes per word, low bits first."""
+    per = 32 // bits
+    rows, cols = codes.shape
+    values = torch.nn.functional.pad(codes.to(torch.int64) + (1 << (bits - 1)), (0, (-cols) % per))
+    values = values.reshape(rows, -1, per)
+    words = torch.zeros(values.shape[:2], dtype=torch.int64)
+    for i in range(per):
+        words |= values[..., i] << (bits * i)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # as signed int32
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` for ``model``'s QuantLinear layers."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            groups.setdefault((m.scheme, m.group_size), []).append(name)
+    config_groups = {}
+    for i, ((scheme, group), names) in enumerate(sorted(groups.items())):
+        weights = {"num_bits": _BITS[scheme], "type": "int", "symmetric": True, "dynamic": False,
+                   "strategy": "group" if group > 0 else "channel", "group_size": group if group > 0 else None,
+                   "actorder": None, "observer": "minmax"}
+        config_groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": None,
+                                       "output_activations": None,
+                                       "format": "int-quantized" if scheme == "int8" else "pack-quantized"}
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    formats = {g["format"] for g in config_groups.values()}
+    return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "config_groups": config_groups, "ignore": ignore, "quantization_status": "compressed",
+            "kv_cache_scheme": None, "global_compression_ratio": None, "version": TESTED_VERSION}
+
+
+def compressed_state_dict(model: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
+    """``twin``'s state dict with each quantized layer's weight in its compressed-tensors form."""
+    state = dict(twin.state_dict())
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        del state[f"{name}.weight"]
+        codes = m.codes()
+        state[f"{name}.weight_scale"] = m.scale.detach().clone()
+        if m.scheme == "int8":
+            state[f"{name}.weight"] = codes.clone()
+        else:
+            state[f"{name}.weight_packed"] = pack_int32(codes, _BITS[m.scheme])
+            state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
+    return state
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def save_compressed(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` (with QuantLinear layers) as a compressed-tensors checkpoint into ``directory``.
+
+    Call :func:`compressed_tensors_problems` first (``graphopt.emit.hf.save_pretrained`` does).
+    """
+    path = Path(directory)
+    twin = float_twin(model)
+    type(twin).save_pretrained(twin, path, state_dict=compressed_state_dict(model, twin))
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = quantization_config(model)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s as a compressed-tensors checkpoint to %s", type(model).__name__, path)
+    return path

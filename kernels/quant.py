@@ -1,0 +1,181 @@
+"""Packed low-bit weight formats and the ``graphopt::quant_linear`` op.
+
+Formats (symmetric, one scale per output row and group of ``group_size`` input columns; a last
+group shorter than ``group_size`` when ``in_features`` is not a multiple of it; ``group_size=0``
+is one scale per output channel):
+
+- ``int8``: one signed byte per weight, codes in [-127, 127], ``scale = max|w| / 127``.
+- ``int4``: codes in [-8, 7], stored offset by +8 as unsigned nibbles, two per byte: column ``2j``
+  in the low nibble of byte ``j``, column ``2j + 1`` in the high one (the layout of onnxruntime's
+  ``MatMulNBits`` with its default zero point 8); ``scale = max|w| / 7``.
+- ``ternary``: codes in {-1, 0, 1} (BitNet b1.58's absmean rounding: ``scale = mean|w|``), stored
+  offset by +1 in 2 bits, four per byte: column ``4j + i`` at bits ``2i`` of byte ``j``.
+
+Activations (``activations``): ``"none"`` (weight-only: dequantize, then a float matmul) or
+``"dynamic"`` (w8a8: each call quantizes its input to uint8 with one scale and zero point per tensor,
+exactly as ONNX ``DynamicQuantizeLinear`` does, then multiplies integer codes).
+
+``torch.ops.graphopt.quant_linear`` runs the reference (or torch's packed int8 CPU kernel for
+``backend="int8_mm"``); :data:`ONNX_TRANSLATIONS` exports it as one ``graphopt.quant::QuantLinear``
+node that :mod:`graphopt.emit.onnx_quant` lowers to standard or onnxruntime operators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCHEMES: tuple[str, ...] = ("int8", "int4", "ternary")
+BITS = {"int8": 8, "int4": 4, "ternary": 2}
+QMAX = {"int8": 127, "int4": 7}
+CODE_RANGE = {"int8": (-127, 127), "int4": (-8, 7), "ternary": (-1, 1)}
+PER_BYTE = {"int8": 1, "int4": 2, "ternary": 4}
+ACTIVATIONS = ("none", "dynamic")
+# w8a8 weight codes stay in [-63, 63]: onnxruntime's uint8 x int8 kernel on x86 CPUs without VNNI adds
+# pairs of products in int16 (``vpmaddubsw``), which saturates above 32767 = 2 * 255 * 64 (measured here:
+# errors up to 25% of the output with full-range codes; none with these).
+W8A8_QMAX = 63
+ONNX_DOMAIN = "graphopt.quant"
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size <= 0 else math.ceil(in_features / group_size)
+
+
+def grouped(w: Tensor, group_size: int) -> Tensor:
+    """``[out, in]`` -> ``[out, groups, g]``, the last group zero-padded."""
+    out, k = w.shape
+    g = k if group_size <= 0 else group_size
+    pad = n_groups(k, group_size) * g - k
+    return F.pad(w, (0, pad)).reshape(out, -1, g)
+
+
+def pack(codes: Tensor, scheme: str) -> Tensor:
+    """Codes ``[rows, cols]`` (int8) -> the stored layout (see the module docstring)."""
+    if scheme == "int8":
+        return codes.to(torch.int8).contiguous()
+    per, offset, bits = PER_BYTE[scheme], -CODE_RANGE[scheme][0], BITS[scheme]
+    rows, k = codes.shape
+    padded = F.pad(codes.to(torch.int16) + offset, (0, (-k) % per)).reshape(rows, -1, per)
+    packed = torch.zeros(padded.shape[:2], dtype=torch.int16, device=codes.device)
+    for i in range(per):
+        packed |= padded[..., i] << (bits * i)
+    return packed.to(torch.uint8)
+
+
+def unpack(packed: Tensor, scheme: str, in_features: int) -> Tensor:
+    """The stored layout -> codes ``[rows, in_features]`` (int8)."""
+    if scheme == "int8":
+        return packed[..., :in_features].to(torch.int8)
+    per, offset, bits = PER_BYTE[scheme], -CODE_RANGE[scheme][0], BITS[scheme]
+    p = packed.to(torch.int32)  # int32: the shifts export to ONNX ops onnxruntime runs (int16 has no Where)
+    parts = [(p >> (bits * i)) & ((1 << bits) - 1) for i in range(per)]
+    codes = torch.stack(parts, -1).reshape(*packed.shape[:-1], -1)[..., :in_features] - offset
+    return codes.to(torch.int8)
+
+
+def dequantize(codes: Tensor, scale: Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Codes ``[rows, in]`` times their group's scale -> weights ``[rows, in]``."""
+    k = codes.shape[1]
+    values = grouped(codes.to(torch.float32), group_size) * scale.to(torch.float32)[..., None]
+    return values.reshape(codes.shape[0], -1)[:, :k].to(dtype)
+
+
+def dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ONNX ``DynamicQuantizeLinear``: ``(codes, scale, zero_point)``, codes as float32 in [0, 255].
+
+    ``scale = (max(x, 0) - min(x, 0)) / 255``, ``zero_point = round(-min / scale)``, codes
+    ``round(x / scale) + zero_point`` saturated, rounding half to even (as ONNX specifies).
+    """
+    xf = x.to(torch.float32)
+    lo, hi = xf.amin().clamp(max=0), xf.amax().clamp(min=0)
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return torch.clamp(torch.round(xf / scale) + zero, 0, 255), scale, zero
+
+
+def quant_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int,
+                           in_features: int, activations: str = "none") -> Tensor:
+    """``x @ W.T`` for the packed ``W`` (no bias), in ``x``'s dtype."""
+    codes = unpack(qweight, scheme, in_features)
+    if activations == "dynamic":
+        if group_size > 0:
+            raise ValueError("activations='dynamic' needs one weight scale per output channel (group_size=0)")
+        q, x_scale, zero = dynamic_quantize_uint8(x)
+        acc = F.linear(q - zero, codes.to(torch.float32))  # integer-valued: (x codes - zp) . w codes
+        return (acc * (x_scale * scale[:, 0].to(torch.float32))).to(x.dtype)
+    return F.linear(x, dequantize(codes, scale, group_size, x.dtype))
+
+
+@torch.library.custom_op("graphopt::quant_linear", mutates_args=())
+def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
+                 activations: str, backend: str) -> Tensor:
+    """``x @ W.T`` for packed weights ``W`` (see the module docstring); ``backend`` picks the kernel."""
+    if backend == "int8_mm":
+        if scheme != "int8" or group_size > 0 or activations != "none":
+            raise ValueError("backend='int8_mm' runs weight-only int8 with one scale per channel only")
+        flat = x.reshape(-1, in_features)
+        y = torch._weight_int8pack_mm(flat, qweight, scale[:, 0].to(x.dtype))
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return quant_linear_reference(x, qweight, scale, scheme, group_size, in_features, activations)
+
+
+@quant_linear.register_fake
+def _(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
+      activations: str, backend: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _setup_context(ctx: object, inputs: tuple, output: Tensor) -> None:
+    x, qweight, scale, scheme, group_size, in_features, *_ = inputs
+    ctx.weight = (qweight, scale, scheme, group_size, in_features)  # type: ignore[attr-defined]
+
+
+def _backward(ctx: object, grad: Tensor) -> tuple:
+    """Straight-through: the gradient of ``x @ W.T`` for the dequantized ``W`` (weights are frozen)."""
+    qweight, scale, scheme, group_size, in_features = ctx.weight  # type: ignore[attr-defined]
+    w = dequantize(unpack(qweight, scheme, in_features), scale, group_size, grad.dtype)
+    return grad @ w, None, None, None, None, None, None, None
+
+
+quant_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _onnx_quant_linear(x, qweight, scale, scheme: str, group_size: int, in_features: int, activations: str,
+                       backend: str):
+    """One ``graphopt.quant::QuantLinear`` node; :mod:`graphopt.emit.onnx_quant` lowers it after export."""
+    from onnxscript import values
+
+    marker = values.Op(values.Opset(ONNX_DOMAIN, 1), "QuantLinear", _marker_schema())
+    return marker(x, qweight, scale, scheme=scheme, group_size=group_size, in_features=in_features,
+                  activations=activations)
+
+
+@functools.cache
+def _marker_schema():  # noqa: ANN202 - onnx.defs.OpSchema
+    """The schema of the ``graphopt.quant::QuantLinear`` marker (registered with onnx once)."""
+    import onnx
+
+    schema = onnx.defs.OpSchema(
+        "QuantLinear", ONNX_DOMAIN, 1, doc="graphopt's packed quantized linear (lowered after export)",
+        inputs=[onnx.defs.OpSchema.FormalParameter("x", "T"), onnx.defs.OpSchema.FormalParameter("qweight", "Q"),
+                onnx.defs.OpSchema.FormalParameter("scale", "T")],
+        outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(double)"], "float"),
+                          ("Q", ["tensor(int8)", "tensor(uint8)"], "packed codes")],
+        attributes=[onnx.defs.OpSchema.Attribute("scheme", onnx.defs.OpSchema.AttrType.STRING, ""),
+                    onnx.defs.OpSchema.Attribute("group_size", onnx.defs.OpSchema.AttrType.INT, ""),
+                    onnx.defs.OpSchema.Attribute("in_features", onnx.defs.OpSchema.AttrType.INT, ""),
+                    onnx.defs.OpSchema.Attribute("activations", onnx.defs.OpSchema.AttrType.STRING, "")])
+    with contextlib.suppress(onnx.defs.SchemaError):  # already registered (by another copy of this module)
+        onnx.defs.register_schema(schema)
+    return onnx.defs.get_schema("QuantLinear", 1, ONNX_DOMAIN)
+
+
+ONNX_TRANSLATIONS = {torch.ops.graphopt.quant_linear.default: _onnx_quant_linear}

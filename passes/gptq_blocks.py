@@ -1,0 +1,142 @@
+"""GPTQ one transformer block at a time (the order of the GPTQ paper's reference implementation).
+
+The model runs once, up to its first block, to record that block's inputs for every calibration
+batch. Then, block by block: the layers of the block are quantized group by group (layers that read
+the same tensor together) on Gram matrices of their inputs computed by running *only that block* on
+the recorded inputs, and the quantized block's outputs become the next block's inputs. Each layer thus
+sees the activations of the already-quantized model, as in the whole-model sequential order, but the
+work is one pass over the blocks instead of one forward per group, and only one block's inputs are
+held at a time (the step towards streaming a model larger than memory block by block).
+
+Blocks are the children of the ``nn.ModuleList`` that holds the most target layers; layers outside it
+(a pooler, an LM head) are left to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphopt.analysis.calibration import GramAccumulator, layer_input_grams, mask_of
+from graphopt.frontend.inputs import ExampleInputs, as_example_inputs
+
+log = logging.getLogger(__name__)
+
+QuantizeGroup = Callable[[list[str], dict[str, GramAccumulator]], None]
+
+
+class _Stop(Exception):
+    pass
+
+
+def repeated_blocks(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the blocks (children of the ModuleList holding the most targets); ``[]`` when none."""
+    best, covered = "", 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and name:
+            n = sum(t.startswith(f"{name}.") for t in targets)
+            if n > covered:
+                best, covered = name, n
+    if not best:
+        return []
+    return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
+
+
+def _carrier(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[tuple, dict]]]:
+    """The hidden states a block takes (first positional arg, or ``hidden_states=``) and how to replace them."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], lambda h: ((h, *args[1:]), kwargs)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], lambda h: (args, {**kwargs, "hidden_states": h})
+    raise TypeError("the block takes no hidden-states tensor")
+
+
+def _first_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first block gets for each batch; each forward stops there."""
+    seen: list[tuple[tuple, dict]] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, dict(kwargs)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Stop):
+                    as_example_inputs(batch).call(model)
+    finally:
+        handle.remove()
+    return seen
+
+
+def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> tuple[list[list[str]], list[str]]:
+    """``layers`` in the order one call of ``model`` reaches them, those reading one tensor grouped
+    together, and the layers it never reaches."""
+    first: dict[str, int] = {}
+    order: list[str] = []
+    handles = []
+    for name, layer in layers.items():
+        def record(module: nn.Module, args: tuple, name: str = name) -> None:
+            if name not in first:
+                first[name] = id(args[0])
+                order.append(name)
+        handles.append(layer.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            as_example_inputs(inputs).call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for name in order:
+        if groups and first[groups[-1][0]] == first[name]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups, [n for n in layers if n not in first]
+
+
+def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_group: QuantizeGroup
+                  ) -> list[str]:
+    """Quantize the targets inside the model's blocks, block by block; returns the targets left (outside).
+
+    Returns every target untouched when the model has no recognisable blocks (the caller then runs
+    the whole-model sequential order).
+    """
+    blocks = repeated_blocks(model, targets)
+    if not blocks:
+        return targets
+    inputs = _first_inputs(model, model.get_submodule(blocks[0]), batches)
+    try:
+        carriers = [_carrier(*io) for io in inputs]
+    except TypeError as e:
+        log.info("GPTQ in whole-model order: %s", e)
+        return targets
+    if len(inputs) != len(batches):
+        return targets
+    masks = [mask_of(b) for b in batches]
+    done: set[str] = set()
+    for block_name in blocks:
+        block = model.get_submodule(block_name)
+        inside = {t: model.get_submodule(t) for t in targets if t.startswith(f"{block_name}.")}
+        calls = [ExampleInputs(args, kwargs) for args, kwargs in inputs]
+        for group in input_groups(block, inside, calls[0])[0] if inside else []:
+            grams = layer_input_grams(block, {n: model.get_submodule(n) for n in group}, calls, masks)
+            quantize_group(group, grams)
+            done.update(group)
+        with torch.no_grad():
+            outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+        hidden = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
+        inputs = [replace(h) for (_, replace), h in zip(carriers, hidden)]
+        carriers = [_carrier(*io) for io in inputs]
+    missed = [t for t in targets if t.startswith(tuple(f"{b}." for b in blocks)) and t not in done]
+    if missed:
+        raise ValueError(f"quantize: the calibration data never reaches {missed[:3]}; give inputs that run "
+                         "every layer, or skip those layers")
+    return [t for t in targets if t not in done]

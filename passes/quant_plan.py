@@ -1,0 +1,131 @@
+"""What each layer of a ``quantize`` pass becomes: scheme, group size, activations; mixed precision.
+
+:func:`plan_layers` gives every target layer its :class:`LayerPlan` from the pass options, handling
+group sizes that do not divide a layer's input width (``uneven_groups``). :func:`mixed_precision`
+keeps the most sensitive layers at int8 so that the average bits per weight meet a budget:
+sensitivity is measured end to end (each layer alone rounded to the low scheme, the relative output
+error of the whole model on calibration batches), as in the layer-wise sensitivity studies of
+"Layer-Wise Quantization" (Dumitru et al., 2024); layers are promoted greedily by sensitivity per
+extra bit until the budget is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
+from graphopt.nn.quant import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    scheme: str  # int8 | int4 | ternary (w8a8: int8 with activations="dynamic")
+    group_size: int
+    activations: str = "none"
+
+    def bits(self, out_features: int, in_features: int) -> float:
+        """Average stored bits per weight, codes and float32 scales."""
+        per = {"int8": 8, "int4": 4, "ternary": 2}[self.scheme]
+        groups = 1 if self.group_size <= 0 else -(-in_features // self.group_size)
+        return per + 32 * groups / in_features
+
+
+def default_group_size(scheme: str) -> int:
+    """int4: groups of 128 (per-channel int4 loses too much); int8, w8a8, ternary: one scale per row."""
+    return 128 if scheme == "int4" else 0
+
+
+def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int | None, uneven: str
+                ) -> tuple[dict[str, LayerPlan], list[tuple[str, str]]]:
+    """``{name: LayerPlan}`` for layers of ``shapes`` (``name: (out, in)``) and notes ``(name, message)``.
+
+    Raises ValueError when a group size does not divide a layer's input width and ``uneven="error"``.
+    """
+    acts = "dynamic" if scheme == "w8a8" else "none"
+    base = "int8" if scheme == "w8a8" else scheme
+    group = default_group_size(scheme) if group_size is None else group_size
+    if acts == "dynamic" and group > 0:
+        raise ValueError(f"quantize(scheme=w8a8, group_size={group}): w8a8 runs on integer kernels with one "
+                         "weight scale per output channel; leave group_size unset (or 0)")
+    plans: dict[str, LayerPlan] = {}
+    notes: list[tuple[str, str]] = []
+    uneven_layers = [n for n, (_, k) in shapes.items() if group > 0 and k % group]
+    if uneven_layers and uneven == "error":
+        n = uneven_layers[0]
+        raise ValueError(
+            f"quantize(group_size={group}): {len(uneven_layers)} layer(s) have an input width that is not a "
+            f"multiple of {group} (e.g. {n!r} with {shapes[n][1]}). Pass uneven_groups=short (a shorter last "
+            "group: graphopt and ONNX run it; compressed-tensors checkpoints do not) or "
+            "uneven_groups=per_channel (one scale per row for those layers), or choose a group size that divides")
+    for name in shapes:
+        if name in uneven_layers:
+            if uneven == "per_channel":
+                plans[name] = LayerPlan(base, 0, acts)
+                notes.append((name, f"input width {shapes[name][1]} is not a multiple of {group}: "
+                                    "one scale per row (uneven_groups=per_channel)"))
+                continue
+            notes.append((name, f"input width {shapes[name][1]} is not a multiple of {group}: a shorter last "
+                                "group (uneven_groups=short)"))
+        plans[name] = LayerPlan(base, group, acts)
+    return plans, notes
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                      plans: dict[str, LayerPlan], batches: list, swap: Callable[[str, nn.Module], nn.Module]
+                      ) -> dict[str, float]:
+    """Relative output error of ``model`` on ``batches`` with each layer alone quantized by its plan."""
+    def outputs() -> list[torch.Tensor]:
+        out = []
+        for b in batches:
+            flat = flatten_outputs(as_example_inputs(b).call(model))
+            out.extend(t.float() for t in flat.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return out
+
+    reference = outputs()
+    energy = sum(float(r.pow(2).sum()) for r in reference) or 1.0
+    scores: dict[str, float] = {}
+    for name, (weight, bias) in layers.items():
+        plan = plans[name]
+        original = swap(name, QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size))
+        try:
+            err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs(), reference))
+        finally:
+            swap(name, original)
+        scores[name] = err / energy
+    return scores
+
+
+def mixed_precision(plans: dict[str, LayerPlan], shapes: dict[str, tuple[int, int]], scores: dict[str, float],
+                    budget_bits: float) -> tuple[dict[str, LayerPlan], float]:
+    """Promote the most sensitive layers to int8 per channel while the average bits stay within budget.
+
+    Returns the new plans and the average bits per weight reached.
+    """
+    high = LayerPlan("int8", 0)
+    sizes = {n: shapes[n][0] * shapes[n][1] for n in plans}
+    total = sum(sizes.values())
+    bits = {n: plans[n].bits(*shapes[n]) for n in plans}
+    floor = sum(bits[n] * sizes[n] for n in plans) / total
+    if budget_bits < floor - 1e-9:
+        raise ValueError(f"quantize(budget_bits={budget_bits}): the low scheme alone needs {floor:.3f} bits per "
+                         "weight (codes and scales); give a budget of at least that")
+    spent = floor * total
+    chosen = dict(plans)
+
+    def gain(n: str) -> float:  # error removed per extra bit spent
+        return scores[n] / max((high.bits(*shapes[n]) - bits[n]) * sizes[n], 1e-9)
+
+    for name in sorted(plans, key=gain, reverse=True):
+        extra = (high.bits(*shapes[name]) - bits[name]) * sizes[name]
+        if extra > 0 and spent + extra <= budget_bits * total + 1e-6:
+            chosen[name] = high
+            spent += extra
+    return chosen, spent / total

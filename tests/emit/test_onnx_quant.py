@@ -1,0 +1,117 @@
+"""Quantized layers in ONNX: QDQ, MatMulNBits and w8a8 integer ops, checked in onnxruntime against torch."""
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt as go
+from graphopt.emit.onnx_quant import QuantLoweringError
+from graphopt.helpers.zoo import hf_model
+from graphopt.nn.quant import QuantLinear
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ops(path):
+    model = onnx.load(str(path))
+    return model, collections.Counter(n.op_type for n in model.graph.node)
+
+
+def _layer(k=37, n=11, **kw):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    return QuantLinear.from_linear(lin.weight, lin.bias, **kw)
+
+
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int8", 16), ("int4", 16), ("int4", 0), ("ternary", 0)])
+@pytest.mark.parametrize("k", [64, 37])  # K a multiple of the group, and not
+def test_weight_only_layers_export_as_qdq(tmp_path, scheme, group, k):
+    layer = _layer(k, scheme=scheme, group_size=group)
+    report = go.export_onnx(layer, torch.randn(2, 5, k), tmp_path / "q.onnx", atol=1e-5)
+    assert report.verified and report.opset >= 21
+    model, ops = _ops(tmp_path / "q.onnx")
+    assert ops["DequantizeLinear"] == 1 and ops["MatMul"] == 1 and "QuantLinear" not in ops
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    weight = next(t for t in model.graph.initializer if t.name == dq.input[0])
+    assert weight.data_type == (onnx.TensorProto.INT8 if scheme == "int8" else onnx.TensorProto.INT4)
+    assert list(weight.dims) == [k, 11]
+    attrs = {a.name: a.i for a in dq.attribute}
+    assert attrs.get("block_size", 0) == group and attrs["axis"] == (0 if group else 1)
+    assert any("session.qdq_matmulnbits_accuracy_level=0" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("k, level", [(64, 0), (37, 0), (64, 4)])
+def test_int4_exports_as_matmulnbits(tmp_path, k, level):
+    layer = _layer(k, scheme="int4", group_size=16)
+    x = torch.randn(3, k)
+    atol = 1e-5 if level == 0 else 0.05  # level 4 rounds the activations to int8 inside the kernel
+    report = go.export_onnx(layer, x, tmp_path / "q.onnx", quant_format="matmulnbits", accuracy_level=level,
+                            atol=atol)
+    model, ops = _ops(tmp_path / "q.onnx")
+    assert report.verified and ops == {"MatMulNBits": 1, "Add": 1}
+    node = model.graph.node[0]
+    assert {a.name: a.i for a in node.attribute} == {"K": k, "N": 11, "bits": 4, "block_size": 16,
+                                                     "accuracy_level": level}
+
+
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 0), ("int4", 24)])
+def test_matmulnbits_refuses_what_it_cannot_run(tmp_path, scheme, group):
+    with pytest.raises(QuantLoweringError, match="quant_format='qdq'"):
+        go.export_onnx(_layer(48, scheme=scheme, group_size=group), torch.randn(2, 48), tmp_path / "q.onnx",
+                       quant_format="matmulnbits")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_w8a8_exports_as_integer_ops_and_matches_elementwise(tmp_path):
+    layer = _layer(40, scheme="int8", group_size=0, activations="dynamic")
+    report = go.export_onnx(layer, torch.randn(2, 6, 40) * 2, tmp_path / "q.onnx")
+    _, ops = _ops(tmp_path / "q.onnx")
+    assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulInteger"] == 1 and "DequantizeLinear" not in ops
+    assert all(run.max_abs_error < 1e-4 for run in report.runs)  # one layer: the same codes, exactly
+
+
+class _SharedInput(nn.Module):
+    """q, k, v read one tensor with one SmoothQuant factor: one Mul and one quantization in ONNX."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        smooth = torch.rand(16) + 0.5
+        self.q, self.k, self.v = (QuantLinear.from_linear(nn.Linear(16, 8).weight, None, scheme="int8",
+                                                          group_size=0, activations="dynamic", smooth=smooth)
+                                  for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) * self.v(x)
+
+
+def test_layers_reading_one_tensor_share_its_scaling_and_quantization(tmp_path):
+    go.export_onnx(_SharedInput(), torch.randn(4, 16), tmp_path / "q.onnx")
+    _, ops = _ops(tmp_path / "q.onnx")
+    assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulInteger"] == 3
+    assert ops["Mul"] == 1 + 2 * 3 + 1  # the shared smoothing, two scale Muls per layer, k * v
+
+
+def _calib(n=4):
+    g = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(0, 128, (2, 12), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["llama_causal_lm", "gpt2_lm_head"])
+@pytest.mark.parametrize("pipeline, fmt", [("quantize(scheme=int4,group_size=16,method=gptq)", "qdq"),
+                                           ("quantize(scheme=int4,group_size=16)", "matmulnbits"),
+                                           ("quantize(scheme=w8a8)", "qdq")])
+def test_hf_causal_lms_quantize_and_run_in_onnxruntime(tmp_path, name, pipeline, fmt):
+    model, inputs = hf_model(name)  # default config: KV cache on
+    res = go.optimize(model, inputs, pipeline, calib=_calib(), measure=False, on_error="raise")
+    assert res.report.records[-1].status == "ok"
+    report = res.export_onnx(tmp_path / "q.onnx", quant_format=fmt)
+    assert report.verified
+    _, ops = _ops(tmp_path / "q.onnx")
+    wanted = {"qdq": "DequantizeLinear", "matmulnbits": "MatMulNBits"}[fmt] if "w8a8" not in pipeline \
+        else "MatMulInteger"
+    assert ops[wanted] == sum(isinstance(m, QuantLinear) for m in res.model.modules())

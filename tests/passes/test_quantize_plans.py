@@ -1,0 +1,155 @@
+"""quantize's per-layer plans: mixed precision under a bit budget, uneven groups, w8a8 + SmoothQuant, embeddings."""
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt as go
+from graphopt.helpers.zoo import hf_model
+from graphopt.nn.quant import QuantEmbedding, QuantLinear
+from graphopt.passes.quant_plan import LayerPlan, mixed_precision
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _calib(n=4, vocab=128, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, 12), generator=g)} for _ in range(n)]
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+# --- mixed precision --------------------------------------------------------------------------------------
+
+def test_mixed_precision_allocation_meets_the_budget_and_prefers_sensitive_layers():
+    plans = {n: LayerPlan("int4", 16) for n in "abc"}
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (64, 64)}
+    scores = {"a": 1e-3, "b": 5e-2, "c": 1e-4}
+    chosen, bits = mixed_precision(plans, shapes, scores, budget_bits=7.0)
+    assert chosen["b"].scheme == "int8" and chosen["a"].scheme == chosen["c"].scheme == "int4"
+    assert bits <= 7.0
+    chosen, bits = mixed_precision(plans, shapes, scores, budget_bits=9.0)
+    assert all(p.scheme == "int8" for p in chosen.values())
+    with pytest.raises(ValueError, match="at least"):
+        mixed_precision(plans, shapes, scores, budget_bits=5.0)
+
+
+def test_mixed_precision_on_llama_lists_bits_per_layer_and_beats_uniform_int4():
+    model, inputs = hf_model("llama_causal_lm")
+    calib = _calib()
+    budget = 6.5  # int4 g16 with float32 scales is 6 bits per weight; int8 per channel about 8.5
+    res = go.optimize(model, inputs, f"quantize(scheme=int4,group_size=16,budget_bits={budget})", calib=calib,
+                      measure=False, on_error="raise")
+    rec = res.report.records[-1]
+    layers = _layers(res.model)
+    high = [n for n, m in layers.items() if m.scheme == "int8"]
+    assert 0 < len(high) < len(layers) and rec.stats["int8_layers"] == len(high)
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    assert sum(m.weight_bytes for m in layers.values()) * 8 / weights <= budget + 1e-6
+    notes = {d.target: d.message for d in rec.diagnostics if "sensitivity" in d.message}
+    assert set(notes) == set(layers)
+    assert all(notes[n].startswith("int8") for n in high)
+    top = next(n for n, msg in notes.items() if "rank 1 of" in msg)
+    assert top in high  # the most sensitive layer got the extra bits
+    uniform = go.optimize(model, inputs, "quantize(scheme=int4,group_size=16)", measure=False).model
+    with torch.no_grad():
+        def err(m):
+            return sum(float((m(**b).logits - model(**b).logits).pow(2).mean()) for b in calib)
+        assert err(res.model) < err(uniform)
+
+
+def test_budget_needs_int4():
+    model, inputs = hf_model("llama")
+    res = go.optimize(model, inputs, "quantize(scheme=int8,budget_bits=6)", calib=_calib(), measure=False)
+    assert res.report.records[-1].status == "rolled back" and "scheme=int4" in res.report.records[-1].reason
+
+
+# --- group sizes that do not divide ---------------------------------------------------------------------
+
+def _uneven_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 8))
+
+
+def test_uneven_groups_fail_by_default_naming_the_layer():
+    model = _uneven_model()
+    res = go.optimize(model, torch.randn(3, 64), "quantize(scheme=int4,group_size=32)", measure=False)
+    rec = res.report.records[-1]
+    assert rec.status == "rolled back" and "'2' with 40" in rec.reason and "uneven_groups=" in rec.reason
+    assert not _layers(res.model) and isinstance(model[2], nn.Linear)
+
+
+@pytest.mark.parametrize("uneven, group_of_2", [("short", 32), ("per_channel", 0)])
+def test_uneven_groups_fall_back_only_when_allowed(uneven, group_of_2):
+    res = go.optimize(_uneven_model(), torch.randn(3, 64),
+                      f"quantize(scheme=int4,group_size=32,uneven_groups={uneven})", measure=False, on_error="raise")
+    layers = _layers(res.model)
+    assert layers["0"].group_size == 32 and layers["2"].group_size == group_of_2
+    assert any(d.target == "2" and f"uneven_groups={uneven}" in d.message
+               for d in res.report.records[-1].diagnostics)
+
+
+# --- w8a8 ---------------------------------------------------------------------------------------------
+
+def test_w8a8_smoothquant_shares_factors_and_says_what_it_chose():
+    model, inputs = hf_model("llama_causal_lm")
+    res = go.optimize(model, inputs, "quantize(scheme=w8a8,alpha=0.5)", calib=_calib(), measure=False,
+                      on_error="raise")
+    layers = _layers(res.model)
+    assert layers and all(m.activations == "dynamic" and m.smooth is not None for m in layers.values())
+    attn = res.model.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.smooth, attn.k_proj.smooth) and torch.equal(attn.q_proj.smooth, attn.v_proj.smooth)
+    assert not torch.equal(attn.q_proj.smooth, attn.o_proj.smooth)
+    notes = [d.message for d in res.report.records[-1].diagnostics if "SmoothQuant" in d.message]
+    assert notes and all("alpha=0.5" in n for n in notes)
+    with torch.no_grad():
+        out = res.model.generate(inputs["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_w8a8_auto_alpha_smooths_only_where_it_lowers_the_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8))
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    for x in calib:
+        x[:, 3] *= 40  # one outlier channel into the first layer: smoothing pays there
+    res = go.optimize(model, calib[0], "quantize(scheme=w8a8)", calib=calib, measure=False, on_error="raise")
+    notes = {d.target: d.message for d in res.report.records[-1].diagnostics if "SmoothQuant" in d.message}
+    assert res.model[0].smooth is not None and "alpha=" in notes["0"] and "unsmoothed" in notes["0"]
+    if res.model[1].smooth is None:
+        assert "not smoothed" in notes["1"]
+
+
+def test_w8a8_without_calibration_fails_unless_smoothing_is_off():
+    model, inputs = hf_model("llama")
+    res = go.optimize(model, inputs, "quantize(scheme=w8a8)", measure=False)
+    assert res.report.records[-1].status == "rolled back" and "calibration" in res.report.records[-1].reason
+    res = go.optimize(model, inputs, "quantize(scheme=w8a8,alpha=0)", measure=False, on_error="raise")
+    assert all(m.smooth is None for m in _layers(res.model).values())
+    res = go.optimize(model, inputs, "quantize(scheme=w8a8,group_size=32,alpha=0)", measure=False)
+    assert res.report.records[-1].status == "rolled back" and "one weight scale" in res.report.records[-1].reason
+
+
+# --- embeddings ---------------------------------------------------------------------------------------
+
+def test_embeddings_pack_and_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "quantize(scheme=int4,group_size=16,embeddings=true)", measure=False,
+                      on_error="raise")
+    tables = {n: m for n, m in res.model.named_modules() if isinstance(m, QuantEmbedding)}
+    originals = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    assert set(tables) == originals and all(t.scheme == "int4" for t in tables.values())
+    assert res.report.records[-1].stats["embedding_tables"] == len(originals)
+    assert res.report.records[-1].cosine > 0.95
+    assert res.export_onnx(tmp_path / "q.onnx").verified
+
+
+def test_embedding_tied_to_the_lm_head_stays_float():
+    model, inputs = hf_model("gpt2_lm_head")  # wte is tied to lm_head
+    res = go.optimize(model, inputs, "quantize(embeddings=true)", measure=False, on_error="raise")
+    assert isinstance(res.model.transformer.wte, nn.Embedding)
+    assert isinstance(res.model.transformer.wpe, QuantEmbedding)
+    assert any("tied to the LM head" in d.message for d in res.report.records[-1].diagnostics)
