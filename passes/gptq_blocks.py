@@ -102,6 +102,34 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) ->
     return groups, [n for n in layers if n not in first]
 
 
+def _chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
+    """Whether each block's hidden-states input is the previous block's output (on one batch)."""
+    seen_in: list[torch.Tensor] = []
+    seen_out: list[torch.Tensor] = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        with contextlib.suppress(TypeError):
+            seen_in.append(_carrier(args, kwargs)[0])
+
+    def post(module: nn.Module, args: tuple, out: Any) -> None:
+        seen_out.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
+                                           b.register_forward_hook(post))]
+    try:
+        with torch.no_grad():
+            as_example_inputs(batch).call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    ok = len(seen_in) == len(seen_out) == len(blocks) and all(
+        isinstance(o, torch.Tensor) and o.shape == i.shape and torch.equal(o, i)
+        for o, i in zip(seen_out[:-1], seen_in[1:]))
+    if not ok:
+        log.info("GPTQ in whole-model order: the blocks do not run one after the other on their outputs")
+    return ok
+
+
 def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_group: QuantizeGroup
                   ) -> list[str]:
     """Quantize the targets inside the model's blocks, block by block; returns the targets left (outside).
@@ -110,7 +138,7 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
     the whole-model sequential order).
     """
     blocks = repeated_blocks(model, targets)
-    if not blocks:
+    if not blocks or not _chained(model, [model.get_submodule(b) for b in blocks], batches[0]):
         return targets
     inputs = _first_inputs(model, model.get_submodule(blocks[0]), batches)
     try:

@@ -36,9 +36,9 @@ from graphopt.infra.registry import register_pass
 from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
 
 from .gptq import gptq_quantize
-from .gptq_blocks import gptq_by_block, input_groups
+from .gptq_blocks import gptq_by_block, input_groups, repeated_blocks
 from .quant_plan import LayerPlan, layer_sensitivity, mixed_precision, plan_layers
-from .smoothquant import SmoothStats, choose_alpha
+from .smoothquant import SmoothStats, choose_alpha, fold_into_producer
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class Quantize(Pass):
         else:
             quantize_group(targets, {})
         before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
+        if smooth:
+            self._fold_smoothing(program, targets, result)
         for name in tables:
             table = program.get_submodule(name)
             int4 = self.scheme == "int4"
@@ -244,6 +246,29 @@ class Quantize(Pass):
                 for name, w in zip(group, weights):
                     out[name] = (1.0 / s).to(device=w.device, dtype=w.dtype)
         return out
+
+    def _fold_smoothing(self, program: Program, targets: list[str], result: PassResult) -> None:
+        """Move SmoothQuant factors into an earlier layer of the same block where that is exact."""
+        groups = self._sequential_groups(program, targets)
+        order = [n for g in groups for n in g]
+        blocks = tuple(f"{b}." for b in repeated_blocks(program.module, targets))
+        batch = self._batches(program)[0]
+        for group in groups:
+            name = group[0]
+            if len(group) > 1 or program.get_submodule(name).smooth is None:
+                continue  # layers sharing an input share its factor: no single producer to carry it
+            block = next((b for b in blocks if name.startswith(b)), None)
+            earlier = [n for n in reversed(order[:order.index(name)]) if block and n.startswith(block)][:3]
+            producer = fold_into_producer(program.module, name, earlier, batch)
+            if producer is None:
+                continue
+            factor = program.get_submodule(name).smooth.detach().clone()
+            layer = program.get_submodule(producer)
+            program.set_tensor(f"{producer}.scale", layer.scale * factor[:, None].to(layer.scale.dtype))
+            if layer.bias is not None:
+                program.set_tensor(f"{producer}.bias", (layer.bias * factor.to(layer.bias.dtype)).detach())
+            program.set_tensor(f"{name}.smooth", None)
+            result.note(name, f"SmoothQuant factor moved into {producer}'s per-channel scales (exact; no Mul)")
 
     def _batches(self, program: Program) -> list:
         return list(itertools.islice(iter(program.calib), self.calib_batches))

@@ -11,15 +11,21 @@ lowers that error by at least :data:`MIN_GAIN`, or by :data:`WIDE_MIN_GAIN` for 
 is wider than their outputs (FFN down projections): there the ``Mul`` scales the block's largest
 activation. On all-MiniLM-L6-v2, smoothing its six down projections cost 3-4% of the w8a8 ONNX
 latency for +0.002 embedding cosine (their layer errors dropped 2-5x); a model with massive
-outliers there (a 5x or larger drop) still gets them smoothed.
+outliers there (a 5x or larger drop) still gets them smoothed. A factor that an earlier layer's
+per-channel scales can carry exactly (attention's value projection, for the output projection) is
+moved there by :func:`fold_into_producer`, and its ``Mul`` disappears.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+from torch import nn
+
+from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.kernels.quant import quant_linear_reference
-from graphopt.nn.quant import W8A8_QMAX, pack, quantize_weight
+from graphopt.nn.quant import W8A8_QMAX, QuantLinear, pack, quantize_weight
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_GAIN = 0.1  # smoothing must remove 10% of a group's error to be worth its Mul
@@ -85,3 +91,52 @@ def choose_alpha(stats: SmoothStats, weights: list[torch.Tensor], alpha: float |
             f"alpha={best} (layer error {tried[best]:.2e}, unsmoothed {base:.2e})"
     why = " (input wider than the outputs: needs a 5x drop)" if wide else ""
     return 0.0, None, f"not smoothed{why}: layer error {base:.2e}; the best alpha, {best}, gave {tried[best]:.2e}"
+
+
+@torch.no_grad()
+def _weight_only_outputs(model: nn.Module, layers: list[QuantLinear], batch: Any) -> list[torch.Tensor]:
+    """The model's float outputs on ``batch`` with activation rounding off (no code flips to blur a check)."""
+    modes = [m.activations for m in layers]
+    try:
+        for m in layers:
+            m.activations = "none"
+        out = flatten_outputs(as_example_inputs(batch).call(model))
+    finally:
+        for m, mode in zip(layers, modes):
+            m.activations = mode
+    return [t.float() for t in out.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def fold_into_producer(model: nn.Module, consumer: str, candidates: list[str], batch: Any) -> str | None:
+    """Move ``consumer``'s SmoothQuant factor into an earlier layer's per-channel scales and bias, if exact.
+
+    Attention's value projection feeds the output projection only through products with the attention
+    weights, so scaling its output channels scales the output projection's input channels: the ``Mul``
+    goes away. Each candidate (per-channel, as wide as the consumer's input) is tried on ``batch`` and
+    kept only when the model's outputs stay the same; returns the producer used, or None.
+    """
+    layer = model.get_submodule(consumer)
+    factor = layer.smooth
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    reference = None
+    for name in candidates:
+        producer = model.get_submodule(name)
+        if not isinstance(producer, QuantLinear) or producer.group_size > 0 or \
+                producer.out_features != layer.in_features:
+            continue
+        if reference is None:
+            reference = _weight_only_outputs(model, quantized, batch)
+        scale, bias = producer.scale.clone(), None if producer.bias is None else producer.bias.detach().clone()
+        producer.scale.mul_(factor[:, None].to(scale.dtype))
+        if bias is not None:
+            producer.bias.data.mul_(factor.to(bias.dtype))
+        layer.smooth = None
+        got = _weight_only_outputs(model, quantized, batch)
+        exact = all(float((g - r).norm()) <= 1e-4 * float(r.norm()) + 1e-6 for g, r in zip(got, reference))
+        producer.scale.copy_(scale)
+        if bias is not None:
+            producer.bias.data.copy_(bias)
+        layer.smooth = factor
+        if exact:
+            return name
+    return None

@@ -49,9 +49,12 @@ def compressed_tensors_problems(model: nn.Module) -> list[str]:
                             "(quantize without embeddings=true)")
         if not isinstance(m, QuantLinear):
             continue
-        if m.activations != "none" or m.smooth is not None:
+        if m.smooth is not None:
             problems.append(f"{name}: w8a8 with SmoothQuant factors (the format has no per-input-channel "
                             "factor; export it to ONNX instead)")
+        elif m.activations != "none":
+            problems.append(f"{name}: w8a8 with ONNX-style activations (uint8, one scale and zero point per "
+                            "tensor) is not written in this format yet; export it to ONNX instead")
         if m.group_size > 0 and m.in_features % m.group_size:
             problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")
     twin = float_twin(model)

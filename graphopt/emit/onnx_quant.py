@@ -86,6 +86,8 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level={accuracy_level}: onnxruntime accepts 0 (unset), 1 fp32, 2 fp16, "
                          "3 bf16 or 4 int8")
+    if not has_quant_markers(model):
+        return 0, 0
     graph = model.graph
     _merge_constant_muls(graph)
     lowering = _Lowering(graph, weight_format, accuracy_level)
@@ -99,8 +101,6 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
             dynamic += any(a.name == "activations" and a.s == b"dynamic" for a in node.attribute)
         else:
             graph.node.append(node)
-    if not count:
-        return 0, 0
     lowering.drop_unused()
     _set_opset(model, "", QDQ_OPSET)
     if lowering.uses_msft:

@@ -207,3 +207,26 @@ def test_gptq_block_by_block_equals_the_whole_model_order(name):
         out = {k: m(**inputs)[0] for k, m in models.items()}
         ref = model(**inputs)[0]
     assert float((out[True] - out[False]).norm()) < 0.2 * float((out[False] - ref).norm())
+
+
+class _ParallelHeads(nn.Module):
+    """A ModuleList whose members all read the same input: not a chain of blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)) for _ in range(3))
+
+    def forward(self, x):
+        return sum(h(x) for h in self.heads)
+
+
+def test_gptq_on_modules_that_are_not_a_chain_uses_the_whole_model_order():
+    torch.manual_seed(0)
+    model = _ParallelHeads()
+    calib = [torch.randn(32, 16) for _ in range(4)]
+    codes = {}
+    for by_block in (True, False):
+        res = go.optimize(model, calib[0], f"quantize(scheme=int4,group_size=16,method=gptq,by_block={by_block})",
+                          calib=calib, measure=False, on_error="raise")
+        codes[by_block] = {n: m.qweight for n, m in _quantized(res.model).items()}
+    assert len(codes[True]) == 6 and all(torch.equal(codes[True][n], codes[False][n]) for n in codes[True])

@@ -98,11 +98,13 @@ def test_w8a8_smoothquant_shares_factors_and_says_what_it_chose():
     res = go.optimize(model, inputs, "quantize(scheme=w8a8,alpha=0.5)", calib=_calib(), measure=False,
                       on_error="raise")
     layers = _layers(res.model)
-    assert layers and all(m.activations == "dynamic" and m.smooth is not None for m in layers.values())
+    moved = {d.target for d in res.report.records[-1].diagnostics if "moved into" in d.message}
+    assert layers and all(m.activations == "dynamic" for m in layers.values())
+    assert all((m.smooth is None) == (n in moved) for n, m in layers.items())
     attn = res.model.model.layers[0].self_attn
     assert torch.equal(attn.q_proj.smooth, attn.k_proj.smooth) and torch.equal(attn.q_proj.smooth, attn.v_proj.smooth)
     assert not torch.equal(attn.q_proj.smooth, attn.o_proj.smooth)
-    notes = [d.message for d in res.report.records[-1].diagnostics if "SmoothQuant" in d.message]
+    notes = [d.message for d in res.report.records[-1].diagnostics if d.message.startswith("SmoothQuant:")]
     assert notes and all("alpha=0.5" in n for n in notes)
     with torch.no_grad():
         out = res.model.generate(inputs["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
@@ -116,7 +118,7 @@ def test_w8a8_auto_alpha_smooths_only_where_it_lowers_the_error():
     for x in calib:
         x[:, 3] *= 40  # one outlier channel into the first layer: smoothing pays there
     res = go.optimize(model, calib[0], "quantize(scheme=w8a8)", calib=calib, measure=False, on_error="raise")
-    notes = {d.target: d.message for d in res.report.records[-1].diagnostics if "SmoothQuant" in d.message}
+    notes = {d.target: d.message for d in res.report.records[-1].diagnostics if d.message.startswith("SmoothQuant:")}
     assert res.model[0].smooth is not None and "alpha=" in notes["0"] and "unsmoothed" in notes["0"]
     if res.model[1].smooth is None:
         assert "not smoothed" in notes["1"]
@@ -153,3 +155,21 @@ def test_embedding_tied_to_the_lm_head_stays_float():
     assert isinstance(res.model.transformer.wte, nn.Embedding)
     assert isinstance(res.model.transformer.wpe, QuantEmbedding)
     assert any("tied to the LM head" in d.message for d in res.report.records[-1].diagnostics)
+
+
+@pytest.mark.parametrize("name, consumer, producer", [
+    ("bert", "encoder.layer.0.attention.output.dense", "encoder.layer.0.attention.self.value"),
+    ("llama_causal_lm", "model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj")])
+def test_smoothing_factor_moves_into_a_producer_where_exact(tmp_path, name, consumer, producer):
+    model, inputs = hf_model(name)
+    calib = _calib()
+    res = go.optimize(model, inputs, "quantize(scheme=w8a8,alpha=0.5)", calib=calib, measure=False,
+                      on_error="raise")
+    moved = {d.target: d.message for d in res.report.records[-1].diagnostics if "moved into" in d.message}
+    assert producer in moved.get(consumer, "")
+    assert res.model.get_submodule(consumer).smooth is None
+    go.save(res, tmp_path / "q")  # the move is recorded as edits: a reload replays it
+    loaded = go.load(tmp_path / "q", hf_model(name, seed=7)[0])
+    assert loaded.get_submodule(consumer).smooth is None
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs)[0], res.model(**inputs)[0])
