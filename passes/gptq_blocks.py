@@ -56,6 +56,19 @@ def _carrier(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable[[torch.T
     raise TypeError("the block takes no hidden-states tensor")
 
 
+def _run_hooked(model: nn.Module, batches: list, handles: list) -> None:
+    """Run ``model`` on each batch without autograd (a hook may stop a forward with ``_Stop``), then
+    remove the hooks ``handles``."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Stop):
+                    as_example_inputs(batch).call(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _first_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tuple[tuple, dict]]:
     """The (args, kwargs) the first block gets for each batch; each forward stops there."""
     seen: list[tuple[tuple, dict]] = []
@@ -64,14 +77,7 @@ def _first_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tup
         seen.append((args, dict(kwargs)))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                with contextlib.suppress(_Stop):
-                    as_example_inputs(batch).call(model)
-    finally:
-        handle.remove()
+    _run_hooked(model, batches, [block.register_forward_pre_hook(record, with_kwargs=True)])
     return seen
 
 
@@ -87,12 +93,7 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) ->
                 first[name] = id(args[0])
                 order.append(name)
         handles.append(layer.register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            as_example_inputs(inputs).call(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, [inputs], handles)
     groups: list[list[str]] = []
     for name in order:
         if groups and first[groups[-1][0]] == first[name]:
@@ -114,14 +115,8 @@ def _chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
     def post(module: nn.Module, args: tuple, out: Any) -> None:
         seen_out.append(out[0] if isinstance(out, (tuple, list)) else out)
 
-    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
-                                           b.register_forward_hook(post))]
-    try:
-        with torch.no_grad():
-            as_example_inputs(batch).call(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, [batch], [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
+                                                              b.register_forward_hook(post))])
     ok = len(seen_in) == len(seen_out) == len(blocks) and all(
         isinstance(o, torch.Tensor) and o.shape == i.shape and torch.equal(o, i)
         for o, i in zip(seen_out[:-1], seen_in[1:]))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
-from graphopt.nn.quant import QuantLinear
+from graphopt.nn.quant import BITS, QuantLinear, n_groups
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ class LayerPlan:
 
     def bits(self, out_features: int, in_features: int) -> float:
         """Average stored bits per weight, codes and float32 scales."""
-        per = {"int8": 8, "int4": 4, "ternary": 2}[self.scheme]
-        groups = 1 if self.group_size <= 0 else -(-in_features // self.group_size)
-        return per + 32 * groups / in_features
+        return BITS[self.scheme] + 32 * n_groups(in_features, self.group_size) / in_features
 
 
 def default_group_size(scheme: str) -> int:

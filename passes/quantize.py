@@ -20,6 +20,7 @@ inside ``skip``, and non-float weights.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import itertools
 import logging
 from dataclasses import field
@@ -110,8 +111,9 @@ class Quantize(Pass):
             result.note(name, message)
         if self.budget_bits is not None:
             plans = self._mixed(program, weights, plans, shapes, result)
-        smooth = (self._smoothing(program, targets, result)
-                  if self.scheme == "w8a8" and (self.alpha is None or self.alpha > 0) else {})
+        smoothing = self.scheme == "w8a8" and (self.alpha is None or self.alpha > 0)
+        groups = self._sequential_groups(program, targets) if smoothing else []
+        smooth = self._smoothing(program, groups, result) if smoothing else {}
         sizes = {"before": 0, "after": 0, "weights": 0}
 
         def quantize_group(group: list[str], grams: dict) -> None:
@@ -134,7 +136,7 @@ class Quantize(Pass):
             quantize_group(targets, {})
         before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
         if smooth:
-            self._fold_smoothing(program, targets, result)
+            self._fold_smoothing(program, groups, targets, result)
         for name in tables:
             table = program.get_submodule(name)
             int4 = self.scheme == "int4"
@@ -232,13 +234,15 @@ class Quantize(Pass):
         result.stats["planned_bits"] = round(reached, 3)
         return chosen
 
-    def _smoothing(self, program: Program, targets: list[str], result: PassResult) -> dict[str, torch.Tensor]:
+    def _smoothing(self, program: Program, groups: list[list[str]], result: PassResult) -> dict[str, torch.Tensor]:
         """SmoothQuant's input multiplier (``1 / s``) per layer (:mod:`.smoothquant`), shared by the layers
         that read one tensor."""
-        stats = layer_input_stats(program.module, {n: program.get_submodule(n) for n in targets},
-                                  self._batches(program), SmoothStats)
+        layers = {n: program.get_submodule(n) for g in groups for n in g}
+        # the sample rows only serve to choose alpha
+        stats_of = SmoothStats if self.alpha is None else functools.partial(SmoothStats, keep_rows=0)
+        stats = layer_input_stats(program.module, layers, self._batches(program), stats_of)
         out = {}
-        for group in self._sequential_groups(program, targets):
+        for group in groups:
             weights = [linear_weight(program.get_submodule(n))[0] for n in group]
             _, s, why = choose_alpha(stats[group[0]], weights, self.alpha)
             result.note(group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})", f"SmoothQuant: {why}")
@@ -247,9 +251,9 @@ class Quantize(Pass):
                     out[name] = (1.0 / s).to(device=w.device, dtype=w.dtype)
         return out
 
-    def _fold_smoothing(self, program: Program, targets: list[str], result: PassResult) -> None:
+    def _fold_smoothing(self, program: Program, groups: list[list[str]], targets: list[str],
+                        result: PassResult) -> None:
         """Move SmoothQuant factors into an earlier layer of the same block where that is exact."""
-        groups = self._sequential_groups(program, targets)
         order = [n for g in groups for n in g]
         blocks = tuple(f"{b}." for b in repeated_blocks(program.module, targets))
         batch = self._batches(program)[0]

@@ -34,22 +34,24 @@ _KEEP_ROWS = 2048
 
 
 class SmoothStats:
-    """Per-channel ``max |x|`` over every calibration batch, and the first batches whole (up to 2048 rows).
+    """Per-channel ``max |x|`` over every calibration batch, and the first batches whole (up to
+    ``keep_rows``, for choosing alpha).
 
     Padding rows count: a runtime quantizer with one scale per tensor sees them too (on MiniLM, leaving
     them out measured cosine 0.993 instead of 0.996).
     """
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, keep_rows: int = _KEEP_ROWS) -> None:
         self.absmax = torch.zeros(features, dtype=torch.float32)
         self.batches: list[torch.Tensor] = []
         self.rows = 0
+        self.keep_rows = keep_rows
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float32)
         if rows.shape[0]:
             self.absmax = torch.maximum(self.absmax, rows.abs().amax(0))
-        if self.rows < _KEEP_ROWS:
+        if self.rows < self.keep_rows:
             self.batches.append(rows)
         self.rows += rows.shape[0]
 

@@ -19,9 +19,10 @@ groups that do not divide a layer, packed embedding tables, GPT-2's ``Conv1D`` l
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,12 @@ import torch
 from torch import nn
 
 from ..analysis.hf_config import is_hf_model, structure_mismatches
-from ..nn.quant import QuantEmbedding, QuantLinear
+from ..nn.quant import BITS, QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
 #: The compressed-tensors version this writer is tested against (constraints.txt pins it).
 TESTED_VERSION = "0.20.1"
-_BITS = {"int8": 8, "int4": 4, "ternary": 2}
 
 
 def compressed_tensors_problems(model: nn.Module) -> list[str]:
@@ -57,41 +57,44 @@ def compressed_tensors_problems(model: nn.Module) -> list[str]:
                             "tensor) is not written in this format yet; export it to ONNX instead")
         if m.group_size > 0 and m.in_features % m.group_size:
             problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")
-    twin = float_twin(model)
-    problems += structure_mismatches(twin, attributes=False)
-    conv1d = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)
-              and type(twin.get_submodule(n)).__name__ == "Conv1D"]
-    problems += [f"{n}: a transformers Conv1D layer (compressed-tensors quantizes nn.Linear only)" for n in conv1d]
+    kinds = _config_modules(model)
+    with float_layers(model, kinds):  # what from_pretrained would build in place of each packed layer
+        problems += structure_mismatches(model, attributes=False)
+    problems += [f"{n}: a transformers Conv1D layer (compressed-tensors quantizes nn.Linear only)"
+                 for n, m in model.named_modules() if isinstance(m, QuantLinear) and kinds.get(n) == "Conv1D"]
     return problems
 
 
-def float_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with each QuantLinear back as the layer class the config builds, dequantized."""
-    twin = copy.deepcopy(model)
-    fresh = _config_modules(model)
-    for name, m in list(twin.named_modules()):
+@contextlib.contextmanager
+def float_layers(model: nn.Module, kinds: dict[str, str]) -> Iterator[None]:
+    """Inside: each QuantLinear / QuantEmbedding of ``model`` is the float layer its config builds there
+    (``kinds``: class names by module name), its weight on the meta device (nothing is copied);
+    afterwards the packed layers are back."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = []
+    for name, m in list(model.named_modules()):
         if not isinstance(m, (QuantLinear, QuantEmbedding)):
             continue
+        with torch.device("meta"):
+            if isinstance(m, QuantEmbedding):
+                layer: nn.Module = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx)
+            elif kinds.get(name) == "Conv1D":  # transformers' Conv1D keeps [in, out]
+                layer = Conv1D(m.out_features, m.in_features)
+            else:
+                layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        layer.to(m.scale.dtype)
+        if getattr(m, "bias", None) is not None:
+            layer.bias = m.bias  # the real bias: it is saved as it is
         parent_name, _, attr = name.rpartition(".")
-        weight = m.dequantized_weight() if isinstance(m, QuantLinear) else m.weight
-        kind = fresh.get(name, "Linear")
-        if isinstance(m, QuantEmbedding):
-            layer: nn.Module = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx)
-            layer.weight.data = weight.clone()
-        elif kind == "Conv1D":  # transformers' Conv1D keeps [in, out]
-            from transformers.pytorch_utils import Conv1D
-
-            layer = Conv1D(m.out_features, m.in_features)
-            layer.weight.data = weight.t().contiguous()
-            if m.bias is not None:
-                layer.bias.data = m.bias.detach().clone()
-        else:
-            layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            layer.weight.data = weight.clone()
-            if m.bias is not None:
-                layer.bias.data = m.bias.detach().clone()
-        setattr(twin.get_submodule(parent_name), attr, layer.to(weight.dtype))
-    return twin
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, layer)
+        swapped.append((parent, attr, m))
+    try:
+        yield
+    finally:
+        for parent, attr, m in swapped:
+            setattr(parent, attr, m)
 
 
 def _config_modules(model: nn.Module) -> dict[str, str]:
@@ -125,7 +128,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             groups.setdefault((m.scheme, m.group_size), []).append(name)
     config_groups = {}
     for i, ((scheme, group), names) in enumerate(sorted(groups.items())):
-        weights = {"num_bits": _BITS[scheme], "type": "int", "symmetric": True, "dynamic": False,
+        weights = {"num_bits": BITS[scheme], "type": "int", "symmetric": True, "dynamic": False,
                    "strategy": "group" if group > 0 else "channel", "group_size": group if group > 0 else None,
                    "actorder": None, "observer": "minmax"}
         config_groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": None,
@@ -138,19 +141,20 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             "kv_cache_scheme": None, "global_compression_ratio": None, "version": TESTED_VERSION}
 
 
-def compressed_state_dict(model: nn.Module, twin: nn.Module) -> dict[str, torch.Tensor]:
-    """``twin``'s state dict with each quantized layer's weight in its compressed-tensors form."""
-    state = dict(twin.state_dict())
+def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with each quantized layer's tensors in their compressed-tensors form."""
+    state = dict(model.state_dict())
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):
             continue
-        del state[f"{name}.weight"]
+        for key in ("qweight", "scale", "smooth"):
+            state.pop(f"{name}.{key}", None)
         codes = m.codes()
         state[f"{name}.weight_scale"] = m.scale.detach().clone()
         if m.scheme == "int8":
             state[f"{name}.weight"] = codes.clone()
         else:
-            state[f"{name}.weight_packed"] = pack_int32(codes, _BITS[m.scheme])
+            state[f"{name}.weight_packed"] = pack_int32(codes, BITS[m.scheme])
             state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
     return state
 
@@ -165,8 +169,9 @@ def save_compressed(model: nn.Module, directory: str | Path) -> Path:
     Call :func:`compressed_tensors_problems` first (``graphopt.emit.hf.save_pretrained`` does).
     """
     path = Path(directory)
-    twin = float_twin(model)
-    type(twin).save_pretrained(twin, path, state_dict=compressed_state_dict(model, twin))
+    state = compressed_state_dict(model)
+    with float_layers(model, _config_modules(model)):
+        type(model).save_pretrained(model, path, state_dict=state)
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
     config["quantization_config"] = quantization_config(model)

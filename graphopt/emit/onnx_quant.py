@@ -154,11 +154,8 @@ class _Lowering:
     """Builds the replacement nodes and initializers for one graph."""
 
     def __init__(self, graph, weight_format: str, accuracy_level: int) -> None:  # noqa: ANN001
-        from onnx import numpy_helper
-
         self.graph, self.format, self.accuracy_level = graph, weight_format, accuracy_level
         self.inits = {t.name: t for t in graph.initializer}
-        self.arrays = {name: numpy_helper.to_array(t) for name, t in self.inits.items()}
         self.producers = {o: n for n in graph.node for o in n.output}
         self.uses_msft = False
         self._n = 0
@@ -167,10 +164,10 @@ class _Lowering:
     # --- reading the marker -------------------------------------------------------------------------
     def _constant(self, name: str) -> np.ndarray:
         """The value behind ``name``: an initializer, possibly through Identity / Cast nodes."""
-        from onnx import helper
+        from onnx import helper, numpy_helper
 
-        if name in self.arrays:
-            return self.arrays[name]
+        if name in self.inits:  # read on demand: only the packed weights and scales are needed
+            return numpy_helper.to_array(self.inits[name])
         node = self.producers.get(name)
         if node is not None and node.op_type in ("Identity", "Cast"):
             value = self._constant(node.input[0])
@@ -203,13 +200,13 @@ class _Lowering:
         scheme, group, k, acts = attrs["scheme"], int(attrs["group_size"]), int(attrs["in_features"]), \
             attrs["activations"]
         x, y = node.input[0], node.output[0]
-        packed = torch.from_numpy(np.array(self._constant(node.input[1])))
+        packed = np.array(self._constant(node.input[1]))
         scale = self._constant(node.input[2])
-        codes = unpack(packed, scheme, k).numpy()  # [out, in]
+        if self.format == "matmulnbits" and acts != "dynamic":  # graphopt's nibbles are MatMulNBits' layout
+            return self._matmulnbits(x, y, packed, scale, scheme, group, k)
+        codes = unpack(torch.from_numpy(packed), scheme, k).numpy()  # [out, in]
         if acts == "dynamic":
             return self._dynamic(x, y, codes, scale[:, 0])
-        if self.format == "matmulnbits":
-            return self._matmulnbits(x, y, packed.numpy(), scale, scheme, group, k)
         return self._qdq(x, y, codes, scale, scheme, group)
 
     def _qdq(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray, scheme: str, group: int) -> list:
@@ -254,9 +251,12 @@ class _Lowering:
     def _dynamic(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray) -> list:
         from onnx import TensorProto, helper
 
+        if scale.dtype != np.float32:
+            raise QuantLoweringError("w8a8 layers export in float32 only (onnxruntime's DynamicQuantizeLinear "
+                                     "reads float32); convert the model with .float() before exporting")
         w = self._add("w", np.ascontiguousarray(codes.T.astype(np.int8)))
         wz = self._add("w_zero", np.zeros(codes.shape[0], dtype=np.int8))
-        ws = self._add("w_scale", np.ascontiguousarray(scale.astype(np.float32)))
+        ws = self._add("w_scale", np.ascontiguousarray(scale))
         acc, accf, s = (self._name(t) for t in ("acc", "accf", "s"))
         nodes = []
         if x not in self._quantized_inputs:  # layers reading the same tensor share its quantization
@@ -267,9 +267,6 @@ class _Lowering:
                  helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT),
                  helper.make_node("Mul", [xs, ws], [s]),
                  helper.make_node("Mul", [accf, s], [y])]
-        if scale.dtype != np.float32:
-            raise QuantLoweringError("w8a8 layers export in float32 only (onnxruntime's DynamicQuantizeLinear "
-                                     "reads float32); convert the model with .float() before exporting")
         return nodes
 
     def drop_unused(self) -> None:
@@ -277,7 +274,6 @@ class _Lowering:
         keep = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
-
 
 
 def lower_file(path: str | Path, weight_format: WeightFormat = "qdq", accuracy_level: int = 0) -> tuple[int, int]:

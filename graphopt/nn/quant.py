@@ -128,10 +128,6 @@ class QuantLinear(nn.Module):
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.smooth) if t is not None)
 
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.weight_bytes / (self.in_features * self.out_features)
-
     def resolved_backend(self, x: torch.Tensor) -> str:
         """``auto`` is ``torch``: on the CPUs measured here torch's packed int8 kernel (``int8_mm``) ran
         10x slower than an fp32 matmul at 32 x 384 x 1536 (benchmarks/README.md), so it is opt-in."""

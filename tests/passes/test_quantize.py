@@ -188,7 +188,9 @@ def test_gptq_block_by_block_equals_the_whole_model_order(name):
     from graphopt.passes.gptq_blocks import repeated_blocks
 
     model, inputs = hf_model(name)
-    calib = _calib(4)
+    # enough rows for well-conditioned Hessians: GPTQ amplifies float rounding differences when the Hessian
+    # is nearly singular (with 4 batches this test failed in some full-suite orders, never alone)
+    calib = _calib(16)
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     assert len(repeated_blocks(model, targets)) == model.config.num_hidden_layers
     codes, models = {}, {}
