@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 
 from .emit.hf import check_save_pretrained, refusal
+from .frontend.calib import check_calibration
 from .frontend.inputs import as_example_inputs
 from .infra.contract import Pass
 from .infra.manager import Measure, PassManager
@@ -49,6 +50,21 @@ class OptimizeResult:
         return save(self, directory)
 
 
+def _check_flags(**flags: Any) -> None:
+    """optimize()'s keyword options: one clear error each, before anything runs."""
+    for name in ("inplace", "verify"):
+        if not isinstance(flags[name], bool):
+            raise TypeError(f"optimize({name}=...) takes true or false, got {type(flags[name]).__name__}")
+    if not isinstance(flags["measure"], (bool, Measure)):
+        raise TypeError(f"optimize(measure=...) takes a bool or a go.Measure, got {type(flags['measure']).__name__}")
+    if not isinstance(flags["on_error"], str) or flags["on_error"] not in ("rollback", "raise"):
+        raise ValueError(f"optimize(on_error={flags['on_error']!r}): choose 'rollback' or 'raise'")
+    if flags["progress"] is not None and not isinstance(flags["progress"], bool):
+        raise TypeError(f"optimize(progress=...) takes true, false or None, got {type(flags['progress']).__name__}")
+    if not isinstance(flags["model_spec"], str):
+        raise TypeError(f"optimize(model_spec=...) takes a str, got {type(flags['model_spec']).__name__}")
+
+
 def _materialise(calib: Iterable[Any] | None) -> Iterable[Any] | None:
     if calib is None:
         return None
@@ -78,13 +94,18 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
     passes = as_pipeline(pipeline)  # parse first: a typo costs nothing
+    _check_flags(inplace=inplace, verify=verify, measure=measure, on_error=on_error, progress=progress,
+                 model_spec=model_spec)
     inputs = as_example_inputs(example_inputs)
+    batches = _materialise(calib)
     work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    if batches is not None:  # before any pass runs; a wrong width is found by running one batch
+        check_calibration(batches, inputs, work, run=any(p.needs_calibration for p in passes))
     original = model
     if inplace and any(p.needs_original for p in passes):
         original = copy.deepcopy(model)  # the teacher must not change under the passes
-    work.eval()
-    program = Program(work, inputs, calib=_materialise(calib), original=original)
+    program = Program(work, inputs, calib=batches, original=original)
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
                           model_spec=model_spec)
     report = manager.run(program)

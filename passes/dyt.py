@@ -27,7 +27,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from graphopt.analysis.calibration import mask_of
 from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, reference_norm
 from graphopt.frontend.inputs import as_example_inputs
 from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 from graphopt.nn.dyt import SQUASH, VARIANTS, fit_elementwise
@@ -201,13 +202,13 @@ class DyTPass(Pass):
     target: Literal["layernorm", "rmsnorm", "all"] = "all"
     variant: Literal["dyt", "eln"] = "dyt"
     where: str = "*"
-    alpha0: float | None = None
+    alpha0: Annotated[float, Range(0, lo_open=True)] | None = None
     affine: Literal["copy", "fresh"] = "copy"
     per_channel_alpha: bool = False
     fused: bool = False
     fit_to: Literal["original", "local"] = "original"
-    batches: int = 8
-    max_tokens: int = 8192
+    batches: Annotated[int, Range(1)] = 8
+    max_tokens: Annotated[int, Range(1)] = 8192
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -215,8 +216,6 @@ class DyTPass(Pass):
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         result = PassResult(modified=False)
-        if self.batches < 1 or self.max_tokens < 1:
-            raise ValueError("dyt: batches and max_tokens must be positive")
         norms = find_norms(program, target=self.target, where=self.where, result=result)
         if not norms:
             result.note("", f"no convertible norm matched target={self.target}, where={self.where!r}", "warning")

@@ -23,7 +23,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import mask_of
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
@@ -132,20 +133,20 @@ class Heal(Pass):
     needs_calibration = True
     needs_original = True
 
-    steps: int = 200
-    lr: float = 1e-4
+    steps: Annotated[int, Range(0)] = 200
+    lr: Annotated[float, Range(0, lo_open=True)] = 1e-4
     train: str = "all"  # "all" | "new" (parameters earlier passes created/replaced) | glob on names
     freeze: str = ""  # glob on names of parameters never trained (e.g. '*word_embeddings*')
     loss: Literal["auto", "mse", "cosine", "kl"] = "auto"
-    features: float = 0.0
-    temperature: float = 1.0
+    features: Annotated[float, Range(0)] = 0.0
+    temperature: Annotated[float, Range(0, lo_open=True)] = 1.0
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    patience: int = 0
-    min_delta: float = 1e-3
-    eval_batches: int = 4
+    warmup: Annotated[int, Range(0)] = 10
+    weight_decay: Annotated[float, Range(0)] = 0.0
+    clip: Annotated[float, Range(0)] = 1.0  # 0: no clipping
+    patience: Annotated[int, Range(0)] = 0
+    min_delta: Annotated[float, Range(0)] = 1e-3
+    eval_batches: Annotated[int, Range(1)] = 4
     seed: int = 0
     progress: bool | None = None
 
@@ -208,8 +209,6 @@ class Heal(Pass):
             raise ValueError("heal needs calibration data: pass calib=<iterable of model inputs> to optimize()")
         if program.device.type == "meta":
             raise ValueError("heal needs real weights, not the meta device")
-        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0:
-            raise ValueError("heal: steps must be >= 0, lr and temperature > 0")
 
     def _trainable(self, program: Program) -> list[nn.Parameter]:
         named = dict(program.module.named_parameters())

@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -27,11 +27,13 @@ from graphopt.analysis.hf_config import numeric_attrs
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.metrics import count_flops
+from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
 from .hf_sync import describable_groups, sync_hf_config
-from .prune_apply import SIZE_ATTRS, apply_keep, apply_plan, register_size_attrs, run_error
+from .prune_apply import SIZE_ATTRS, apply_keep, apply_plan, fixed_sizes, register_size_attrs, run_error
+from .prune_check import structure_error
 
 __all__ = ["SIZE_ATTRS", "Plan", "Prune", "apply_plan", "register_size_attrs"]
 
@@ -49,16 +51,16 @@ class Plan:
 class Prune(Pass):
     """Remove the least important channels/heads of every coupled group (zero configuration)."""
 
-    ratio: float = 0.3
-    target_params: float | None = None
-    target_flops: float | None = None
+    ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # fraction of units removed
+    target_params: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # fraction of parameters kept
+    target_flops: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # fraction of FLOPs kept
     importance: Literal["l1", "l2", "taylor"] = "l2"
     allocation: Literal["uniform", "global"] = "uniform"
     where: str = "*"
-    round_to: int = 1
+    round_to: Annotated[int, Range(1)] = 1
     outputs: bool = False
-    min_units: int = 1
-    calib_batches: int = 8
+    min_units: Annotated[int, Range(1)] = 1
+    calib_batches: Annotated[int, Range(1)] = 8
     uniform: bool = False
 
     @property
@@ -92,13 +94,15 @@ class Prune(Pass):
             result.note("", "nothing to prune at this ratio (groups too small for min_units/round_to)")
             return result
         attrs_before = numeric_attrs(program.module)
+        before = am.get("exported")  # restoring a snapshot clears the analyses
+        n_before = len(result.diagnostics)
         snapshot = program.snapshot()
-        suspects = apply_keep(program, changed, keep, result)
+        suspects = apply_keep(program, changed, keep, result, fixed_sizes(graph, changed))
         error = run_error(program)
         while error and suspects:  # sizes baked into the graph as literals: keep those groups whole
             program.restore(snapshot)
             snapshot = program.snapshot()
-            result.diagnostics = [d for d in result.diagnostics if d.level != "info"]
+            result.diagnostics[n_before:] = [d for d in result.diagnostics[n_before:] if d.level != "info"]
             for g in changed:
                 if g.id in suspects:
                     result.skip(g.modules[0], f"group {g.id}: a size in the graph follows it but no module "
@@ -106,10 +110,12 @@ class Prune(Pass):
             changed = [g for g in changed if g.id not in suspects]
             suspects, error = set(), ""
             if changed:
-                suspects = apply_keep(program, changed, keep, result)
+                suspects = apply_keep(program, changed, keep, result, fixed_sizes(graph, changed))
                 error = run_error(program)
         if error:
             raise RuntimeError(f"the pruned model does not run: {error}")
+        if changed:
+            changed = self._same_graph(program, before, graph, changed, keep, snapshot, result, n_before)
         if not changed:
             return result
         if not sync_hf_config(program, attrs_before, result) and self.uniform:
@@ -121,21 +127,42 @@ class Prune(Pass):
                              "units_removed": sum(g.units - len(keep[g.id]) for g in changed)})
         return result
 
+    def _same_graph(self, program: Program, before: torch.export.ExportedProgram, graph: DependencyGraph,
+                    changed: list[Group], keep: dict[int, np.ndarray], snapshot: tuple,
+                    result: PassResult, n_before: int) -> list[Group]:
+        """Keep the groups whose pruning leaves the traced graph the same but for sizes.
+
+        A branch on a shape, or a size attribute also used as a value, changes the graph: such groups
+        are found one at a time and left whole, with the source line where the graphs part.
+        """
+        error = structure_error(program, before)
+        if not error:
+            return changed
+        log.info("prune: the pruned model traces differently (%s); checking groups one at a time", error)
+        program.restore(snapshot)
+        kept: list[Group] = []
+        for g in changed:
+            trial = program.snapshot()
+            apply_keep(program, [g], keep, PassResult(modified=False), fixed_sizes(graph, [g]))
+            why = run_error(program) or structure_error(program, before)
+            program.restore(trial)
+            if why:
+                result.skip(g.modules[0], f"group {g.id}: pruning it changes what the model computes, not only "
+                            f"its sizes: {why}; left whole")
+            else:
+                kept.append(g)
+        result.diagnostics[n_before:] = [d for d in result.diagnostics[n_before:] if d.level == "skipped"]
+        if kept:
+            apply_keep(program, kept, keep, result, fixed_sizes(graph, kept))
+            error = run_error(program) or structure_error(program, before)
+            if error:
+                raise RuntimeError(f"the pruned model computes something else, not a smaller version: {error}")
+        return kept
+
     # --- options and scope ----------------------------------------------------------------------
     def _check_options(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"prune(ratio={self.ratio}): ratio is the fraction of units removed, in [0, 1)")
-        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
-            raise ValueError(f"prune(target_flops={self.target_flops}): the fraction of FLOPs kept, in (0, 1]")
         if self.target_flops is not None and self.target_params is not None:
             raise ValueError("prune: give target_params or target_flops, not both")
-        if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
-            raise ValueError(f"prune(target_params={self.target_params}): the fraction of parameters kept, "
-                             f"in (0, 1]")
-        if self.round_to < 1 or self.min_units < 1:
-            raise ValueError("prune: round_to and min_units must be >= 1")
-        if self.calib_batches < 1:
-            raise ValueError("prune: calib_batches must be >= 1")
         if self.uniform and self.allocation != "uniform":
             raise ValueError("prune(uniform=true) keeps the same count in every layer: it needs allocation=uniform")
 

@@ -18,6 +18,8 @@ from graphopt.analysis.depgraph import DependencyGraph, Group
 from graphopt.infra.contract import PassResult
 from graphopt.infra.program import Program
 
+from .prune_check import structure_error
+
 log = logging.getLogger(__name__)
 
 
@@ -36,12 +38,19 @@ def apply_plan(program: Program, keep: dict[int, list[int] | np.ndarray], *, out
         if len(units) == 0 or units.min() < 0 or units.max() >= by_id[gid].units:
             raise ValueError(f"group {gid} has {by_id[gid].units} units; cannot keep {units.tolist()}")
     result = PassResult(modified=True)
+    before = program.analyses.get("exported")
     snapshot = program.snapshot()
-    apply_keep(program, [by_id[gid] for gid in plan], plan, result)
+    groups = [by_id[gid] for gid in plan]
+    apply_keep(program, groups, plan, result, fixed_sizes(graph, groups))
     error = run_error(program)
     if error:
         program.restore(snapshot)
         raise RuntimeError(f"the model does not run with this plan (restored): {error}")
+    error = structure_error(program, before)
+    if error:
+        program.restore(snapshot)
+        raise RuntimeError(f"with this plan the model computes something else, not a smaller version "
+                           f"(restored): {error}")
     program.analyses.clear()
     return result
 
@@ -55,8 +64,20 @@ def run_error(program: Program) -> str:
     return ""
 
 
-def apply_keep(program: Program, groups: list[Group], keep: dict[int, np.ndarray], result: PassResult) -> set[int]:
-    """Resize every member and the attributes that hold sizes; return groups with unbacked sizes."""
+def fixed_sizes(graph: DependencyGraph, changed: list[Group]) -> set[tuple[str, int]]:
+    """(module, size) pairs of view/split sizes that stay as they are: on frozen dims or unpruned groups."""
+    ids = {g.id for g in changed}
+    return graph.fixed_constants | {(c.module, c.value) for g in graph.groups if g.id not in ids
+                                    for c in g.constants}
+
+
+def apply_keep(program: Program, groups: list[Group], keep: dict[int, np.ndarray], result: PassResult,
+               fixed: set[tuple[str, int]] = frozenset()) -> set[int]:  # type: ignore[assignment]
+    """Resize every member and the attributes that hold sizes; return groups with unbacked sizes.
+
+    ``fixed``: sizes used elsewhere in the same module that do not change (an attribute holding one
+    of those must keep its value).
+    """
     masks: dict[tuple[str, int], np.ndarray] = {}
     old_shapes: dict[str, tuple[int, ...]] = {}
     canonical: dict[int, str] = {}  # tied tensors may appear under several names: resize once
@@ -72,7 +93,7 @@ def apply_keep(program: Program, groups: list[Group], keep: dict[int, np.ndarray
             old_shapes.setdefault(alias, old_shapes[fqn])
         program.resize(fqn, dim, np.nonzero(mask)[0])
     size_changes = _size_changes(groups, keep)
-    suspects = _sync_constants(program, groups, keep, result)  # before leaf modules change attributes
+    suspects = _sync_constants(program, groups, keep, result, fixed)  # before leaf modules change attributes
     for module_name in sorted({fqn.rpartition(".")[0] for fqn in old_shapes}):
         _sync_leaf_module(program, module_name, old_shapes, result)
     _sync_head_attributes(program, groups, keep, size_changes, result)
@@ -122,14 +143,14 @@ def _sync_leaf_module(program: Program, name: str, old_shapes: dict[str, tuple[i
                 _set(program, name, attr, int(t.shape[dim]))
     elif isinstance(module, nn.modules.conv._ConvNd):
         old_w = old_shapes.get(f"{name}.weight", tuple(w.shape))
-        if module.transposed:
+        groups = module.groups
+        if groups > 1:  # whole groups were removed: the per-group widths are unchanged
+            groups = groups * int(w.shape[0]) // int(old_w[0])
+            _set(program, name, "groups", groups)
+        if module.transposed:  # weight: [in, out / groups, *kernel]
             _set(program, name, "in_channels", int(w.shape[0]))
-            _set(program, name, "out_channels", int(w.shape[1]) * module.groups)
-        else:
-            groups = module.groups
-            if groups > 1:  # whole groups were removed: per-group output width is unchanged
-                groups = groups * int(w.shape[0]) // int(old_w[0])
-                _set(program, name, "groups", groups)
+            _set(program, name, "out_channels", int(w.shape[1]) * groups)
+        else:  # weight: [out, in / groups, *kernel]
             _set(program, name, "out_channels", int(w.shape[0]))
             _set(program, name, "in_channels", int(w.shape[1]) * groups)
     elif isinstance(module, nn.modules.batchnorm._NormBase):
@@ -156,7 +177,7 @@ def _set(program: Program, module: str, attr: str, value: object) -> None:
 
 
 def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.ndarray],
-                    result: PassResult) -> set[int]:
+                    result: PassResult, fixed: set[tuple[str, int]]) -> set[int]:
     """Sizes baked into view/split/expand calls come from module attributes: update those.
 
     Returns the groups whose sizes appear as constants no attribute holds (computed from tensor
@@ -182,8 +203,9 @@ def _sync_constants(program: Program, groups: list[Group], keep: dict[int, np.nd
         originals = {a: v for a, v in vars(module).items() if not a.startswith("_") and type(v) is int}
         for old, news in sorted(old_to_new.items()):
             where, op = module_name or "<root>", ops[(module_name, old)]
-            if len(news) > 1:
-                result.note(where, f"{op} size {old} becomes {sorted(news)} in different places; "
+            if len(news) > 1 or (module_name, old) in fixed:
+                becomes = sorted(news | ({old} if (module_name, old) in fixed else set()))
+                result.note(where, f"{op} size {old} becomes {becomes} in different places; "
                             f"attributes left alone", "warning")
                 suspects |= owners[(module_name, old)]
                 continue

@@ -24,7 +24,7 @@ import functools
 import itertools
 import logging
 from dataclasses import field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
 from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
@@ -76,19 +77,19 @@ class Quantize(Pass):
     """Quantize Linear weights to int8 / int4 / ternary, or weights and activations to int8 (w8a8)."""
 
     scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"
-    group_size: int | None = None  # None: 128 for int4, one scale per channel (0) otherwise
+    group_size: Annotated[int, Range(0)] | None = None  # None: 128 for int4, one scale per channel (0) otherwise
     method: Literal["rtn", "gptq"] = "rtn"
     where: str = "*"
     skip: list[str] = field(default_factory=list)  # globs of module names left in float
     lm_head: bool = False
     embeddings: bool = False  # pack embedding tables too (int4 rows in groups for int4, int8 rows otherwise)
     budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
-    alpha: float | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
+    alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
     uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
     backend: Literal["auto", "torch", "int8_mm"] = "auto"
-    damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
+    damp: Annotated[float, Range(0, 1, hi_open=True)] = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
     act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
-    calib_batches: int = 32  # calibration batches read (per group of layers for GPTQ)
+    calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)
     by_block: bool = True  # GPTQ: one transformer block at a time (false: a forward of the model per group)
 
     @property
@@ -156,15 +157,8 @@ class Quantize(Pass):
 
     # --- options and scope ----------------------------------------------------------------------------
     def _check_options(self, program: Program) -> None:
-        if self.group_size is not None and self.group_size < 0:
-            raise ValueError(f"quantize(group_size={self.group_size}): give 0 (one scale per channel) or a "
-                             "positive group size such as 32, 64 or 128")
         if self.backend not in BACKENDS:
             raise ValueError(f"quantize(backend={self.backend!r}): choose from {', '.join(BACKENDS)}")
-        if not 0 <= self.damp < 1 or self.calib_batches < 1:
-            raise ValueError("quantize: damp must be in [0, 1) and calib_batches >= 1")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise ValueError(f"quantize(alpha={self.alpha}): SmoothQuant's alpha is in [0, 1] (0: no migration)")
         if self.budget_bits is not None and self.scheme != "int4":
             raise ValueError(f"quantize(budget_bits=...) mixes int4 and int8 layers; it needs scheme=int4, "
                              f"not {self.scheme}")

@@ -8,7 +8,7 @@ import torch
 from hypothesis import settings
 
 settings.register_profile("default", max_examples=25, deadline=None)
-settings.register_profile("thorough", max_examples=400, deadline=None)
+settings.register_profile("thorough", max_examples=600, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(2)

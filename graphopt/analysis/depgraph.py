@@ -23,6 +23,7 @@ from torch.fx import Node
 from ..frontend.nodes import node_module_path as node_module
 from .diagnostics import Diagnostic
 from .manager import AnalysisManager, register_analysis
+from .norms import NormInfo, is_norm_like, probe_norm
 from .rules import IGNORED, RULES, RuleContext, is_pointwise, op_key, pointwise
 
 
@@ -103,6 +104,7 @@ class DependencyGraph:
     frozen: list[FrozenDims]
     diagnostics: list[Diagnostic]
     seconds: float = 0.0
+    fixed_constants: set[tuple[str, int]] = field(default_factory=set)  # (module, size) on frozen dims
 
     def group_of(self, fqn: str, dim: int) -> list[Group]:
         return [g for g in self.groups if (fqn, dim) in g.params]
@@ -129,15 +131,22 @@ class DependencyGraph:
         return "\n".join(lines)
 
 
-def build_dependency_graph(ep: torch.export.ExportedProgram, *, freeze_outputs: bool = True) -> DependencyGraph:
-    """Propagate dims over ``ep``'s graph and collect the groups of coupled parameter slices."""
+def build_dependency_graph(ep: torch.export.ExportedProgram, *, freeze_outputs: bool = True,
+                           norm_modules: set[str] | None = None) -> DependencyGraph:
+    """Propagate dims over ``ep``'s graph and collect the groups of coupled parameter slices.
+
+    ``norm_modules``: paths of modules recognised as LayerNorm/RMSNorm; reductions inside them are
+    the norm's statistics (its width stays prunable, as for ``aten::layer_norm``).
+    """
     start = time.perf_counter()
     ctx = RuleContext()
+    ctx.norm_modules = set(norm_modules or ())
     sig = ep.graph_signature
     params, buffers = dict(sig.inputs_to_parameters), dict(sig.inputs_to_buffers)
     tensors: dict[str, tuple[str, bool]] = {k: (v, False) for k, v in params.items()}
     tensors.update({k: (v, True) for k, v in buffers.items()})
     user_inputs = set(sig.user_inputs)
+    ctx.weights = set(tensors)
     tied: dict[int, Node] = {}  # tied weights are one tensor under several placeholders
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -188,10 +197,18 @@ def _collect(ctx: RuleContext, ep: torch.export.ExportedProgram,
     frozen = table.frozen_reasons()
     members: dict[int, list[Member]] = defaultdict(list)
     frozen_members: dict[tuple[str, ...], list[tuple[str, int]]] = defaultdict(list)
+    unused = _unused_tensors(ep, tensors)
     for node in ep.graph.nodes:
         if node.op != "placeholder" or node.name not in tensors or not ctx.has_dims(node):
             continue
         fqn, is_buffer = tensors[node.name]
+        if node.name in unused:
+            if not is_buffer:
+                frozen_members[("never used by the traced forward: left alone",)] += [
+                    (fqn, d) for d in range(len(ctx.dims(node)))]
+                ctx.diagnostics.append(Diagnostic(fqn.rpartition(".")[0] or "<root>", f"{fqn} is never used by "
+                                                  f"the traced forward: prune leaves it alone", "info"))
+            continue
         for dim, space in enumerate(ctx.dims(node)):
             for leaf_id, pos in table.positions(space).items():
                 if leaf_id in frozen:
@@ -216,9 +233,12 @@ def _collect(ctx: RuleContext, ep: torch.export.ExportedProgram,
         grp = Group(len(groups), table.spaces[leaf_id].size, unit, sorted(mem, key=lambda m: (m.fqn, m.dim)))
         groups.append(grp)
         by_leaf[leaf_id] = grp
+    fixed: set[tuple[str, int]] = set()
     for node, space in ctx.constants:
         # e.g. batch x heads: computed from input shapes, never held by an attribute
         from_inputs = any("model input" in r for leaf in table.leaves(space) for r in frozen.get(leaf.id, ()))
+        if not from_inputs and not any(leaf_id in by_leaf for leaf_id in table.positions(space)):
+            fixed.add((node_module(node), table.find(space).size))  # a size that must stay what it is
         for leaf_id, pos in table.positions(space).items():
             if leaf_id in by_leaf:
                 by_leaf[leaf_id].constants.append(ConstantUse(
@@ -228,14 +248,39 @@ def _collect(ctx: RuleContext, ep: torch.export.ExportedProgram,
             if leaf_id in by_leaf:
                 by_leaf[leaf_id].head_spaces.append((node_module(node), pos))
     frozen_list = [FrozenDims(sorted(set(v)), list(k)) for k, v in frozen_members.items()]
-    return DependencyGraph(groups, frozen_list, ctx.diagnostics)
+    return DependencyGraph(groups, frozen_list, ctx.diagnostics, fixed_constants=fixed)
+
+
+def _unused_tensors(ep: torch.export.ExportedProgram, tensors: dict[str, tuple[str, bool]]) -> set[str]:
+    """Placeholders of parameters/buffers that no node reads (and that no used placeholder is tied to)."""
+    def value(name: str) -> Any:
+        fqn = tensors[name][0]
+        return ep.state_dict.get(fqn, ep.constants.get(fqn))
+
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in tensors]
+    used = {id(value(n.name)) for n in placeholders if n.users}
+    return {n.name for n in placeholders if not n.users and id(value(n.name)) not in used}
+
+
+def norm_module_paths(model: torch.nn.Module) -> set[str]:
+    """Paths of the submodules that probe as LayerNorm or RMSNorm (see :mod:`.norms`)."""
+    out = set()
+    for name, module in model.named_modules():
+        if is_norm_like(module) and not isinstance(module, torch.nn.modules.batchnorm._NormBase):
+            try:
+                if isinstance(probe_norm(module), NormInfo):
+                    out.add(name)
+            except Exception:  # a module the probe cannot run is simply not a recognised norm
+                continue
+    return out
 
 
 @register_analysis("dependency_graph")
 def _dependency_graph(program: Any, am: AnalysisManager) -> DependencyGraph:
-    return build_dependency_graph(am.get("exported"))
+    return build_dependency_graph(am.get("exported"), norm_modules=norm_module_paths(program.module))
 
 
 @register_analysis("dependency_graph_outputs")
 def _dependency_graph_outputs(program: Any, am: AnalysisManager) -> DependencyGraph:
-    return build_dependency_graph(am.get("exported"), freeze_outputs=False)
+    return build_dependency_graph(am.get("exported"), freeze_outputs=False,
+                                  norm_modules=norm_module_paths(program.module))

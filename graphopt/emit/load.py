@@ -19,6 +19,7 @@ from torch import nn
 from ..infra.program import Edit, EditError, replay_edits
 from ..nn.spec import class_path
 from .hf import check_save_pretrained
+from .manifest_schema import check_attr_types, check_edit, layer_size_problems
 from .saved_model import (
     FORMAT,
     FORMAT_VERSION,
@@ -66,6 +67,10 @@ def _edits_from(manifest: dict[str, Any], file: Path) -> list[Edit]:
         if not (isinstance(d, dict) and isinstance(d.get("op"), str) and isinstance(d.get("target"), str)
                 and isinstance(d.get("data", {}), dict)):
             raise SerializationError(f"{file} is corrupt: edit #{i} is not {{'op', 'target', 'data'}}: {d!r}")
+        try:
+            check_edit(i, d)
+        except SerializationError as e:
+            raise SerializationError(f"{file} is corrupt: {e}") from None
         edits.append(Edit.from_dict(d))
     return edits
 
@@ -101,6 +106,7 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[s
     aliases: dict[str, str] = manifest["aliases"]
     current = model.state_dict(keep_vars=True)
     model_np = nonpersistent_buffers(model)
+    _check_names(aliases, manifest["nonpersistent_buffers"], tensors, current, model_np, where)
     full = {}
     for k in current:
         src = k if k in tensors else aliases.get(k)
@@ -110,6 +116,8 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[s
     unexpected = [k for k in tensors if k not in current and k not in model_np]
     mismatched = [f"{k} (file {list(full[k].shape)}, model {list(current[k].shape)})"
                   for k in full if full[k].shape != current[k].shape]
+    mismatched += [f"{k} (file {_dtype(full[k])}, model {_dtype(current[k])}; build base_model in the saved "
+                   f"dtype)" for k in full if full[k].shape == current[k].shape and full[k].dtype != current[k].dtype]
     if missing or unexpected or mismatched:
         parts = [f"{label}: {name_list(names)}" for label, names in
                  (("missing from the file", missing), ("not in the model", unexpected),
@@ -122,6 +130,8 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[s
         log.warning("%s", msg)
         for k in [k for k in full if full[k].shape != current[k].shape]:
             del full[k]
+        for k in [k for k in full if full[k].dtype != current[k].dtype]:
+            full[k] = full[k].to(current[k].dtype)  # cast to what the rebuilt model holds
     model.load_state_dict(full, strict=False, assign=True)
     objects = {**dict(model.named_buffers(remove_duplicate=False)),
                **dict(model.named_parameters(remove_duplicate=False))}
@@ -138,6 +148,25 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], manifest: dict[s
         if strict:
             raise SerializationError(msg + f"; they are not in {where}")
         log.warning("%s", msg)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_names(aliases: dict[str, Any], np_names: list[Any], tensors: dict[str, torch.Tensor],
+                 current: dict[str, torch.Tensor], model_np: dict[str, torch.Tensor], where: Path) -> None:
+    """Aliases and non-persistent buffers in the manifest must name tensors that exist."""
+    for alias, canonical in aliases.items():
+        if not isinstance(canonical, str) or canonical not in tensors:
+            raise SerializationError(f"the manifest ties {alias!r} to {canonical!r}, which is not in {where}")
+        if alias not in current:
+            raise SerializationError(f"the manifest ties {alias!r} to {canonical!r}, but the rebuilt model has no "
+                                     f"tensor {alias!r}")
+    for name in np_names:
+        if not isinstance(name, str) or name not in model_np:
+            raise SerializationError(f"the manifest lists {name!r} as a non-persistent buffer, but the rebuilt model "
+                                     f"has no such buffer")
 
 
 def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, inplace: bool = False) -> nn.Module:
@@ -169,8 +198,9 @@ def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, i
         log.warning("%s", msg)
     hint = _config_hint(manifest, base_model)
     model = base_model if inplace else copy.deepcopy(base_model)
+    raw = manifest["edits"]
     try:
-        replay_edits(model, edits)
+        replay_edits(model, edits, check=lambda i, _: check_attr_types(model, i, raw[i]))
     except EditError as e:
         raise SerializationError(f"cannot rebuild the model saved in {path}: {e}{hint}") from e
     try:
@@ -178,6 +208,12 @@ def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, i
     except (SafetensorError, OSError) as e:
         raise SerializationError(f"cannot read {weights}: {e}; save the model again") from e
     _assign(model, tensors, manifest, strict, hint, weights)
+    problems = layer_size_problems(model)
+    if problems:
+        msg = f"the model rebuilt from {manifest_file} is inconsistent: {name_list(problems)}"
+        if strict:
+            raise SerializationError(msg + "; the edit log was changed after saving: save the model again")
+        log.warning("%s", msg)
     model.eval()
     check_save_pretrained(model)  # a rewritten HF model: save_pretrained refuses what transformers cannot load
     log.info("loaded %s with %d edits from %s", type(model).__name__, len(edits), path)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..frontend.inputs import ExampleInputs, as_example_inputs, flatten_outputs
+from ..frontend.inputs import ExampleInputs, InputError, as_example_inputs, flatten_outputs, missing_inputs
 from ..frontend.kv_cache import caches_off
 from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
 from .onnx_quant import (
@@ -155,6 +155,19 @@ def _export_error(exc: BaseException, model: nn.Module, inputs: ExampleInputs,
                            "onnxscript function}; or pass opset=<newer opset>")
 
 
+def _reference_run(model: nn.Module, inputs: ExampleInputs) -> Any:
+    """The model's outputs on the example inputs; inputs it cannot run on get an error that says so."""
+    try:
+        with torch.no_grad():
+            return inputs.call(model)
+    except Exception as e:  # the inputs do not fit the model: say that, not the op that noticed
+        missing = missing_inputs(model, inputs)
+        hint = f"; forward() also takes {', '.join(missing)}" if missing else ""
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"export_onnx: the model does not run on these example inputs ({inputs.describe()}): "
+                         f"{type(e).__name__}: {first}{hint}") from e
+
+
 def _check_materialised(model: nn.Module, layout: CallLayout) -> None:
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
@@ -206,14 +219,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     _check_materialised(model, layout)
     axes = normalise_axes(dynamic_axes, layout)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"export_onnx: {path} is a directory; give the path of the .onnx file to write "
+                         f"(e.g. {path / 'model.onnx'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     if model.training:
         log.info("exporting %s in eval mode (its training mode is restored afterwards)", type(model).__name__)
     with _preserved(model), caches_off(model):  # graphopt's runs and the exported graph: no KV cache
-        with torch.no_grad():
-            output = inputs.call(model)
+        output = _reference_run(model, inputs)
         reference, names = _output_names(output, layout.names)
         flat = bool(axes) and not layout.simple
         target: nn.Module = FlatCall(model, layout) if flat else model

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..analysis.diagnostics import Diagnostic
+from .options import check_options
 from .text import format_pass
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class Pass:
     tolerance: ClassVar[float | None] = 1e-5
     needs_calibration: ClassVar[bool] = False
     needs_original: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_options(self)  # declared types and ranges, for passes built in Python as from text
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")

@@ -46,6 +46,25 @@ class Measure:
     latency_repeat: int = 10
 
 
+#: a pass's tolerance is at least this many ulps of 1 in the model's lowest floating precision
+ULPS = 8
+
+
+def tolerance_for(tolerance: float, module: torch.nn.Module, outputs: Any) -> float:
+    """The pass's tolerance, raised to what the model's lowest floating precision can show (fp16, bf16)."""
+    dtypes = {t.dtype for t in flatten_outputs(outputs).values() if t.is_floating_point()}
+    dtypes |= {p.dtype for p in module.parameters() if p.is_floating_point()}
+    eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
+    return max(tolerance, ULPS * eps) if eps > torch.finfo(torch.float32).eps else tolerance
+
+
+def non_finite(outputs: Any) -> str:
+    """Names of outputs holding NaN or inf ('' if none)."""
+    bad = [name for name, t in flatten_outputs(outputs).items()
+           if t.is_floating_point() and t.device.type != "meta" and not bool(t.isfinite().all())]
+    return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+
+
 def compared_outputs(output: Any, model_name: str = "the model") -> tuple[list[str], list[str]]:
     """``(compared, not compared)``: the tensor outputs verification compares as ``name[shape]``, and the rest.
 
@@ -88,6 +107,10 @@ class PassManager:
         report = Report(pipeline=str(self.pipeline))
         original_out = self._outputs(program)
         report.outputs, report.not_compared = compared_outputs(original_out, type(program.module).__name__)
+        bad = non_finite(original_out)
+        if bad:
+            report.notes.append(f"the model's own outputs are not finite before any pass ({bad}): passes that "
+                                f"must keep outputs cannot be verified; check the model and its example inputs")
         report.records.append(self._measured(PassRecord("original", "original", "baseline"), program,
                                              original_out, original_out))
         previous_out = original_out
@@ -181,9 +204,15 @@ class PassManager:
         except OutputMismatch as e:
             raise VerificationError(f"outputs changed shape or structure: {e}") from None
         if not math.isfinite(err.max_rel):
+            before = non_finite(previous_out)
+            if before:
+                raise VerificationError(f"the outputs were not finite before this pass either ({before}): "
+                                        f"graphopt cannot verify it; check the model and its example inputs")
             raise VerificationError(f"outputs are no longer finite ({err.worst})")
-        if p.tolerance is not None and err.max_rel > p.tolerance:
-            raise VerificationError(f"output error {err} exceeds the pass's tolerance {p.tolerance:g} "
+        tolerance = None if p.tolerance is None else tolerance_for(p.tolerance, program.module, previous_out)
+        if tolerance is not None and err.max_rel > tolerance:
+            floor = "" if tolerance == p.tolerance else f", widened from {p.tolerance:g} for the model's dtype"
+            raise VerificationError(f"output error {err} exceeds the pass's tolerance {tolerance:g}{floor} "
                                     f"(max|new-old| / max|old|)")
         return out, (None if program.device.type == "meta" else err.max_rel)
 

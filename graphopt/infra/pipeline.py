@@ -11,12 +11,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal, Union
+from typing import Any
 
 from .contract import Pass
+from .options import MAX_DEPTH, coerce
 from .registry import get_pass, get_preset, list_passes, list_presets, load_builtin_passes
 from .text import PipelineError, format_pass, suggest
 
@@ -60,19 +60,27 @@ def as_pipeline(spec: str | Pass | Iterable[Pass | str] | Pipeline) -> Pipeline:
         return parse_pipeline(spec)
     if isinstance(spec, Pass):
         return Pipeline([spec])
+    if isinstance(spec, (bytes, dict)) or not isinstance(spec, Iterable):
+        raise PipelineError(f"a pipeline is a text such as 'fold_bn,prune(ratio=0.3)', a go.Pass or a list of "
+                            f"those; got {type(spec).__name__}")
     passes: list[Pass] = []
     for item in spec:
         if isinstance(item, str):
             passes.extend(parse_pipeline(item))
         elif isinstance(item, type) and issubclass(item, Pass):
             passes.append(item())
-        else:
+        elif isinstance(item, Pass):
             passes.append(item)
+        else:
+            raise PipelineError(f"pipeline items are pass texts or go.Pass instances; got {type(item).__name__}")
     return Pipeline(passes)
 
 
 def parse_pipeline(text: str) -> Pipeline:
     """Parse pipeline text into configured passes; raises :class:`PipelineError` with a hint."""
+    if not isinstance(text, str):
+        raise PipelineError(f"parse_pipeline takes a text such as 'fold_bn,prune(ratio=0.3)'; got "
+                            f"{type(text).__name__}")
     load_builtin_passes()  # built-in passes and presets register on import
     passes: list[Pass] = []
     for item in _split_top(text, ","):
@@ -119,60 +127,9 @@ def build_pass(name: str, positional: list[Any], options: dict[str, Any]) -> Pas
         if key in values:
             raise PipelineError(f"{name}: option {key!r} given twice")
         values[key] = value
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     checked = {k: coerce(f"{name}({k}=...)", v, hints.get(k, Any)) for k, v in values.items()}
-    return cls(**checked)
-
-
-def coerce(where: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against annotation ``tp`` (ints widen to float); raise PipelineError if wrong."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            try:
-                return coerce(where, value, arm)
-            except PipelineError as e:
-                errors.append(str(e))
-        raise PipelineError(f"{where}: {value!r} fits none of {_type_name(tp)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        raise PipelineError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
-                            f"{suggest(str(value), map(str, choices))}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise PipelineError(f"{where}: expected none, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else Any
-        items = [coerce(where, v, item_tp) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise PipelineError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return cls(**checked)  # the pass checks its declared ranges (Pass.__post_init__)
 
 
 def _split_top(text: str, sep: str) -> list[str]:
@@ -218,9 +175,11 @@ def _parse_args(name: str, text: str) -> tuple[list[Any], dict[str, Any]]:
     return positional, options
 
 
-def _parse_value(raw: str) -> Any:
+def _parse_value(raw: str, depth: int = 0) -> Any:
     if not raw:
         raise PipelineError("empty option value")
+    if depth > MAX_DEPTH:
+        raise PipelineError(f"option value nested more than {MAX_DEPTH} levels deep")
     low = raw.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -229,7 +188,7 @@ def _parse_value(raw: str) -> Any:
     if raw[0] == "[":
         if raw[-1] != "]":
             raise PipelineError(f"unclosed list {raw!r}")
-        return [_parse_value(v.strip()) for v in _split_top(raw[1:-1], ",") if v.strip()]
+        return [_parse_value(v.strip(), depth + 1) for v in _split_top(raw[1:-1], ",") if v.strip()]
     if raw[0] in "'\"":
         try:
             return ast.literal_eval(raw)

@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -311,13 +311,17 @@ def _replay_one(root: nn.Module, edit: Edit) -> None:
         raise EditError(f"unknown edit op {edit.op!r} (written by a newer graphopt?)")
 
 
-def replay_edits(root: nn.Module, edits: Iterable[Edit]) -> nn.Module:
+def replay_edits(root: nn.Module, edits: Iterable[Edit],
+                 check: Callable[[int, Edit], None] | None = None) -> nn.Module:
     """Apply the structural part of ``edits`` to ``root``, in order (weights come afterwards).
 
     New tensors are allocated uninitialised on the device of the module they land in (``meta``
-    for a meta-device model). A failing edit raises :class:`EditError` naming its position.
+    for a meta-device model). A failing edit raises :class:`EditError` naming its position;
+    ``check(i, edit)`` runs before each edit (``load`` validates untrusted logs with it).
     """
     for i, edit in enumerate(edits):
+        if check is not None:
+            check(i, edit)
         try:
             _replay_one(root, edit)
         except (EditError, ModuleSpecError, KeyError, TypeError, AttributeError, RuntimeError) as e:

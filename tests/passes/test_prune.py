@@ -199,10 +199,12 @@ def test_taylor_importance_uses_calibration_data():
     assert all(p.grad is None for p in res.model.parameters())
 
 
-def test_bad_options_are_reported():
+def test_bad_options_are_refused_before_anything_runs():
     model, inputs = _model("chunk_gate")
-    res = go.optimize(model, inputs, "prune(ratio=1.5)", measure=False)
-    assert res.report.records[1].status == "rolled back" and "in [0, 1)" in res.report.records[1].reason
+    with pytest.raises(go.PipelineError, match=r"prune\(ratio=...\): 1.5 is out of range; it must be in \[0, 1\)"):
+        go.optimize(model, inputs, "prune(ratio=1.5)", measure=False)
+    res = go.optimize(model, inputs, "prune(target_params=0.5,target_flops=0.5)", measure=False)
+    assert res.report.records[1].status == "rolled back" and "not both" in res.report.records[1].reason
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "depthwise_se", "tied_lm"])

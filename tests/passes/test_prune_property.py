@@ -2,7 +2,10 @@
 
 Each random model is pruned after its units chosen for removal were made dead (every member slice
 zero). Removing dead units is an exact statement, so the pruned model must reproduce the outputs of
-the zeroed original; a wrong group (a slice that is not really coupled) breaks the equality.
+the zeroed original; a wrong group (a slice that is not really coupled) breaks the equality. The
+steps also draw the hazards of issue 10: normalising reductions over channels (softmax, centring),
+an exact one (a sum), a size attribute used as a value, conv channels flattened into the width,
+unused parameters and a Python branch on the width.
 """
 
 import math
@@ -17,6 +20,17 @@ from torch import nn
 import graphopt as go
 
 WIDTHS = [4, 6, 8, 12]
+
+
+class ScaledView(nn.Module):
+    """``width`` is a view size and a value (the scale)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x):
+        return x.view(x.shape[0], self.width) * self.width ** -0.5
 
 
 class RandomDag(nn.Module):
@@ -42,10 +56,20 @@ class RandomDag(nn.Module):
                 out = wa
             elif op == "cat":
                 out = wa + wb
-            elif op in ("chunk", "heads"):
+            elif op in ("chunk", "heads", "conv"):
                 if wa % 2:
                     op = "act"
+                elif op == "conv":  # channels x 2 positions, mixed per position, flattened back
+                    self.layers[str(i)] = nn.Conv1d(wa // 2, wa // 2, 1)
                 out = wa // 2 if op == "chunk" else wa
+            elif op == "scaled":
+                self.layers[str(i)] = ScaledView(wa)
+                out = wa
+            elif op == "unused":
+                self.layers[str(i)] = nn.Linear(wa, w)  # never called
+                out = wa
+            elif op in ("softmax", "center", "sum", "branch"):
+                out = wa
             else:
                 op, out = "act", wa
             self.plan.append((op, a, b, str(i)))
@@ -69,13 +93,28 @@ class RandomDag(nn.Module):
                 y = F.silu(g) * u
             elif op == "heads":  # channels as 2 heads x half, mixed within heads, merged back
                 y = xa.view(x.shape[0], 2, -1).tanh().reshape(x.shape[0], -1)
+            elif op == "conv":
+                y = torch.flatten(self.layers[key](xa.view(x.shape[0], -1, 2)), 1)
+            elif op == "scaled":
+                y = self.layers[key](xa)
+            elif op == "unused":
+                y = xa
+            elif op == "softmax":
+                y = torch.softmax(xa, dim=1)
+            elif op == "center":
+                y = xa - xa.mean(1, keepdim=True)
+            elif op == "sum":
+                y = xa * torch.sigmoid(xa.sum(1, keepdim=True))
+            elif op == "branch":
+                y = xa * 0.5 if xa.shape[-1] > 6 else xa
             else:
                 y = F.gelu(xa)
             xs.append(y)
         return self.head(xs[-1])
 
 
-step = st.tuples(st.sampled_from(["linear", "bn", "add", "mul", "cat", "chunk", "heads", "act"]),
+step = st.tuples(st.sampled_from(["linear", "bn", "add", "mul", "cat", "chunk", "heads", "act", "conv", "scaled",
+                                  "unused", "softmax", "center", "sum", "branch"]),
                  st.integers(0, 20), st.integers(0, 20), st.sampled_from(WIDTHS))
 
 

@@ -55,6 +55,11 @@ def norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
+def in_norm_layer(ctx: RuleContext, node: Node) -> bool:
+    """True inside a module recognised as a LayerNorm/RMSNorm (by probing it, not by its name)."""
+    return node_module(node) in ctx.norm_modules
+
+
 def broadcast(ctx: RuleContext, out: list[Space], inputs: list[list[Space]], why: str) -> None:
     """Right-aligned broadcasting: equal non-1 dims are the same space; size-1 inputs broadcast."""
     for dims in inputs:
@@ -75,6 +80,8 @@ class RuleContext:
         self.constants: list[tuple[Node, Space]] = []
         self.heads: list[tuple[Node, Space]] = []
         self.diagnostics: list[Diagnostic] = []
+        self.weights: set[str] = set()  # placeholder names of parameters and buffers
+        self.norm_modules: set[str] = set()  # paths of modules recognised as LayerNorm / RMSNorm
 
     def is_multi(self, node: Node) -> bool:
         return isinstance(node.meta.get("val"), (list, tuple))
@@ -119,6 +126,15 @@ class RuleContext:
     def freeze(self, spaces: list[Space], reason: str) -> None:
         for s in spaces:
             self.table.freeze(s, reason)
+
+    def couple(self, node: Node, spaces: list[Space], what: str) -> None:
+        """Freeze dims whose units ``node`` mixes so that removing one changes the others."""
+        where = node_module(node) or "<root>"
+        news = any(not self.table.find(s).frozen for s in spaces)  # inputs' dims (a sequence) are frozen already
+        self.freeze(spaces, f"{what} in {where} couples all its units (removing one changes the others)")
+        if news:
+            self.diagnostics.append(Diagnostic(where, f"{op_key(node.target)}: {what} couples all its units; "
+                                               f"that dim is left whole", "info"))
 
     def new_space(self, size: int) -> Space:
         return self.table.new(size)

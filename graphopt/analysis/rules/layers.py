@@ -41,6 +41,29 @@ def matmul(ctx: RuleContext, node: Node) -> None:
     ctx.unify(out[-2], a[-2], why)
     ctx.unify(out[-1], b[-1], why)
     broadcast(ctx, out[:-2], [a[:-2], b[:-2]], why)
+    if not (_reads_weight(ctx, node.args[0]) or _reads_weight(ctx, node.args[1])) and a[-1].size > 1:
+        # two activations contracted (attention scores q @ k^T): the scale written next to it reads
+        # this width (1 / sqrt(head_dim)), so it is kept whole, as for scaled_dot_product_attention
+        ctx.freeze([a[-1]], f"{why}: dim contracted between two activations (head_dim is kept; whole "
+                   f"heads are pruned)")
+
+
+_VIEWS = {"aten::t", "aten::transpose", "aten::permute", "aten::view", "aten::reshape", "aten::expand",
+          "aten::unsqueeze", "aten::squeeze", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous",
+          "aten::mT", "aten::numpy_T", "aten::alias", "aten::detach"}
+
+
+def _reads_weight(ctx: RuleContext, node: object) -> bool:
+    """True if ``node`` is a parameter/buffer, possibly through views, copies and casts."""
+    for _ in range(16):
+        if not isinstance(node, Node):
+            return False
+        if node.op == "placeholder":
+            return node.name in ctx.weights
+        if node.op != "call_function" or op_key(node.target) not in _VIEWS:
+            return False
+        node = node.args[0]
+    return False
 
 
 @rule("aten::baddbmm", "aten::addbmm")
@@ -54,30 +77,51 @@ def baddbmm(ctx: RuleContext, node: Node) -> None:
     broadcast(ctx, out, [base], why)
 
 
-@rule("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::_convolution")
+_CONV_TRANSPOSE = ("aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d")
+
+
+def _conv_layout(node: Node) -> tuple[bool, int]:
+    """(transposed, groups) of any aten convolution overload."""
+    packet = op_key(node.target)
+    if packet in ("aten::convolution", "aten::_convolution"):
+        return bool(node.args[6]), int(node.args[8])
+    return packet in _CONV_TRANSPOSE, int(arg(node, 6, "groups", 1))
+
+
+@rule("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::_convolution", *_CONV_TRANSPOSE)
 def conv(ctx: RuleContext, node: Node) -> None:
+    """Channels couple through the weight; spatial dims and the kernel window are never pruned.
+
+    Weights are ``[out, in / groups, *k]`` (transposed: ``[in, out / groups, *k]``); with groups, the
+    channels are groups x channels-per-group and pruning removes whole groups.
+    """
     x, w = ctx.dims(node.args[0]), ctx.dims(node.args[1])
     b = arg(node, 2, "bias")
     out, why = ctx.dims(node), ctx.where(node)
-    packet = op_key(node.target)
-    transposed = bool(node.args[6]) if packet in ("aten::convolution", "aten::_convolution") else False
-    groups = node.args[8] if packet in ("aten::convolution", "aten::_convolution") else arg(node, 6, "groups", 1)
+    transposed, groups = _conv_layout(node)
     ctx.unify(out[0], x[0], why)
     ctx.freeze(w[2:], f"{why}: kernel window")
-    if transposed:
-        if groups != 1:
-            ctx.freeze([x[1], w[0], w[1], out[1]], f"{why}: grouped transposed convolution")
-        ctx.unify(x[1], w[0], why)
-        ctx.unify(out[1], w[1], why)
-    elif groups == 1:
-        ctx.unify(x[1], w[1], why)
-        ctx.unify(out[1], w[0], why)
+    ctx.freeze(x[2:] + out[2:], f"{why}: spatial dim")
+    # the weight dims that index input channels (whole, or within a group) and output channels
+    w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
+    if groups == 1:
+        ctx.unify(x[1], w_in, why)
+        ctx.unify(out[1], w_out, why)
     else:  # channels = groups x channels-per-group; pruning keeps whole groups
-        g, per_group_out = ctx.new_space(groups), ctx.new_space(w[0].size // groups)
-        ctx.freeze([w[1], per_group_out], f"{why}: channels within a conv group (whole groups are pruned)")
-        ctx.layout(x[1], "prod", [g, w[1]], why)
-        ctx.layout(w[0], "prod", [g, per_group_out], why)
-        ctx.unify(out[1], w[0], why)
+        g = ctx.new_space(groups)
+        within = f"{why}: channels within a conv group (whole groups are pruned)"
+        if transposed:  # w[0] holds all input channels, w[1] the outputs of one group
+            per_group_in = ctx.new_space(w[0].size // groups)
+            ctx.freeze([per_group_in, w[1]], within)
+            ctx.layout(w[0], "prod", [g, per_group_in], why)
+            ctx.unify(x[1], w[0], why)
+            ctx.layout(out[1], "prod", [g, w[1]], why)
+        else:
+            per_group_out = ctx.new_space(w[0].size // groups)
+            ctx.freeze([w[1], per_group_out], within)
+            ctx.layout(x[1], "prod", [g, w[1]], why)
+            ctx.layout(w[0], "prod", [g, per_group_out], why)
+            ctx.unify(out[1], w[0], why)
     if isinstance(b, Node):
         ctx.unify(ctx.dims(b)[0], out[1], why)
 
