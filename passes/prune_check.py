@@ -58,9 +58,22 @@ def _scalars_differ(a: Any, b: Any, ints_are_sizes: bool) -> bool:
     return type(a) is not type(b) or (isinstance(a, (str, torch.dtype, torch.device)) and a != b)
 
 
+#: ops that vanish when they would be no-ops (``contiguous()`` of a contiguous tensor, ``to()`` of the
+#: same dtype): a smaller size can make them so, which changes nothing the model computes
+_LAYOUT_ONLY = {"aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to", "aten::alias", "aten::detach"}
+_IGNORED = {"aten::_assert_tensor_metadata", "aten::_assert_scalar"}
+
+
 def _ops(ep: torch.export.ExportedProgram) -> list[Node]:
-    return [n for n in ep.graph.nodes if n.op == "call_function"
-            and _key(n.target) not in ("aten::_assert_tensor_metadata", "aten::_assert_scalar")]
+    return [n for n in ep.graph.nodes if n.op == "call_function" and _key(n.target) not in _IGNORED | _LAYOUT_ONLY]
+
+
+def _through_layout(node: Any) -> Any:
+    """The value a layout-only op passes on (its input), followed through chains of them."""
+    while isinstance(node, Node) and node.op == "call_function" and _key(node.target) in _LAYOUT_ONLY \
+            and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
 
 
 def graph_difference(before: torch.export.ExportedProgram, after: torch.export.ExportedProgram) -> str:
@@ -74,7 +87,8 @@ def graph_difference(before: torch.export.ExportedProgram, after: torch.export.E
         elif _scalars_differ(list(x.args) + sorted(x.kwargs.items()), list(y.args) + sorted(y.kwargs.items()),
                              not _is_arithmetic(x.target)):
             how = f"its operands changed from {_operands(x)} to {_operands(y)}"
-        elif [index.get(a) for a in x.all_input_nodes] != [index.get(a) for a in y.all_input_nodes]:
+        elif [index.get(_through_layout(a)) for a in x.all_input_nodes] != [
+                index.get(_through_layout(a)) for a in y.all_input_nodes]:
             how = "it reads other values"
         if how:
             return _describe(x, i, how)
