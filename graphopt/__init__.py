@@ -29,6 +29,7 @@ from .infra import (
     PassManager,
     PassRecord,
     PassResult,
+    PassRolledBackWarning,
     Pipeline,
     PipelineError,
     Program,
@@ -75,7 +76,7 @@ def load(directory, base_model, **kwargs):
 __all__ = [
     "PRESERVE_ALL", "AnalysisManager", "CaptureError", "DependencyGraph", "Group", "analyze", "Diagnostic", "Edit", "EditError", "ExampleInputs",
     "ExportReport", "InputError", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager",
-    "PassRecord", "PassResult", "Pipeline", "PipelineError", "Program", "Range", "Report", "VerificationError",
+    "PassRecord", "PassResult", "PassRolledBackWarning", "Pipeline", "PipelineError", "Program", "Range", "Report", "VerificationError",
     "__version__", "as_example_inputs", "capture", "compare_outputs", "export_onnx", "get_pass", "list_analyses",
     "list_passes", "list_presets", "load", "optimize", "parse_pipeline", "register_analysis",
     "register_module_spec", "register_pass", "register_preset", "save",

@@ -37,6 +37,11 @@ class OptimizeResult:
     pipeline: Pipeline
     report: Report
 
+    @property
+    def ok(self) -> bool:
+        """True when every pass ran (none was rolled back); see ``report.failed`` for the others."""
+        return self.report.ok
+
     def export_onnx(self, path: str | Path, **kwargs: Any) -> ExportReport:
         """Export the optimised model to ONNX, checked in onnxruntime (see :func:`graphopt.export_onnx`)."""
         from .emit.onnx_export import export_onnx
@@ -79,7 +84,8 @@ def _materialise(calib: Iterable[Any] | None) -> Iterable[Any] | None:
 def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | Iterable[Pass | str] = DEFAULT_PIPELINE,
              *, calib: Iterable[Any] | None = None, inplace: bool = False, verify: bool = True,
              measure: Measure | bool = True, on_error: Literal["rollback", "raise"] = "rollback",
-             progress: bool | None = None, model_spec: str = "MODEL") -> OptimizeResult:
+             progress: bool | None = None, model_spec: str = "MODEL",
+             eval_data: Iterable[Any] | None = None) -> OptimizeResult:
     """Run ``pipeline`` on a copy of ``model`` (or on ``model`` itself with ``inplace=True``).
 
     Args:
@@ -90,6 +96,8 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
         verify: run the model after each pass and check its outputs against the pass's tolerance.
         measure: record params/FLOPs/latency per pass (a :class:`Measure` picks which).
         on_error: ``"rollback"`` a failing pass and go on, or roll back and ``"raise"`` PassFailedError.
+        eval_data: held-out model inputs (like ``calib``, disjoint from it) for the report's quality figure;
+            without them the figure is computed on the example inputs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
@@ -102,12 +110,16 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     work.eval()
     if batches is not None:  # before any pass runs; a wrong width is found by running one batch
         check_calibration(batches, inputs, work, run=any(p.needs_calibration for p in passes))
+    held_out = _materialise(eval_data)
+    if held_out is not None:
+        check_calibration(held_out, inputs, work, run=True, what="eval_data")
+        held_out = list(held_out)
     original = model
     if inplace and any(p.needs_original for p in passes):
         original = copy.deepcopy(model)  # the teacher must not change under the passes
     program = Program(work, inputs, calib=batches, original=original)
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
-                          model_spec=model_spec)
+                          model_spec=model_spec, eval_batches=held_out)
     report = manager.run(program)
     problems = check_save_pretrained(program.module)
     if problems:

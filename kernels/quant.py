@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 SCHEMES: tuple[str, ...] = ("int8", "int4", "ternary")
 BITS = {"int8": 8, "int4": 4, "ternary": 2}
@@ -130,6 +131,14 @@ def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_s
 def _(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
       activations: str, backend: str) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@register_flop_formula(torch.ops.graphopt.quant_linear)
+def _quant_linear_flops(x_shape: tuple[int, ...], qweight_shape: tuple[int, ...], *args: object,
+                        **kwargs: object) -> int:
+    """The FLOPs of the float matmul it replaces (torch's FlopCounterMode reads this)."""
+    in_features = int(args[3])  # scale, scheme, group_size, in_features
+    return 2 * math.prod(x_shape[:-1]) * in_features * qweight_shape[0]
 
 
 def _setup_context(ctx: object, inputs: tuple, output: Tensor) -> None:

@@ -198,6 +198,8 @@ def _cat(per_batch: list[list[torch.Tensor]]) -> torch.Tensor | None:
 class DyTPass(Pass):
     """Replace LayerNorm/RMSNorm layers with elementwise DyT (or ELN) layers; follow with heal."""
 
+    decisive = ("mode", "variant")
+
     mode: Literal["init", "calibrated"] = "calibrated"
     target: Literal["layernorm", "rmsnorm", "all"] = "all"
     variant: Literal["dyt", "eln"] = "dyt"

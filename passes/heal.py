@@ -133,6 +133,8 @@ class Heal(Pass):
     needs_calibration = True
     needs_original = True
 
+    decisive = ("steps", "lr", "loss")
+
     steps: Annotated[int, Range(0)] = 200
     lr: Annotated[float, Range(0, lo_open=True)] = 1e-4
     train: str = "all"  # "all" | "new" (parameters earlier passes created/replaced) | glob on names

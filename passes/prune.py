@@ -64,6 +64,12 @@ class Prune(Pass):
     uniform: bool = False
 
     @property
+    def decisive(self) -> tuple[str, ...]:  # type: ignore[override]  # the target in force, and the ranking
+        target = "target_flops" if self.target_flops is not None else (
+            "target_params" if self.target_params is not None else "ratio")
+        return (target, "importance")
+
+    @property
     def needs_calibration(self) -> bool:  # type: ignore[override]  # only Taylor reads calibration data
         return self.importance == "taylor"
 
@@ -91,7 +97,10 @@ class Prune(Pass):
         keep = self._allocate(program, groups, scores)
         changed = [g for g in groups if len(keep[g.id]) < g.units]
         if not changed:
-            result.note("", "nothing to prune at this ratio (groups too small for min_units/round_to)")
+            why = ("ratio=0 removes nothing: give a ratio in (0, 1) or target_params / target_flops"
+                   if self._target is None and self.ratio == 0 else
+                   "nothing to prune at this ratio (groups too small for min_units/round_to)")
+            result.note("", why, "warning")
             return result
         attrs_before = numeric_attrs(program.module)
         before = am.get("exported")  # restoring a snapshot clears the analyses

@@ -76,6 +76,8 @@ def output_embeddings(model: nn.Module) -> set[int]:
 class Quantize(Pass):
     """Quantize Linear weights to int8 / int4 / ternary, or weights and activations to int8 (w8a8)."""
 
+    decisive = ("scheme", "method", "group_size")
+
     scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"
     group_size: Annotated[int, Range(0)] | None = None  # None: 128 for int4, one scale per channel (0) otherwise
     method: Literal["rtn", "gptq"] = "rtn"

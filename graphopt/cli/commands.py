@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import math
 import typing
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -171,7 +172,22 @@ def _calibration(args: argparse.Namespace, loaded: Any, pipeline: Any, con: Cons
                      file=con.err, disable=True if con.quiet else None, leave=False))
 
 
+def _held_out(args: argparse.Namespace, loaded: Any) -> list[Any] | None:
+    """Held-out docstrings (the corpus's eval split, disjoint from calibration) for the quality figure."""
+    from ..helpers.texts import stdlib_texts, text_batches
+
+    if args.eval_size == 0 or loaded.tokenizer is None:
+        return None
+    texts = stdlib_texts(args.eval_size, args.seed, "eval")
+    return list(text_batches(loaded.tokenizer, texts, max(args.batch_size, 32), args.max_length))
+
+
 # --- graphopt optimize -----------------------------------------------------------------------------
+
+def _check_plot_available(path: str | None) -> None:
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'graphopt[plot]'")
+
 
 def _check_onnx_available() -> None:
     if importlib.util.find_spec("graphopt.emit.onnx_export") is None:
@@ -182,13 +198,17 @@ def _check_onnx_available() -> None:
 
 
 def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
+    from ..infra.manager import PassRolledBackWarning
     from ..optimize import optimize
 
     if args.calib_size is not None and args.calib_size < 1:
         raise UsageError(f"--calib-size must be at least 1, got {args.calib_size}")
+    if args.eval_size < 0:
+        raise UsageError(f"--eval-size must be 0 (the example inputs) or more, got {args.eval_size}")
     if args.batch_size < 1 or args.max_length < 2:
         raise UsageError("--batch-size must be at least 1 and --max-length at least 2")
     pipeline = _parse_pipeline(args.pipeline)  # a typo costs nothing: checked before the model loads
+    _check_plot_available(args.plot)
     if args.onnx:
         _check_onnx_available()
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -198,10 +218,12 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
                          f"sample per line")
     loaded = _load(args.model, _resolve(args.model), con)
     calib = _calibration(args, loaded, pipeline, con)
-    with con.step(f"optimizing ({len(pipeline)} passes)", done="optimized"):
+    with con.step(f"optimizing ({len(pipeline)} passes)", done="optimized"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PassRolledBackWarning)  # the CLI says so itself, below the report
         result = optimize(loaded.model, loaded.example_inputs, pipeline, calib=calib, inplace=args.inplace,
                           verify=not args.no_verify, measure=not args.no_measure,
-                          progress=False if con.quiet else None, model_spec=args.model)
+                          progress=False if con.quiet else None, model_spec=args.model,
+                          eval_data=_held_out(args, loaded))
     con.print(f"model: {loaded.description}")
     con.print(f"pipeline: {pipeline}")
     if calib is not None:
@@ -209,6 +231,10 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
                   f"from {args.calib or 'docstrings'}")
     con.print("")
     con.print(str(result.report))
+    if args.plot:
+        with con.step(f"drawing the report to {args.plot}"):
+            result.report.plot(args.plot)
+        con.print(f"\nreport drawn to {args.plot}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(result.report.to_json() + "\n", encoding="utf-8")
@@ -271,6 +297,7 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> int:
 
     if args.depth < 0:
         raise UsageError(f"--depth must be >= 0, got {args.depth}")
+    _check_plot_available(args.plot)
     loaded = _load(args.model, _resolve(args.model), con)
     with con.step("capturing with torch.export"):
         program = capture(loaded.model, loaded.example_inputs)
@@ -282,4 +309,10 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> int:
         text = summarize(program, max_depth=args.depth, max_ops=args.ops)
     con.print(f"model: {loaded.description}")
     con.print(text)
+    if args.plot:
+        from ..infra.plots import plot_groups
+
+        with con.step(f"drawing the dependency groups to {args.plot}"):
+            plot_groups(program.analyses.get("dependency_graph"), args.plot)
+        con.print(f"\ngroups drawn to {args.plot}")
     return 0

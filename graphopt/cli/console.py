@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-DEFAULT_CALIB_SIZE = 64
+DEFAULT_CALIB_SIZE = 512  # what benchmarks/prune_zoo.py calibrates and heals on, so the demo reproduces it
+#: held-out docstrings for the report's quality figure (prune_zoo.py's --eval-texts)
+DEFAULT_EVAL_SIZE = 256
 
 
 class UsageError(Exception):

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from ..version import __version__
 from .commands import cmd_inspect, cmd_optimize, cmd_passes
-from .console import DEFAULT_CALIB_SIZE, Console, UsageError
+from .console import DEFAULT_CALIB_SIZE, DEFAULT_EVAL_SIZE, Console, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=int, default=None, metavar="N",
                    help=f"number of calibration texts (default: {DEFAULT_CALIB_SIZE}, or every line of a "
                         f"shorter file)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="calibration batch size (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=128, metavar="N",
                    help="truncate calibration texts to N tokens (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="which calibration texts are sampled (default: 0)")
+    p.add_argument("--eval-size", type=int, default=DEFAULT_EVAL_SIZE, metavar="N",
+                   help="held-out docstrings (disjoint from --calib docstrings) for the report's quality figure, "
+                        "text models only (default: %(default)s; 0: the example inputs)")
     p.add_argument("-o", "--out", metavar="DIR", help="save the optimized model (safetensors + edit log)")
     p.add_argument("--onnx", metavar="FILE", help="export the optimized model to ONNX, checked in onnxruntime")
     p.add_argument("--dynamic", action="store_true",
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="--onnx: onnxruntime's compute precision for 4-bit layers (0: float, 4: int8; default 0)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("--plot", metavar="REPORT.png", help="also draw quality vs latency and size per pass "
+                                                        "(needs matplotlib: pip install 'graphopt[plot]')")
     p.add_argument("--inplace", action="store_true",
                    help="optimize the loaded model without copying it first (halves peak memory)")
     p.add_argument("--no-verify", action="store_true", help="do not check outputs after each pass")
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="minilm | HF model directory | module.path:factory")
     p.add_argument("--depth", type=int, default=2, help="levels of the module tree to show (default: 2)")
     p.add_argument("--ops", type=int, default=None, metavar="N", help="show only the N most frequent ops")
+    p.add_argument("--plot", metavar="GROUPS.png", help="also draw the prunable groups: which layers are coupled, "
+                                                        "how many units each (needs matplotlib)")
     common(p)
     p.set_defaults(func=cmd_inspect)
     return parser

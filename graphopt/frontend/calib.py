@@ -22,7 +22,8 @@ from .inputs import ExampleInputs, InputError, as_example_inputs
 CHECKED_BATCHES = 64
 
 
-def check_calibration(calib: Iterable[Any], example: ExampleInputs, model: nn.Module, *, run: bool = False) -> None:
+def check_calibration(calib: Iterable[Any], example: ExampleInputs, model: nn.Module, *, run: bool = False,
+                      what: str = "calib") -> None:
     """Raise :class:`InputError` for the first calibration batch that does not fit ``example``.
 
     Keyword inputs may differ from the example's where ``model.forward`` allows it (an optional
@@ -31,26 +32,26 @@ def check_calibration(calib: Iterable[Any], example: ExampleInputs, model: nn.Mo
     """
     if isinstance(calib, torch.Tensor):
         shape = _describe(calib).removeprefix("a tensor ")
-        raise InputError(f"calib is one tensor {shape}: iterating it would give its rows as 1-D batches. "
-                         f"Pass a list of batches: calib=[x] or calib=list(x.split(16))")
+        raise InputError(f"{what} is one tensor {shape}: iterating it would give its rows as 1-D batches. "
+                         f"Pass a list of batches: {what}=[x] or {what}=list(x.split(16))")
     if isinstance(calib, Mapping):
-        raise InputError("calib is one dict of inputs; pass a list of such dicts: calib=[batch]")
+        raise InputError(f"{what} is one dict of inputs; pass a list of such dicts: {what}=[batch]")
     if isinstance(calib, (str, bytes)):
-        raise InputError("calib is a string; pass a list of model inputs (tokenize texts first)")
+        raise InputError(f"{what} is a string; pass a list of model inputs (tokenize texts first)")
     run_checked = not run
     accepts = _keywords(model)
     for i, raw in enumerate(itertools.islice(calib, CHECKED_BATCHES)):
         if isinstance(raw, (str, bytes)) or not isinstance(raw, (torch.Tensor, Mapping, tuple, list, ExampleInputs)):
-            raise InputError(f"calib batch {i} is a {type(raw).__name__}; each batch is a model input of the "
+            raise InputError(f"{what} batch {i} is a {type(raw).__name__}; each batch is a model input of the "
                              f"same form as example_inputs ({example.describe()}); tokenize texts first")
         batch = as_example_inputs(raw)
         problem, resized = _mismatch(batch, example, accepts)
         if problem:
-            raise InputError(f"calib batch {i} does not match example_inputs: {problem}\n"
+            raise InputError(f"{what} batch {i} does not match example_inputs: {problem}\n"
                              f"  example_inputs: {example.describe()}\n  batch {i}: {batch.describe()}")
         if resized and not run_checked:
             run_checked = True
-            _run(model, batch, i, example)
+            _run(model, batch, i, example, what)
 
 
 def _keywords(model: nn.Module) -> tuple[set[str], set[str]] | None:
@@ -95,13 +96,13 @@ def _mismatch(batch: ExampleInputs, example: ExampleInputs,
     return "", resized
 
 
-def _run(model: nn.Module, batch: ExampleInputs, i: int, example: ExampleInputs) -> None:
+def _run(model: nn.Module, batch: ExampleInputs, i: int, example: ExampleInputs, what: str) -> None:
     try:
         with torch.no_grad():
             batch.call(model)
     except Exception as e:  # any failure: the batch does not fit this model
         first = str(e).splitlines()[0] if str(e) else ""
-        raise InputError(f"calib batch {i} does not run through the model ({type(e).__name__}: {first}); its "
+        raise InputError(f"{what} batch {i} does not run through the model ({type(e).__name__}: {first}); its "
                          f"sizes differ from example_inputs'\n  example_inputs: {example.describe()}\n"
                          f"  batch {i}: {batch.describe()}") from None
 

@@ -7,15 +7,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..infra.quality import masked_mean
+
 
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers makes them: attention-masked mean pooling, L2 norm."""
     out = []
     for batch in batches:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = masked_mean(model(**batch).last_hidden_state, batch["attention_mask"])
         out.append(nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out)
 

@@ -4,7 +4,7 @@ Imports analysis, frontend and nn.
 """
 
 from .contract import Pass, PassResult
-from .manager import Measure, PassFailedError, PassManager, VerificationError
+from .manager import Measure, PassFailedError, PassManager, PassRolledBackWarning, VerificationError
 from .options import Range
 from .pipeline import Pipeline, parse_pipeline
 from .program import Edit, EditError, Program, analyze, capture
@@ -13,6 +13,7 @@ from .report import PassRecord, Report
 from .text import PipelineError
 
 __all__ = ["Edit", "EditError", "Measure", "Pass", "PassFailedError", "PassManager", "PassRecord", "PassResult",
+           "PassRolledBackWarning",
            "Pipeline", "PipelineError", "Program", "Range",
            "Report", "VerificationError", "analyze", "capture", "get_pass",
            "list_passes", "list_presets", "parse_pipeline", "register_pass", "register_preset"]

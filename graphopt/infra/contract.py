@@ -56,6 +56,8 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
+    #: options the report's label always shows, defaults included (the values that decide the result)
+    decisive: ClassVar[tuple[str, ...]] = ()
     tolerance: ClassVar[float | None] = 1e-5
     needs_calibration: ClassVar[bool] = False
     needs_original: ClassVar[bool] = False
@@ -79,6 +81,10 @@ class Pass:
 
     def __str__(self) -> str:
         return format_pass(self)
+
+    def label(self) -> str:
+        """``str(self)`` plus the decisive options at their defaults: ``prune(ratio=0.3)``, not ``prune``."""
+        return format_pass(self, tuple(self.decisive))
 
     @classmethod
     def doc(cls) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import statistics
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,11 +16,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.diagnostics import Diagnostic
-from ..frontend.inputs import OutputMismatch, compare_outputs, flatten_outputs, missing_inputs
+from ..frontend.inputs import (
+    ExampleInputs,
+    OutputMismatch,
+    as_example_inputs,
+    compare_outputs,
+    flatten_outputs,
+    missing_inputs,
+)
 from .contract import Pass, PassResult
-from .metrics import count_flops, count_params, count_weight_bytes, measure_latency
+from .metrics import count_flops, count_params, count_weight_bytes, measure_latencies
 from .pipeline import Pipeline
 from .program import Program
+from .quality import summarize, task_quality
 from .report import PassRecord, Report
 
 log = logging.getLogger(__name__)
@@ -30,6 +41,10 @@ class PassFailedError(RuntimeError):
         super().__init__(f"pass {record.text} failed: {record.reason}\n  reproduce: {record.reproduce}")
         self.record = record
         self.report = report
+
+
+class PassRolledBackWarning(UserWarning):
+    """A pass failed and was rolled back; ``optimize`` went on (``on_error="rollback"``)."""
 
 
 class VerificationError(RuntimeError):
@@ -65,6 +80,12 @@ def non_finite(outputs: Any) -> str:
     return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
 
 
+def _rows(batch: ExampleInputs) -> int:
+    """Samples in a batch: the leading size of its first tensor."""
+    first = next((t for t in [*batch.args, *batch.kwargs.values()] if isinstance(t, torch.Tensor) and t.dim()), None)
+    return int(first.shape[0]) if first is not None else 1
+
+
 def compared_outputs(output: Any, model_name: str = "the model") -> tuple[list[str], list[str]]:
     """``(compared, not compared)``: the tensor outputs verification compares as ``name[shape]``, and the rest.
 
@@ -90,16 +111,21 @@ class PassManager:
 
     def __init__(self, pipeline: Pipeline, *, verify: bool = True, measure: Measure | bool = True,
                  on_error: Literal["rollback", "raise"] = "rollback", progress: bool | None = None,
-                 model_spec: str = "MODEL") -> None:
+                 model_spec: str = "MODEL", eval_batches: list[Any] | None = None) -> None:
         if on_error not in ("rollback", "raise"):
             raise ValueError(f"on_error must be 'rollback' or 'raise', got {on_error!r}")
         self.pipeline = pipeline
         self.verify = verify
-        self.measure = measure if isinstance(measure, Measure) else Measure(*(4 * [bool(measure)]))
+        on = bool(measure)
+        self.measure = measure if isinstance(measure, Measure) else Measure(params=on, flops=on, latency=on)
         if not self.measure.latency:
             self.measure.latency_repeat = 0
         self.on_error = on_error
         self.progress = progress
+        self.eval_batches = [as_example_inputs(b) for b in eval_batches or []]  # for the quality figure
+        self._eval_reference: list[Any] = []  # the original's Summary per held-out batch
+        self._timing_reference: torch.nn.Module | None = None
+        self._reference_ms: list[float] = []  # the original's medians, timed next to each later model
         self.model_spec = model_spec
 
     # ------------------------------------------------------------------------------------------
@@ -125,7 +151,12 @@ class PassManager:
                 if self.on_error == "raise":
                     bar.close()
                     raise PassFailedError(record, report)
+                warnings.warn(f"graphopt: pass {record.text} was rolled back: {record.reason}\n"
+                              f"  reproduce: {record.reproduce}", PassRolledBackWarning, stacklevel=3)
         bar.close()
+        self._timing_reference = None  # the copy is only for timing
+        if self._reference_ms:  # the original's row shows its time in the same conditions as the others
+            report.records[0].latency_ms = statistics.median(self._reference_ms)
         return report
 
     def _bar_disabled(self) -> bool:
@@ -135,7 +166,7 @@ class PassManager:
 
     def _run_one(self, program: Program, p: Pass, index: int, previous_out: Any,
                  original_out: Any) -> tuple[PassRecord, Any]:
-        text = str(p)
+        text = p.label()
         record = PassRecord(p.name, text, "ok")
         snapshot = program.snapshot()
         program.current_pass = text
@@ -153,6 +184,9 @@ class PassManager:
             program.analyses.invalidate(result.preserved if result.modified else {"*"})
             if not result.modified:
                 record.status = "unchanged"
+                if not any(d.level in ("info", "warning", "skipped") for d in result.diagnostics):
+                    record.diagnostics.append(Diagnostic("", f"{p.name} changed nothing and gave no reason "
+                                                         f"(a pass should say why)", "warning"))
             new_out = previous_out
             if result.modified:
                 if result.changes_outputs:
@@ -223,8 +257,17 @@ class PassManager:
             record.weight_bytes = count_weight_bytes(module)
         if m.flops:
             record.flops = count_flops(module, inputs)
-        if m.latency and m.latency_repeat:
-            record.latency_ms = measure_latency(module, inputs, repeat=m.latency_repeat)
+        if m.latency and m.latency_repeat and program.device.type != "meta":
+            if record.status == "baseline":  # a copy of the original, timed in turn with every later model
+                self._timing_reference = copy.deepcopy(module)
+            reference = None if record.status == "baseline" else self._timing_reference
+            lat = measure_latencies(module, inputs, reference, repeat=m.latency_repeat)
+            if lat is not None:
+                record.latency_ms, record.latency_spread, record.threads = lat.ms, lat.spread, lat.threads
+                record.latency_runs = lat.runs
+                record.latency_ratio, record.latency_ratio_spread = lat.ratio, lat.ratio_spread
+                if lat.reference_ms is not None:
+                    self._reference_ms.append(lat.reference_ms)
         if self.verify or record.status == "baseline":
             try:
                 err = compare_outputs(out, original_out)
@@ -232,4 +275,28 @@ class PassManager:
                     record.max_abs_err, record.max_rel_err, record.cosine = err.max_abs, err.max_rel, err.cosine
             except OutputMismatch:
                 pass
+        if self.verify or record.status == "baseline":
+            self._quality(record, program, out, original_out)
         return record
+
+    def _quality(self, record: PassRecord, program: Program, out: Any, original_out: Any) -> None:
+        """The task-aware figure against the original, on the held-out batches if there are any."""
+        if program.device.type == "meta":
+            return
+        try:
+            if self.eval_batches:
+                with torch.no_grad():  # the original's summaries are kept (small: pooled vectors, ids)
+                    now = [summarize(b.call(program.module), b) for b in self.eval_batches]
+                if record.status == "baseline":
+                    self._eval_reference = now
+                pairs = list(zip(now, self._eval_reference))
+                data = f"{sum(_rows(b) for b in self.eval_batches)} held-out samples"
+            else:
+                x = program.example_inputs
+                pairs, data = [(summarize(out, x), summarize(original_out, x))], "the example inputs"
+            figure = task_quality(pairs)
+        except Exception as e:  # a figure is a report nicety: never fail a pass over it
+            log.debug("quality figure failed: %s", e)
+            return
+        if figure is not None:
+            record.quality, record.quality_name, record.quality_data = figure.value, figure.name, data

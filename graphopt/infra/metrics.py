@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..frontend.inputs import ExampleInputs
 from ..frontend.kv_cache import caches_off
+from ..nn.quant import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
 
 def count_params(module: nn.Module) -> int:
-    """Number of parameter elements, each shared (tied) tensor counted once."""
+    """Number of parameter elements, each shared (tied) tensor counted once; a quantized layer counts
+    the weights its packed codes stand for (a parameter count, not a byte count: see count_weight_bytes)."""
     seen: set[int] = set()
     total = 0
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, QuantEmbedding):
+            total += m.num_embeddings * m.embedding_dim
     return total
 
 
@@ -55,20 +65,79 @@ def count_flops(module: nn.Module, inputs: ExampleInputs) -> int | None:
 def measure_latency(module: nn.Module, inputs: ExampleInputs, *, warmup: int = 2, repeat: int = 10,
                     max_seconds: float = 5.0) -> float | None:
     """Median wall time of one forward pass in milliseconds (None on the meta device)."""
-    if any(t.device.type == "meta" for t in module.parameters()):
-        return None
+    lat = measure_latencies(module, inputs, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+    return None if lat is None else lat.ms
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median milliseconds per forward pass, with the spread of the runs and how they were taken."""
+
+    ms: float
+    spread: float  # half the interquartile range, relative to the median
+    runs: int
+    threads: int
+    ratio: float | None = None  # vs the reference model, timed interleaved; None for the reference itself
+    ratio_spread: float | None = None
+    reference_ms: float | None = None
+
+    @property
+    def noisy(self) -> bool:
+        """More than 10% spread: a number to re-measure, not a fact."""
+        return max(self.spread, self.ratio_spread or 0.0) > NOISY
+
+
+#: relative spread above which a latency is labelled noisy
+NOISY = 0.10
+
+
+def _half_iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return (max(xs) - min(xs)) / 2 / statistics.median(xs) if xs else 0.0
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / 2 / statistics.median(xs)
+
+
+def _runner(module: nn.Module, inputs: ExampleInputs) -> Callable[[], None]:
     sync = torch.cuda.synchronize if any(t.is_cuda for t in module.parameters()) else (lambda: None)
-    times: list[float] = []
-    with torch.no_grad(), caches_off(module):  # walk the module tree once, not per call
-        for _ in range(warmup):
-            inputs.call(module)
+
+    def run() -> None:
+        inputs.call(module)
         sync()
+
+    return run
+
+
+def measure_latencies(module: nn.Module, inputs: ExampleInputs, reference: nn.Module | None = None, *,
+                      warmup: int = 2, repeat: int = 10, max_seconds: float = 5.0) -> Latency | None:
+    """Time ``module`` (and ``reference``, run in turn with it so drift hits both) on ``inputs``.
+
+    Returns the median, its relative half-IQR, and, with a reference, the median of the per-round
+    ratios ``module / reference`` and its spread. None on the meta device.
+    """
+    models = [module] + ([reference] if reference is not None else [])
+    if any(t.device.type == "meta" for m in models for t in m.parameters()):
+        return None
+    times: list[list[float]] = [[] for _ in models]
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for m in models:  # walk each module tree once, not per call
+            stack.enter_context(caches_off(m))
+        runs = [_runner(m, inputs) for m in models]
+        for _ in range(warmup):
+            for run in runs:
+                run()
         budget_end = time.perf_counter() + max_seconds
         for _ in range(repeat):
-            start = time.perf_counter()
-            inputs.call(module)
-            sync()
-            times.append(time.perf_counter() - start)
-            if time.perf_counter() > budget_end and len(times) >= 3:
+            for run, out in zip(runs, times):
+                start = time.perf_counter()
+                run()
+                out.append(time.perf_counter() - start)
+            if time.perf_counter() > budget_end and len(times[0]) >= 3:
                 break
-    return statistics.median(times) * 1e3
+    ms = statistics.median(times[0]) * 1e3
+    threads = torch.get_num_threads()
+    if reference is None:
+        return Latency(ms, _half_iqr(times[0]), len(times[0]), threads)
+    ratios = [a / b for a, b in zip(times[0], times[1])]
+    return Latency(ms, _half_iqr(times[0]), len(times[0]), threads, statistics.median(ratios), _half_iqr(ratios),
+                   statistics.median(times[1]) * 1e3)

@@ -48,9 +48,13 @@ def format_value(value: Any) -> str:
     return repr(value)
 
 
-def format_pass(p: Any) -> str:
-    """Canonical text of one configured pass (only non-default options, in field order)."""
+def format_pass(p: Any, always: tuple[str, ...] = ()) -> str:
+    """Canonical text of one configured pass: options that differ from the defaults, and those named in
+    ``always`` (unless None), in field order."""
     opts = p.options()
+    if always:
+        every = p.options(all=True)
+        opts = {k: v for k, v in every.items() if k in opts or (k in always and v is not None)}
     if not opts:
         return p.name
     return f"{p.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in opts.items()) + ")"

@@ -339,3 +339,19 @@ def test_hf_directory_out_falls_back_to_graphopt_format_and_says_why(capsys, tex
     assert code == 0, err
     assert "graphopt.load" in out and "not as a transformers directory" in out
     assert (out_dir / "graphopt.json").exists() and not (out_dir / "config.json").exists()
+
+
+def test_option_out_of_range_exits_2_before_loading(capsys):
+    code, _, err = run_cli(capsys, "optimize", "minilm", "--pipeline", "prune(ratio=1.5)")
+    assert code == 2 and "prune(ratio=...): 1.5 is out of range; it must be in [0, 1)" in err
+
+
+def test_plots_of_the_report_and_of_the_groups_are_written(capsys, text_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    report_png, groups_png = tmp_path / "report.png", tmp_path / "groups.png"
+    code, out, _ = run_cli(capsys, "optimize", str(text_model_dir), "--pipeline", "prune(ratio=0.3)",
+                           "--plot", str(report_png), "--eval-size", "8", "-q")
+    assert code == 0 and report_png.stat().st_size > 10_000 and f"report drawn to {report_png}" in out
+    assert "summary: params" in out and "sentence-embedding cosine" in out and "on 8 held-out samples" in out
+    code, out, _ = run_cli(capsys, "inspect", str(text_model_dir), "--plot", str(groups_png), "-q")
+    assert code == 0 and groups_png.stat().st_size > 10_000

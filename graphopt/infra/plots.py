@@ -1,0 +1,105 @@
+"""Pictures of a report and of a dependency graph (matplotlib, an optional dependency: ``graphopt[plot]``,
+imported only when a picture is drawn).
+
+- :func:`plot_report`: per pass, quality against latency (ratio to the original) and against weight
+  size: the trajectory from the original to the result, one point per pass, Pareto-style.
+- :func:`plot_groups`: the prunable groups of a model, one bar per group (its units), coloured by unit
+  kind and labelled by the modules it couples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'graphopt[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _short(text: str, n: int = 28) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def plot_report(report: Any, path: str | Path) -> Path:
+    """Write ``path`` (png/svg/pdf by suffix): quality vs latency ratio and vs weight MB, per pass."""
+    plt = _pyplot()
+    rows = [r for r in report.records if r.status in ("baseline", "ok")]
+    if not rows:
+        raise ValueError("the report has no measured rows to plot")
+    name = next((r.quality_name for r in rows if r.quality_name), "")
+    quality = [r.quality if r.quality is not None else r.cosine for r in rows]
+    if all(q is None for q in quality):
+        raise ValueError("the report has no quality figure to plot (run with verify=True)")
+    ylabel = name or "output cosine"
+    latency = [1.0 if r.status == "baseline" else r.latency_ratio for r in rows]
+    size = [None if r.weight_bytes is None else r.weight_bytes / 2**20 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, xs, xlabel in ((axes[0], latency, "latency, ratio to the original (lower is faster)"),
+                           (axes[1], size, "weights, MB")):
+        points = [(x, q, r) for x, q, r in zip(xs, quality, rows) if x is not None and q is not None]
+        if not points:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xlabel(xlabel)
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="tab:blue", zorder=1)
+        labels: list[tuple[float, float, list[str]]] = []  # passes that leave the point where it was share a label
+        for x, q, r in points:
+            if labels and abs(labels[-1][0] - x) <= 0.01 * max(abs(x), 1e-9) and abs(labels[-1][1] - q) < 1e-3:
+                labels[-1][2].append(r.text or r.name)
+            else:
+                labels.append((x, q, [r.text or r.name]))
+        for i, (x, q, names) in enumerate(labels):
+            color = "tab:green" if i == len(labels) - 1 else ("tab:gray" if i == 0 else "tab:blue")
+            ax.scatter([x], [q], color=color, zorder=2, s=40)
+            ax.annotate("\n".join(_short(n) for n in names), (x, q), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8)
+        if xs is latency:
+            spread = [r.latency_ratio_spread or 0.0 for _, _, r in points]
+            ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                        xerr=[p[0] * s for p, s in zip(points, spread)], fmt="none", ecolor="tab:blue", alpha=0.4)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{ylabel} vs the original")
+        ax.grid(alpha=0.3)
+    fig.suptitle(_short(report.pipeline or "pipeline", 100), fontsize=10)
+    return _save(plt, fig, path)
+
+
+def plot_groups(graph: Any, path: str | Path, *, most: int = 40) -> Path:
+    """Write ``path``: one bar per prunable group of ``graph`` (a DependencyGraph), units on the x axis."""
+    plt = _pyplot()
+    groups = list(graph.groups)[:most]
+    if not groups:
+        raise ValueError("the model has no prunable group to plot")
+    colors = {"head": "tab:orange", "kv-head group": "tab:red", "channel": "tab:blue", "channel block": "tab:cyan",
+              "conv group": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(groups) + 1.2))
+    labels = [_short(f"{g.id}: {', '.join(g.modules[:2])}{' ...' if len(g.modules) > 2 else ''}", 60)
+              for g in groups]
+    ax.barh(range(len(groups)), [g.units for g in groups], color=[colors.get(g.unit, "tab:gray") for g in groups])
+    ax.set_yticks(range(len(groups)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("prunable units (channels, heads, ...)")
+    for unit, color in colors.items():
+        if any(g.unit == unit for g in groups):
+            ax.bar([0], [0], color=color, label=unit)
+    ax.legend(fontsize=8, loc="lower right")
+    more = f" (first {most} of {len(graph.groups)})" if len(graph.groups) > most else ""
+    ax.set_title(f"{len(graph.groups)} coupled groups{more}", fontsize=10)
+    return _save(plt, fig, path)
