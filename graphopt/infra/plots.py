@@ -61,7 +61,9 @@ def plot_report(report: Any, path: str | Path) -> Path:
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color="tab:blue", zorder=1)
         labels: list[tuple[float, float, list[str]]] = []  # passes that leave the point where it was share a label
         for x, q, r in points:
-            if labels and abs(labels[-1][0] - x) <= 0.01 * max(abs(x), 1e-9) and abs(labels[-1][1] - q) < 1e-3:
+            # on the latency axis, points within the measurement's spread are the same point
+            tol = max(0.01, (r.latency_ratio_spread or 0.0) if xs is latency else 0.0) * max(abs(x), 1e-9)
+            if labels and abs(labels[-1][0] - x) <= tol and abs(labels[-1][1] - q) < 1e-3:
                 labels[-1][2].append(r.text or r.name)
             else:
                 labels.append((x, q, [r.text or r.name]))
