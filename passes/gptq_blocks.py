@@ -84,19 +84,19 @@ def _first_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tup
 def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> tuple[list[list[str]], list[str]]:
     """``layers`` in the order one call of ``model`` reaches them, those reading one tensor grouped
     together, and the layers it never reaches."""
-    first: dict[str, int] = {}
+    first: dict[str, Any] = {}  # the input tensors themselves: an id() of a freed tensor can be reused
     order: list[str] = []
     handles = []
     for name, layer in layers.items():
         def record(module: nn.Module, args: tuple, name: str = name) -> None:
             if name not in first:
-                first[name] = id(args[0])
+                first[name] = args[0]
                 order.append(name)
         handles.append(layer.register_forward_pre_hook(record))
     _run_hooked(model, [inputs], handles)
     groups: list[list[str]] = []
     for name in order:
-        if groups and first[groups[-1][0]] == first[name]:
+        if groups and first[groups[-1][0]] is first[name]:
             groups[-1].append(name)
         else:
             groups.append([name])
