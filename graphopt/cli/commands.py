@@ -198,6 +198,7 @@ def _check_onnx_available() -> None:
 
 
 def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
+    from ..frontend.inputs import as_example_inputs
     from ..infra.manager import PassRolledBackWarning
     from ..optimize import optimize
 
@@ -227,7 +228,8 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
     con.print(f"model: {loaded.description}")
     con.print(f"pipeline: {pipeline}")
     if calib is not None:
-        con.print(f"calibration: {sum(_batch_len(b) for b in calib)} samples in {len(calib)} batches "
+        samples = sum(as_example_inputs(b).batch_size for b in calib)
+        con.print(f"calibration: {samples} samples in {len(calib)} batches "
                   f"from {args.calib or 'docstrings'}")
     con.print("")
     con.print(str(result.report))
@@ -272,11 +274,6 @@ def _save(result: Any, loaded: Any, out: str, con: Console) -> None:
         result.save(out)
     why = f"; not as a transformers directory: {summarize(problems, 1)}" if problems else ""
     con.print(f"saved to {out} (load with graphopt.load(directory, base_model)){why}")
-
-
-def _batch_len(batch: Any) -> int:
-    ids = batch.get("input_ids") if isinstance(batch, dict) else None
-    return int(ids.shape[0]) if ids is not None else 1
 
 
 # --- graphopt inspect ------------------------------------------------------------------------------

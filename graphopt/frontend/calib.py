@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import ExampleInputs, InputError, as_example_inputs
+from .inputs import ExampleInputs, InputError, as_example_inputs, describe_value
 
 #: batches checked for form (a DataLoader is not read to its end)
 CHECKED_BATCHES = 64
@@ -31,8 +31,7 @@ def check_calibration(calib: Iterable[Any], example: ExampleInputs, model: nn.Mo
     the batch dim is also run once, so that a wrong width fails here, named, not deep inside a pass.
     """
     if isinstance(calib, torch.Tensor):
-        shape = _describe(calib).removeprefix("a tensor ")
-        raise InputError(f"{what} is one tensor {shape}: iterating it would give its rows as 1-D batches. "
+        raise InputError(f"{what} is one tensor {describe_value(calib)}: iterating it would give its rows as 1-D batches. "
                          f"Pass a list of batches: {what}=[x] or {what}=list(x.split(16))")
     if isinstance(calib, Mapping):
         raise InputError(f"{what} is one dict of inputs; pass a list of such dicts: {what}=[batch]")
@@ -114,6 +113,4 @@ def _kind(t: torch.Tensor) -> str:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
-    return f"a {type(value).__name__}"
+    return f"a {'tensor ' if isinstance(value, torch.Tensor) else ''}{describe_value(value)}"

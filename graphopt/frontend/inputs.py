@@ -39,9 +39,15 @@ class ExampleInputs:
         return ExampleInputs(_map_tensors(self.args, lambda t: t.to(device)),
                              _map_tensors(self.kwargs, lambda t: t.to(device)))
 
+    @property
+    def batch_size(self) -> int:
+        """The leading size of the first tensor with dims (1 when there is none)."""
+        first = next((t for t in [*self.args, *self.kwargs.values()] if isinstance(t, torch.Tensor) and t.dim()), None)
+        return int(first.shape[0]) if first is not None else 1
+
     def describe(self) -> str:
-        parts = [_describe(a) for a in self.args]
-        parts += [f"{k}={_describe(v)}" for k, v in self.kwargs.items()]
+        parts = [describe_value(a) for a in self.args]
+        parts += [f"{k}={describe_value(v)}" for k, v in self.kwargs.items()]
         return ", ".join(parts)
 
 
@@ -82,7 +88,8 @@ def missing_inputs(module: nn.Module, inputs: ExampleInputs) -> list[str]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """``float32[2, 5]`` for a tensor, else the value's type name."""
     if isinstance(value, torch.Tensor):
         return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
     return type(value).__name__

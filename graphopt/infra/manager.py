@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from ..analysis.diagnostics import Diagnostic
 from ..frontend.inputs import (
-    ExampleInputs,
     OutputMismatch,
     as_example_inputs,
     compare_outputs,
@@ -78,12 +77,6 @@ def non_finite(outputs: Any) -> str:
     bad = [name for name, t in flatten_outputs(outputs).items()
            if t.is_floating_point() and t.device.type != "meta" and not bool(t.isfinite().all())]
     return ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-
-
-def _rows(batch: ExampleInputs) -> int:
-    """Samples in a batch: the leading size of its first tensor."""
-    first = next((t for t in [*batch.args, *batch.kwargs.values()] if isinstance(t, torch.Tensor) and t.dim()), None)
-    return int(first.shape[0]) if first is not None else 1
 
 
 def compared_outputs(output: Any, model_name: str = "the model") -> tuple[list[str], list[str]]:
@@ -290,7 +283,7 @@ class PassManager:
                 if record.status == "baseline":
                     self._eval_reference = now
                 pairs = list(zip(now, self._eval_reference))
-                data = f"{sum(_rows(b) for b in self.eval_batches)} held-out samples"
+                data = f"{sum(b.batch_size for b in self.eval_batches)} held-out samples"
             else:
                 x = program.example_inputs
                 pairs, data = [(summarize(out, x), summarize(original_out, x))], "the example inputs"
