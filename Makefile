@@ -45,6 +45,7 @@ examples: $(STAMP)
 	$(BIN)/python examples/custom_pass.py
 	$(BIN)/python examples/export_onnx.py
 	$(BIN)/python examples/dyt_minilm.py --steps 20
+	$(BIN)/python examples/shallower_minilm.py --steps 20
 
 clean:
 	rm -rf $(OUT) build dist .pytest_cache .ruff_cache .hypothesis *.egg-info

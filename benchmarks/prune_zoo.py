@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import signal
-import statistics
 import time
 import warnings
 from collections.abc import Iterator
@@ -62,6 +61,7 @@ from graphopt.frontend.inputs import flatten_outputs
 from graphopt.helpers.hf_reload import reload_with_transformers, write_for_reload
 from graphopt.helpers.quality import sentence_embeddings
 from graphopt.helpers.zoo import ZOO, hf_model
+from graphopt.infra.metrics import interleaved_medians
 
 ATTENTION_GLOB = "*[aA]tt*"  # every HF attention module name has "att"/"Att" in it (attn, attention, SelfAttention)
 EXACT = 1e-4  # relative output error under which pruning dead heads counts as exact
@@ -501,19 +501,14 @@ def similarity(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, floa
     return float(cos.mean()), float(torch.quantile(cos, 0.05)), float(same.float().mean())
 
 
-@torch.no_grad()
 def interleaved_latency(models: list[nn.Module], inputs: dict, repeat: int) -> list[float]:
     """Median ms per forward of each model, the models run in turn so load changes hit all alike."""
-    times: list[list[float]] = [[] for _ in models]
-    for m in models:
-        for _ in range(2):
-            m(**inputs)
-    for _ in range(repeat):
-        for i, m in enumerate(models):
-            start = time.perf_counter()
-            m(**inputs)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+    def runner(m: nn.Module):
+        def run() -> None:
+            with torch.no_grad():
+                m(**inputs)
+        return run
+    return [s * 1e3 for s in interleaved_medians([runner(m) for m in models], repeat, warmup=2)]
 
 
 def encoder_params(model: nn.Module) -> int:

@@ -22,9 +22,7 @@ import argparse
 import copy
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from typing import Any
 
@@ -35,7 +33,7 @@ from torch import nn
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
-from graphopt.infra.metrics import count_weight_bytes
+from graphopt.infra.metrics import count_weight_bytes, interleaved_medians
 from graphopt.models import load_model_spec
 
 ROWS = [("int8 per channel, RTN", "quantize(scheme=int8)"),
@@ -62,19 +60,6 @@ def shaped(tokenizer: Any, batch: int, tokens: int) -> dict[str, torch.Tensor]:
     text = " ".join(stdlib_texts(40, split="eval"))
     enc = tokenizer([text] * batch, truncation=True, max_length=tokens, padding="max_length", return_tensors="pt")
     return dict(enc)
-
-
-def interleaved(runners: list[Any], repeat: int) -> list[float]:
-    """Median seconds of each runner, run in turn ``repeat`` times after a warm-up."""
-    for run in runners:
-        run()
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(repeat):
-        for i, run in enumerate(runners):
-            start = time.perf_counter()
-            run()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def torch_runner(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
@@ -163,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         rows += nncf_rows(model, dict(example))
     quality = [embedding_agreement(reference, sentence_embeddings(m, held)) for _, m in rows]
     torch.set_num_threads(1)
-    lat_a = interleaved([torch_runner(m, small) for _, m in rows], args.repeat)
+    lat_a = interleaved_medians([torch_runner(m, small) for _, m in rows], args.repeat)
     torch.set_num_threads(2)
-    lat_b = interleaved([torch_runner(m, large) for _, m in rows], max(3, args.repeat // 4))
+    lat_b = interleaved_medians([torch_runner(m, large) for _, m in rows], max(3, args.repeat // 4))
 
     print("| method (torch) | mean cos | NN@1 same | weights MB | (a) 1x32, 1 thread | (b) 32x64, 2 threads |")
     print("|---|---|---|---|---|---|")
@@ -205,7 +190,7 @@ def onnx_table(model: nn.Module, models: dict[str, nn.Module], held: list, refer
     lat_a, lat_b = [], []  # more runs than for torch: these rows are compared with each other within a few %
     for threads, shape, out, runs in ((1, small, lat_a, 3 * repeat), (2, large, lat_b, repeat)):
         sessions = [ort_session(p, threads, level) for _, p, level in files]
-        out += interleaved([lambda s=s, x=shape: s.run(None, ort_feed(s, x)) for s in sessions], runs)
+        out += interleaved_medians([lambda s=s, x=shape: s.run(None, ort_feed(s, x)) for s in sessions], runs)
     print("\n| method (onnxruntime) | mean cos | NN@1 same | file MB | (a) 1x32, 1 thread | (b) 32x64, 2 threads |")
     print("|---|---|---|---|---|---|")
     for (label, p, level), a, b in zip(files, lat_a, lat_b):

@@ -2,6 +2,6 @@
 
 from graphopt.infra.registry import register_preset
 
-from . import cleanup, dyt, fold_bn, heal, prune, quantize  # noqa: F401  (registration side effects)
+from . import cleanup, depth, dyt, fold_bn, heal, merge_layers, prune, quantize  # noqa: F401  (registration side effects)
 
 register_preset("default", "remove_dropout,fold_bn")

@@ -14,7 +14,6 @@ Blocks are the children of the ``nn.ModuleList`` that holds the most target laye
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,16 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphopt.analysis.blocks import chained, first_block_inputs, hidden_of, run_hooked
 from graphopt.analysis.calibration import GramAccumulator, layer_input_grams, mask_of
-from graphopt.frontend.inputs import ExampleInputs, as_example_inputs
+from graphopt.frontend.inputs import ExampleInputs
 
 log = logging.getLogger(__name__)
 
 QuantizeGroup = Callable[[list[str], dict[str, GramAccumulator]], None]
-
-
-class _Stop(Exception):
-    pass
 
 
 def repeated_blocks(model: nn.Module, targets: list[str]) -> list[str]:
@@ -47,40 +43,6 @@ def repeated_blocks(model: nn.Module, targets: list[str]) -> list[str]:
     return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
 
 
-def _carrier(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[tuple, dict]]]:
-    """The hidden states a block takes (first positional arg, or ``hidden_states=``) and how to replace them."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0], lambda h: ((h, *args[1:]), kwargs)
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"], lambda h: (args, {**kwargs, "hidden_states": h})
-    raise TypeError("the block takes no hidden-states tensor")
-
-
-def _run_hooked(model: nn.Module, batches: list, handles: list) -> None:
-    """Run ``model`` on each batch without autograd (a hook may stop a forward with ``_Stop``), then
-    remove the hooks ``handles``."""
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                with contextlib.suppress(_Stop):
-                    as_example_inputs(batch).call(model)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _first_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) the first block gets for each batch; each forward stops there."""
-    seen: list[tuple[tuple, dict]] = []
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append((args, dict(kwargs)))
-        raise _Stop
-
-    _run_hooked(model, batches, [block.register_forward_pre_hook(record, with_kwargs=True)])
-    return seen
-
-
 def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> tuple[list[list[str]], list[str]]:
     """``layers`` in the order one call of ``model`` reaches them, those reading one tensor grouped
     together, and the layers it never reaches."""
@@ -93,7 +55,7 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) ->
                 first[name] = args[0]
                 order.append(name)
         handles.append(layer.register_forward_pre_hook(record))
-    _run_hooked(model, [inputs], handles)
+    run_hooked(model, [inputs], handles)
     groups: list[list[str]] = []
     for name in order:
         if groups and first[groups[-1][0]] is first[name]:
@@ -104,22 +66,7 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) ->
 
 
 def _chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
-    """Whether each block's hidden-states input is the previous block's output (on one batch)."""
-    seen_in: list[torch.Tensor] = []
-    seen_out: list[torch.Tensor] = []
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        with contextlib.suppress(TypeError):
-            seen_in.append(_carrier(args, kwargs)[0])
-
-    def post(module: nn.Module, args: tuple, out: Any) -> None:
-        seen_out.append(out[0] if isinstance(out, (tuple, list)) else out)
-
-    _run_hooked(model, [batch], [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
-                                                              b.register_forward_hook(post))])
-    ok = len(seen_in) == len(seen_out) == len(blocks) and all(
-        isinstance(o, torch.Tensor) and o.shape == i.shape and torch.equal(o, i)
-        for o, i in zip(seen_out[:-1], seen_in[1:]))
+    ok = chained(model, blocks, batch)
     if not ok:
         log.info("GPTQ in whole-model order: the blocks do not run one after the other on their outputs")
     return ok
@@ -135,9 +82,9 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
     blocks = repeated_blocks(model, targets)
     if not blocks or not _chained(model, [model.get_submodule(b) for b in blocks], batches[0]):
         return targets
-    inputs = _first_inputs(model, model.get_submodule(blocks[0]), batches)
+    inputs = first_block_inputs(model, model.get_submodule(blocks[0]), batches)
     try:
-        carriers = [_carrier(*io) for io in inputs]
+        carriers = [hidden_of(*io) for io in inputs]
     except TypeError as e:
         log.info("GPTQ in whole-model order: %s", e)
         return targets
@@ -157,7 +104,7 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
             outputs = [block(*args, **kwargs) for args, kwargs in inputs]
         hidden = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
         inputs = [replace(h) for (_, replace), h in zip(carriers, hidden)]
-        carriers = [_carrier(*io) for io in inputs]
+        carriers = [hidden_of(*io) for io in inputs]
     missed = [t for t in targets if t.startswith(tuple(f"{b}." for b in blocks)) and t not in done]
     if missed:
         raise ValueError(f"quantize: the calibration data never reaches {missed[:3]}; give inputs that run "

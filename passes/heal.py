@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graphopt.analysis import AnalysisManager
+from graphopt.analysis.blocks import first_tensor
 from graphopt.analysis.calibration import mask_of
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import Pass, PassResult
@@ -55,23 +56,16 @@ def new_parameter_names(program: Program) -> list[str]:
 
 
 def block_names(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """Children of the longest ``nn.ModuleList`` of ``student`` that ``teacher`` has too (its blocks)."""
-    teacher_names = {n for n, _ in teacher.named_modules()}
+    """Children of the longest ``nn.ModuleList`` of ``student`` that ``teacher`` has with as many children
+    (its blocks; after a depth rewrite block ``i`` of one is not block ``i`` of the other, so none)."""
+    teacher_modules = dict(teacher.named_modules())
     best: list[str] = []
     for name, mod in student.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > len(best):
-            kids = [f"{name}.{i}" if name else str(i) for i in range(len(mod))]
-            if all(k in teacher_names for k in kids):
-                best = kids
+        twin = teacher_modules.get(name)
+        if isinstance(mod, nn.ModuleList) and len(mod) > len(best) and isinstance(twin, nn.ModuleList) \
+                and len(twin) == len(mod):
+            best = [f"{name}.{i}" if name else str(i) for i in range(len(mod))]
     return best
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value:
-        return _first_tensor(value[0])
-    return None
 
 
 class _Features:
@@ -83,7 +77,7 @@ class _Features:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            t = _first_tensor(out)
+            t = first_tensor(out)
             if t is not None and t.is_floating_point():
                 self.values[name] = t
         return hook

@@ -48,6 +48,9 @@ def check_edit(i: int, edit: dict[str, Any]) -> None:
                 raise SerializationError(f"{where}: {flag!r} must be true or false, got {data[flag]!r}")
     elif op == "tie" and not isinstance(data.get("to"), str):
         raise SerializationError(f"{where}: 'to' must name the tensor it is tied to, got {data.get('to')!r}")
+    elif op == "remove_items" and not (isinstance(data.get("indices"), list) and data["indices"] and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in data["indices"])):
+        raise SerializationError(f"{where}: 'indices' must be a list of item numbers >= 0, got {data.get('indices')!r}")
     elif op == "set_config" and not isinstance(data.get("key"), str):
         raise SerializationError(f"{where}: 'key' must be a config field name, got {data.get('key')!r}")
 

@@ -50,7 +50,8 @@ def compact_edits(edits: Iterable[Edit]) -> list[Edit]:
     """Drop edits made dead by a later ``replace_module`` of the same module or of an ancestor.
 
     An edit stays when a ``tie`` between it and the replacement links a tensor outside the
-    replaced subtree to one inside it (the outside name keeps the tensor the edit made).
+    replaced subtree to one inside it (the outside name keeps the tensor the edit made), and when a
+    ``remove_items`` lies between them (module names before it may name other modules after it).
     """
     edits = list(edits)
     keep = [True] * len(edits)
@@ -64,7 +65,8 @@ def compact_edits(edits: Iterable[Edit]) -> list[Edit]:
         last_tie_out = max((k for k in range(j) if edits[k].op == "tie"
                             and inside(str(edits[k].data.get("to", ""))) and not inside(edits[k].target)),
                            default=-1)
-        for i in range(last_tie_out + 1, j):
+        renumbered = max((k for k in range(j) if edits[k].op == "remove_items"), default=-1)
+        for i in range(max(last_tie_out, renumbered) + 1, j):
             if inside(edits[i].target):
                 keep[i] = False
     return [e for e, k in zip(edits, keep) if k]

@@ -265,16 +265,31 @@ TASK_ZOO: dict[str, Callable[[], tuple[Any, dict]]] = {
 }
 
 
-def hf_model(name: str, *, seed: int = 0, use_cache: bool | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers",
+                 "decoder_layers")
+
+
+def hf_model(name: str, *, seed: int = 0, use_cache: bool | None = None, layers: int | None = None
+             ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A tiny HF model ``name`` (of :data:`ZOO` or :data:`TASK_ZOO`) in eval mode, with example inputs.
 
-    ``use_cache`` overrides the config's default (``None``: keep it, which for decoders is ``True``).
+    ``use_cache`` overrides the config's default (``None``: keep it, which for decoders is ``True``);
+    ``layers`` sets the number of blocks of every stack (default: 2).
     """
     builders = {**ZOO, **TASK_ZOO}
     if name not in builders:
         raise KeyError(f"unknown zoo model {name!r}; choose from {', '.join(builders)}")
     torch.manual_seed(seed)
     model, inputs = builders[name]()
+    if layers is not None:
+        cfg = model.config
+        for key in _LAYER_COUNTS:
+            if isinstance(vars(cfg).get(key), int):
+                setattr(cfg, key, layers)
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = (cfg.layer_types * layers)[:layers]
+        torch.manual_seed(seed)
+        model = type(model)(cfg)
     if use_cache is not None:
         if not hasattr(model.config, "use_cache"):
             raise ValueError(f"{name}'s config has no use_cache")

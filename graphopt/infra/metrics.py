@@ -141,3 +141,18 @@ def measure_latencies(module: nn.Module, inputs: ExampleInputs, reference: nn.Mo
     ratios = [a / b for a, b in zip(times[0], times[1])]
     return Latency(ms, _half_iqr(times[0]), len(times[0]), threads, statistics.median(ratios), _half_iqr(ratios),
                    statistics.median(times[1]) * 1e3)
+
+
+def interleaved_medians(runs: list[Callable[[], object]], repeat: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each callable, all run in turn ``repeat`` times after ``warmup`` rounds (so a
+    change of machine load hits every one alike: what benchmarks compare side by side)."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeat):
+        for run, out in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]

@@ -34,7 +34,7 @@ class EditError(ValueError):
 class Edit:
     """One structural change: ``op`` on ``target`` with JSON-able ``data``, made by pass ``by``."""
 
-    op: str  # "replace_module" | "set_tensor" | "tie" | "set_attr" | "set_config"
+    op: str  # "replace_module" | "remove_items" | "set_tensor" | "tie" | "set_attr" | "set_config"
     target: str
     data: dict[str, Any] = field(default_factory=dict)
     by: str = ""
@@ -129,6 +129,18 @@ class Program:
         setattr(owner, attr, new)
         self._log("replace_module", fqn, spec)
         return old
+
+    def remove_items(self, fqn: str, indices: Iterable[int]) -> list[nn.Module]:
+        """Remove items ``indices`` of the ``nn.ModuleList`` at ``fqn`` (the rest renumbered); return them."""
+        items = self.get_submodule(fqn)
+        drop = sorted(set(int(i) for i in indices))
+        if not isinstance(items, nn.ModuleList):
+            raise EditError(f"{fqn!r} is a {type(items).__name__}, not an nn.ModuleList")
+        if not drop or drop[0] < 0 or drop[-1] >= len(items):
+            raise EditError(f"indices {drop} are not items of {fqn!r} (it has {len(items)})")
+        removed = _remove_items(items, drop)
+        self._log("remove_items", fqn, {"indices": drop})
+        return removed
 
     def set_tensor(self, fqn: str, value: torch.Tensor | None, *, buffer: bool | None = None,
                    requires_grad: bool | None = None) -> None:
@@ -254,6 +266,15 @@ def _set_config(root: nn.Module, key: str, value: Any) -> None:
             setattr(config, key, value)
 
 
+def _remove_items(items: nn.ModuleList, drop: list[int]) -> list[nn.Module]:
+    removed = [items[i] for i in drop]
+    kept = [m for i, m in enumerate(items) if i not in set(drop)]
+    items._modules.clear()
+    for i, m in enumerate(kept):
+        items._modules[str(i)] = m
+    return removed
+
+
 def _first_device(*modules: nn.Module) -> torch.device:
     for m in modules:
         for t in itertools.chain(m.parameters(), m.buffers()):
@@ -274,6 +295,12 @@ def _replay_one(root: nn.Module, edit: Edit) -> None:
         with torch.device(_first_device(old, root)):
             new = build_module(data)
         setattr(owner, attr, new)
+    elif edit.op == "remove_items":
+        items = _get_submodule(root, edit.target)
+        drop = [int(i) for i in data["indices"]]
+        if not isinstance(items, nn.ModuleList) or not drop or min(drop) < 0 or max(drop) >= len(items):
+            raise EditError(f"{edit.target!r} has no items {drop} to remove")
+        _remove_items(items, sorted(set(drop)))
     elif edit.op == "set_tensor":
         owner_name, name = _split(edit.target)
         owner = _get_submodule(root, owner_name) if owner_name else root

@@ -41,7 +41,7 @@ def register_pass(name: str, *, tolerance: float | None | object = ..., needs_ca
         cls = _class_from_function(name, obj) if inspect.isfunction(obj) else obj
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             raise PassRegistrationError(f"{obj!r} is neither a go.Pass subclass nor a function")
-        if not dataclasses.is_dataclass(cls):
+        if "__dataclass_fields__" not in vars(cls):  # a subclass of a dataclass pass adds its own fields
             cls = dataclass(cls)
         cls.name = name
         if tolerance is not ...:

@@ -38,4 +38,8 @@ def test_every_readme_block_runs(tmp_path, monkeypatch):
             raise AssertionError(f"README block {i + 1} failed: {type(e).__name__}: {e}\n{block}") from e
         if "swap_gelu" in block:  # the custom pass does what the README says on the README's model
             assert namespace["res"].report.passes[1].stats == {"replaced": 6}
+        if "merge_layers(latency" in block:  # LayerMerge removed activations, and heal kept the result
+            assert namespace["res"].ok and namespace["res"].report.passes[0].stats["activations_removed"] >= 1
     assert (tmp_path / "out" / "minilm.onnx").is_file() and (tmp_path / "pruned" / "config.json").is_file()
+    assert '"num_hidden_layers": 4' in (tmp_path / "minilm-4-layers" / "config.json").read_text()
+

@@ -1,0 +1,161 @@
+"""A model's repeated blocks, found structurally, and how to run them on recorded inputs.
+
+The *blocks* of a model are the children of an ``nn.ModuleList`` whose members are all of one class
+and run one after the other on each other's outputs (the residual stream of a transformer: BERT's
+``encoder.layer``, Llama's ``layers``, GPT-2's ``h``, T5's ``block``). No table of model names: the
+structure and one call of the model decide. Depth rewrites (``drop_blocks``, ``replace_blocks``) cut
+spans of them; GPTQ quantizes one at a time.
+
+A block whose parameters differ from the others' (T5's first block holds the relative position
+bias that every later block reuses) is *special*: depth rewrites never cut it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..frontend.inputs import as_example_inputs
+from ..nn.depth import LinearBlock
+
+log = logging.getLogger(__name__)
+
+Replace = Callable[[torch.Tensor], tuple[tuple, dict]]
+
+
+class Stop(Exception):
+    """Raised by a hook to end a forward early (caught by :func:`run_hooked`)."""
+
+
+@dataclass
+class BlockList:
+    """The repeated blocks of a model: the ``ModuleList`` at ``path`` and its children's names."""
+
+    path: str
+    names: list[str]
+    special: dict[int, str] = field(default_factory=dict)  # index -> why it is never cut
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Replace]:
+    """The hidden states a block takes (first positional arg, or ``hidden_states=``) and how to replace them."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], lambda h: ((h, *args[1:]), kwargs)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], lambda h: (args, {**kwargs, "hidden_states": h})
+    raise TypeError("the block takes no hidden-states tensor")
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """``value`` if it is a tensor, else the first element of a tuple/list (a block's hidden output)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return first_tensor(value[0])
+    return None
+
+
+def run_hooked(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
+    """Run ``model`` on each batch without autograd (a hook may end a forward with :class:`Stop`), then
+    remove the hooks ``handles``."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(Stop):
+                    as_example_inputs(batch).call(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) ``block`` gets for each batch; each forward stops there."""
+    seen: list[tuple[tuple, dict]] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, dict(kwargs)))
+        raise Stop
+
+    run_hooked(model, batches, [block.register_forward_pre_hook(record, with_kwargs=True)])
+    return seen
+
+
+def chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
+    """Whether each block's hidden-states input is the previous block's output (on one batch)."""
+    seen_in: list[torch.Tensor] = []
+    seen_out: list[torch.Tensor] = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        with contextlib.suppress(TypeError):
+            seen_in.append(hidden_of(args, kwargs)[0])
+
+    def post(module: nn.Module, args: tuple, out: Any) -> None:
+        seen_out.append(first_tensor(out))
+
+    run_hooked(model, [batch], [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
+                                                             b.register_forward_hook(post))])
+    return len(seen_in) == len(seen_out) == len(blocks) and all(
+        isinstance(o, torch.Tensor) and o.shape == i.shape and torch.equal(o, i)
+        for o, i in zip(seen_out[:-1], seen_in[1:]))
+
+
+def _same_class_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """ModuleLists of two or more blocks of one class (LinearBlocks of an earlier replace_blocks aside)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 1 and name
+            and len({type(c) for c in m if not isinstance(c, LinearBlock)}) == 1]
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _special_blocks(blocks: nn.ModuleList) -> dict[int, str]:
+    """Blocks whose parameter names differ from the most common set, with the names that differ."""
+    names = [frozenset(n for n, _ in b.named_parameters()) for b in blocks]
+    common, _ = Counter(n for n, b in zip(names, blocks) if not isinstance(b, LinearBlock)).most_common(1)[0]
+    out = {}
+    for i, own in enumerate(names):
+        if isinstance(blocks[i], LinearBlock):
+            out[i] = f"block {i} is the linear map of an earlier replace_blocks; it is never cut"
+        elif own != common:
+            extra = sorted(own - common) or sorted(common - own)
+            out[i] = (f"block {i} has parameters the others {'lack' if own - common else 'have'} "
+                      f"({', '.join(extra[:2])}{', ...' if len(extra) > 2 else ''}); it is never cut")
+    return out
+
+
+def find_blocks(model: nn.Module, example: Any, path: str | None = None) -> BlockList:
+    """The repeated blocks of ``model``: the same-class ``ModuleList`` holding the most parameters whose
+    members run one after the other on ``example`` (or the list at ``path``).
+
+    Raises ``ValueError`` naming what was found when there is none.
+    """
+    lists = _same_class_lists(model)
+    if path is not None:
+        found = dict(lists)
+        if path not in found:
+            raise ValueError(f"{path!r} is not a ModuleList of two or more blocks of one class in "
+                             f"{type(model).__name__}; lists that are: {sorted(found) or 'none'}")
+        lists = [(path, found[path])]
+    tried = []
+    for name, blocks in sorted(lists, key=lambda nm: -_param_count(nm[1])):
+        if _param_count(blocks) == 0:
+            continue
+        if chained(model, list(blocks), example):
+            return BlockList(name, [f"{name}.{i}" for i in range(len(blocks))], _special_blocks(blocks))
+        tried.append(name)
+    if tried:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks on its residual path: the members of "
+                         f"{', '.join(tried)} do not run one after the other on each other's outputs")
+    raise ValueError(f"{type(model).__name__} has no repeated blocks (no ModuleList of two or more blocks of one "
+                     "class with parameters); depth rewrites need a stack of layers")

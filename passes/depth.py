@@ -1,0 +1,169 @@
+"""Depth rewrites: ``drop_blocks`` and ``replace_blocks`` make a model shallower.
+
+The model's repeated blocks are found structurally (:mod:`graphopt.analysis.blocks`). Unless
+``start`` is given, the span of ``n`` consecutive blocks to cut is the one whose input and output
+hidden states are closest in angular distance on the calibration data (Gromov et al. 2024, "The
+Unreasonable Ineffectiveness of the Deeper Layers"); every candidate's distance is reported.
+
+- ``drop_blocks`` removes the span.
+- ``replace_blocks`` puts a linear map estimated on the calibration data in its place (ReplaceMe,
+  :mod:`.block_map`): folded into the previous block's down-projection when the blocks are pre-norm
+  (no parameter added; the model stays loadable by plain ``transformers``), else a ``LinearBlock``.
+
+The model keeps its class and inputs; KV-cache layer indices and the HF config's layer count
+follow the removal (:mod:`.depth_edit`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from graphopt.analysis import AnalysisManager
+from graphopt.analysis.blocks import BlockList, find_blocks
+from graphopt.analysis.depth_stats import span_distances
+from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.options import Range
+from graphopt.infra.program import Program
+from graphopt.infra.registry import register_pass
+from graphopt.nn.depth import LinearBlock
+
+from .block_map import down_projection, estimate_map, folded_tensors, linear_block, refine_cosine
+from .depth_edit import cut_span
+
+log = logging.getLogger(__name__)
+
+
+def _span_name(blocks: BlockList, start: int, n: int) -> str:
+    return blocks.names[start] if n == 1 else f"{blocks.names[start]}-{start + n - 1}"
+
+
+@dataclass
+class _Depth(Pass):
+    """What drop_blocks and replace_blocks share: finding the blocks and choosing the span."""
+
+    n: Annotated[int, Range(1)] = 1
+    start: Annotated[int, Range(0)] | None = None  # the first block to cut; None: the closest span on calibration data
+    blocks: str | None = None  # the ModuleList of blocks; None: found (the largest stack on the residual path)
+    calib_batches: Annotated[int, Range(1)] = 32
+
+    def _batches(self, program: Program) -> list:
+        batches = list(itertools.islice(iter(program.calib), self.calib_batches)) if program.calib is not None else []
+        if not batches and self.needs_calibration:
+            raise ValueError(f"{self.name}: the calibration data is empty; pass calib=<iterable of model inputs>")
+        return batches
+
+    def _blocks(self, program: Program) -> BlockList:
+        blocks = find_blocks(program.module, program.example_inputs, self.blocks)
+        cuttable = len(blocks) - len(blocks.special)
+        if self.n >= len(blocks):
+            raise ValueError(f"{self.name}(n={self.n}): {blocks.path} has {len(blocks)} blocks; n must leave at "
+                             f"least one (n <= {len(blocks) - 1})")
+        if self.n > cuttable:
+            raise ValueError(f"{self.name}(n={self.n}): only {cuttable} of the {len(blocks)} blocks in {blocks.path} "
+                             f"can be cut ({'; '.join(blocks.special.values())})")
+        if self.start is not None and self.start + self.n > len(blocks):
+            raise ValueError(f"{self.name}(start={self.start}, n={self.n}): {blocks.path} has blocks 0 .. "
+                             f"{len(blocks) - 1}, so start must be <= {len(blocks) - self.n}")
+        return blocks
+
+    def _allowed(self, blocks: BlockList, start: int) -> str | None:
+        """Why the span at ``start`` cannot be cut, or None."""
+        inside = [i for i in range(start, start + self.n) if i in blocks.special]
+        return blocks.special[inside[0]] if inside else None
+
+    def _choose(self, program: Program, blocks: BlockList, batches: list, result: PassResult) -> int:
+        """The span to cut: ``start`` when given, else the allowed span of least angular distance."""
+        if self.start is not None:
+            why = self._allowed(blocks, self.start)
+            if why:
+                raise ValueError(f"{self.name}(start={self.start}): {why}")
+        distances = span_distances(program.module, blocks, batches, self.n) if batches else []
+        allowed = [s for s in range(len(blocks) - self.n + 1) if self._allowed(blocks, s) is None]
+        chosen = self.start if self.start is not None else min(allowed, key=lambda s: distances[s])
+        for s, d in enumerate(distances):
+            why = self._allowed(blocks, s)
+            tail = " (chosen)" if s == chosen else (f" (not a candidate: {why})" if why else "")
+            result.note(_span_name(blocks, s, self.n), f"angular distance {d:.4f}{tail}")
+        if distances:
+            result.stats["distance"] = round(distances[chosen], 4)
+        result.stats["start"] = chosen
+        return chosen
+
+    def _finish(self, program: Program, blocks: BlockList, result: PassResult) -> PassResult:
+        result.modified = True
+        result.stats["blocks_before"] = len(blocks)
+        result.stats["blocks_after"] = sum(not isinstance(b, LinearBlock) for b in program.get_submodule(blocks.path))
+        result.stats["blocks_removed"] = self.n
+        return result
+
+
+@register_pass("drop_blocks", tolerance=None)
+class DropBlocks(_Depth):
+    """Remove n consecutive blocks (the span of least angular distance, or the one at start)."""
+
+    decisive = ("n",)
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.start is None
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        blocks = self._blocks(program)
+        result = PassResult(modified=False)
+        start = self._choose(program, blocks, self._batches(program), result)
+        cut_span(program, blocks, start, self.n, None, result)
+        return self._finish(program, blocks, result)
+
+
+@register_pass("replace_blocks", tolerance=None)
+class ReplaceBlocks(_Depth):
+    """Replace n consecutive blocks by a linear map fitted on calibration data (ReplaceMe)."""
+
+    decisive = ("n", "method")
+    needs_calibration = True
+
+    method: Literal["lstsq", "cosine"] = "lstsq"
+    fold: bool = True  # fold the map into the previous block's down-projection where the blocks allow it
+    steps: Annotated[int, Range(1)] = 400  # method=cosine: Adam steps
+    lr: Annotated[float, Range(0, lo_open=True)] = 1e-4  # method=cosine: Adam learning rate
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        blocks = self._blocks(program)
+        result = PassResult(modified=False)
+        batches = self._batches(program)
+        start = self._choose(program, blocks, batches, result)
+        span = _span_name(blocks, start, self.n)
+        down = None
+        if self.fold and start > 0:
+            down = down_projection(program.module, blocks.names[start - 1], batches[0])
+            if down is None:
+                result.note(span, f"the map is a LinearBlock: {blocks.names[start - 1]} does not end with a residual "
+                            "add of its last linear layer's output (post-norm blocks), so it cannot be folded")
+        elif self.fold:
+            result.note(span, "the map is a LinearBlock: no block before the span to fold it into")
+        stats, structure = estimate_map(program.module, blocks, start, self.n, batches, down)
+        weight, bias = stats.solve()
+        result.stats["rows"] = stats.rows
+        if self.method == "cosine":
+            weight, bias, before, after = refine_cosine(stats, weight, bias, steps=self.steps, lr=self.lr)
+            result.note(span, f"cosine refinement on {stats.samples()[0].shape[0]} sampled rows: mean cosine "
+                        f"{before:.4f} -> {after:.4f}" + (" (kept the least-squares map)" if after <= before else ""))
+        if down is not None:
+            for fqn, value in folded_tensors(program.module, down, weight, bias).items():
+                program.set_tensor(fqn, value)
+            cut_span(program, blocks, start, self.n, None, result)
+            result.note(span, f"replaced by a linear map folded into {down} (no parameter added)")
+            result.stats["folded"] = 1
+        else:
+            if isinstance(structure, ValueError):
+                raise ValueError(f"replace_blocks: {span} cannot be replaced by a linear map: {structure}; "
+                                 "use drop_blocks") from None
+            like = next(program.get_submodule(blocks.names[start]).parameters())
+            cut_span(program, blocks, start, self.n, linear_block(weight, bias, structure, self.n, like), result)
+            result.note(span, f"replaced by a LinearBlock ({weight.numel() + (0 if bias is None else bias.numel()):,} "
+                        "parameters)")
+            result.stats["folded"] = 0
+        return self._finish(program, blocks, result)

@@ -1,0 +1,102 @@
+"""Cut a span of blocks out of a model through the Program, keeping it the model it was.
+
+After the blocks are removed (or replaced by one module), the rest are renumbered; attributes that
+hold a block's position (``layer_idx``: which KV-cache slot a decoder layer writes) follow; and a
+HuggingFace config's layer count and per-layer lists (``layer_types``) follow too, chosen by building
+the model from the changed config on ``meta`` and comparing (no table of config names), so that
+``save_pretrained`` + plain ``from_pretrained`` rebuild a model whose blocks were dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from torch import nn
+
+from graphopt.analysis.blocks import BlockList
+from graphopt.analysis.hf_config import is_hf_model, structure_mismatches, summarize
+from graphopt.infra.contract import PassResult
+from graphopt.infra.program import Program
+
+log = logging.getLogger(__name__)
+
+#: attributes that hold a block's position in the stack
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_index", "layer_id", "layer_number")
+
+
+def cut_span(program: Program, blocks: BlockList, start: int, n: int, replacement: nn.Module | None,
+             result: PassResult) -> None:
+    """Remove blocks ``start .. start+n-1`` (``replacement`` takes the place of the first) and renumber."""
+    old_len = len(blocks)
+    removed = list(range(start, start + n))
+    if replacement is not None:
+        program.replace_module(blocks.names[start], replacement)
+        removed = removed[1:]
+    if removed:
+        program.remove_items(blocks.path, removed)
+    old_of = [i for i in range(old_len) if i not in set(removed)]
+    _renumber(program, blocks.path, old_of)
+    slot = f"{blocks.path}.{start}" if replacement is not None else None
+    _sync_config(program, old_len, removed, slot, result)
+
+
+def _renumber(program: Program, path: str, old_of: list[int]) -> None:
+    items = program.get_submodule(path)
+    for new, old in enumerate(old_of):
+        if new == old:
+            continue
+        prefix = f"{path}.{new}"
+        for name, module in items[new].named_modules():
+            for attr in LAYER_INDEX_ATTRS:
+                value = getattr(module, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value == old:
+                    program.set_attr(f"{prefix}.{name}" if name else prefix, attr, new)
+
+
+def _count_keys(config: object, old_len: int) -> list[str]:
+    return [k for k, v in vars(config).items()
+            if isinstance(v, int) and not isinstance(v, bool) and v == old_len and not k.startswith("_")]
+
+
+def _list_keys(config: object, old_len: int) -> list[str]:
+    return [k for k, v in vars(config).items() if isinstance(v, list) and len(v) == old_len and not k.startswith("_")]
+
+
+def _sync_config(program: Program, old_len: int, removed: list[int], slot: str | None, result: PassResult) -> None:
+    """Set the config field that holds the layer count (the one under which the model rebuilds, apart
+    from the replacement at ``slot``) and shorten the per-layer lists."""
+    model = program.module
+    if not is_hf_model(model) or not removed:
+        return
+    config = model.config
+    new_len = old_len - len(removed)
+    lists = {k: [v for i, v in enumerate(getattr(config, k)) if i not in set(removed)]
+             for k in _list_keys(config, old_len)}
+    best: tuple[int, str, list[str]] | None = None
+    for key in _count_keys(config, old_len):
+        trial = copy.deepcopy(config)
+        setattr(trial, key, new_len)
+        for k, v in lists.items():
+            setattr(trial, k, v)
+        problems = structure_mismatches(model, trial, attributes=True)
+        if any("(config) fails" in p for p in problems):
+            continue  # the constructor refuses it: not the layer count
+        outside = [p for p in problems if slot is None or f"{slot}." not in p and f"{slot}'" not in p]
+        if best is None or len(outside) < best[0]:
+            best = (len(outside), key, problems)
+    if best is None:
+        result.note("<config>", f"no config field holds the layer count {old_len}; the config was not updated "
+                    "(save with go.save / go.load)", "warning")
+        return
+    _, key, problems = best
+    program.set_config(key, new_len)
+    for k, v in lists.items():
+        program.set_config(k, v)
+    changed = ", ".join([f"{key}={new_len}", *(f"{k} (item {', '.join(map(str, removed))} removed)" for k in lists)])
+    if problems:
+        result.note("<config>", f"config updated ({changed}) but it cannot describe the rewritten model "
+                    f"({summarize(problems, 1)}): save with go.save / go.load", "info")
+    else:
+        result.note("<config>", f"config updated so that save_pretrained + from_pretrained rebuild the model: "
+                    f"{changed}", "info")
