@@ -27,11 +27,10 @@ import torch
 from torch import nn
 
 from graphopt.analysis.blocks import BlockList, Stop, first_block_inputs, first_tensor, hidden_of, run_hooked
-from graphopt.analysis.calibration import mask_of
-from graphopt.analysis.depth_stats import LinearMapStats, rows_of
+from graphopt.analysis.depth_stats import LinearMapStats, masked_batches, rows_of
 from graphopt.nn.depth import LinearBlock, output_structure
 
-from .quantize import _is_conv1d
+from .quantize import is_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class SpanMap:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def down_projection(model: nn.Module, block_name: str, batch: Any) -> str | None:
@@ -131,12 +130,7 @@ def estimate_map(model: nn.Module, blocks: BlockList, start: int, n: int, batche
 
     handles.append(last.register_forward_hook(at_end, with_kwargs=True))
 
-    def masked(items: Iterable[Any]):
-        for batch in items:
-            mask[0] = mask_of(batch)
-            yield batch
-
-    run_hooked(model, masked(batches), handles)
+    run_hooked(model, masked_batches(batches, mask), handles)
     if not stats:
         raise ValueError("the calibration data never reached the blocks to replace")
     return stats[0], rec.get("structure")
@@ -186,7 +180,7 @@ def folded_tensors(model: nn.Module, down: str, weight: torch.Tensor, bias: torc
     layer = model.get_submodule(down)
     w = layer.weight.detach()
     t = weight.to(device=w.device, dtype=torch.float64)
-    new_w = (w.double() @ t) if _is_conv1d(layer) else (t.T @ w.double())
+    new_w = (w.double() @ t) if is_conv1d(layer) else (t.T @ w.double())
     out = {f"{down}.weight": new_w.to(w.dtype)}
     if layer.bias is not None:
         b = layer.bias.detach().double() @ t

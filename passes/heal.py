@@ -7,7 +7,10 @@ trained on the calibration data to reproduce the teacher's outputs:
 - other outputs (hidden states, pooled embeddings): a normalised MSE (``mse``, the squared error
   over the teacher's mean square), a cosine distance per position (``cosine``), or both (``auto``);
 - optional per-block feature terms (``features > 0``): the normalised MSE of the outputs of the
-  model's repeated blocks (the longest ``nn.ModuleList`` present in both models).
+  model's repeated blocks (the longest ``nn.ModuleList`` present in both models);
+- optional block-wise reconstruction first (``blockwise=N``: N steps per block, :mod:`.heal_blocks`):
+  each student block fitted to the teacher's block output, one block at a time, with memory for one
+  block's activations; ``steps=0`` then skips the end-to-end part.
 
 Positions where an ``attention_mask`` in the inputs is 0 do not count. Only parameter values
 change (no structure), so no edit is recorded. The student runs in the mode it is in (``optimize``
@@ -38,21 +41,41 @@ from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
+from .heal_blocks import heal_blocks
+
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 1 << 30  # teacher outputs kept in memory across epochs up to this size
 
 
+def _renumbered(name: str, path: str, removed: list[int]) -> str | None:
+    """``name`` after items ``removed`` of the ModuleList ``path`` went (None: it went with them)."""
+    if not name.startswith(f"{path}."):
+        return name
+    index, _, rest = name[len(path) + 1:].partition(".")
+    if not index.isdigit():
+        return name
+    if int(index) in removed:
+        return None
+    new = int(index) - sum(i < int(index) for i in removed)
+    return f"{path}.{new}" + (f".{rest}" if rest else "")
+
+
 def new_parameter_names(program: Program) -> list[str]:
     """Parameters created or replaced by earlier passes (from the Program's edit log)."""
-    names = dict(program.module.named_parameters())
-    touched: list[str] = []
+    touched: list[tuple[str, bool]] = []  # (name, whole module) in the numbering of the edit being read
     for edit in program.edits:
         if edit.op == "replace_module":
-            touched += [n for n in names if n.startswith(edit.target + ".")]
-        elif edit.op == "set_tensor" and edit.target in names:
-            touched.append(edit.target)
-    return list(dict.fromkeys(touched))
+            touched.append((edit.target, True))
+        elif edit.op == "set_tensor":
+            touched.append((edit.target, False))
+        elif edit.op == "remove_items":  # later names count blocks without the removed ones
+            removed = [int(i) for i in edit.data.get("indices", [])]
+            touched = [(new, whole) for name, whole in touched
+                       if (new := _renumbered(name, edit.target, removed)) is not None]
+    names = [n for n, _ in program.module.named_parameters()]
+    out = [n for target, whole in touched for n in names if (n.startswith(f"{target}.") if whole else n == target)]
+    return list(dict.fromkeys(out))
 
 
 def block_names(student: nn.Module, teacher: nn.Module) -> list[str]:
@@ -143,6 +166,8 @@ class Heal(Pass):
     patience: Annotated[int, Range(0)] = 0
     min_delta: Annotated[float, Range(0)] = 1e-3
     eval_batches: Annotated[int, Range(1)] = 4
+    blockwise: Annotated[int, Range(0)] = 0  # steps per block of block-wise reconstruction, before `steps` end-to-end
+    block_lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # its learning rate
     seed: int = 0
     progress: bool | None = None
 
@@ -172,7 +197,9 @@ class Heal(Pass):
             k = min(self.eval_batches, len(batches))
             held = sorted({round(i * (len(batches) - 1) / max(1, k - 1)) for i in range(k)})
             before = self._evaluate(program, batches, held, cache, t_hooks, s_hooks)
-            steps, last = self._train(program, batches, params, cache, t_hooks, s_hooks)
+            if self.blockwise:
+                self._blockwise(program, batches, params, result)
+            steps, last = self._train(program, batches, params, cache, t_hooks, s_hooks) if self.steps else (0, 0.0)
             after = self._evaluate(program, batches, held, cache, t_hooks, s_hooks)
         finally:
             t_hooks.close()
@@ -192,6 +219,15 @@ class Heal(Pass):
         result.stats.update(loss_before=before, loss_after=after, steps=steps, train_loss=last,
                             trained_params=sum(p.numel() for p in params))
         return result
+
+    def _blockwise(self, program: Program, batches: list, params: list[nn.Parameter], result: PassResult) -> None:
+        report = heal_blocks(program.original, program.module, batches, {id(p) for p in params},
+                             lambda s, t, m: nmse(s, t, m) + cosine_distance(s, t, m),
+                             steps=self.blockwise, lr=self.block_lr, seed=self.seed, clip=self.clip)
+        for i, (before, after) in enumerate(report):
+            result.note(f"block {i}", f"block-wise reconstruction loss {before:.4g} -> {after:.4g}")
+        result.stats["block_loss_before"] = sum(b for b, _ in report)
+        result.stats["block_loss_after"] = sum(a for _, a in report)
 
     # --- setup --------------------------------------------------------------------------------------
     def _check(self, program: Program) -> None:

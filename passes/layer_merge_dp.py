@@ -195,7 +195,7 @@ def choose_segments(program: Program, latency: float, calib_batches: int, result
                     f"merged into one layer, activations {', '.join(chain.acts[seg.start:seg.end])} removed "
                     f"(importance {seg.loss:.2e}, predicted {seg.cost:.3f} ms)")
     program.analyses.clear()
-    exact(program, result, quiet=True)
+    result.stats["layers_merged"] = result.stats.get("layers_merged", 0) + exact(program, result, quiet=True)
     after = measure_latency(program.module, program.example_inputs, warmup=5, repeat=30) or 0.0
     predicted = (rest + bucket * unit) / whole
     result.stats.update(activations_removed=removed, importance_lost=round(loss, 6),

@@ -45,7 +45,7 @@ from .smoothquant import SmoothStats, choose_alpha, fold_into_producer
 log = logging.getLogger(__name__)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
@@ -54,7 +54,7 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     """``(weight [out, in], bias)`` of a Linear or Conv1D, else ``None``."""
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.weight.t(), module.bias
     return None
 

@@ -29,6 +29,13 @@ def rows_of(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows
 
 
+def masked_batches(batches: Iterable[Any], mask: list[torch.Tensor | None]) -> Iterable[Any]:
+    """``batches``, setting ``mask[0]`` to each one's attention mask before it is yielded (for hooks)."""
+    for batch in batches:
+        mask[0] = mask_of(batch)
+        yield batch
+
+
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row ``arccos(cos(a, b)) / π`` in [0, 1]."""
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
@@ -68,12 +75,7 @@ def span_distances(model: torch.nn.Module, blocks: BlockList, batches: Iterable[
         handles.append(module.register_forward_pre_hook(before(k), with_kwargs=True))
         handles.append(module.register_forward_hook(after(k)))
 
-    def masked(items: Iterable[Any]):
-        for batch in items:
-            mask[0] = mask_of(batch)
-            yield batch
-
-    run_hooked(model, masked(batches), handles)
+    run_hooked(model, masked_batches(batches, mask), handles)
     if count[0] == 0:
         raise ValueError("the calibration data never reached the blocks")
     return (sums / count[0]).tolist()

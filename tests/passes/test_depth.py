@@ -295,3 +295,15 @@ def test_compaction_keeps_edits_made_before_blocks_were_renumbered():
     assert compact_edits(edits) == edits
     same = [Edit("replace_module", "layers.1.mlp", {"class": "x"}), Edit("replace_module", "layers.1.mlp", {})]
     assert compact_edits(same) == same[1:]
+
+
+def test_heal_new_parameters_follow_the_renumbering_of_blocks():
+    from graphopt.passes.heal import new_parameter_names
+
+    model, inputs = hf_model("bert", layers=4)
+    calib = _text_calib(model)
+    res = go.optimize(model, inputs, "replace_blocks(n=1,start=1),drop_blocks(n=1,start=0)", calib=calib,
+                      measure=False, on_error="raise")
+    assert isinstance(res.model.encoder.layer[0], LinearBlock)  # the LinearBlock was block 1, now block 0
+    names = new_parameter_names(res.program)
+    assert names == ["encoder.layer.0.linear.weight", "encoder.layer.0.linear.bias"]
