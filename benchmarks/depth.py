@@ -1,6 +1,6 @@
 """Depth rewrites on all-MiniLM-L6-v2: drop vs replace (lstsq, cosine) vs replace + heal, and merge_layers on a CNN.
 
-    .venv/bin/python benchmarks/depth.py                  # both tables, about 40 minutes on 2 cores
+    .venv/bin/python benchmarks/depth.py                  # both tables, about 30 minutes on 2 idle cores
     .venv/bin/python benchmarks/depth.py --no-cnn --n 1,2 --heal-steps 100
 
 **MiniLM table.** For n = 1, 2, 3 of the 6 encoder layers: ``drop_blocks(n)``, ``replace_blocks(n)``
