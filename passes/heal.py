@@ -10,7 +10,9 @@ trained on the calibration data to reproduce the teacher's outputs:
   model's repeated blocks (the longest ``nn.ModuleList`` present in both models);
 - optional block-wise reconstruction first (``blockwise=N``: N steps per block, :mod:`.heal_blocks`):
   each student block fitted to the teacher's block output, one block at a time, with memory for one
-  block's activations; ``steps=0`` then skips the end-to-end part.
+  block's activations; ``steps=0`` then skips the end-to-end part;
+- optional low-rank adapters (``lora=r``, :mod:`.heal_lora`) trained instead of the weights and merged
+  into them at the end (no module is added).
 
 Positions where an ``attention_mask`` in the inputs is 0 do not count. Only parameter values
 change (no structure), so no edit is recorded. The student runs in the mode it is in (``optimize``
@@ -42,6 +44,7 @@ from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
 from .heal_blocks import heal_blocks
+from .heal_lora import LoRA
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,8 @@ class Heal(Pass):
     eval_batches: Annotated[int, Range(1)] = 4
     blockwise: Annotated[int, Range(0)] = 0  # steps per block of block-wise reconstruction, before `steps` end-to-end
     block_lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # its learning rate
+    lora: Annotated[int, Range(0)] = 0  # rank of low-rank adapters trained instead of the weights (0: off)
+    lora_targets: str = "*"  # glob on the names of the Linear / Conv1D layers that get adapters
     seed: int = 0
     progress: bool | None = None
 
@@ -179,6 +184,12 @@ class Heal(Pass):
         if not batches:
             raise ValueError("heal: the calibration data is empty")
         params = self._trainable(program)
+        adapters = None
+        if self.lora:
+            if self.blockwise:
+                raise ValueError("heal: lora and blockwise cannot be combined yet; use one of them")
+            adapters = LoRA(student, self.lora, self.lora_targets, seed=self.seed)
+            params = adapters.parameters()
         blocks = block_names(student, teacher) if self.features > 0 else []
         if self.features > 0 and not blocks:
             result.note("", "features>0 but no repeated blocks common to both models: output loss only",
@@ -201,6 +212,10 @@ class Heal(Pass):
                 self._blockwise(program, batches, params, result)
             steps, last = self._train(program, batches, params, cache, t_hooks, s_hooks) if self.steps else (0, 0.0)
             after = self._evaluate(program, batches, held, cache, t_hooks, s_hooks)
+        except BaseException:
+            if adapters is not None:
+                adapters.remove()
+            raise
         finally:
             t_hooks.close()
             s_hooks.close()
@@ -216,6 +231,9 @@ class Heal(Pass):
             after = before
         else:
             result.modified = True
+        if adapters is not None:  # (restored adapters are zero: merging them changes nothing)
+            adapters.merge()
+            result.stats["lora_layers"] = len(adapters.layers)
         result.stats.update(loss_before=before, loss_after=after, steps=steps, train_loss=last,
                             trained_params=sum(p.numel() for p in params))
         return result

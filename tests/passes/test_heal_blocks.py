@@ -55,3 +55,43 @@ def test_blockwise_heal_refuses_blocks_that_no_longer_match():
     with pytest.raises(PassFailedError, match="one to one"):
         go.optimize(model, inputs, "drop_blocks(n=1),heal(blockwise=5,steps=0)", calib=calib, measure=False,
                     on_error="raise")
+
+
+# --- LoRA ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_lora_merge_gives_the_outputs_of_the_adapted_model_and_leaves_no_trace(name):
+    from graphopt.passes.heal_lora import LoRA
+
+    model, inputs = hf_model(name)
+    keys = list(model.state_dict())
+    adapters = LoRA(model, rank=4, targets="*", seed=1)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.normal_(0, 0.05)
+        adapted = model(**inputs).last_hidden_state
+    adapters.merge()
+    with torch.no_grad():
+        merged = model(**inputs).last_hidden_state
+    assert torch.allclose(merged, adapted, atol=1e-5, rtol=1e-4)
+    assert list(model.state_dict()) == keys
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_heal_with_lora_trains_adapters_only_and_merges_them():
+    model, inputs = hf_model("bert", layers=3)
+    calib = _calib(model)
+    res = go.optimize(model, inputs, "prune(ratio=0.5),heal(steps=30,lr=1e-2,lora=4,lora_targets=*attention*)",
+                      calib=calib, measure=False, on_error="raise")
+    rec = res.report.records[-1]
+    assert rec.stats["lora_layers"] == 3 * 4 and rec.stats["loss_after"] < rec.stats["loss_before"]
+    adapted = [m for n, m in res.model.named_modules() if "attention" in n and isinstance(m, torch.nn.Linear)]
+    assert rec.stats["trained_params"] == sum(4 * (m.in_features + m.out_features) for m in adapted)
+    assert not any(m._forward_hooks for m in res.model.modules())
+    pruned = go.optimize(model, inputs, "prune(ratio=0.5)", measure=False).model
+    assert list(res.model.state_dict()) == list(pruned.state_dict())
+    changed = [n for n, p in res.model.named_parameters() if not torch.equal(p, pruned.state_dict()[n])]
+    assert changed and all("attention" in n and n.endswith("weight") for n in changed)
+    with pytest.raises(PassFailedError, match="matches no Linear"):
+        go.optimize(model, inputs, "heal(steps=2,lora=4,lora_targets=nothing*)", calib=calib, measure=False,
+                    on_error="raise")
