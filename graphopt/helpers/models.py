@@ -156,8 +156,6 @@ def _load_directory(path: Path) -> LoadedModel:
     tf = _transformers()
     try:
         config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        if getattr(config, "use_cache", None):
-            config.use_cache = False  # no KV cache in the captured graph
         # The class that saved it (keeps task heads, e.g. BertForSequenceClassification), else AutoModel.
         architectures = getattr(config, "architectures", None) or []
         cls = getattr(tf, architectures[0], None) if len(architectures) == 1 else None

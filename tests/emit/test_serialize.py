@@ -364,7 +364,7 @@ def test_bert_with_other_config_is_refused_with_a_hint(tmp_path, caplog):
 def test_gpt2_tied_embeddings_stay_tied(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)  # default config: KV cache on
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -390,7 +390,7 @@ def test_gpt2_resized_tied_embedding_round_trips(tmp_path):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=64, use_cache=False)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=64)  # default config: KV cache on
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).eval()
     x = {"input_ids": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))}

@@ -221,7 +221,7 @@ def test_hf_directory_without_tokenizer_gets_inputs_from_config(tmp_path, name, 
     assert tuple(loaded.example_inputs[key].shape) == shape
     if key == "input_ids":
         assert int(loaded.example_inputs[key].max()) < model.config.vocab_size
-        assert loaded.model.config.use_cache is False
+        assert loaded.model.config.use_cache is model.config.use_cache  # as saved: capture turns caches off itself
     with torch.no_grad():
         loaded.model(**loaded.example_inputs)  # the inputs fit the model
 

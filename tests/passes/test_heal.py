@@ -45,8 +45,8 @@ def test_heal_uses_kl_on_logits():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                       use_cache=False)).eval()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                       n_positions=32)).eval()  # default config: KV cache on
     calib = _calib(vocab=64)
     res = go.optimize(model, calib[0], "dyt(mode=init),heal(steps=30,lr=3e-3,features=0.5)", calib=calib,
                       measure=False)
