@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job: prune the embedded all-MiniLM-L6-v2 (30% of its encoder, Taylor importance), heal it by
 # distillation on stdlib docstrings, print the report, save the model,
 # export ONNX (checked in onnxruntime) and the report as JSON under $(OUT)/.
-DEMO_PIPELINE ?= remove_dropout,prune(target_params=0.8594,importance=taylor),heal(steps=100,lr=3e-4)
+DEMO_PIPELINE ?= remove_dropout,prune(target_params=0.8594,importance=taylor),heal
 demo: $(STAMP)
 	$(BIN)/graphopt optimize minilm --pipeline '$(DEMO_PIPELINE)' --out $(OUT)/minilm \
 		--onnx $(OUT)/minilm.onnx --dynamic --json $(OUT)/minilm-report.json --plot $(OUT)/minilm-report.png

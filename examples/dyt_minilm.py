@@ -20,7 +20,7 @@ from graphopt.models import load_model_spec
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200, help="distillation steps of heal")
+    ap.add_argument("--steps", type=int, default=None, help="distillation steps of heal (default: its DyT recipe's)")
     ap.add_argument("--out", default=None, help="directory to save the result to (safetensors + JSON)")
     args = ap.parse_args()
 
@@ -33,7 +33,7 @@ def main() -> None:
 
     # 1. fit α, γ, β of each DyT layer to its LayerNorm's outputs (layer by layer, in execution order)
     # 2. distil the original model into the converted one (output + per-block feature losses)
-    pipeline = f"dyt(mode=calibrated),heal(steps={args.steps},lr=1e-4,features=1.0,warmup=20)"
+    pipeline = "dyt(mode=calibrated),heal" + (f"(steps={args.steps})" if args.steps is not None else "")
     result = go.optimize(model, example_inputs, pipeline, calib=calib, measure=False)
     print(result.report)
 

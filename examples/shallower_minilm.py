@@ -22,7 +22,7 @@ from graphopt.models import load_model_spec
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1, help="layers to cut")
-    ap.add_argument("--steps", type=int, default=100, help="heal steps (0: no heal)")
+    ap.add_argument("--steps", type=int, default=None, help="heal steps (0: no heal; default: its depth recipe's)")
     ap.add_argument("--out", default=None, help="directory to save the result to (safetensors + JSON)")
     args = ap.parse_args()
 
@@ -32,7 +32,7 @@ def main() -> None:
     held_out = list(text_batches(tokenizer, stdlib_texts(256, seed=0, split="eval"), batch_size=32, max_length=64))
     reference = sentence_embeddings(model, held_out)
 
-    heal = f",heal(steps={args.steps},lr=1e-4,freeze=*embeddings*,loss=cosine)" if args.steps else ""
+    heal = "" if args.steps == 0 else ",heal" + (f"(steps={args.steps})" if args.steps else "")
     for pipeline in (f"drop_blocks(n={args.n})", f"replace_blocks(n={args.n}){heal}"):
         result = go.optimize(model, example_inputs, pipeline, calib=calib, measure=False)
         cos, same = embedding_agreement(reference, sentence_embeddings(result.model, held_out))

@@ -30,7 +30,7 @@ from graphopt.analysis.blocks import BlockList, Stop, first_block_inputs, first_
 from graphopt.analysis.depth_stats import LinearMapStats, masked_batches, rows_of
 from graphopt.nn.depth import LinearBlock, output_structure
 
-from .quantize import is_conv1d
+from .linear_layers import is_conv1d
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,8 @@ from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 from graphopt.nn.dyt import SQUASH, VARIANTS, fit_elementwise
 
+from .progressive import heal_each
+
 log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
@@ -64,6 +66,16 @@ def default_alpha0(kind: str, role: str, channels: int) -> float:
         return 0.5
     attn, other = (0.8, 0.2) if channels <= 4096 else (0.6, 0.15) if channels <= 5120 else (0.2, 0.05)
     return attn if role == "attention" else other
+
+
+def norms_by_block(norms: Sequence[_Norm]) -> dict[str, set[str]]:
+    """Norm names grouped by the repeated block they sit in (the name up to its first index), in order;
+    a norm outside any block (embeddings, final norm) is a group of its own."""
+    groups: dict[str, set[str]] = {}
+    for n in norms:
+        m = _BLOCK.match(n.name)
+        groups.setdefault(m.group(1) if m else n.name, set()).add(n.name)
+    return groups
 
 
 def find_norms(program: Program, *, target: str = "all", where: str = "*",
@@ -211,10 +223,15 @@ class DyTPass(Pass):
     fit_to: Literal["original", "local"] = "original"
     batches: Annotated[int, Range(1)] = 8
     max_tokens: Annotated[int, Range(1)] = 8192
+    progressive: Annotated[int, Range(0)] = 0  # heal steps after each block's norms (0: all at once, no heal)
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.mode == "calibrated"
+        return self.mode == "calibrated" or self.progressive > 0
+
+    @property
+    def needs_original(self) -> bool:  # type: ignore[override]
+        return self.progressive > 0
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         result = PassResult(modified=False)
@@ -222,6 +239,19 @@ class DyTPass(Pass):
         if not norms:
             result.note("", f"no convertible norm matched target={self.target}, where={self.where!r}", "warning")
             return result
+        if not self.progressive:
+            return self._convert(program, norms, result)
+        units = []
+        for unit, names in norms_by_block(norms).items():
+            def convert(names: set[str] = names) -> PassResult:
+                now = find_norms(program, target=self.target, where=self.where)
+                return self._convert(program, [n for n in now if n.name in names], PassResult(modified=False))
+            units.append((unit, convert))
+        out = heal_each(program, am, units, steps=self.progressive, kind="dyt", averaged=("mean_fit_rel_mse",))
+        out.diagnostics[:0] = result.diagnostics
+        return out
+
+    def _convert(self, program: Program, norms: list[_Norm], result: PassResult) -> PassResult:
         if self.fused and self.variant != "dyt":
             result.note("", "fused=true applies to DyT only; ELN layers run unfused", "warning")
         if self.mode == "calibrated":

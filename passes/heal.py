@@ -14,42 +14,44 @@ trained on the calibration data to reproduce the teacher's outputs:
 - optional low-rank adapters (``lora=r``, :mod:`.heal_lora`) trained instead of the weights and merged
   into them at the end (no module is added).
 
+Options left unset (``None``: ``steps``, ``lr``, ``loss``, ``freeze``, ``blockwise``) come from the
+recipe for the change earlier passes made (:mod:`.heal_recipes`; ``recipe=`` picks one by name).
+A share ``holdout`` of the calibration batches (at most ``eval_batches``) is never trained on: it
+gives ``loss_before``/``loss_after``, decides early stopping, and the parameters with the lowest
+held-out loss are the ones kept (:mod:`.heal_run`); if no point beat the start, the old parameters
+stay and a warning says so.
+
 Positions where an ``attention_mask`` in the inputs is 0 do not count. Only parameter values
 change (no structure), so no edit is recorded. The student runs in the mode it is in (``optimize``
 puts it in eval mode: no dropout); the teacher runs in eval mode and is never modified (its mode is
-restored). Runs are deterministic for a given ``seed``. The loss is measured on the first
-``eval_batches`` calibration batches before and after training (``loss_before``/``loss_after``);
-if it ends higher, the old parameters are put back and a warning says so.
+restored). Runs are deterministic for a given ``seed``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from graphopt.analysis import AnalysisManager
-from graphopt.analysis.blocks import first_tensor
-from graphopt.analysis.calibration import mask_of
-from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
-from graphopt.infra.contract import Pass, PassResult
+from graphopt.frontend.inputs import flatten_outputs
+from graphopt.infra.contract import Diagnostic, Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
-from .heal_blocks import heal_blocks
+from .heal_blocks import heal_blocks, matching_blocks
 from .heal_lora import LoRA
+from .heal_losses import Features, cosine_distance, kl_logits, nmse
+from .heal_recipes import RECIPES, change_kind
+from .heal_run import HealRun
 
 log = logging.getLogger(__name__)
-
-_CACHE_BYTES = 1 << 30  # teacher outputs kept in memory across epochs up to this size
-
 
 def _renumbered(name: str, path: str, removed: list[int]) -> str | None:
     """``name`` after items ``removed`` of the ModuleList ``path`` went (None: it went with them)."""
@@ -94,95 +96,82 @@ def block_names(student: nn.Module, teacher: nn.Module) -> list[str]:
     return best
 
 
-class _Features:
-    """Forward hooks that keep the outputs of named blocks of one model during a call."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        self.values: dict[str, torch.Tensor] = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            t = first_tensor(out)
-            if t is not None and t.is_floating_point():
-                self.values[name] = t
-        return hook
-
-    def take(self) -> dict[str, torch.Tensor]:
-        values, self.values = self.values, {}
-        return values
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _masked_mean(per_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of a per-position loss ``(B, T, ...)`` over positions where ``mask`` (B, T) is set."""
-    if mask is not None and per_pos.dim() >= 2 and tuple(per_pos.shape[:2]) == tuple(mask.shape):
-        w = mask.to(per_pos.dtype).reshape(*mask.shape, *([1] * (per_pos.dim() - 2))).expand_as(per_pos)
-        return (per_pos * w).sum() / w.sum().clamp_min(1.0)
-    return per_pos.mean()
-
-
-def nmse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Squared error over the teacher's mean square (scale-free), padding excluded."""
-    s, t = student.float(), teacher.float()
-    return _masked_mean((s - t).pow(2), mask) / _masked_mean(t.pow(2), mask).clamp_min(1e-12)
-
-
-def cosine_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``1 - cos`` over the last dim, averaged over positions, padding excluded."""
-    cos = nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)
-    return _masked_mean(1.0 - cos, mask)
-
-
-def kl_logits(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
-              temperature: float) -> torch.Tensor:
-    """``KL(teacher || student)`` of softmax(logits / T), times T², averaged over positions."""
-    log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    log_q = torch.log_softmax(student.float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return _masked_mean(kl, mask) * temperature**2
-
-
 @register_pass("heal", tolerance=None)
 class Heal(Pass):
-    """Distil the original model into the current one on calibration data (after lossy passes)."""
+    """Distil the original model into the current one on calibration data; options left none: its recipe.
+
+    The recipe is the one for the change earlier passes made (docs/healing.md).
+    """
 
     needs_calibration = True
     needs_original = True
 
-    decisive = ("steps", "lr", "loss")
+    decisive = ("recipe",)
 
-    steps: Annotated[int, Range(0)] = 200
-    lr: Annotated[float, Range(0, lo_open=True)] = 1e-4
+    recipe: Literal["auto", "dyt", "prune", "depth", "quantize", "other"] = "auto"  # what unset options default to
+    steps: Annotated[int, Range(0)] | None = None  # end-to-end steps (None: the recipe's)
+    lr: Annotated[float, Range(0, lo_open=True)] | None = None
     train: str = "all"  # "all" | "new" (parameters earlier passes created/replaced) | glob on names
-    freeze: str = ""  # glob on names of parameters never trained (e.g. '*word_embeddings*')
-    loss: Literal["auto", "mse", "cosine", "kl"] = "auto"
-    features: Annotated[float, Range(0)] = 0.0
+    freeze: str | None = None  # glob on names of parameters never trained (e.g. '*word_embeddings*')
+    loss: Literal["auto", "mse", "cosine", "kl"] | None = None
+    outputs: str = "*"  # glob on the names of the outputs distilled (e.g. last_hidden_state); logits win under auto
+    features: Annotated[float, Range(0)] | None = None  # weight of the per-block feature terms
     temperature: Annotated[float, Range(0, lo_open=True)] = 1.0
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: Annotated[int, Range(0)] = 10
     weight_decay: Annotated[float, Range(0)] = 0.0
     clip: Annotated[float, Range(0)] = 1.0  # 0: no clipping
-    patience: Annotated[int, Range(0)] = 0
-    min_delta: Annotated[float, Range(0)] = 1e-3
-    eval_batches: Annotated[int, Range(1)] = 4
-    blockwise: Annotated[int, Range(0)] = 0  # steps per block of block-wise reconstruction, before `steps` end-to-end
+    holdout: Annotated[float, Range(0, 0.5)] = 0.1  # share of calibration batches never trained on
+    eval_batches: Annotated[int, Range(1)] = 8  # the most batches held out
+    eval_every: Annotated[int, Range(1)] | None = None  # steps between held-out checks (None: steps/10, >= 10)
+    patience: Annotated[int, Range(0)] = 3  # held-out checks without improvement before stopping (0: never)
+    min_delta: Annotated[float, Range(0)] = 1e-3  # relative improvement that counts
+    blockwise: Annotated[int, Range(0)] | None = None  # steps per block of block-wise reconstruction, first
     block_lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # its learning rate
     lora: Annotated[int, Range(0)] = 0  # rank of low-rank adapters trained instead of the weights (0: off)
     lora_targets: str = "*"  # glob on the names of the Linear / Conv1D layers that get adapters
     seed: int = 0
     progress: bool | None = None
 
+    def resolved(self, program: Program) -> tuple[Heal, str]:
+        """This pass with the options left unset filled from the recipe for the change ``program`` went through,
+        and a note when the recipe had to be adapted to the model ("" otherwise)."""
+        kind = change_kind(program) if self.recipe == "auto" else self.recipe
+        recipe = RECIPES[kind]
+        unset = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
+                 if getattr(self, f.name, ...) is None}
+        if self.lora:  # adapters: end-to-end only, with larger steps
+            unset.update({k: v for k, v in (("lr", recipe.lora_lr), ("blockwise", 0),
+                                            ("steps", max(recipe.steps, 200))) if k in unset})
+        note = ""
+        if unset.get("blockwise"):  # the recipe's block-wise stage needs blocks that match one to one
+            try:
+                matching_blocks(program.original, program.module, next(iter(program.calib)))
+            except (ValueError, StopIteration, TypeError) as e:
+                note = f"no block-wise stage ({e}); end-to-end only"
+                unset.update(blockwise=0, steps=max(recipe.steps, 200) if "steps" in unset else self.steps)
+        return dataclasses.replace(self, recipe=kind, **unset), note
+
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        if self.recipe == "auto" or None in (self.steps, self.lr, self.freeze, self.loss, self.blockwise,
+                                             self.features):
+            self._check(program)
+            me, note = self.resolved(program)
+            result = me.run(program, am)
+            chosen = ", ".join(f"{k}={getattr(me, k)!r}" for k in ("steps", "lr", "loss", "freeze", "blockwise",
+                                                                    "features") if getattr(self, k) is None)
+            result.diagnostics.insert(0, Diagnostic("", f"recipe for {me.recipe}: {chosen or 'all options given'}",
+                                                    "info"))
+            if note:
+                result.diagnostics.insert(1, Diagnostic("", note, "info"))
+            return result
         result = PassResult(modified=False)
         teacher, student = program.original, program.module
         self._check(program)
         batches = list(program.calib)
         if not batches:
             raise ValueError("heal: the calibration data is empty")
+        held, train = self._split(len(batches), result)
         params = self._trainable(program)
         adapters = None
         if self.lora:
@@ -196,47 +185,50 @@ class Heal(Pass):
                         "warning")
         teacher_training = teacher.training
         flags = {id(p): p.requires_grad for p in student.parameters()}
-        saved = [p.detach().clone() for p in params]
-        t_hooks, s_hooks = _Features(teacher, blocks), _Features(student, blocks)
+        run = HealRun(self, program, batches, held, params, Features(teacher, blocks), Features(student, blocks))
         try:
             teacher.eval()
             for p in student.parameters():
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
-            cache: dict[int, Any] = {}
-            k = min(self.eval_batches, len(batches))
-            held = sorted({round(i * (len(batches) - 1) / max(1, k - 1)) for i in range(k)})
-            before = self._evaluate(program, batches, held, cache, t_hooks, s_hooks)
+            before = run.check()
             if self.blockwise:
-                self._blockwise(program, batches, params, result)
-            steps, last = self._train(program, batches, params, cache, t_hooks, s_hooks) if self.steps else (0, 0.0)
-            after = self._evaluate(program, batches, held, cache, t_hooks, s_hooks)
+                self._blockwise(program, [batches[i] for i in train], params, result)
+                run.check()
+            steps, last = run.train(train) if self.steps else (0, 0.0)
+            after = run.restore_best()
         except BaseException:
             if adapters is not None:
                 adapters.remove()
             raise
         finally:
-            t_hooks.close()
-            s_hooks.close()
+            run.close()
             teacher.train(teacher_training)
             for p in student.parameters():
                 p.requires_grad_(flags.get(id(p), True))
-        if not math.isfinite(after) or after > before:
-            with torch.no_grad():
-                for p, old in zip(params, saved):
-                    p.copy_(old)
-            result.note("", f"held-out loss went from {before:.4g} to {after:.4g}; parameters restored "
-                            f"(try a lower lr or more calibration data)", "warning")
-            after = before
-        else:
+        if after < before:
             result.modified = True
+        else:
+            result.note("", f"held-out loss did not improve from {before:.4g}; parameters restored "
+                            f"(try a lower lr, more steps or more calibration data)", "warning")
         if adapters is not None:  # (restored adapters are zero: merging them changes nothing)
             adapters.merge()
             result.stats["lora_layers"] = len(adapters.layers)
         result.stats.update(loss_before=before, loss_after=after, steps=steps, train_loss=last,
+                            best_step=run.best_step, held_out_batches=len(held),
                             trained_params=sum(p.numel() for p in params))
         return result
+
+    def _split(self, n: int, result: PassResult) -> tuple[list[int], list[int]]:
+        """Held-out batch indices (evenly spread) and the ones trained on."""
+        k = min(self.eval_batches, max(1, round(self.holdout * n))) if self.holdout > 0 else 0
+        if k == 0 or n < 2:
+            result.note("", "no calibration batch held out (holdout=0 or a single batch): early stopping and "
+                            "the before/after loss use batches that are also trained on", "warning")
+            return list(range(min(n, self.eval_batches))), list(range(n))
+        held = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)} if k > 1 else {n // 2})
+        return held, [i for i in range(n) if i not in set(held)]
 
     def _blockwise(self, program: Program, batches: list, params: list[nn.Parameter], result: PassResult) -> None:
         report = heal_blocks(program.original, program.module, batches, {id(p) for p in params},
@@ -281,27 +273,19 @@ class Heal(Pass):
         return [named[n] for n in chosen if named[n].is_floating_point()]
 
     # --- losses ---------------------------------------------------------------------------------------
-    def _teacher(self, program: Program, index: int, inputs: Any, cache: dict[int, Any],
-                 hooks: _Features) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        if index in cache:
-            return cache[index]
-        with torch.no_grad():
-            out = flatten_outputs(inputs.call(program.original))
-        value = ({k: v.detach() for k, v in out.items() if v.is_floating_point()},
-                 {k: v.detach() for k, v in hooks.take().items()})
-        size = sum(t.numel() * t.element_size() for part in value for t in part.values())
-        used = sum(t.numel() * t.element_size() for pair in cache.values() for part in pair for t in part.values())
-        if used + size <= _CACHE_BYTES:
-            cache[index] = value
-        return value
-
-    def _loss(self, student_out: Any, teacher_out: dict[str, torch.Tensor], s_feats: dict[str, torch.Tensor],
-              t_feats: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    def loss_of(self, student_out: Any, teacher_out: dict[str, torch.Tensor], s_feats: dict[str, torch.Tensor],
+                t_feats: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """The distillation loss of one batch."""
         s_flat = flatten_outputs(student_out)
         keys = [k for k, v in teacher_out.items() if k in s_flat and s_flat[k].shape == v.shape]
         if not keys:
             raise ValueError("heal: the student's outputs share no tensor of the same name and shape with "
                              "the teacher's; nothing to distil")
+        chosen = [k for k in keys if fnmatch.fnmatchcase(k, self.outputs)
+                  or fnmatch.fnmatchcase(k.rsplit(".", 1)[-1], self.outputs)]
+        if not chosen:
+            raise ValueError(f"heal(outputs={self.outputs!r}) matches none of the outputs {', '.join(keys)}")
+        keys = chosen
         logits = [k for k in keys if k.rsplit(".", 1)[-1].endswith("logits")]
         mode = self.loss if self.loss != "auto" else ("kl" if logits else "auto")
         terms = []
@@ -321,64 +305,11 @@ class Heal(Pass):
             loss = loss + self.features * torch.stack([nmse(s_feats[k], t_feats[k], mask) for k in common]).mean()
         return loss
 
-    def _step_loss(self, program: Program, index: int, raw: Any, cache: dict[int, Any], t_hooks: _Features,
-                   s_hooks: _Features) -> torch.Tensor:
-        inputs = as_example_inputs(raw).to(program.device)
-        t_out, t_feats = self._teacher(program, index, inputs, cache, t_hooks)
-        s_out = inputs.call(program.module)
-        return self._loss(s_out, t_out, s_hooks.take(), t_feats, mask_of(inputs))
-
-    def _evaluate(self, program: Program, batches: list[Any], held: list[int], cache: dict[int, Any],
-                  t_hooks: _Features, s_hooks: _Features) -> float:
-        with torch.no_grad():
-            losses = [float(self._step_loss(program, i, batches[i], cache, t_hooks, s_hooks)) for i in held]
-        return sum(losses) / len(losses)
-
-    # --- training -------------------------------------------------------------------------------------
-    def _order(self, n: int, gen: torch.Generator) -> Iterator[int]:
-        while True:
-            yield from torch.randperm(n, generator=gen).tolist()
-
-    def _lr_factor(self, step: int) -> float:
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` over ``lr``: linear warmup, then cosine decay or constant."""
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         if self.schedule == "constant":
             return 1.0
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    def _train(self, program: Program, batches: list[Any], params: list[nn.Parameter], cache: dict[int, Any],
-               t_hooks: _Features, s_hooks: _Features) -> tuple[int, float]:
-        gen = torch.Generator().manual_seed(self.seed)
-        order = self._order(len(batches), gen)
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        ema, best, since, step = math.nan, math.inf, 0, 0
-        bar = tqdm(range(self.steps), desc="heal", unit="step", leave=False,
-                   disable=None if self.progress is None else not self.progress)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            for step in bar:
-                for group in opt.param_groups:
-                    group["lr"] = self.lr * self._lr_factor(step)
-                i = next(order)
-                loss = self._step_loss(program, i, batches[i], cache, t_hooks, s_hooks)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"heal: loss became {float(loss)} at step {step}; lower lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.clip)
-                opt.step()
-                value = float(loss.detach())
-                ema = value if math.isnan(ema) else 0.9 * ema + 0.1 * value
-                bar.set_postfix(loss=f"{ema:.4g}")
-                if self.patience > 0 and step >= self.warmup:
-                    if ema < best * (1.0 - self.min_delta):
-                        best, since = ema, 0
-                    else:
-                        since += 1
-                        if since >= self.patience:
-                            log.info("heal: early stop at step %d (loss %.4g)", step + 1, ema)
-                            break
-        bar.close()
-        return (step + 1 if self.steps else 0), ema

@@ -54,17 +54,24 @@ def _calls(model: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[list[
     return puts, first[0]
 
 
-def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable: set[int], loss_fn: Loss, *,
-                steps: int, lr: float, seed: int, clip: float) -> list[tuple[float, float]]:
-    """Train each block of ``student`` (its parameters in ``trainable``, by id) ``steps`` steps on
-    ``loss_fn(out, target, mask)``; returns each block's loss before and after, on the calibration batches."""
-    t_list = find_blocks(teacher, batches[0])
+def matching_blocks(teacher: nn.Module, student: nn.Module, batch: Any) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The teacher's repeated blocks and the student's blocks at the same place, one to one.
+
+    Raises ``ValueError`` saying why when there are none (no repeated blocks, or a depth rewrite removed some).
+    """
+    t_list = find_blocks(teacher, batch)
     s_list = student.get_submodule(t_list.path) if t_list.path in dict(student.named_modules()) else None
     if not isinstance(s_list, nn.ModuleList) or len(s_list) != len(t_list):
         raise ValueError(f"heal(blockwise=...): the student has no {len(t_list)} blocks at {t_list.path} to match "
                          "the teacher's one to one (a depth rewrite removed some); use end-to-end heal")
-    t_blocks = [teacher.get_submodule(n) for n in t_list.names]
-    s_blocks = list(s_list)
+    return [teacher.get_submodule(n) for n in t_list.names], list(s_list)
+
+
+def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable: set[int], loss_fn: Loss, *,
+                steps: int, lr: float, seed: int, clip: float) -> list[tuple[float, float]]:
+    """Train each block of ``student`` (its parameters in ``trainable``, by id) ``steps`` steps on
+    ``loss_fn(out, target, mask)``; returns each block's loss before and after, on the calibration batches."""
+    t_blocks, s_blocks = matching_blocks(teacher, student, batches[0])
     t_calls, t_hidden = zip(*[_calls(teacher, t_blocks, b) for b in batches])
     s_calls, s_hidden = zip(*[_calls(student, s_blocks, b) for b in batches])
     t_hidden, s_hidden = list(t_hidden), list(s_hidden)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .quantize import is_conv1d
+from .linear_layers import is_conv1d
 
 
 class LoRA:

@@ -11,10 +11,13 @@ attributes (``in_features``, ``num_heads``, view/split sizes baked into the grap
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import functools
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -32,6 +35,7 @@ from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
 from .hf_sync import describable_groups, sync_hf_config
+from .progressive import heal_each
 from .prune_apply import SIZE_ATTRS, apply_keep, apply_plan, fixed_sizes, register_size_attrs, run_error
 from .prune_check import structure_error
 
@@ -62,6 +66,8 @@ class Prune(Pass):
     min_units: Annotated[int, Range(1)] = 1
     calib_batches: Annotated[int, Range(1)] = 8
     uniform: bool = False
+    progressive: Annotated[int, Range(0)] = 0  # heal steps after each of `rounds` rounds (0: one shot, no heal)
+    rounds: Annotated[int, Range(1)] = 3  # progressive: the target is reached in this many equal rounds
 
     @property
     def decisive(self) -> tuple[str, ...]:  # type: ignore[override]  # the target in force, and the ranking
@@ -70,11 +76,17 @@ class Prune(Pass):
         return (target, "importance")
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]  # only Taylor reads calibration data
-        return self.importance == "taylor"
+    def needs_calibration(self) -> bool:  # type: ignore[override]  # only Taylor (and healing) reads calibration
+        return self.importance == "taylor" or self.progressive > 0
+
+    @property
+    def needs_original(self) -> bool:  # type: ignore[override]
+        return self.progressive > 0
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         self._check_options()
+        if self.progressive:
+            return heal_each(program, am, self._rounds(program, am), steps=self.progressive, kind="prune")
         self.__dict__.pop("_base_flops", None)  # measured afresh for this model
         if program.device.type == "meta":
             raise ValueError("prune needs real weights to rank units; the model is on the meta device")
@@ -174,6 +186,29 @@ class Prune(Pass):
             raise ValueError("prune: give target_params or target_flops, not both")
         if self.uniform and self.allocation != "uniform":
             raise ValueError("prune(uniform=true) keeps the same count in every layer: it needs allocation=uniform")
+
+    def _rounds(self, program: Program, am: AnalysisManager) -> list[tuple[str, Callable[[], PassResult]]]:
+        """One-shot prunes that together reach the target: round r leaves r/rounds of the cut made."""
+        if self.target_flops is not None or self.outputs:
+            raise ValueError("prune(progressive=...) reaches ratio or target_params in rounds; with target_flops "
+                             "or outputs=true, prune in one shot (progressive=0) and heal after")
+        start = sum(p.numel() for p in program.module.parameters())
+
+        def cut(r: int) -> PassResult:
+            if self.target_params is not None:
+                goal = start * (1.0 - (1.0 - self.target_params) * r / self.rounds)
+                now = sum(p.numel() for p in program.module.parameters())
+                if goal >= now:
+                    out = PassResult(modified=False)
+                    out.note("", f"already at {now / start:.4f} of the parameters: nothing to cut this round")
+                    return out
+                step = dataclasses.replace(self, progressive=0, target_params=goal / now)
+            else:
+                done, want = self.ratio * (r - 1) / self.rounds, self.ratio * r / self.rounds
+                step = dataclasses.replace(self, progressive=0, ratio=1.0 - (1.0 - want) / (1.0 - done))
+            return step.run(program, am)
+
+        return [(f"round {r}/{self.rounds}", functools.partial(cut, r)) for r in range(1, self.rounds + 1)]
 
     def _in_scope(self, g: Group) -> bool:
         return all(fnmatch.fnmatchcase(m.module, self.where) for m in g.members if not m.is_buffer)

@@ -19,10 +19,12 @@ inside ``skip``, and non-float weights.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import field
 from typing import Annotated, Literal
 
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
+from graphopt.analysis.blocks import find_blocks
 from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
@@ -39,24 +42,12 @@ from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
 
 from .gptq import gptq_quantize
 from .gptq_blocks import gptq_by_block, input_groups, repeated_blocks
+from .linear_layers import linear_weight
+from .progressive import heal_each
 from .quant_plan import LayerPlan, layer_sensitivity, mixed_precision, plan_layers
 from .smoothquant import SmoothStats, choose_alpha, fold_into_producer
 
 log = logging.getLogger(__name__)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight [out, in], bias)`` of a Linear or Conv1D, else ``None``."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if is_conv1d(module):
-        return module.weight.t(), module.bias
-    return None
 
 
 def output_embeddings(model: nn.Module) -> set[int]:
@@ -93,14 +84,24 @@ class Quantize(Pass):
     act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)
     by_block: bool = True  # GPTQ: one transformer block at a time (false: a forward of the model per group)
+    progressive: Annotated[int, Range(0)] = 0  # heal steps after each block is quantized (0: all at once, no heal)
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         smoothing = self.scheme == "w8a8" and (self.alpha is None or self.alpha > 0)
-        return self.method == "gptq" or self.budget_bits is not None or smoothing
+        return self.method == "gptq" or self.budget_bits is not None or smoothing or self.progressive > 0
+
+    @property
+    def needs_original(self) -> bool:  # type: ignore[override]
+        return self.progressive > 0
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         self._check_options(program)
+        if self.progressive:
+            result = heal_each(program, am, self._units(program, am), steps=self.progressive, kind="quantize")
+            if result.stats.get("weights"):
+                result.stats["bits_per_weight"] = round(8 * result.stats["weight_bytes"] / result.stats["weights"], 3)
+            return result
         result = PassResult(modified=False)
         model = program.module
         targets, tables = self._targets(model, result)
@@ -152,7 +153,8 @@ class Quantize(Pass):
         result.modified = True
         result.stats.update({"layers": len(targets), "weight_mb_before": round(before / 2**20, 4),
                              "weight_mb_after": round(after / 2**20, 4),
-                             "bits_per_weight": round(8 * after / n_weights, 3)})
+                             "bits_per_weight": round(8 * after / n_weights, 3), "weights": n_weights,
+                             "weight_bytes": after})
         if tables:
             result.stats["embedding_tables"] = len(tables)
         return result
@@ -166,6 +168,16 @@ class Quantize(Pass):
                              f"not {self.scheme}")
         if program.device.type == "meta":
             raise ValueError("quantize needs real weights; the model is on the meta device (load its weights first)")
+
+    def _units(self, program: Program, am: AnalysisManager) -> list[tuple[str, Callable[[], PassResult]]]:
+        """progressive: each repeated block's layers in turn, then whatever else ``where`` selects."""
+        if self.where != "*" or self.budget_bits is not None:
+            raise ValueError("quantize(progressive=...) goes block by block over the whole model: it cannot be "
+                             "combined with where= or budget_bits= (use skip= to keep layers in float)")
+        blocks = find_blocks(program.module, program.example_inputs).names
+        units = [(name, dataclasses.replace(self, progressive=0, where=f"{name}.*")) for name in blocks]
+        units.append(("the rest", dataclasses.replace(self, progressive=0)))
+        return [(label, functools.partial(step.run, program, am)) for label, step in units]
 
     def _targets(self, model: nn.Module, result: PassResult) -> tuple[list[str], list[str]]:
         heads = output_embeddings(model)

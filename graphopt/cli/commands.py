@@ -156,12 +156,12 @@ def _calibration(args: argparse.Namespace, loaded: Any, pipeline: Any, con: Cons
         raise UsageError(f"--calib needs a text model with a tokenizer, and {args.model} has none; "
                          f"for other models use the Python API: go.optimize(..., calib=batches)")
     try:
-        if args.calib_size is None and source != "docstrings":  # a short file: all of it
+        if args.calib_size is None:  # every text, or a random DEFAULT_CALIB_SIZE of a longer source
             texts = load_texts(source, None, seed=args.seed)
             if len(texts) > DEFAULT_CALIB_SIZE:
                 texts = load_texts(source, DEFAULT_CALIB_SIZE, seed=args.seed)
         else:
-            texts = load_texts(source, args.calib_size or DEFAULT_CALIB_SIZE, seed=args.seed)
+            texts = load_texts(source, args.calib_size, seed=args.seed)
     except CorpusError as e:
         raise UsageError(str(e)) from e
     from tqdm.auto import tqdm

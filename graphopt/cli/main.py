@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: 'docstrings' (Python standard library docstrings) or a UTF-8 "
                         "file with one text per line; defaults to docstrings when a pass needs calibration")
     p.add_argument("--calib-size", type=int, default=None, metavar="N",
-                   help=f"number of calibration texts (default: {DEFAULT_CALIB_SIZE}, or every line of a "
-                        f"shorter file)")
+                   help=f"number of calibration texts (default: every text of the source, at most "
+                        f"{DEFAULT_CALIB_SIZE}: all 1928 of the docstrings' calibration split)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="calibration batch size (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=128, metavar="N",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,3 +158,40 @@ def interleaved_medians(runs: list[Callable[[], object]], repeat: int, warmup: i
             run()
             out.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+class PeakMemory:
+    """Peak resident memory of this process above its level at entry, sampled by a thread (Linux ``/proc``).
+
+    ``with PeakMemory() as peak: ...`` then ``peak.bytes``. Memory the allocator kept from earlier work
+    is counted as already there, so measure in a fresh process for a figure that compares runs.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.bytes, self._start = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def resident() -> int:
+        """Resident bytes of this process now (0 where ``/proc/self/statm`` does not exist)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, self.resident() - self._start)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._start = self.resident()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, self.resident() - self._start)

@@ -1,6 +1,7 @@
 """Every Python block of the README runs as written, in order, in one namespace (issue 11).
 
-Sizes are cut where a block trains or calibrates (``steps=2``, 16 calibration texts); nothing else is
+Sizes are cut where a block trains or calibrates (``steps=2``, ``blockwise=1``, 16 calibration texts; a
+bare ``heal`` gets those as options); nothing else is
 changed, so a snippet that uses an undefined name or a pass that does nothing on the README's own model
 fails here.
 """
@@ -12,7 +13,10 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SMALLER = [(r"steps=\d+", "steps=2"), (r"stdlib_texts\(128", "stdlib_texts(16"), (r"warmup=\d+", "warmup=1")]
+SMALLER = [(r"(?<!\.)\bheal(?=[\"',)])", "heal(steps=2,blockwise=1)"),  # a bare heal gets small options
+           (r"\bheal\((?![^)]*steps)", "heal(steps=2,"),
+           (r"steps=\d+", "steps=2"), (r"blockwise=\d+", "blockwise=1"), (r"progressive=\d+", "progressive=2"),
+           (r"stdlib_texts\(128", "stdlib_texts(16"), (r"warmup=\d+", "warmup=1")]
 
 
 def _blocks() -> list[str]:

@@ -1,0 +1,62 @@
+"""heal's defaults per kind of change: what earlier passes did decides the recipe.
+
+The kind is read from the Program's edit log (each edit names the pass that made it), so a model
+that went through ``dyt`` gets the DyT recipe and one that lost blocks gets the depth recipe. Where
+several kinds of change were made, the recipe of the one that needs the most healing is used
+(``depth`` > ``prune`` > ``quantize`` > ``dyt``). Each recipe is the best one measured on
+all-MiniLM-L6-v2 with disjoint calibration and held-out texts (``benchmarks/heal.py``); options given
+explicitly to ``heal`` always win over the recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphopt.infra.program import Program
+
+#: pass names whose edits make each kind of change, in order of how much healing the change needs
+KINDS: dict[str, tuple[str, ...]] = {
+    "depth": ("drop_blocks", "replace_blocks", "merge_layers"),
+    "prune": ("prune",),
+    "quantize": ("quantize",),
+    "dyt": ("dyt",),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Values for heal's options left unset (``None``)."""
+
+    steps: int
+    lr: float
+    loss: str
+    freeze: str
+    blockwise: int
+    features: float = 0.0
+    lora_lr: float = 1e-3  # lr under heal(lora=r): adapters start at zero and need larger steps
+
+
+RECIPES: dict[str, Recipe] = {
+    # blocks are gone: the remaining ones relearn their inputs; embeddings frozen, direction over scale
+    "depth": Recipe(steps=400, lr=1e-4, loss="cosine", freeze="*embeddings*", blockwise=0),
+    # every block is narrower but still there: fit each block first, then a short end-to-end pass
+    "prune": Recipe(steps=100, lr=1e-4, loss="auto", freeze="", blockwise=100),
+    "quantize": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
+    # every norm is replaced: the per-block feature terms guide each block's new elementwise layers
+    "dyt": Recipe(steps=400, lr=2e-4, loss="auto", freeze="", blockwise=0, features=1.0),
+    "other": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
+}
+
+
+def pass_of(label: str) -> str:
+    """The pass name in a pass label: ``prune`` for ``prune(ratio=0.3)``."""
+    return label.split("(", 1)[0].strip()
+
+
+def change_kind(program: Program) -> str:
+    """The kind of change earlier passes made to ``program`` (a key of :data:`RECIPES`)."""
+    made = {pass_of(edit.by) for edit in program.edits if edit.by}
+    for kind, passes in KINDS.items():
+        if made.intersection(passes):
+            return kind
+    return "other"
