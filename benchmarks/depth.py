@@ -33,16 +33,8 @@ import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
 from graphopt.infra.metrics import count_params, interleaved_medians
+from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
@@ -90,7 +82,7 @@ def minilm_table(args: argparse.Namespace) -> None:
     for row, t in zip(rows, times[1:]):
         row[6] = f"{t / times[0]:.3f}"
     shape = tuple(probe["input_ids"].shape)
-    print(table(["n", "method", "blocks cut", "params", "mean cos", "NN@1 same", "latency", "time s"], rows))
+    print(markdown_table(["n", "method", "blocks cut", "params", "mean cos", "NN@1 same", "latency", "time s"], rows))
     print(f"\nlatency: ratio to the original ({times[0] * 1e3:.1f} ms), batch {shape[0]} x {shape[1]} tokens, "
           f"{torch.get_num_threads()} threads, median of {args.latency_runs} interleaved runs")
     print(f"original: {count_params(model) / 1e6:.2f}M parameters")
@@ -172,7 +164,7 @@ def cnn_table(args: argparse.Namespace) -> None:
     times = interleaved_medians([runner(m, {"x": probe}) for m in models], args.latency_runs, warmup=3)
     for row, t in zip(rows, times):
         row[7] = f"{t / times[0]:.3f}"
-    print(table(["variant", "test acc", "params", "convs", "ReLUs", "predicted", "pass-measured", "latency"], rows))
+    print(markdown_table(["variant", "test acc", "params", "convs", "ReLUs", "predicted", "pass-measured", "latency"], rows))
     print(f"\nlatency: ratio to the original ({times[0] * 1e3:.2f} ms), batch {args.cnn_batch} x 1 x 16 x 16, "
           f"{torch.get_num_threads()} threads, median of {args.latency_runs} interleaved runs; predicted = the "
           "DP's table-based prediction, pass-measured = measured by the pass right after merging")

@@ -34,6 +34,8 @@ import sys
 import time
 import warnings
 
+from graphopt.infra.text import markdown_table
+
 CHANGES = {
     "dyt": "dyt",
     "prune": "prune(target_params=0.8594,importance=taylor)",
@@ -55,15 +57,6 @@ def pipeline_for(change: str, mode: str) -> str | None:
         return PROGRESSIVE.get(change)
     return {"none": base, "default": f"{base},heal", "blockwise": f"{base},heal(blockwise=100,steps=0)",
             "lora": f"{base},heal(lora=16)"}[mode]
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def child(args: list[str]) -> dict:
@@ -147,12 +140,13 @@ def quality_table(opts: argparse.Namespace) -> None:
         rows.append([change, mode, pipeline, f"{r['cos']:.4f}", f"{r['nn']:.3f}", steps, f"{r['seconds']:.0f}",
                      f"{r['peak_mb']:.0f}"])
         logging.info("%s: %s", pipeline, r)
-        print(f"  {change:8} {mode:12} cos {r['cos']:.4f}  NN {r['nn']:.3f}  {r['seconds']:.0f} s", flush=True)
+        print(f"  {change:8} {mode:12} cos {r['cos']:.4f}  NN {r['nn']:.3f}  {r['seconds']:.0f} s  "
+              f"steps {steps or '-'}  peak {r['peak_mb']:.0f} MB", flush=True)  # a row as it lands
     print(f"\nall-MiniLM-L6-v2; calibration: the docstring calibration split, batches of 16, "
           f"evaluation: {opts.eval_texts} held-out docstrings, max {opts.max_length} tokens; "
           f"{opts.threads} threads\n")
     rows.sort(key=lambda row: (changes.index(row[0]), modes.index(row[1])))
-    print(table(["change", "heal", "pipeline", "mean cos", "NN@1 same", "end-to-end steps", "time s",
+    print(markdown_table(["change", "heal", "pipeline", "mean cos", "NN@1 same", "end-to-end steps", "time s",
                  "peak MB"], rows))
 
 
@@ -166,7 +160,7 @@ def memory_table(opts: argparse.Namespace) -> None:
     print(f"\nrandom BERT encoders (384 hidden, 1536 FFN) after dyt; {opts.mem_batches} calibration batches of "
           f"16 x {opts.max_length} tokens; heal(blockwise={opts.mem_steps},steps=0) vs heal(steps={opts.mem_steps})"
           f"; peak resident memory added by the heal, fresh process each\n")
-    print(table(["layers", "weights MB", "block-wise peak MB", "end-to-end peak MB", "block-wise s",
+    print(markdown_table(["layers", "weights MB", "block-wise peak MB", "end-to-end peak MB", "block-wise s",
                  "end-to-end s"], rows))
 
 

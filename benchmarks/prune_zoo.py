@@ -62,6 +62,7 @@ from graphopt.helpers.hf_reload import reload_with_transformers, write_for_reloa
 from graphopt.helpers.quality import sentence_embeddings
 from graphopt.helpers.zoo import ZOO, hf_model
 from graphopt.infra.metrics import interleaved_medians
+from graphopt.infra.text import markdown_table
 
 ATTENTION_GLOB = "*[aA]tt*"  # every HF attention module name has "att"/"Att" in it (attn, attention, SelfAttention)
 EXACT = 1e-4  # relative output error under which pruning dead heads counts as exact
@@ -405,15 +406,6 @@ def head_check(tool: str, model: nn.Module, inputs: dict, layers: list[Attention
 
 # --- the zoo table -----------------------------------------------------------------------------------
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
 # --- reload with plain transformers ----------------------------------------------------------------
 
 def save_uniform(name: str, model: nn.Module, inputs: dict, ratio: float, root: str) -> str:
@@ -477,7 +469,7 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
         if tool == "graphopt":
             header.append("go reloads")
     print()
-    print(table(header, rows))
+    print(markdown_table(header, rows))
     print("\nkept: parameters after / before. analysis s: model -> groups (go: torch.export + dimension "
           "propagation;\ntp: MetaPruner construction). heads: see the module docstring ('yes' = whole heads at "
           f"ratio {ratio} and dead heads removed exactly).\ngo reloads: prune(ratio={ratio},uniform=true), "
@@ -490,7 +482,6 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
 
 
 # --- the MiniLM figure -------------------------------------------------------------------------------
-
 
 
 def similarity(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
@@ -551,7 +542,7 @@ def minilm_figure(args: argparse.Namespace) -> None:
         rows.append([label, f"{n_params(res.model) / 1e6:.2f}M", f"-{1 - e / enc:.1%}",
                      f"{cos:.4f}", f"{p5:.4f}", f"{nn1:.3f}", f"{seconds:.1f}"])
         pruned = res.model if pruned is None else pruned
-    print(table(["variant", "params", "encoder", "mean cos", "p5 cos", "NN@1 same", "time s"], rows))
+    print(markdown_table(["variant", "params", "encoder", "mean cos", "p5 cos", "NN@1 same", "time s"], rows))
     print(f"pipelines: {'; '.join(variants.values())}")
     probe = next(text_batches(tokenizer, eval_texts[:args.latency_batch], batch_size=args.latency_batch,
                               max_length=args.max_length))

@@ -58,3 +58,13 @@ def format_pass(p: Any, always: tuple[str, ...] = ()) -> str:
     if not opts:
         return p.name
     return f"{p.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in opts.items()) + ")"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with padded columns (what the benchmark scripts print)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

@@ -7,18 +7,13 @@ import graphopt as go
 from graphopt.helpers.zoo import hf_model
 from graphopt.infra.manager import PassFailedError
 
+from .heal_data import token_batches
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(model, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(4, 12, dtype=torch.long)
-        mask[0, 8:] = 0
-        out.append({"input_ids": torch.randint(0, model.config.vocab_size, (4, 12), generator=g),
-                    "attention_mask": mask})
-    return out
+    return token_batches(model, n, seed)
 
 
 @pytest.mark.parametrize("name,lossy", [("bert", "prune(ratio=0.5)"), ("llama", "prune(ratio=0.5)"),

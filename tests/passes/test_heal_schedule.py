@@ -8,18 +8,13 @@ from graphopt.helpers.zoo import hf_model
 from graphopt.passes.heal_recipes import RECIPES, change_kind
 from graphopt.passes.heal_run import HealRun
 
+from .heal_data import token_batches
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(model, n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(4, 12, dtype=torch.long)
-        mask[0, 8:] = 0
-        out.append({"input_ids": torch.randint(0, model.config.vocab_size, (4, 12), generator=g),
-                    "attention_mask": mask})
-    return out
+    return token_batches(model, n, seed)
 
 
 @torch.no_grad()
