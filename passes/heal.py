@@ -48,7 +48,7 @@ from graphopt.infra.registry import register_pass
 from .heal_blocks import heal_blocks, matching_blocks
 from .heal_lora import LoRA
 from .heal_losses import Features, cosine_distance, kl_logits, nmse
-from .heal_recipes import RECIPES, change_kind
+from .heal_recipes import FILLED, RECIPES, change_kind
 from .heal_run import HealRun
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ class Heal(Pass):
         and a note when the recipe had to be adapted to the model ("" otherwise)."""
         kind = change_kind(program) if self.recipe == "auto" else self.recipe
         recipe = RECIPES[kind]
-        unset = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
-                 if getattr(self, f.name, ...) is None}
+        unset = {name: getattr(recipe, name) for name in FILLED if getattr(self, name) is None}
         if self.lora:  # adapters: end-to-end only, with larger steps
             unset.update({k: v for k, v in (("lr", recipe.lora_lr), ("blockwise", 0),
                                             ("steps", max(recipe.steps, 200))) if k in unset})
@@ -153,13 +152,11 @@ class Heal(Pass):
         return dataclasses.replace(self, recipe=kind, **unset), note
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
-        if self.recipe == "auto" or None in (self.steps, self.lr, self.freeze, self.loss, self.blockwise,
-                                             self.features):
+        if self.recipe == "auto" or any(getattr(self, name) is None for name in FILLED):
             self._check(program)
             me, note = self.resolved(program)
             result = me.run(program, am)
-            chosen = ", ".join(f"{k}={getattr(me, k)!r}" for k in ("steps", "lr", "loss", "freeze", "blockwise",
-                                                                    "features") if getattr(self, k) is None)
+            chosen = ", ".join(f"{k}={getattr(me, k)!r}" for k in FILLED if getattr(self, k) is None)
             result.diagnostics.insert(0, Diagnostic("", f"recipe for {me.recipe}: {chosen or 'all options given'}",
                                                     "info"))
             if note:

@@ -34,7 +34,7 @@ class Features:
             h.remove()
 
 
-def masked_mean(per_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def position_mean(per_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of a per-position loss ``(B, T, ...)`` over positions where ``mask`` (B, T) is set."""
     if mask is not None and per_pos.dim() >= 2 and tuple(per_pos.shape[:2]) == tuple(mask.shape):
         w = mask.to(per_pos.dtype).reshape(*mask.shape, *([1] * (per_pos.dim() - 2))).expand_as(per_pos)
@@ -45,13 +45,13 @@ def masked_mean(per_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 def nmse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Squared error over the teacher's mean square (scale-free), padding excluded."""
     s, t = student.float(), teacher.float()
-    return masked_mean((s - t).pow(2), mask) / masked_mean(t.pow(2), mask).clamp_min(1e-12)
+    return position_mean((s - t).pow(2), mask) / position_mean(t.pow(2), mask).clamp_min(1e-12)
 
 
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``1 - cos`` over the last dim, averaged over positions, padding excluded."""
     cos = nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)
-    return masked_mean(1.0 - cos, mask)
+    return position_mean(1.0 - cos, mask)
 
 
 def kl_logits(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
@@ -60,4 +60,4 @@ def kl_logits(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor |
     log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
     log_q = torch.log_softmax(student.float() / temperature, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return masked_mean(kl, mask) * temperature**2
+    return position_mean(kl, mask) * temperature**2

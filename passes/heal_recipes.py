@@ -48,6 +48,10 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+#: heal's options a recipe fills in when they are left unset (None)
+FILLED = ("steps", "lr", "loss", "freeze", "blockwise", "features")
+
+
 def pass_of(label: str) -> str:
     """The pass name in a pass label: ``prune`` for ``prune(ratio=0.3)``."""
     return label.split("(", 1)[0].strip()

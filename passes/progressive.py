@@ -19,6 +19,8 @@ from graphopt.analysis import AnalysisManager
 from graphopt.infra.contract import Diagnostic, PassResult
 from graphopt.infra.program import Program
 
+from .heal import Heal
+
 log = logging.getLogger(__name__)
 
 Unit = tuple[str, Callable[[], PassResult]]  # (label, make this unit's change)
@@ -32,8 +34,6 @@ def heal_each(program: Program, am: AnalysisManager, units: Sequence[Unit], *, s
     after each unit adds one line with its held-out loss before and after. Numeric stats are summed
     over the units, except those in ``averaged`` (means over the units that report them).
     """
-    from .heal import Heal  # lazy: heal imports the passes' helpers, not the other way round
-
     if program.original is None or program.calib is None:
         raise ValueError("progressive healing needs the original model as teacher and calibration data: run "
                          "the pass through graphopt.optimize(..., calib=...)")
