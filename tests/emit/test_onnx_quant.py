@@ -96,6 +96,32 @@ def test_layers_reading_one_tensor_share_its_scaling_and_quantization(tmp_path):
     assert ops["Mul"] == 1 + 2 * 3 + 1  # the shared smoothing, two scale Muls per layer, k * v
 
 
+class _Lookup(nn.Module):
+    def __init__(self, scheme, group):
+        super().__init__()
+        from graphopt.nn.quant import QuantEmbedding
+
+        torch.manual_seed(0)
+        self.table = QuantEmbedding.from_embedding(nn.Embedding(40, 24), scheme=scheme, group_size=group)
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 8)])
+def test_packed_embedding_lookups_run_in_onnxruntime(tmp_path, scheme, group):
+    import onnxruntime as ort
+
+    model, ids = _Lookup(scheme, group), torch.randint(0, 40, (2, 9))
+    go.export_onnx(model, ids, tmp_path / "e.onnx")
+    _, ops = _ops(tmp_path / "e.onnx")
+    if scheme == "int8":  # one scale per row: two gathers, a cast and a product, nothing else
+        assert ops == collections.Counter({"Gather": 2, "Cast": 1, "Mul": 1})
+    session = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), model(ids), atol=1e-6)
+
+
 def _calib(n=4):
     g = torch.Generator().manual_seed(3)
     return [{"input_ids": torch.randint(0, 128, (2, 12), generator=g)} for _ in range(n)]
