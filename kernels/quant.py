@@ -15,8 +15,8 @@ Activations (``activations``): ``"none"`` (weight-only: dequantize, then a float
 ``"dynamic"`` (w8a8: each call quantizes its input to uint8 with one scale and zero point per tensor,
 exactly as ONNX ``DynamicQuantizeLinear`` does, then multiplies integer codes).
 
-``torch.ops.graphopt.quant_linear`` runs the reference (or torch's packed int8 CPU kernel for
-``backend="int8_mm"``); :data:`ONNX_TRANSLATIONS` exports it as one ``graphopt.quant::QuantLinear``
+``torch.ops.graphopt.quant_linear`` runs the reference, torch's packed int8 CPU kernel
+(``backend="int8_mm"``) or graphopt's Triton kernels (``backend="triton"``, :mod:`.quant_triton`); :data:`ONNX_TRANSLATIONS` exports it as one ``graphopt.quant::QuantLinear``
 node that :mod:`graphopt.emit.onnx_quant` lowers to standard or onnxruntime operators.
 """
 
@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from graphopt.kernels.quant_triton import int8_matmul, weight_only_matmul
 
 SCHEMES: tuple[str, ...] = ("int8", "int4", "ternary")
 BITS = {"int8": 8, "int4": 4, "ternary": 2}
@@ -118,6 +120,8 @@ def quant_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, scheme: st
 def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
                  activations: str, backend: str) -> Tensor:
     """``x @ W.T`` for packed weights ``W`` (see the module docstring); ``backend`` picks the kernel."""
+    if backend == "triton":
+        return _quant_linear_triton(x, qweight, scale, scheme, group_size, in_features, activations)
     if backend == "int8_mm":
         if scheme != "int8" or group_size > 0 or activations != "none":
             raise ValueError("backend='int8_mm' runs weight-only int8 with one scale per channel only")
@@ -125,6 +129,22 @@ def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_s
         y = torch._weight_int8pack_mm(flat, qweight, scale[:, 0].to(x.dtype))
         return y.reshape(*x.shape[:-1], qweight.shape[0])
     return quant_linear_reference(x, qweight, scale, scheme, group_size, in_features, activations)
+
+
+def _quant_linear_triton(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
+                         activations: str) -> Tensor:
+    """The Triton kernels (:mod:`graphopt.kernels.quant_triton`): weight-only, or w8a8 with the input quantized
+    per tensor exactly as the reference does (uint8 codes ``q``, zero point ``z``: the kernel multiplies
+    ``q - 128`` and adds ``(128 - z) * colsum(W)``)."""
+    if activations != "dynamic":
+        return weight_only_matmul(x, qweight, scale, scheme, group_size, in_features)
+    flat = x.reshape(-1, in_features)
+    q, x_scale, zero = dynamic_quantize_uint8(flat)
+    rows = flat.shape[0]
+    codes = (q - 128).to(torch.int8)
+    offset = (128 - zero).to(torch.int32).expand(rows)
+    y = int8_matmul(codes, qweight, x_scale.expand(rows), offset, scale[:, 0].to(torch.float32), x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 @quant_linear.register_fake

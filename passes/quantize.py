@@ -79,7 +79,7 @@ class Quantize(Pass):
     budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
     alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
     uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
-    backend: Literal["auto", "torch", "int8_mm"] = "auto"
+    backend: Literal["auto", "torch", "int8_mm", "triton"] = "auto"
     damp: Annotated[float, Range(0, 1, hi_open=True)] = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
     act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)

@@ -3,15 +3,26 @@
 import logging
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# Triton runs kernels on CPU tensors only under its interpreter, which has to be on when triton is first
+# imported (its standard library, tl.zeros and the like, is jitted then): before anything imports it, so
+# nothing of graphopt (whose import loads torch.utils.flop_counter, which loads triton) before this line;
+# hence the warning filter naming a graphopt class is added in pytest_configure, not in pyproject.toml.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", max_examples=25, deadline=None)
 settings.register_profile("thorough", max_examples=600, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    # rollbacks are asserted by status where a test expects one (pytest.warns still sees the warning)
+    config.addinivalue_line("filterwarnings", "ignore::graphopt.infra.manager.PassRolledBackWarning")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 

@@ -5,12 +5,15 @@ The packed formats (int8, int4 two per byte, ternary four per byte) and the op t
 (``[out, groups]``), an optional ``smooth`` (``[in]``: SmoothQuant's per-input-channel factor, the
 input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"dynamic"``: w8a8,
 the input quantized to uint8 per call). ``backend`` picks how it runs: ``"torch"`` (the reference:
-dequantize, then a float matmul) or ``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per
-channel); ``"auto"`` takes the fastest one measured (today ``"torch"``; Triton on CUDA is next).
+dequantize, then a float matmul), ``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per
+channel) or ``"triton"`` (graphopt's kernels, :mod:`graphopt.kernels.quant_triton`: CUDA, or CPU under
+``TRITON_INTERPRET=1``); ``"auto"`` takes Triton on CUDA tensors and the reference elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from typing import Any, Literal
 
@@ -34,8 +37,14 @@ from graphopt.kernels.quant import (
     unpack,
 )
 
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 Scheme = Literal["int8", "int4", "ternary"]
-BACKENDS = ("auto", "torch", "int8_mm")
+BACKENDS = ("auto", "torch", "int8_mm", "triton")
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_QMAX", "QuantEmbedding", "QuantLinear", "dequantize", "grouped",
            "n_groups", "pack", "quantize_weight", "unpack"]
@@ -130,9 +139,12 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.smooth) if t is not None)
 
     def resolved_backend(self, x: torch.Tensor) -> str:
-        """``auto`` is ``torch``: on the CPUs measured here torch's packed int8 kernel (``int8_mm``) ran
-        10x slower than an fp32 matmul at 32 x 384 x 1536 (benchmarks/README.md), so it is opt-in."""
-        return "torch" if self.backend == "auto" else self.backend
+        """``auto``: ``triton`` on CUDA tensors when Triton is installed, else ``torch``. On the CPUs measured
+        here torch's packed int8 kernel (``int8_mm``) ran 10x slower than an fp32 matmul at 32 x 384 x 1536
+        (benchmarks/README.md), so it is opt-in."""
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if x.is_cuda and triton_available() else "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
