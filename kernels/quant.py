@@ -13,7 +13,9 @@ is one scale per output channel):
 
 Activations (``activations``): ``"none"`` (weight-only: dequantize, then a float matmul) or
 ``"dynamic"`` (w8a8: each call quantizes its input to uint8 with one scale and zero point per tensor,
-exactly as ONNX ``DynamicQuantizeLinear`` does, then multiplies integer codes).
+exactly as ONNX ``DynamicQuantizeLinear`` does, then multiplies integer codes) or ``"per_token"``
+(w8a8 with one symmetric int8 scale per row of the input, ``max|x_row| / 127.5``: finer, as LLM w8a8
+schemes use).
 
 ``torch.ops.graphopt.quant_linear`` runs the reference, torch's packed int8 CPU kernel
 (``backend="int8_mm"``) or graphopt's Triton kernels (``backend="triton"``, :mod:`.quant_triton`); :data:`ONNX_TRANSLATIONS` exports it as one ``graphopt.quant::QuantLinear``
@@ -38,7 +40,8 @@ BITS = {"int8": 8, "int4": 4, "ternary": 2}
 QMAX = {"int8": 127, "int4": 7}
 CODE_RANGE = {"int8": (-127, 127), "int4": (-8, 7), "ternary": (-1, 1)}
 PER_BYTE = {"int8": 1, "int4": 2, "ternary": 4}
-ACTIVATIONS = ("none", "dynamic")
+ACTIVATIONS = ("none", "dynamic", "per_token")
+W8A8_ACTIVATIONS = ("dynamic", "per_token")
 # w8a8 weight codes stay in [-63, 63]: onnxruntime's uint8 x int8 kernel on x86 CPUs without VNNI adds
 # pairs of products in int16 (``vpmaddubsw``), which saturates above 32767 = 2 * 255 * 64 (measured here:
 # errors up to 25% of the output with full-range codes; none with these).
@@ -103,15 +106,30 @@ def dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.clamp(torch.round(xf / scale) + zero, 0, 255), scale, zero
 
 
+def per_token_quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes per row of the last dim: ``(codes as float32 in [-128, 127], scale [..., 1])``.
+
+    ``scale = max|x_row| / 127.5`` (half the int8 range), the convention of compressed-tensors' dynamic
+    per-token activations, so that a checkpoint in that format computes what this layer does.
+    """
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.5
+    return torch.clamp(torch.round(xf / scale), -128, 127), scale
+
+
 def quant_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int,
                            in_features: int, activations: str = "none") -> Tensor:
     """``x @ W.T`` for the packed ``W`` (no bias), in ``x``'s dtype."""
     codes = unpack(qweight, scheme, in_features)
-    if activations == "dynamic":
+    if activations in W8A8_ACTIVATIONS:
         if group_size > 0:
-            raise ValueError("activations='dynamic' needs one weight scale per output channel (group_size=0)")
-        q, x_scale, zero = dynamic_quantize_uint8(x)
-        acc = F.linear(q - zero, codes.to(torch.float32))  # integer-valued: (x codes - zp) . w codes
+            raise ValueError(f"activations={activations!r} needs one weight scale per output channel (group_size=0)")
+        if activations == "per_token":
+            q, x_scale = per_token_quantize_int8(x)
+        else:
+            q, x_scale, zero = dynamic_quantize_uint8(x)
+            q = q - zero
+        acc = F.linear(q, codes.to(torch.float32))  # integer-valued: x codes (less the zero point) . w codes
         return (acc * (x_scale * scale[:, 0].to(torch.float32))).to(x.dtype)
     return F.linear(x, dequantize(codes, scale, group_size, x.dtype))
 
@@ -134,16 +152,20 @@ def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_s
 def _quant_linear_triton(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
                          activations: str) -> Tensor:
     """The Triton kernels (:mod:`graphopt.kernels.quant_triton`): weight-only, or w8a8 with the input quantized
-    per tensor exactly as the reference does (uint8 codes ``q``, zero point ``z``: the kernel multiplies
-    ``q - 128`` and adds ``(128 - z) * colsum(W)``)."""
-    if activations != "dynamic":
+    exactly as the reference does: per token (symmetric int8), or per tensor (uint8 codes ``q``, zero point
+    ``z``: the kernel multiplies ``q - 128`` and adds ``(128 - z) * colsum(W)``)."""
+    if activations not in W8A8_ACTIVATIONS:
         return weight_only_matmul(x, qweight, scale, scheme, group_size, in_features)
     flat = x.reshape(-1, in_features)
-    q, x_scale, zero = dynamic_quantize_uint8(flat)
     rows = flat.shape[0]
-    codes = (q - 128).to(torch.int8)
-    offset = (128 - zero).to(torch.int32).expand(rows)
-    y = int8_matmul(codes, qweight, x_scale.expand(rows), offset, scale[:, 0].to(torch.float32), x.dtype)
+    if activations == "per_token":
+        q, x_scale = per_token_quantize_int8(flat)
+        codes, offset, x_scale = q.to(torch.int8), torch.zeros(rows, dtype=torch.int32, device=x.device), x_scale[:, 0]
+    else:
+        q, x_scale, zero = dynamic_quantize_uint8(flat)
+        codes = (q - 128).to(torch.int8)
+        offset, x_scale = (128 - zero).to(torch.int32).expand(rows), x_scale.expand(rows)
+    y = int8_matmul(codes, qweight, x_scale, offset, scale[:, 0].to(torch.float32), x.dtype)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 

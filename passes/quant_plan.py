@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerPlan:
-    scheme: str  # int8 | int4 | ternary (w8a8: int8 with activations="dynamic")
+    scheme: str  # int8 | int4 | ternary (w8a8: int8 with activations="dynamic" or "per_token")
     group_size: int
     activations: str = "none"
 
@@ -40,16 +40,16 @@ def default_group_size(scheme: str) -> int:
     return 128 if scheme == "int4" else 0
 
 
-def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int | None, uneven: str
-                ) -> tuple[dict[str, LayerPlan], list[tuple[str, str]]]:
+def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int | None, uneven: str,
+                act_scales: str = "tensor") -> tuple[dict[str, LayerPlan], list[tuple[str, str]]]:
     """``{name: LayerPlan}`` for layers of ``shapes`` (``name: (out, in)``) and notes ``(name, message)``.
 
     Raises ValueError when a group size does not divide a layer's input width and ``uneven="error"``.
     """
-    acts = "dynamic" if scheme == "w8a8" else "none"
+    acts = ("per_token" if act_scales == "token" else "dynamic") if scheme == "w8a8" else "none"
     base = "int8" if scheme == "w8a8" else scheme
     group = default_group_size(scheme) if group_size is None else group_size
-    if acts == "dynamic" and group > 0:
+    if acts != "none" and group > 0:
         raise ValueError(f"quantize(scheme=w8a8, group_size={group}): w8a8 runs on integer kernels with one "
                          "weight scale per output channel; leave group_size unset (or 0)")
     plans: dict[str, LayerPlan] = {}

@@ -13,7 +13,8 @@ inside ``skip``, and non-float weights.
 - ``budget_bits=4.5`` (with ``scheme=int4``): mixed precision, the most sensitive layers kept at int8
   so that the average bits per weight meet the budget (:mod:`.quant_plan`).
 - ``scheme=w8a8``: int8 weights per channel (7-bit codes, see ``W8A8_QMAX``) and int8 activations
-  quantized per tensor at run time; ``alpha`` migrates activation outliers into the weights first
+  quantized at run time, one scale per tensor (onnxruntime's ``DynamicQuantizeLinear``) or per token
+  (``act_scales=token``); ``alpha`` migrates activation outliers into the weights first
   (SmoothQuant, :mod:`.smoothquant`); unset, it is chosen per group of layers, ``alpha=0`` is off.
 """
 
@@ -78,6 +79,7 @@ class Quantize(Pass):
     embeddings: bool = False  # pack embedding tables too (int4 rows in groups for int4, int8 rows otherwise)
     budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
     alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
+    act_scales: Literal["tensor", "token"] | None = None  # w8a8: one activation scale per tensor (None: onnxruntime's) or per token
     uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
     backend: Literal["auto", "torch", "int8_mm", "triton"] = "auto"
     damp: Annotated[float, Range(0, 1, hi_open=True)] = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
@@ -110,7 +112,7 @@ class Quantize(Pass):
             return result
         weights = {n: linear_weight(program.get_submodule(n)) for n in targets}
         shapes = {n: tuple(w.shape) for n, (w, _) in weights.items()}
-        plans, notes = plan_layers(shapes, self.scheme, self.group_size, self.uneven_groups)
+        plans, notes = plan_layers(shapes, self.scheme, self.group_size, self.uneven_groups, self.act_scales or "tensor")
         for name, message in notes:
             result.note(name, message)
         if self.budget_bits is not None:
@@ -166,6 +168,9 @@ class Quantize(Pass):
         if self.budget_bits is not None and self.scheme != "int4":
             raise ValueError(f"quantize(budget_bits=...) mixes int4 and int8 layers; it needs scheme=int4, "
                              f"not {self.scheme}")
+        if self.act_scales is not None and self.scheme != "w8a8":
+            raise ValueError(f"quantize(act_scales={self.act_scales}) sets how w8a8 scales its activations; "
+                             f"scheme={self.scheme} keeps activations in float (use scheme=w8a8, or drop act_scales)")
         if program.device.type == "meta":
             raise ValueError("quantize needs real weights; the model is on the meta device (load its weights first)")
 
@@ -214,7 +219,7 @@ class Quantize(Pass):
     # --- per-layer quantization ---------------------------------------------------------------------
     def _quantized(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: LayerPlan,
                    smooth: torch.Tensor | None, hessian: torch.Tensor | None) -> QuantLinear:
-        qmax = W8A8_QMAX if plan.activations == "dynamic" else None
+        qmax = W8A8_QMAX if plan.activations != "none" else None
         codes = None
         if hessian is not None:
             w, h = weight, hessian
@@ -252,7 +257,8 @@ class Quantize(Pass):
         out = {}
         for group in groups:
             weights = [linear_weight(program.get_submodule(n))[0] for n in group]
-            _, s, why = choose_alpha(stats[group[0]], weights, self.alpha)
+            acts = "per_token" if self.act_scales == "token" else "dynamic"
+            _, s, why = choose_alpha(stats[group[0]], weights, self.alpha, acts)
             result.note(group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})", f"SmoothQuant: {why}")
             if s is not None:
                 for name, w in zip(group, weights):

@@ -62,7 +62,8 @@ def smoothing_factor(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return (absmax.clamp_min(1e-5) ** alpha / wmax ** (1 - alpha)).clamp(1e-4, 1e4)
 
 
-def w8a8_error(batches: list[torch.Tensor], weights: list[torch.Tensor], s: torch.Tensor | None) -> float:
+def w8a8_error(batches: list[torch.Tensor], weights: list[torch.Tensor], s: torch.Tensor | None,
+               activations: str = "dynamic") -> float:
     """Relative output error of the layers under w8a8 (RTN 7-bit weights) with input divided by ``s``."""
     err = energy = 0.0
     for w in weights:
@@ -73,19 +74,20 @@ def w8a8_error(batches: list[torch.Tensor], weights: list[torch.Tensor], s: torc
         for x in batches:
             ref = x @ w.T
             xs = x if s is None else x / s
-            got = quant_linear_reference(xs, packed, scale, "int8", 0, w.shape[1], "dynamic")
+            got = quant_linear_reference(xs, packed, scale, "int8", 0, w.shape[1], activations)
             err += float((got - ref).pow(2).sum())
             energy += float(ref.pow(2).sum())
     return err / max(energy, 1e-30)
 
 
-def choose_alpha(stats: SmoothStats, weights: list[torch.Tensor], alpha: float | None
+def choose_alpha(stats: SmoothStats, weights: list[torch.Tensor], alpha: float | None, activations: str = "dynamic"
                  ) -> tuple[float, torch.Tensor | None, str]:
     """``(alpha, s or None, why)`` for one group: the given alpha, or the grid's best (``alpha=None``)."""
     if alpha is not None:
         return alpha, (smoothing_factor(stats.absmax, weights, alpha) if alpha > 0 else None), f"alpha={alpha}"
-    base = w8a8_error(stats.batches, weights, None)
-    tried = {a: w8a8_error(stats.batches, weights, smoothing_factor(stats.absmax, weights, a)) for a in ALPHAS}
+    base = w8a8_error(stats.batches, weights, None, activations)
+    tried = {a: w8a8_error(stats.batches, weights, smoothing_factor(stats.absmax, weights, a), activations)
+             for a in ALPHAS}
     best = min(tried, key=tried.get)
     wide = weights[0].shape[1] > sum(w.shape[0] for w in weights)
     if tried[best] <= (1 - (WIDE_MIN_GAIN if wide else MIN_GAIN)) * base:

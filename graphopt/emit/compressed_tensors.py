@@ -10,10 +10,14 @@ stored as the format wants them (compressed-tensors 0.20, pinned in ``constraint
   (code + 2^(bits-1) at bit ``bits * (i % (32 / bits))`` of word ``i // (32 / bits)``),
   ``weight_scale`` ``[out, groups]`` and ``weight_shape``.
 - int8: ``int-quantized``: ``weight`` int8 ``[out, in]`` and ``weight_scale`` ``[out, 1]`` (or groups).
+- w8a8 with per-token activations (``quantize(scheme=w8a8,act_scales=token)``): int8 weights as above and
+  ``input_activations`` dynamic, symmetric, per token (graphopt rounds activations with the format's
+  convention, ``scale = max|x_row| / 127.5``).
 
 Dequantizing is ``code * scale`` in both, so ``AutoModel.from_pretrained(directory)`` (with the
 ``compressed-tensors`` package, without graphopt) computes what graphopt's quantized model does.
-What the format cannot hold is refused with the reason: w8a8 layers with SmoothQuant factors,
+What the format cannot hold is refused with the reason: w8a8 layers with SmoothQuant factors or
+onnxruntime-style per-tensor activations,
 groups that do not divide a layer, packed embedding tables, GPT-2's ``Conv1D`` layers.
 """
 
@@ -52,9 +56,10 @@ def compressed_tensors_problems(model: nn.Module) -> list[str]:
         if m.smooth is not None:
             problems.append(f"{name}: w8a8 with SmoothQuant factors (the format has no per-input-channel "
                             "factor; export it to ONNX instead)")
-        elif m.activations != "none":
+        elif m.activations == "dynamic":
             problems.append(f"{name}: w8a8 with ONNX-style activations (uint8, one scale and zero point per "
-                            "tensor) is not written in this format yet; export it to ONNX instead")
+                            "tensor) has no compressed-tensors form; quantize with act_scales=token,alpha=0 "
+                            "(per-token int8 activations, which the format has), or export it to ONNX")
         if m.group_size > 0 and m.in_features % m.group_size:
             problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")
     kinds = _config_modules(model)
@@ -122,16 +127,19 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` entry of ``config.json`` for ``model``'s QuantLinear layers."""
-    groups: dict[tuple[str, int], list[str]] = {}
+    groups: dict[tuple[str, int, str], list[str]] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            groups.setdefault((m.scheme, m.group_size), []).append(name)
+            groups.setdefault((m.scheme, m.group_size, m.activations), []).append(name)
     config_groups = {}
-    for i, ((scheme, group), names) in enumerate(sorted(groups.items())):
+    for i, ((scheme, group, activations), names) in enumerate(sorted(groups.items())):
         weights = {"num_bits": BITS[scheme], "type": "int", "symmetric": True, "dynamic": False,
                    "strategy": "group" if group > 0 else "channel", "group_size": group if group > 0 else None,
                    "actorder": None, "observer": "minmax"}
-        config_groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": None,
+        inputs = None if activations == "none" else {  # per_token: dynamic symmetric int8 per token
+            "num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
+            "group_size": None, "actorder": None, "observer": None}
+        config_groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": inputs,
                                        "output_activations": None,
                                        "format": "int-quantized" if scheme == "int8" else "pack-quantized"}
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

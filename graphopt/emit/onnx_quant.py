@@ -18,7 +18,9 @@ each with, by ``weight_format``:
 
 w8a8 layers (``activations="dynamic"``) become what onnxruntime's ``quantize_dynamic`` writes:
 ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``, which onnxruntime fuses and runs on its
-integer kernels, in either format. The result equals graphopt's torch model up to float rounding.
+integer kernels, in either format. Per-token w8a8 (``"per_token"``) computes each row's scale with
+``Abs -> ReduceMax -> Max -> Div``, rounds with ``Div -> Round -> Clip -> Cast`` to int8, then runs
+``MatMulInteger`` (not fused by onnxruntime: slower than per tensor, kept for exactness). The result equals graphopt's torch model up to float rounding.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def qdq_session_config(accuracy_level: int) -> dict[str, str]:
 
 def lowering_note(count: int, dynamic: int, weight_format: str, accuracy_level: int) -> str:
     if dynamic == count:
-        return f"{count} w8a8 layers written as DynamicQuantizeLinear -> MatMulInteger"
+        return f"{count} w8a8 layers written as integer MatMulInteger (activations quantized in the graph)"
     if weight_format == "matmulnbits":
         return f"{count} quantized layers written as MatMulNBits (accuracy_level={accuracy_level})"
     return (f"{count} quantized layers written as QDQ; verified with onnxruntime session option "
@@ -98,7 +100,7 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
         if node.domain == ONNX_DOMAIN and node.op_type == "QuantLinear":
             graph.node.extend(lowering.lower(node))
             count += 1
-            dynamic += any(a.name == "activations" and a.s == b"dynamic" for a in node.attribute)
+            dynamic += any(a.name == "activations" and a.s in (b"dynamic", b"per_token") for a in node.attribute)
         else:
             graph.node.append(node)
     lowering.drop_unused()
@@ -159,7 +161,7 @@ class _Lowering:
         self.producers = {o: n for n in graph.node for o in n.output}
         self.uses_msft = False
         self._n = 0
-        self._quantized_inputs: dict[str, tuple[str, str, str]] = {}
+        self._quantized_inputs: dict[str | tuple[str, str], tuple[str, str, str]] = {}
 
     # --- reading the marker -------------------------------------------------------------------------
     def _constant(self, name: str) -> np.ndarray:
@@ -207,6 +209,8 @@ class _Lowering:
         codes = unpack(torch.from_numpy(packed), scheme, k).numpy()  # [out, in]
         if acts == "dynamic":
             return self._dynamic(x, y, codes, scale[:, 0])
+        if acts == "per_token":
+            return self._per_token(x, y, codes, scale[:, 0])
         return self._qdq(x, y, codes, scale, scheme, group)
 
     def _qdq(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray, scheme: str, group: int) -> list:
@@ -268,6 +272,40 @@ class _Lowering:
                  helper.make_node("Mul", [xs, ws], [s]),
                  helper.make_node("Mul", [accf, s], [y])]
         return nodes
+
+    def _per_token(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray) -> list:
+        """Symmetric int8 codes per row (``max|x_row| / 127.5``, in [-128, 127]) in standard ops, then
+        ``MatMulInteger``."""
+        from onnx import TensorProto, helper
+
+        if scale.dtype != np.float32:
+            raise QuantLoweringError("w8a8 layers export in float32 only; convert the model with .float() first")
+        w = self._add("w", np.ascontiguousarray(codes.T.astype(np.int8)))
+        ws = self._add("w_scale", np.ascontiguousarray(scale))
+        nodes = []
+        if (x, "token") not in self._quantized_inputs:
+            names = [self._name(t) for t in ("abs", "max", "floor", "xs", "div", "round", "clip", "xq")]
+            axes, eps, half, qmax, qmin = (self._add("axes", np.array([-1], dtype=np.int64)),
+                                           self._add("eps", np.array(1e-8, dtype=np.float32)),
+                                           self._add("half_range", np.array(127.5, dtype=np.float32)),
+                                           self._add("qmax", np.array(127, dtype=np.float32)),
+                                           self._add("qmin", np.array(-128, dtype=np.float32)))
+            absx, mx, floor, xs, div, rounded, clipped, xq = names
+            nodes += [helper.make_node("Abs", [x], [absx]),
+                      helper.make_node("ReduceMax", [absx, axes], [mx], keepdims=1),
+                      helper.make_node("Max", [mx, eps], [floor]),
+                      helper.make_node("Div", [floor, half], [xs]),
+                      helper.make_node("Div", [x, xs], [div]),
+                      helper.make_node("Round", [div], [rounded]),
+                      helper.make_node("Clip", [rounded, qmin, qmax], [clipped]),
+                      helper.make_node("Cast", [clipped], [xq], to=TensorProto.INT8)]
+            self._quantized_inputs[(x, "token")] = (xq, xs, "")
+        xq, xs, _ = self._quantized_inputs[(x, "token")]
+        acc, accf, s = (self._name(t) for t in ("acc", "accf", "s"))
+        return nodes + [helper.make_node("MatMulInteger", [xq, w], [acc]),
+                        helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT),
+                        helper.make_node("Mul", [accf, xs], [s]),
+                        helper.make_node("Mul", [s, ws], [y])]
 
     def drop_unused(self) -> None:
         used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}

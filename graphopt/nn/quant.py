@@ -4,7 +4,8 @@ The packed formats (int8, int4 two per byte, ternary four per byte) and the op t
 :mod:`graphopt.kernels.quant`. A layer holds ``qweight`` (``int8``/``uint8`` buffer), ``scale``
 (``[out, groups]``), an optional ``smooth`` (``[in]``: SmoothQuant's per-input-channel factor, the
 input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"dynamic"``: w8a8,
-the input quantized to uint8 per call). ``backend`` picks how it runs: ``"torch"`` (the reference:
+the input quantized to uint8 per call, one scale per tensor; ``"per_token"``: w8a8 with one int8 scale
+per row). ``backend`` picks how it runs: ``"torch"`` (the reference:
 dequantize, then a float matmul), ``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per
 channel) or ``"triton"`` (graphopt's kernels, :mod:`graphopt.kernels.quant_triton`: CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``"auto"`` takes Triton on CUDA tensors and the reference elsewhere.
@@ -28,6 +29,7 @@ from graphopt.kernels.quant import (
     PER_BYTE,
     QMAX,
     SCHEMES,
+    W8A8_ACTIVATIONS,
     W8A8_QMAX,
     dequantize,
     grouped,
@@ -46,7 +48,7 @@ def triton_available() -> bool:
 Scheme = Literal["int8", "int4", "ternary"]
 BACKENDS = ("auto", "torch", "int8_mm", "triton")
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_QMAX", "QuantEmbedding", "QuantLinear", "dequantize", "grouped",
+__all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_ACTIVATIONS", "W8A8_QMAX", "QuantEmbedding", "QuantLinear", "dequantize", "grouped",
            "n_groups", "pack", "quantize_weight", "unpack"]
 
 
@@ -86,8 +88,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown activations {activations!r}; choose from {', '.join(ACTIVATIONS)}")
         if group_size < 0:
             raise ValueError(f"group_size must be >= 0 (0: one scale per output channel), got {group_size}")
-        if activations == "dynamic" and (scheme != "int8" or group_size > 0):
-            raise ValueError("activations='dynamic' (w8a8) needs int8 weights with one scale per channel "
+        if activations in W8A8_ACTIVATIONS and (scheme != "int8" or group_size > 0):
+            raise ValueError(f"activations={activations!r} (w8a8) needs int8 weights with one scale per channel "
                              f"(got scheme={scheme}, group_size={group_size})")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
         self.in_features, self.out_features = in_features, out_features
@@ -114,7 +116,7 @@ class QuantLinear(nn.Module):
         if smooth is not None:
             layer.smooth.copy_(smooth)
             weight = weight / smooth.to(weight.dtype)
-        qmax = W8A8_QMAX if activations == "dynamic" else None
+        qmax = W8A8_QMAX if activations in W8A8_ACTIVATIONS else None
         layer.set_codes(*(codes if codes is not None else quantize_weight(weight, scheme, group_size, qmax)))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())

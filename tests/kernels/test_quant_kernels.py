@@ -95,6 +95,7 @@ def test_int8_gemm_with_zero_points_matches_the_w8a8_reference(m):
     ("int4", 0, "none", ["torch", "triton"]),
     ("ternary", 16, "none", ["torch", "triton"]),
     ("int8", 0, "dynamic", ["torch", "triton"]),
+    ("int8", 0, "per_token", ["torch", "triton"]),
 ])
 def test_quant_linear_gives_the_same_output_on_every_backend(scheme, group, activations, backends):
     torch.manual_seed(0)

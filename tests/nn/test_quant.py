@@ -120,11 +120,31 @@ def test_w8a8_layer_is_integer_arithmetic_on_onnx_style_codes():
     assert float((got - lin(x)).abs().max()) < 0.05 * float(lin(x).abs().max())  # and close to float
 
 
-def test_w8a8_needs_int8_per_channel():
+def test_per_token_w8a8_is_integer_arithmetic_on_symmetric_row_codes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 9)
+    layer = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="per_token")
+    x = torch.randn(2, 6, 40) * torch.logspace(-2, 1, 6)[:, None]  # rows 1000x apart: one scale each
+    scale = x.abs().amax(-1, keepdim=True) / 127.5  # compressed-tensors' convention: half the int8 range
+    codes = torch.round(x / scale).clamp(-128, 127)
+    assert float(codes.abs().max()) >= 127
+    want = (codes.double() @ layer.codes().double().T) * scale.double() * layer.scale[:, 0].double() + lin.bias.double()
+    with torch.no_grad():
+        got = layer(x)
+        per_tensor = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="dynamic")
+        small = (slice(None), 0)  # the row 1000x below the largest: per tensor rounds most of it away
+        err_token = float((got[small] - lin(x)[small]).abs().max())
+        err_tensor = float((per_tensor(x)[small] - lin(x)[small]).abs().max())
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert err_token < err_tensor / 5
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "per_token"])
+def test_w8a8_needs_int8_per_channel(activations):
     with pytest.raises(ValueError, match="one scale per channel"):
-        QuantLinear(16, 4, scheme="int8", group_size=8, activations="dynamic")
+        QuantLinear(16, 4, scheme="int8", group_size=8, activations=activations)
     with pytest.raises(ValueError, match="int8 weights"):
-        QuantLinear(16, 4, scheme="int4", activations="dynamic")
+        QuantLinear(16, 4, scheme="int4", activations=activations)
 
 
 @pytest.mark.parametrize("activations", ["none", "dynamic"])

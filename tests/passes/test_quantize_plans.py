@@ -124,6 +124,31 @@ def test_w8a8_auto_alpha_smooths_only_where_it_lowers_the_error():
         assert "not smoothed" in notes["1"]
 
 
+def test_w8a8_per_token_quantizes_each_token_on_its_own_scale(tmp_path):
+    import onnxruntime as ort
+
+    model, inputs = hf_model("llama_causal_lm")
+    calib = _calib()
+    results = {acts: go.optimize(model, inputs, f"quantize(scheme=w8a8{acts})", calib=calib, measure=False,
+                                 on_error="raise") for acts in ("", ",act_scales=token")}
+    layers = _layers(results[",act_scales=token"].model)
+    assert layers and all(m.activations == "per_token" for m in layers.values())
+    with torch.no_grad():
+        want = model(**inputs).logits
+        errors = {k: float((r.model(**inputs).logits - want).norm() / want.norm()) for k, r in results.items()}
+    assert errors[",act_scales=token"] < errors[""]
+    res = results[",act_scales=token"]
+    res.export_onnx(tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    got = torch.from_numpy(session.run(None, feed)[0])
+    with torch.no_grad():
+        ref = res.model(**inputs).logits
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
+    with pytest.raises(go.PassFailedError, match="act_scales.*scheme=w8a8"):
+        go.optimize(model, inputs, "quantize(scheme=int4,act_scales=token)", measure=False, on_error="raise")
+
+
 def test_w8a8_without_calibration_fails_unless_smoothing_is_off():
     model, inputs = hf_model("llama")
     res = go.optimize(model, inputs, "quantize(scheme=w8a8)", measure=False)
