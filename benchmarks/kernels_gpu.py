@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/kernels_gpu.py               # both tables, a few minutes on one GPU
     .venv/bin/python benchmarks/kernels_gpu.py --no-decode   # the kernel table only
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/kernels_gpu.py --dry-run   # tiny shapes on CPU: checks the script
+    .venv/bin/python benchmarks/kernels_gpu.py --compile-only 90   # every kernel variant to sm_90 cubin, no GPU needed
 
 **Kernel table.** For M = 1, 4, 16, 128, 4096 and (N, K) = (4096, 4096), (11008, 4096), (4096, 11008),
 (8192, 8192): the time of ``x @ W.T`` with W in fp16 (``torch.nn.functional.linear``, cuBLAS) and with W
@@ -244,6 +245,56 @@ def decode_table(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     print(markdown_table(["model", "weights MB", "tokens/s", "vs first row", "decode steps"], rows))
 
 
+#: --quick: (scheme, dtype, per_channel, scales after the dot, BLOCK_M), one of each unpacking and scale path
+QUICK = {("int8", "fp16", True, True, 16), ("int4", "bf16", False, True, 16), ("int4", "fp16", False, False, 128),
+         ("ternary", "fp32", True, True, 16)}
+
+
+def compile_ahead(arch: int, quick: bool) -> int:
+    """Compile the kernels for CUDA ``sm_{arch}`` without a GPU (Triton's bundled ptxas makes the cubin).
+
+    Every format, activation dtype and scale path at a GEMV and a GEMM tile, and the int8 x int8 GEMM
+    (``quick``: :data:`QUICK` and one int8 x int8 tile). Returns how many variants failed; each is printed with Triton's error.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from graphopt.kernels.quant_triton import SCHEME_IDS, _kernels
+
+    weight_only, int8_gemm = _kernels(False)
+    target, failed, done = GPUTarget("cuda", arch, 32), 0, 0
+    ints = ("M", "N", "K", "group", "k_per_split", "stride_xm", "stride_wn", "stride_sn", "stride_ys", "stride_ym")
+    variants = []
+    for scheme, sid in SCHEME_IDS.items():
+        for dt in ("fp16", "bf16", "fp32"):
+            for per_channel, after in ((True, True), (False, True), (False, False)):
+                for tile in ((16, 32, 128), (128, 128, 64)):
+                    if quick and (scheme, dt, per_channel, after, tile[0]) not in QUICK:
+                        continue
+                    sig = {"X": f"*{dt}", "Wq": "*i8" if scheme == "int8" else "*u8", "S": f"*{dt}", "Y": "*fp32",
+                           **dict.fromkeys(ints, "i32")}
+                    consts = dict(SCHEME=sid, PER_CHANNEL=per_channel, SCALE_AFTER_DOT=after, IEEE=dt == "fp32",
+                                  BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
+                    variants.append((f"{scheme} {dt} per_channel={per_channel} after_dot={after} tile={tile}",
+                                     weight_only, sig, consts))
+    int8_sig = {"A": "*i8", "Wq": "*i8", "AS": "*fp32", "AOFF": "*i32", "WS": "*fp16", "Y": "*fp16",
+                **dict.fromkeys(("M", "N", "K", "stride_am", "stride_wn", "stride_ym"), "i32")}
+    for tile in ((16, 64, 128), (128, 128, 64))[:1 if quick else 2]:
+        variants.append((f"int8 x int8 tile={tile}", int8_gemm, int8_sig,
+                         dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])))
+    for label, fn, sig, consts in variants:
+        signature = {**sig, **dict.fromkeys(consts, "constexpr")}
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target)
+            done += "cubin" in compiled.asm
+        except Exception as e:  # noqa: BLE001 - every failing variant is listed
+            failed += 1
+            print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
+    print(f"sm_{arch}: {done} of {len(variants)} kernel variants compiled to cubin, {failed} failed")
+    return failed
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in pair.split("x")) for pair in text.split(",")]  # type: ignore[misc]
 
@@ -259,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--compile-only", type=int, metavar="ARCH", help="compile the kernels for sm_ARCH (80, 90, ...) "
+                    "without a GPU, then exit (TRITON_INTERPRET unset)")
+    ap.add_argument("--quick", action="store_true", help="--compile-only: one variant of each kind")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.compile_only:
+        return 1 if compile_ahead(args.compile_only, args.quick) else 0
     if args.dry_run:
         from graphopt.kernels.quant_triton import interpreted
 

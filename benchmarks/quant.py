@@ -5,7 +5,7 @@
 
 Two tables. (1) torch models: graphopt ``quantize`` at int8, int4 (group 128 and 32) by round-to-nearest
 and by GPTQ, mixed precision at 4.5 bits per weight, int4 with packed embedding tables, w8a8 (GPTQ
-weights, SmoothQuant chosen per layer group), ternary; and NNCF's ``compress_weights`` (int8, int4).
+weights, SmoothQuant chosen per layer group; activations per tensor, and per token), ternary; and NNCF's ``compress_weights`` (int8, int4).
 (2) ONNX in onnxruntime: the fp32 export, onnxruntime's ``quantize_dynamic`` (int8 weights per channel
 and per tensor, int8 activations at run time) and its 4-bit ``MatMulNBits`` quantizer (RTN, block 32 and
 128), and graphopt's exports (QDQ, MatMulNBits, w8a8 integer ops). Calibration (GPTQ, SmoothQuant,
@@ -45,6 +45,8 @@ ROWS = [("int8 per channel, RTN", "quantize(scheme=int8)"),
         ("int4 g128 GPTQ + int4 embeddings", "quantize(scheme=int4,method=gptq,embeddings=true)"),
         ("int4 g32 GPTQ + int4 g32 embeddings", "quantize(scheme=int4,group_size=32,method=gptq,embeddings=true)"),
         ("w8a8 (GPTQ, SmoothQuant) + int8 embeddings", "quantize(scheme=w8a8,method=gptq,embeddings=true)"),
+        ("w8a8 per token (GPTQ, SmoothQuant) + int8 embeddings",
+         "quantize(scheme=w8a8,act_scales=token,method=gptq,embeddings=true)"),
         ("ternary, RTN", "quantize(scheme=ternary)")]
 # graphopt's ONNX rows: (label, torch row, export options, onnxruntime session entries)
 ONNX_ROWS = [("graphopt int8 per channel, QDQ", "int8 per channel, RTN", {}, {"level": "0"}),
@@ -53,7 +55,9 @@ ONNX_ROWS = [("graphopt int8 per channel, QDQ", "int8 per channel, RTN", {}, {"l
              ("graphopt int4 g128 GPTQ, MatMulNBits level 4", "int4 g128, GPTQ",
               {"quant_format": "matmulnbits", "accuracy_level": 4}, {}),
              ("graphopt w8a8 (GPTQ, SmoothQuant) + int8 embeddings", "w8a8 (GPTQ, SmoothQuant) + int8 embeddings",
-              {}, {})]
+              {}, {}),
+             ("graphopt w8a8 per token (GPTQ, SmoothQuant) + int8 embeddings",
+              "w8a8 per token (GPTQ, SmoothQuant) + int8 embeddings", {}, {})]
 
 
 def shaped(tokenizer: Any, batch: int, tokens: int) -> dict[str, torch.Tensor]:

@@ -18,8 +18,9 @@ exactly as ONNX ``DynamicQuantizeLinear`` does, then multiplies integer codes) o
 schemes use).
 
 ``torch.ops.graphopt.quant_linear`` runs the reference, torch's packed int8 CPU kernel
-(``backend="int8_mm"``) or graphopt's Triton kernels (``backend="triton"``, :mod:`.quant_triton`); :data:`ONNX_TRANSLATIONS` exports it as one ``graphopt.quant::QuantLinear``
-node that :mod:`graphopt.emit.onnx_quant` lowers to standard or onnxruntime operators.
+(``backend="int8_mm"``) or graphopt's Triton kernels (``backend="triton"``, :mod:`.quant_triton`);
+:data:`ONNX_TRANSLATIONS` exports it as one ``graphopt.quant::QuantLinear`` node that
+:mod:`graphopt.emit.onnx_quant` lowers to standard or onnxruntime operators.
 """
 
 from __future__ import annotations

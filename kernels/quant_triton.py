@@ -196,7 +196,10 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
                 w = tl.reshape(pairs, (BLOCK_N, BLOCK_K)) - 1
             if SCALE_AFTER_DOT:
                 wt = tl.trans(w.to(x.dtype))
-                part = tl.dot(x, wt, input_precision="ieee") if IEEE else tl.dot(x, wt)
+                if IEEE:
+                    part = tl.dot(x, wt, input_precision="ieee")
+                else:
+                    part = tl.dot(x, wt)
                 if PER_CHANNEL:
                     acc += part
                 else:
@@ -206,7 +209,10 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
                 s = tl.load(S + rn[:, None] * stride_sn + (rk // group)[None, :],
                             mask=nmask[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
                 wt = tl.trans((w.to(tl.float32) * s).to(x.dtype))
-                acc += tl.dot(x, wt, input_precision="ieee") if IEEE else tl.dot(x, wt)
+                if IEEE:
+                    acc += tl.dot(x, wt, input_precision="ieee")
+                else:
+                    acc += tl.dot(x, wt)
         if PER_CHANNEL:
             acc *= tl.load(S + rn * stride_sn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
