@@ -196,10 +196,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
                 w = tl.reshape(pairs, (BLOCK_N, BLOCK_K)) - 1
             if SCALE_AFTER_DOT:
                 wt = tl.trans(w.to(x.dtype))
-                if IEEE:
-                    part = tl.dot(x, wt, input_precision="ieee")
-                else:
-                    part = tl.dot(x, wt)
+                part = tl.dot(x, wt, input_precision="ieee") if IEEE else tl.dot(x, wt)  # IEEE: constexpr
                 if PER_CHANNEL:
                     acc += part
                 else:
