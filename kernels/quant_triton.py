@@ -59,8 +59,8 @@ def check_device(x: Tensor) -> None:
     """Triton needs CUDA tensors, or CPU tensors under the interpreter; say so instead of failing deep down."""
     if not x.is_cuda and not interpreted():
         raise RuntimeError(f"backend='triton' runs on CUDA tensors (this input is on {x.device}); on CPU it runs "
-                           "only under TRITON_INTERPRET=1, set before triton is imported (slow, for tests). Use backend='torch' or 'auto', or move "
-                           "the model to a GPU")
+                           "only under TRITON_INTERPRET=1, set before triton is imported (slow, for tests). "
+                           "Use backend='torch' or 'auto', or move the model to a GPU")
 
 
 def _power_of_two_divisor(n: int, at_most: int) -> int:
@@ -137,15 +137,21 @@ def m_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def tuned(key: tuple, candidates: list[TileConfig], launch: Callable[[TileConfig], object]) -> TileConfig:
-    """The fastest of ``candidates`` for ``key``, timed on the first call (GPU only; kept per process).
+def tuned(key: tuple, candidates: Callable[[], list[TileConfig]], launch: Callable[[TileConfig], object]
+          ) -> TileConfig:
+    """The fastest of ``candidates()`` for ``key``, timed on the first call (GPU only; kept per process, so
+    later calls cost one dict lookup and ``candidates`` is built once).
 
     Not while a CUDA graph is being captured (timing needs synchronisation): the heuristic's tiles then.
     ``GRAPHOPT_TRITON_TUNE=0`` turns timing off.
     """
-    if key in _TUNED:
+    if key in _TUNED:  # every call after the first: one dict lookup
         return _TUNED[key]
-    if len(candidates) == 1 or os.environ.get("GRAPHOPT_TRITON_TUNE") == "0" or torch.cuda.is_current_stream_capturing():
+    candidates = candidates()
+    if len(candidates) > 1 and torch.cuda.is_current_stream_capturing():  # not kept: the next call tunes
+        return candidates[0]
+    if len(candidates) == 1 or os.environ.get("GRAPHOPT_TRITON_TUNE") == "0":
+        _TUNED[key] = candidates[0]
         return candidates[0]
     import triton.testing
 
@@ -258,7 +264,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, g
 
     if config is None:
         key = ("weight_only", m_bucket(m), n, k, scheme, group_size, x.dtype, x.device)
-        config = tuned(key, weight_only_candidates(m, n, k, group_size, x.device), launch)
+        config = tuned(key, lambda: weight_only_candidates(m, n, k, group_size, x.device), launch)
     return launch(config).reshape(*x.shape[:-1], n)
 
 
@@ -297,7 +303,8 @@ def int8_matmul(a: Tensor, qweight: Tensor, a_scale: Tensor, a_offset: Tensor, w
         return _int8_launch(*args, out_dtype, cfg)
 
     if config is None:
-        config = tuned(("int8", m_bucket(m), n, k, out_dtype, a.device), int8_candidates(m, n, k, a.device), launch)
+        config = tuned(("int8", m_bucket(m), n, k, out_dtype, a.device), lambda: int8_candidates(m, n, k, a.device),
+                       launch)
     return launch(config)
 
 
