@@ -51,6 +51,10 @@ def _grow(inputs: dict[str, torch.Tensor], batch: int, seq: int | None) -> dict[
     return out
 
 
+#: the name ending of one weight per attention layer in each HF test model
+ATTENTION_WEIGHT = {"bert": "attention.self.query.weight", "gpt2": "attn.c_attn.weight",
+                    "llama": "self_attn.q_proj.weight", "vit": "attention.q_proj.weight"}
+
 HF_CASES = {  # name -> (dynamic_axes, output names)
     "bert": ({"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
              ["last_hidden_state", "pooler_output", "hidden_states_0", "hidden_states_1", "hidden_states_2"]),
@@ -77,7 +81,7 @@ def test_hf_models_export_with_dynamic_axes_and_match_torch(name, tmp_path):
     assert report.external_data == (name == "bert")
     data = tmp_path / f"{name}.onnx.data"
     assert report.size_bytes == report.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    assert report.opset >= 18 and list(report.outputs) == out_names
+    assert list(report.outputs) == out_names
     assert list(report.inputs) == list(tensors)
     for shape in report.inputs.values():
         assert shape[0] == "batch" and (shape[1] == "seq") == text
@@ -86,6 +90,11 @@ def test_hf_models_export_with_dynamic_axes_and_match_torch(name, tmp_path):
     assert ("[3, 19]" if text else "[3, 3, 32, 32]") in report.runs[1].inputs
     assert 0 <= report.max_abs_error < 1e-4
     onnx.checker.check_model(str(report.path))
+    # opset 23 (the default): each attention is one Attention node, not its ~25-node decomposition
+    graph = onnx.load(str(report.path), load_external_data=False).graph
+    layers = sum(1 for k in model.state_dict() if k.endswith(ATTENTION_WEIGHT.get(name, "\0")))
+    assert report.opset == 23 and sum(n.op_type == "Attention" for n in graph.node) == layers
+    assert (layers > 0) == (name != "resnet")
 
     # independently: the file runs at yet another size and matches torch
     grown = _grow(tensors, batch=4, seq=7 if text else None)
@@ -96,6 +105,14 @@ def test_hf_models_export_with_dynamic_axes_and_match_torch(name, tmp_path):
     for g, r in zip(got, ref):
         assert g.shape == tuple(r.shape)
         np.testing.assert_allclose(g, r.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_older_opset_on_request_decomposes_attention_and_still_matches(tmp_path):
+    model, tensors = hf_model("bert")
+    report = go.export_onnx(model, tensors, tmp_path / "bert18.onnx", dynamic_axes="auto", opset=18)
+    ops = {n.op_type for n in onnx.load(str(report.path)).graph.node}
+    assert report.verified and report.opset == 18
+    assert "Attention" not in ops and {"Softmax", "MatMul"} <= ops
 
 
 class TupleNet(nn.Module):
