@@ -39,7 +39,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # blocks are gone: the remaining ones relearn their inputs; embeddings frozen, direction over scale;
     # where the block list keeps its length (replace_blocks(n=1)), per-block feature terms too
-    "depth": Recipe(steps=800, lr=2e-4, loss="cosine", freeze="*embeddings*", blockwise=0, features=1.0),
+    "depth": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="*embeddings*", blockwise=0, features=1.0),
     # every block is narrower but still there: fit each block first, then a short end-to-end pass
     "prune": Recipe(steps=100, lr=1e-4, loss="auto", freeze="", blockwise=100),
     "quantize": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),

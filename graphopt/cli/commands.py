@@ -246,7 +246,8 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
     if args.onnx:
         with con.step(f"exporting ONNX to {args.onnx}"):
             exported = result.export_onnx(args.onnx, dynamic_axes="auto" if args.dynamic else None,
-                                          quant_format=args.onnx_quant_format, accuracy_level=args.accuracy_level)
+                                          quant_format=args.onnx_quant_format, accuracy_level=args.accuracy_level,
+                                          opset=args.onnx_opset)
         con.print(str(exported))
     failed = result.report.failed
     if failed:

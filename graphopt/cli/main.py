@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--onnx: how quantized layers are written (default: qdq, standard ONNX)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="--onnx: onnxruntime's compute precision for 4-bit layers (0: float, 4: int8; default 0)")
+    p.add_argument("--onnx-opset", type=int, default=None, metavar="N",
+                   help="--onnx: ONNX opset (default 23: attention as one Attention node; 18 for older runtimes)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--plot", metavar="REPORT.png", help="also draw quality vs latency and size per pass "
                                                         "(needs matplotlib: pip install 'graphopt[plot]')")

@@ -222,7 +222,13 @@ def test_factory_file_spec_and_onnx_export(capsys, factory_file, tmp_path):
                              "--no-measure")
     assert code == 0, err
     assert onnx_file.is_file() and onnx_file.stat().st_size > 0
-    assert f"wrote {onnx_file}" in out
+    assert f"wrote {onnx_file}" in out and "(opset 23," in out
+
+    older = tmp_path / "convnet18.onnx"
+    code, out, err = run_cli(capsys, "optimize", f"{factory_file}:make", "--onnx", str(older), "--onnx-opset", "18",
+                             "-q", "--no-measure")
+    assert code == 0, err
+    assert f"wrote {older} (opset 18," in out
 
 
 def test_rolled_back_pass_exits_1_and_still_reports(capsys, factory_module, scratch_registry):

@@ -125,6 +125,7 @@ def test_w8a8_auto_alpha_smooths_only_where_it_lowers_the_error():
 
 
 def test_w8a8_per_token_quantizes_each_token_on_its_own_scale(tmp_path):
+    import onnx
     import onnxruntime as ort
 
     model, inputs = hf_model("llama_causal_lm")
@@ -145,6 +146,12 @@ def test_w8a8_per_token_quantizes_each_token_on_its_own_scale(tmp_path):
     with torch.no_grad():
         ref = res.model(**inputs).logits
     assert float((got - ref).norm() / ref.norm()) < 1e-3
+    # uint8 codes with zero point 128 (exact), the operands of onnxruntime's fast integer kernels
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert len(matmuls) == len(layers)
+    assert all(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in matmuls)
     with pytest.raises(go.PassFailedError, match="act_scales.*scheme=w8a8"):
         go.optimize(model, inputs, "quantize(scheme=int4,act_scales=token)", measure=False, on_error="raise")
 
