@@ -44,7 +44,7 @@ RECIPES: dict[str, Recipe] = {
     "prune": Recipe(steps=100, lr=1e-4, loss="auto", freeze="", blockwise=100),
     "quantize": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
     # every norm is replaced: the per-block feature terms guide each block's new elementwise layers
-    "dyt": Recipe(steps=800, lr=2e-4, loss="auto", freeze="", blockwise=0, features=1.0),
+    "dyt": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="", blockwise=0, features=1.0),
     "other": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
 }
 

@@ -252,6 +252,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         raise ValueError(f"export_onnx: {path} is a directory; give the path of the .onnx file to write "
                          f"(e.g. {path / 'model.onnx'})")
     path.parent.mkdir(parents=True, exist_ok=True)
+    opset = DEFAULT_OPSET if opset is None else opset
     start = time.perf_counter()
 
     if model.training:
@@ -270,7 +271,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         try:
             with _quiet_exporter(), _no_opset23_fusions():
                 program = torch.onnx.export(
-                    target, args, kwargs=kwargs, dynamo=True, verbose=False, opset_version=DEFAULT_OPSET if opset is None else opset,
+                    target, args, kwargs=kwargs, dynamo=True, verbose=False, opset_version=opset,
                     input_names=layout.names, output_names=names,
                     dynamic_shapes=dynamic_shapes(axes, layout, flat),
                     custom_translation_table=_translations(custom_translations) or None)

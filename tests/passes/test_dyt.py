@@ -109,6 +109,22 @@ def test_calibrated_beats_init_on_the_same_data(name):
     assert len(notes) == stats["converted"]
 
 
+def test_alpha_is_per_channel_when_fitted_unless_asked_otherwise():
+    model, inputs = hf_model("bert")
+    calib, held = _calib(seed=1), _calib(seed=2, n=2)
+    shapes, errs = {}, {}
+    for pipe in ("dyt", "dyt(per_channel_alpha=false)", "dyt(mode=init)", "dyt(mode=init,per_channel_alpha=true)"):
+        res = go.optimize(model, inputs, pipe, calib=calib, measure=False, on_error="raise").model
+        layers = [m for m in res.modules() if isinstance(m, DyT)]
+        shapes[pipe] = {tuple(m.alpha.shape) for m in layers}
+        errs[pipe] = _error(res, model, held)
+    width = model.config.hidden_size
+    assert shapes == {"dyt": {(width,)}, "dyt(per_channel_alpha=false)": {(1,)}, "dyt(mode=init)": {(1,)},
+                      "dyt(mode=init,per_channel_alpha=true)": {(width,)}}
+    # one alpha per channel fits the norms at least as well as one per layer
+    assert errs["dyt"] <= errs["dyt(per_channel_alpha=false)"] * 1.05, errs
+
+
 def test_calibrated_fit_to_original_and_local_both_improve_on_init():
     model, inputs = hf_model("gpt2")
     calib = _calib()
