@@ -254,7 +254,8 @@ def compile_ahead(arch: int, quick: bool) -> int:
     """Compile the kernels for CUDA ``sm_{arch}`` without a GPU (Triton's bundled ptxas makes the cubin).
 
     Every format, activation dtype and scale path at a GEMV and a GEMM tile, and the int8 x int8 GEMM
-    (``quick``: :data:`QUICK` and one int8 x int8 tile). Returns how many variants failed; each is printed with Triton's error.
+    (``quick``: :data:`QUICK` and one int8 x int8 tile). Returns how many variants failed; each is printed
+    with Triton's error.
     """
     import triton
     from triton.backends.compiler import GPUTarget

@@ -307,6 +307,7 @@ class _Lowering:
                       helper.make_node("ConstantOfShape", [shape], [xz],
                                        value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
                       helper.make_node("QuantizeLinear", [x, xs, xz], [xq], axis=-1, block_size=codes.shape[1])]
+            # MatMulInteger takes the same 128 as a scalar (its per-row zero point would cost a broadcast)
             self._quantized_inputs[(x, "token")] = (xq, xs, self._add("x_zero", np.array(128, dtype=np.uint8)))
         xq, xs, xz = self._quantized_inputs[(x, "token")]
         acc, accf, s = (self._name(t) for t in ("acc", "accf", "s"))

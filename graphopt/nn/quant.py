@@ -6,8 +6,9 @@ The packed formats (int8, int4 two per byte, ternary four per byte) and the op t
 input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"dynamic"``: w8a8,
 the input quantized to uint8 per call, one scale per tensor; ``"per_token"``: w8a8 with one int8 scale
 per row). ``backend`` picks how it runs: ``"torch"`` (the reference: dequantize, then a float matmul),
-``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per channel) or ``"triton"`` (graphopt's kernels, :mod:`graphopt.kernels.quant_triton`: CUDA, or CPU under
-``TRITON_INTERPRET=1``); ``"auto"`` takes Triton on CUDA tensors and the reference elsewhere.
+``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per channel) or ``"triton"`` (graphopt's
+kernels, :mod:`graphopt.kernels.quant_triton`: CUDA, or CPU under ``TRITON_INTERPRET=1``); ``"auto"``
+takes Triton on CUDA tensors and the reference elsewhere.
 """
 
 from __future__ import annotations
