@@ -11,11 +11,13 @@ trained on the calibration data to reproduce the teacher's outputs:
 - optional block-wise reconstruction first (``blockwise=N``: N steps per block, :mod:`.heal_blocks`):
   each student block fitted to the teacher's block output, one block at a time, with memory for one
   block's activations; ``steps=0`` then skips the end-to-end part;
+- ``new_lr_scale``: a learning-rate multiplier for the parameters earlier passes created or replaced
+  (from the edit log; the DyT recipe trains the new elementwise layers at 10x);
 - optional low-rank adapters (``lora=r``, :mod:`.heal_lora`) trained instead of the weights and merged
   into them at the end (no module is added).
 
-Options left unset (``None``: ``steps``, ``lr``, ``loss``, ``freeze``, ``blockwise``) come from the
-recipe for the change earlier passes made (:mod:`.heal_recipes`; ``recipe=`` picks one by name).
+Options left unset (``None``: ``steps``, ``lr``, ``loss``, ``freeze``, ``blockwise``, ``features``,
+``new_lr_scale``) come from the recipe for the change earlier passes made (:mod:`.heal_recipes`; ``recipe=`` picks one by name).
 A share ``holdout`` of the calibration batches (at most ``eval_batches``) is never trained on: it
 gives ``loss_before``/``loss_after``, decides early stopping, and the parameters with the lowest
 held-out loss are the ones kept (:mod:`.heal_run`); if no point beat the start, the old parameters
@@ -111,6 +113,7 @@ class Heal(Pass):
     recipe: Literal["auto", "dyt", "prune", "depth", "quantize", "other"] = "auto"  # what unset options default to
     steps: Annotated[int, Range(0)] | None = None  # end-to-end steps (None: the recipe's)
     lr: Annotated[float, Range(0, lo_open=True)] | None = None
+    new_lr_scale: Annotated[float, Range(0, lo_open=True)] | None = None  # lr multiplier, new parameters
     train: str = "all"  # "all" | "new" (parameters earlier passes created/replaced) | glob on names
     freeze: str | None = None  # glob on names of parameters never trained (e.g. '*word_embeddings*')
     loss: Literal["auto", "mse", "cosine", "kl"] | None = None
@@ -170,7 +173,10 @@ class Heal(Pass):
             raise ValueError("heal: the calibration data is empty")
         held, train = self._split(len(batches), result)
         params = self._trainable(program)
-        adapters = None
+        adapters, fast = None, set()
+        if self.new_lr_scale != 1.0 and not self.lora:
+            named = dict(student.named_parameters())
+            fast = {id(named[n]) for n in new_parameter_names(program)}
         if self.lora:
             if self.blockwise:
                 raise ValueError("heal: lora and blockwise cannot be combined yet; use one of them")
@@ -182,7 +188,8 @@ class Heal(Pass):
                         "warning")
         teacher_training = teacher.training
         flags = {id(p): p.requires_grad for p in student.parameters()}
-        run = HealRun(self, program, batches, held, params, Features(teacher, blocks), Features(student, blocks))
+        run = HealRun(self, program, batches, held, params, Features(teacher, blocks), Features(student, blocks),
+                      fast=fast)
         try:
             teacher.eval()
             for p in student.parameters():

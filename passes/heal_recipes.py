@@ -34,6 +34,7 @@ class Recipe:
     blockwise: int
     features: float = 0.0
     lora_lr: float = 1e-3  # lr under heal(lora=r): adapters start at zero and need larger steps
+    new_lr_scale: float = 1.0  # lr multiplier for the parameters earlier passes created (not under lora)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -44,13 +45,13 @@ RECIPES: dict[str, Recipe] = {
     "prune": Recipe(steps=100, lr=1e-4, loss="auto", freeze="", blockwise=100),
     "quantize": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
     # every norm is replaced: the per-block feature terms guide each block's new elementwise layers
-    "dyt": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="", blockwise=0, features=1.0),
+    "dyt": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="", blockwise=0, features=1.0, new_lr_scale=10.0),
     "other": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
 }
 
 
 #: heal's options a recipe fills in when they are left unset (None)
-FILLED = ("steps", "lr", "loss", "freeze", "blockwise", "features")
+FILLED = ("steps", "lr", "loss", "freeze", "blockwise", "features", "new_lr_scale")
 
 
 def pass_of(label: str) -> str:

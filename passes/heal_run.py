@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +36,7 @@ class Schedule(Protocol):
 
     steps: int
     lr: float
+    new_lr_scale: float
     seed: int
     warmup: int
     weight_decay: float
@@ -52,11 +53,16 @@ class Schedule(Protocol):
 
 
 class HealRun:
-    """Training state of one heal: ``check`` scores the held-out batches, ``train`` runs the steps."""
+    """Training state of one heal: ``check`` scores the held-out batches, ``train`` runs the steps.
+
+    Parameters whose ``id`` is in ``fast`` train at ``heal.new_lr_scale`` times the learning rate.
+    """
 
     def __init__(self, heal: Schedule, program: Program, batches: list[Any], held: list[int],
-                 params: list[nn.Parameter], t_hooks: Features, s_hooks: Features) -> None:
+                 params: list[nn.Parameter], t_hooks: Features, s_hooks: Features, fast: Collection[int] = ()
+                 ) -> None:
         self.heal, self.program, self.batches, self.held, self.params = heal, program, batches, held, params
+        self.fast = fast
         self.t_hooks, self.s_hooks = t_hooks, s_hooks
         self.cache: dict[int, Outputs] = {}
         self.cached_bytes = 0
@@ -125,7 +131,9 @@ class HealRun:
         h = self.heal
         every = h.eval_every or max(10, h.steps // 10)
         order = self._order(indices, torch.Generator().manual_seed(h.seed))
-        opt = torch.optim.AdamW(self.params, lr=h.lr, weight_decay=h.weight_decay)
+        groups = [{"params": [p for p in self.params if (id(p) in self.fast) == fast], "scale": scale}
+                  for fast, scale in ((False, 1.0), (True, h.new_lr_scale))]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.lr, weight_decay=h.weight_decay)
         ema, self.flat = math.nan, 0
         bar = tqdm(range(h.steps), desc="heal", unit="step", leave=False,
                    disable=None if h.progress is None else not h.progress)
@@ -133,7 +141,7 @@ class HealRun:
             torch.manual_seed(h.seed)
             for step in bar:
                 for group in opt.param_groups:
-                    group["lr"] = h.lr * h.lr_factor(step)
+                    group["lr"] = h.lr * group["scale"] * h.lr_factor(step)
                 loss = self.loss(next(order))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"heal: loss became {float(loss)} at step {step}; lower lr")

@@ -101,6 +101,24 @@ def test_the_recipe_follows_the_change_and_given_options_win():
     assert _record(res).stats["trained_params"] == sum(p.numel() for p in res.model.parameters()) - embeddings
 
 
+def test_new_lr_scale_speeds_up_only_the_parameters_earlier_passes_made():
+    model, inputs = hf_model("bert", layers=2)
+    calib = _calib(model)
+    start = dict(go.optimize(model, inputs, "dyt", calib=calib, measure=False, on_error="raise")
+                 .model.named_parameters())
+    moved = {}
+    for scale in (1, 10):
+        res = go.optimize(model, inputs, f"dyt,heal(steps=1,lr=1e-4,warmup=0,eval_every=1,new_lr_scale={scale})",
+                          calib=calib, measure=False, on_error="raise")
+        assert _record(res).stats["best_step"] == 1  # the step was kept
+        moved[scale] = {n: float((p.detach() - start[n]).abs().max()) for n, p in res.model.named_parameters()}
+    new = [n for n in moved[1] if ".alpha" in n]
+    assert new and all(moved[10][n] == pytest.approx(10 * moved[1][n], rel=0.05) for n in new)
+    old = [n for n in moved[1] if "attention.self.query.weight" in n]
+    assert old and all(moved[10][n] == pytest.approx(moved[1][n], rel=1e-3) for n in old)
+    assert RECIPES["dyt"].new_lr_scale > 1 == RECIPES["prune"].new_lr_scale
+
+
 def test_a_recipes_block_wise_stage_falls_back_to_end_to_end_without_blocks():
     from torch import nn
 
