@@ -12,7 +12,8 @@ trained on the calibration data to reproduce the teacher's outputs:
   each student block fitted to the teacher's block output, one block at a time, with memory for one
   block's activations; ``steps=0`` then skips the end-to-end part;
 - ``new_lr_scale``: a learning-rate multiplier for the parameters earlier passes created or replaced
-  (from the edit log; the DyT recipe trains the new elementwise layers at 10x);
+  (from the edit log) over the others trained (the DyT recipe trains the new elementwise layers at
+  10x; with ``train=new`` there are no others, and ``lr`` is theirs);
 - optional low-rank adapters (``lora=r``, :mod:`.heal_lora`) trained instead of the weights and merged
   into them at the end (no module is added).
 
@@ -174,9 +175,10 @@ class Heal(Pass):
         held, train = self._split(len(batches), result)
         params = self._trainable(program)
         adapters, fast = None, set()
-        if self.new_lr_scale != 1.0 and not self.lora:
+        if self.new_lr_scale != 1.0 and not self.lora:  # (relative to the others: none when only new ones train)
             named = dict(student.named_parameters())
             fast = {id(named[n]) for n in new_parameter_names(program)}
+            fast = fast if any(id(p) not in fast for p in params) else set()
         if self.lora:
             if self.blockwise:
                 raise ValueError("heal: lora and blockwise cannot be combined yet; use one of them")
