@@ -43,7 +43,8 @@ RECIPES: dict[str, Recipe] = {
     "depth": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="*embeddings*", blockwise=0, features=1.0),
     # every block is narrower but still there: fit each block first, then a short end-to-end pass
     "prune": Recipe(steps=100, lr=1e-4, loss="auto", freeze="", blockwise=100),
-    "quantize": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
+    # rounding error in every block: fitted block by block like pruning, then a short end-to-end pass
+    "quantize": Recipe(steps=100, lr=1e-4, loss="auto", freeze="", blockwise=100),
     # every norm is replaced: the per-block feature terms guide each block's new elementwise layers
     "dyt": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="", blockwise=0, features=1.0, new_lr_scale=10.0),
     "other": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
