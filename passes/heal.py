@@ -213,6 +213,8 @@ class Heal(Pass):
             teacher.train(teacher_training)
             for p in student.parameters():
                 p.requires_grad_(flags.get(id(p), True))
+            for p in params:  # the last step's gradients would stay with the model
+                p.grad = None
         if after < before:
             result.modified = True
         else:

@@ -110,6 +110,7 @@ def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable
                     opt.step()
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
+                p.grad = None  # (kept, the gradients of every block would add up to the model's size)
             after = error()
             if not after <= before:  # never leave a block worse than it was
                 with torch.no_grad():

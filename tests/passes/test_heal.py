@@ -80,6 +80,7 @@ def test_teacher_untouched_and_train_new_only_changes_new_parameters():
     changed = {k for k in after if not torch.equal(after[k], dyt_only[k])}
     assert changed and changed <= new_names
     assert all(p.requires_grad for p in res.model.parameters())  # flags restored
+    assert all(p.grad is None for p in res.model.parameters())  # no gradient left behind
 
 
 def test_heal_is_deterministic_for_a_seed():

@@ -45,6 +45,19 @@ def test_blockwise_heal_is_deterministic_under_a_seed_and_composes_with_end_to_e
     assert rec.stats["steps"] == 10 and rec.stats["block_loss_after"] < rec.stats["block_loss_before"]
 
 
+def test_blockwise_heal_leaves_no_gradient_behind_a_block():
+    from graphopt.passes.heal_blocks import heal_blocks
+    from graphopt.passes.heal_losses import nmse
+
+    model, inputs = hf_model("bert", layers=3)
+    calib = _calib(model)
+    student = go.optimize(model, inputs, "prune(ratio=0.5)", calib=calib, measure=False, on_error="raise").model
+    report = heal_blocks(model, student, calib, {id(p) for p in student.parameters()}, nmse, steps=5, lr=1e-3,
+                         seed=0, clip=1.0)
+    assert len(report) == 3 and any(after < before for before, after in report)
+    assert all(p.grad is None for p in student.parameters())  # a block's gradients go once it is fitted
+
+
 def test_blockwise_heal_refuses_blocks_that_no_longer_match():
     model, inputs = hf_model("bert", layers=3)
     calib = _calib(model)
