@@ -10,7 +10,7 @@ alone), ``default`` (``heal`` with no options: the recipe for that kind of chang
 (``heal(blockwise=100,steps=0)``: block-by-block reconstruction only), ``progressive`` (the pass's
 ``progressive=`` option, about as many heal steps in all as the default recipe; one unit for
 ``replace_blocks(n=1)``, so no row) and ``lora`` (``heal(lora=16)``, rank-16 adapters merged into the
-weights). Calibration = the whole calibration split of the standard-library docstrings; evaluation =
+weights; not after ``quantize``, whose layers hold integer codes). Calibration = the whole calibration split of the standard-library docstrings; evaluation =
 held-out docstrings (disjoint). Printed: mean cosine of the sentence embeddings (mean pooling + L2
 norm, as sentence-transformers does) to the original's, the share of evaluation sentences whose
 nearest neighbour is unchanged, wall time, and the peak resident memory the optimisation added.
@@ -48,13 +48,17 @@ PROGRESSIVE = {  # about as many heal steps in all as the change's default recip
     "int4": "quantize(scheme=int4,progressive=30)",  # 6 blocks, then the pooler: 210, the recipe's 200
 }
 MODES = ("none", "default", "blockwise", "progressive", "lora")
+NOT_APPLICABLE = {("replace", "progressive"): "(one unit: same as default)",
+                  ("int4", "lora"): "(no float Linear left: LoRA merges into float weights)"}
 
 
 def pipeline_for(change: str, mode: str) -> str | None:
-    """The pipeline of one row (None: the mode does not apply to the change)."""
+    """The pipeline of one row (None: the mode does not apply to the change, see NOT_APPLICABLE)."""
     base = CHANGES[change]
+    if (change, mode) in NOT_APPLICABLE:
+        return None
     if mode == "progressive":
-        return PROGRESSIVE.get(change)
+        return PROGRESSIVE[change]
     return {"none": base, "default": f"{base},heal", "blockwise": f"{base},heal(blockwise=100,steps=0)",
             "lora": f"{base},heal(lora=16)"}[mode]
 
@@ -129,7 +133,7 @@ def quality_table(opts: argparse.Namespace) -> None:
     for mode, change in [(m, c) for m in modes for c in changes]:  # every change's default row comes early
         pipeline = pipeline_for(change, mode)
         if pipeline is None:
-            rows.append([change, mode, "(one unit: same as default)", "", "", "", "", ""])
+            rows.append([change, mode, NOT_APPLICABLE[change, mode], "", "", "", "", ""])
             continue
         try:
             r = child(["--row", pipeline, *opts.forward])

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from graphopt.nn.quant import QuantLinear
+
 from .linear_layers import is_conv1d
 
 
@@ -40,7 +42,10 @@ class LoRA:
             self.handles.append(m.register_forward_hook(self._hook(a, b)))
         if not self.layers:
             self.remove()
-            raise ValueError(f"heal(lora=...): lora_targets={targets!r} matches no Linear / Conv1D layer")
+            quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+            raise ValueError(f"heal(lora=...): lora_targets={targets!r} matches no Linear / Conv1D layer" + (
+                "; the linear layers are quantized (integer codes, nothing to merge adapters into): heal before "
+                "quantize, or use heal without lora (end-to-end or blockwise=...)" if quantized else ""))
 
     def _hook(self, a: nn.Parameter, b: nn.Parameter):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

@@ -104,3 +104,6 @@ def test_heal_with_lora_trains_adapters_only_and_merges_them():
     with pytest.raises(PassFailedError, match="matches no Linear"):
         go.optimize(model, inputs, "heal(steps=2,lora=4,lora_targets=nothing*)", calib=calib, measure=False,
                     on_error="raise")
+    with pytest.raises(PassFailedError, match="linear layers are quantized.*heal before quantize"):
+        go.optimize(model, inputs, "quantize(scheme=int4,group_size=32),heal(steps=2,lora=4)", calib=calib,
+                    measure=False, on_error="raise")
