@@ -1,6 +1,6 @@
 """Healing on all-MiniLM-L6-v2: each lossy change with no heal, heal's defaults, block-wise, progressive, LoRA.
 
-    .venv/bin/python benchmarks/heal.py                     # both tables, about 90 minutes on 2 idle cores
+    .venv/bin/python benchmarks/heal.py                     # both tables, about 3 hours (rows one after another)
     .venv/bin/python benchmarks/heal.py --changes dyt --modes none,default
     .venv/bin/python benchmarks/heal.py --no-quality        # the memory table only (a few minutes)
 

@@ -119,6 +119,18 @@ def test_new_lr_scale_speeds_up_only_the_parameters_earlier_passes_made():
     assert RECIPES["dyt"].new_lr_scale > 1 == RECIPES["prune"].new_lr_scale
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_the_quantize_recipe_fits_block_by_block_then_end_to_end(name):
+    model, inputs = hf_model(name, layers=2)
+    calib = _calib(model)
+    res = go.optimize(model, inputs, "quantize(scheme=int4,group_size=32),heal(steps=10)", calib=calib,
+                      measure=False, on_error="raise")
+    rec = _record(res)
+    assert rec.diagnostics[0].message.startswith("recipe for quantize") and RECIPES["quantize"].blockwise > 0
+    assert rec.stats["block_loss_after"] < rec.stats["block_loss_before"]
+    assert rec.stats["loss_after"] < rec.stats["loss_before"] and rec.stats["steps"] == 10
+
+
 def test_a_recipes_block_wise_stage_falls_back_to_end_to_end_without_blocks():
     from torch import nn
 
