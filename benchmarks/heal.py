@@ -10,17 +10,18 @@ alone), ``default`` (``heal`` with no options: the recipe for that kind of chang
 (``heal(blockwise=100,steps=0)``: block-by-block reconstruction only), ``progressive`` (the pass's
 ``progressive=`` option, about as many heal steps in all as the default recipe; one unit for
 ``replace_blocks(n=1)``, so no row) and ``lora`` (``heal(lora=16)``, rank-16 adapters merged into the
-weights; not after ``quantize``, whose layers hold integer codes). Calibration = the whole calibration split of the standard-library docstrings; evaluation =
-held-out docstrings (disjoint). Printed: mean cosine of the sentence embeddings (mean pooling + L2
-norm, as sentence-transformers does) to the original's, the share of evaluation sentences whose
-nearest neighbour is unchanged, wall time, and the peak resident memory the optimisation added.
-Every row runs in a fresh process, so the memory figures compare.
+weights; not after ``quantize``, whose layers hold integer codes). Calibration = the whole calibration
+split of the standard-library docstrings; evaluation = held-out docstrings (disjoint). Printed: mean
+cosine of the sentence embeddings (mean pooling + L2 norm, as sentence-transformers does) to the
+original's, the share of evaluation sentences whose nearest neighbour is unchanged, wall time, and the
+peak resident memory the optimisation added. Every row runs in a fresh process, so the memory figures
+compare.
 
-**Memory table.** BERT encoders with MiniLM's widths (384 hidden, 1536 FFN) and random weights, 6 /
-12 / 24 layers, after ``dyt(mode=init)``: peak memory added by ``heal(blockwise=K,steps=0)`` and by the same number
-of end-to-end steps (``heal(steps=K,blockwise=0)``), on the same calibration batches. Block-wise
-healing holds one block's activations (and the hidden states of the calibration batches at one
-block boundary), so its peak stays flat with depth while end-to-end backpropagation grows with it.
+**Memory table.** BERT encoders with MiniLM's widths (384 hidden, 1536 FFN) and random weights, 6 / 12 /
+24 layers, after ``dyt(mode=init)``: peak memory added by ``heal(blockwise=K,steps=0)`` and by the same
+number of end-to-end steps (``heal(steps=K,blockwise=0)``), on the same calibration batches. Block-wise
+healing holds one block's activations (and the hidden states of the calibration batches at one block
+boundary), so its peak stays flat with depth while end-to-end backpropagation grows with it.
 """
 
 from __future__ import annotations
@@ -162,9 +163,9 @@ def memory_table(opts: argparse.Namespace) -> None:
         rows.append([str(layers), f"{got['blockwise']['weights_mb']:.0f}", f"{got['blockwise']['peak_mb']:.0f}",
                      f"{got['end-to-end']['peak_mb']:.0f}", f"{got['blockwise']['seconds']:.0f}",
                      f"{got['end-to-end']['seconds']:.0f}"])
-    print(f"\nrandom BERT encoders (384 hidden, 1536 FFN) after dyt(mode=init); {opts.mem_batches} calibration batches of "
-          f"16 x {opts.max_length} tokens; heal(blockwise={opts.mem_steps},steps=0) vs heal(steps={opts.mem_steps})"
-          f"; peak resident memory added by the heal, fresh process each\n")
+    print(f"\nrandom BERT encoders (384 hidden, 1536 FFN) after dyt(mode=init); {opts.mem_batches} calibration "
+          f"batches of 16 x {opts.max_length} tokens; heal(blockwise={opts.mem_steps},steps=0) vs "
+          f"heal(steps={opts.mem_steps}); peak resident memory added by the heal, fresh process each\n")
     print(markdown_table(["layers", "weights MB", "block-wise peak MB", "end-to-end peak MB", "block-wise s",
                  "end-to-end s"], rows))
 

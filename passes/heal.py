@@ -18,7 +18,8 @@ trained on the calibration data to reproduce the teacher's outputs:
   into them at the end (no module is added).
 
 Options left unset (``None``: ``steps``, ``lr``, ``loss``, ``freeze``, ``blockwise``, ``features``,
-``new_lr_scale``) come from the recipe for the change earlier passes made (:mod:`.heal_recipes`; ``recipe=`` picks one by name).
+``new_lr_scale``) come from the recipe for the change earlier passes made (:mod:`.heal_recipes`;
+``recipe=`` picks one by name).
 A share ``holdout`` of the calibration batches (at most ``eval_batches``) is never trained on: it
 gives ``loss_before``/``loss_after``, decides early stopping, and the parameters with the lowest
 held-out loss are the ones kept (:mod:`.heal_run`); if no point beat the start, the old parameters
