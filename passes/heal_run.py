@@ -144,7 +144,7 @@ class HealRun:
                     group["lr"] = h.lr * group["scale"] * h.lr_factor(step)
                 loss = self.loss(next(order))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"heal: loss became {float(loss)} at step {step}; lower lr")
+                    raise FloatingPointError(f"heal: loss became {float(loss.detach())} at step {step}; lower lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if h.clip > 0:
