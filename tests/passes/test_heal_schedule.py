@@ -111,7 +111,7 @@ def test_new_lr_scale_speeds_up_only_the_parameters_earlier_passes_made():
         res = go.optimize(model, inputs, f"dyt,heal(steps=1,lr=1e-4,warmup=0,eval_every=1,new_lr_scale={scale})",
                           calib=calib, measure=False, on_error="raise")
         assert _record(res).stats["best_step"] == 1  # the step was kept
-        moved[scale] = {n: float((p.detach() - start[n]).abs().max()) for n, p in res.model.named_parameters()}
+        moved[scale] = {n: float((p - start[n]).detach().abs().max()) for n, p in res.model.named_parameters()}
     new = [n for n in moved[1] if ".alpha" in n]
     assert new and all(moved[10][n] == pytest.approx(10 * moved[1][n], rel=0.05) for n in new)
     old = [n for n in moved[1] if "attention.self.query.weight" in n]
