@@ -12,10 +12,9 @@ Norms are found structurally (:func:`graphopt.analysis.norms.probe_norm`), never
   beyond). ``γ, β`` copy the norm's affine (``affine=copy``) or start at 1, 0 (``affine=fresh``).
 - ``calibrated``: fit ``α`` (one per channel unless ``per_channel_alpha=false``), ``γ, β`` of each
   layer by least squares to the norm's outputs on calibration data, in execution order, so each fit
-  sees the already-converted upstream. With
-  ``fit_to=original`` the targets are the norm outputs of the model as it was before this pass
-  (later fits correct upstream error); with ``fit_to=local`` they are the norm applied to the
-  converted model's own inputs.
+  sees the already-converted upstream. With ``fit_to=original`` the targets are the norm outputs of
+  the model as it was before this pass (later fits correct upstream error); with ``fit_to=local``
+  they are the norm applied to the converted model's own inputs.
 
 RMSNorm replacements have no ``β``. A swap is not output-preserving: follow it with ``heal``.
 """
@@ -219,7 +218,7 @@ class DyTPass(Pass):
     where: str = "*"
     alpha0: Annotated[float, Range(0, lo_open=True)] | None = None
     affine: Literal["copy", "fresh"] = "copy"
-    per_channel_alpha: bool | None = None  # one α per channel (None: yes when calibrated; init keeps the paper's scalar)
+    per_channel_alpha: bool | None = None  # one α per channel (None: when calibrated; init: the paper's scalar)
     fused: bool = False
     fit_to: Literal["original", "local"] = "original"
     batches: Annotated[int, Range(1)] = 8
