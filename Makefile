@@ -19,7 +19,13 @@ else ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 PIP_SOURCES := --extra-index-url https://download.pytorch.org/whl/cpu
 endif
 
-.PHONY: demo test lint examples clean distclean
+# The same suite in a second virtualenv with the lowest versions of the bounded dependencies
+# (pyproject.toml's "name>=low,<high" ranges, pinned by .ci/lowest_constraints.py); CI runs both.
+OLDEST ?= .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.graphopt-installed
+OLDEST_TESTS ?= tests
+
+.PHONY: demo test test-oldest lint examples clean distclean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +43,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+$(OLDEST_STAMP): pyproject.toml constraints.txt .ci/lowest_constraints.py
+	@test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(PYTHON) .ci/lowest_constraints.py > $(OLDEST)/lowest-constraints.txt
+	$(OLDEST)/bin/python -m pip install --disable-pip-version-check -c constraints.txt \
+		-c $(OLDEST)/lowest-constraints.txt $(PIP_SOURCES) -e '.[dev]'
+	@touch $@
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -m pytest $(OLDEST_TESTS) $(PYTEST_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check graphopt passes kernels tests examples benchmarks
+	$(BIN)/ruff check graphopt tests examples benchmarks
 
 examples: $(STAMP)
 	$(BIN)/python examples/quickstart.py
@@ -52,4 +68,4 @@ clean:
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST)

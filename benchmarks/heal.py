@@ -74,7 +74,7 @@ def child(args: list[str]) -> dict:
 
 
 def quality_row(pipeline: str, opts: argparse.Namespace) -> dict:
-    """(child) One pipeline on MiniLM: cosine, NN agreement, seconds, peak MB."""
+    """(child) One pipeline on MiniLM: cosine, NN agreement, seconds, peak MiB."""
     import graphopt as go
     from graphopt.data import stdlib_texts, text_batches
     from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
@@ -147,13 +147,13 @@ def quality_table(opts: argparse.Namespace) -> None:
                      f"{r['peak_mb']:.0f}"])
         logging.info("%s: %s", pipeline, r)
         print(f"  {change:8} {mode:12} cos {r['cos']:.4f}  NN {r['nn']:.3f}  {r['seconds']:.0f} s  "
-              f"steps {steps or '-'}  peak {r['peak_mb']:.0f} MB", flush=True)  # a row as it lands
+              f"steps {steps or '-'}  peak {r['peak_mb']:.0f} MiB", flush=True)  # a row as it lands
     print(f"\nall-MiniLM-L6-v2; calibration: the docstring calibration split, batches of 16, "
           f"evaluation: {opts.eval_texts} held-out docstrings, max {opts.max_length} tokens; "
           f"{opts.threads} threads\n")
     rows.sort(key=lambda row: (changes.index(row[0]), modes.index(row[1])))
     print(markdown_table(["change", "heal", "pipeline", "mean cos", "NN@1 same", "end-to-end steps", "time s",
-                 "peak MB"], rows))
+                 "peak MiB"], rows))
 
 
 def memory_table(opts: argparse.Namespace) -> None:
@@ -166,7 +166,7 @@ def memory_table(opts: argparse.Namespace) -> None:
     print(f"\nrandom BERT encoders (384 hidden, 1536 FFN) after dyt(mode=init); {opts.mem_batches} calibration "
           f"batches of 16 x {opts.max_length} tokens; heal(blockwise={opts.mem_steps},steps=0) vs "
           f"heal(steps={opts.mem_steps}); peak resident memory added by the heal, fresh process each\n")
-    print(markdown_table(["layers", "weights MB", "block-wise peak MB", "end-to-end peak MB", "block-wise s",
+    print(markdown_table(["layers", "weights MiB", "block-wise peak MiB", "end-to-end peak MiB", "block-wise s",
                  "end-to-end s"], rows))
 
 

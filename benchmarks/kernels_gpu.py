@@ -242,7 +242,7 @@ def decode_table(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             torch.cuda.empty_cache()
     print(f"\nLlama-3.2-1B-shaped model, random weights, batch 1, {args.prompt}-token prompt, {args.new_tokens} new "
           "tokens, greedy\n")
-    print(markdown_table(["model", "weights MB", "tokens/s", "vs first row", "decode steps"], rows))
+    print(markdown_table(["model", "weights MiB", "tokens/s", "vs first row", "decode steps"], rows))
 
 
 #: --quick: (scheme, dtype, per_channel, scales after the dot, BLOCK_M), one of each unpacking and scale path

@@ -408,10 +408,10 @@ def head_check(tool: str, model: nn.Module, inputs: dict, layers: list[Attention
 
 # --- reload with plain transformers ----------------------------------------------------------------
 
-def save_uniform(name: str, model: nn.Module, inputs: dict, ratio: float, root: str) -> str:
-    """prune(uniform=true), then save_pretrained into ``root/name``; '' or why it could not be written."""
+def save_reloadable(name: str, model: nn.Module, inputs: dict, ratio: float, root: str) -> str:
+    """prune(reloadable=true), then save_pretrained into ``root/name``; '' or why it could not be written."""
     try:
-        res = go.optimize(copy.deepcopy(model), inputs, f"prune(ratio={ratio},uniform=true)", measure=False,
+        res = go.optimize(copy.deepcopy(model), inputs, f"prune(ratio={ratio},reloadable=true)", measure=False,
                           on_error="raise")
         kept = n_params(res.model) / n_params(model)
         write_for_reload(res.model, inputs, os.path.join(root, name))
@@ -444,7 +444,7 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
             row += [cell.ok, cell.kept, cell.seconds, cell.shape, cell.heads]
             notes += [f"{name} / {tool}: {n}" for n in cell.notes]
         if "graphopt" in tools:
-            written[name] = save_uniform(name, model, inputs, ratio, reload_root)
+            written[name] = save_reloadable(name, model, inputs, ratio, reload_root)
             row.insert(6, name)  # filled in once every model is written: one reloading process for all
         rows.append(row)
         print(f"  {name} done", flush=True)
@@ -472,7 +472,7 @@ def zoo_table(names: list[str], ratio: float, timeout: float, tools: list[str]) 
     print(markdown_table(header, rows))
     print("\nkept: parameters after / before. analysis s: model -> groups (go: torch.export + dimension "
           "propagation;\ntp: MetaPruner construction). heads: see the module docstring ('yes' = whole heads at "
-          f"ratio {ratio} and dead heads removed exactly).\ngo reloads: prune(ratio={ratio},uniform=true), "
+          f"ratio {ratio} and dead heads removed exactly).\ngo reloads: prune(ratio={ratio},reloadable=true), "
           "save_pretrained, then plain from_pretrained in a process that never imports graphopt gives the same "
           "outputs (max abs error < 1e-5); in brackets the parameters kept.")
     if notes:

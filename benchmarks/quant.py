@@ -12,7 +12,7 @@ int8 activations at run time, on the opset-18 export; per channel on the opset-2
 4-bit ``MatMulNBits`` quantizer (RTN, block 32 and 128), and graphopt's exports (QDQ, MatMulNBits, w8a8 integer ops). Calibration (GPTQ, SmoothQuant,
 sensitivities) and evaluation use disjoint splits of standard-library docstrings (max length 64).
 Columns: mean cosine of sentence embeddings (masked mean pooling + L2 norm) to the fp32 model's, the
-share of sentences whose nearest neighbour is unchanged, MB of all weights (torch: every parameter and
+share of sentences whose nearest neighbour is unchanged, MiB of all weights (torch: every parameter and
 buffer as held; ONNX: the file), and latency as a ratio to the same runtime's fp32 model: (a) batch 1 x
 32 tokens on 1 thread, (b) batch 32 x 64 on 2 threads, medians of interleaved runs.
 """
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     lat_b = interleaved_medians([torch_runner(m, large) for _, m in rows], max(3, args.repeat // 4))
 
-    print("| method (torch) | mean cos | NN@1 same | weights MB | (a) 1x32, 1 thread | (b) 32x64, 2 threads |")
+    print("| method (torch) | mean cos | NN@1 same | weights MiB | (a) 1x32, 1 thread | (b) 32x64, 2 threads |")
     print("|---|---|---|---|---|---|")
     for (label, m), (cos, agree), a, b in zip(rows, quality, lat_a, lat_b):
         print(f"| {label} | {cos:.4f} | {agree:.3f} | {count_weight_bytes(m) / 2**20:.1f} | {a / lat_a[0]:.2f} | "
@@ -206,7 +206,7 @@ def onnx_table(model: nn.Module, models: dict[str, nn.Module], held: list, refer
         out += interleaved_medians([lambda s=s, x=shape: s.run(None, ort_feed(s, x)) for s in sessions], runs)
     qualities = {label: embedding_agreement(reference, ort_embeddings(ort_session(p, 2, level), held))
                  for label, p, level in files}
-    print("\n| method (onnxruntime) | mean cos | NN@1 same | file MB | (a) 1x32, 1 thread | (b) 32x64, 2 threads |")
+    print("\n| method (onnxruntime) | mean cos | NN@1 same | file MiB | (a) 1x32, 1 thread | (b) 32x64, 2 threads |")
     print("|---|---|---|---|---|---|")
     for (label, p, _), a, b in zip(files, lat_a, lat_b):
         cos, agree = qualities[label]

@@ -1,6 +1,6 @@
 """The package layout stays layered: no import cycles, and imports point down the stages.
 
-Edges come from the AST of every module of graphopt (graphopt/, passes/, kernels/): top-level
+Edges come from the AST of every module of graphopt (graphopt/, with graphopt/passes/ and graphopt/kernels/): top-level
 imports, imports inside functions and ``TYPE_CHECKING`` blocks alike. The one kind of import left
 out is a lazy import that a registry needs, which must say so in a ``# lazy:`` comment on the line
 before it.
@@ -9,14 +9,17 @@ before it.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: where each import name lives in the source tree (see pyproject's package-dir)
-PACKAGE_DIRS = {"graphopt": ROOT / "graphopt", "graphopt.passes": ROOT / "passes", "graphopt.kernels": ROOT / "kernels"}
+#: where each import name lives in the source tree
+PACKAGE_DIRS = {"graphopt": ROOT / "graphopt"}
 
 #: The layers, top to bottom (docs/design.md). A module may import its own layer and the layers below.
 LAYERS = [
@@ -27,7 +30,7 @@ LAYERS = [
     ["graphopt.infra"],
     ["graphopt.analysis"],
     ["graphopt.frontend", "graphopt.nn"],
-    ["graphopt.kernels", "graphopt.version"],
+    ["graphopt.kernels", "graphopt.version", "graphopt.progress", "graphopt.units"],
 ]
 
 
@@ -114,9 +117,8 @@ def test_imports_point_down_the_stages():
     assert not upward, "imports from a lower layer to a higher one: " + "; ".join(upward)
 
 
-@pytest.mark.parametrize("folder", ["graphopt", "passes", "kernels"])
-def test_files_stay_small(folder):
-    big = {str(p.relative_to(ROOT)): n for p in (ROOT / folder).rglob("*.py")
+def test_files_stay_small():
+    big = {str(p.relative_to(ROOT)): n for p in (ROOT / "graphopt").rglob("*.py")
            if (n := len(p.read_text().splitlines())) > 500}
     assert not big, f"split these along a seam (docs/design.md): {big}"
 
@@ -140,3 +142,40 @@ def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
     assert packages == listed, f"missing from pyproject: {packages - listed}; stale: {listed - packages}"
+
+
+def shadowing_entries(root: Path, owners: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Top-level entries of ``root`` named like a module another installed distribution provides.
+
+    Python puts the working directory first on ``sys.path`` (``python -c``, ``python -m pytest``, the
+    REPL), so a folder or ``.py`` file there with such a name replaces the installed module for every
+    importer: transformers 5.25 imports HF's ``kernels`` distribution, and a top-level ``kernels/``
+    folder once made a fresh clone fail before any test ran.
+    """
+    entries = {p.stem if p.suffix == ".py" else p.name for p in root.iterdir()
+               if not p.name.startswith(".") and (p.is_dir() or p.suffix == ".py")}
+    return {name: owners[name] for name in sorted(entries) if set(owners.get(name, [])) - {"graphopt"}}
+
+
+def test_the_shadowing_check_names_a_folder_called_like_an_installed_distribution(tmp_path):
+    (tmp_path / "numpy").mkdir()
+    (tmp_path / "numpy" / "__init__.py").write_text("")
+    (tmp_path / "torch.py").write_text("")
+    (tmp_path / "graphopt").mkdir()
+    owners = importlib.metadata.packages_distributions()
+    assert sorted(shadowing_entries(tmp_path, owners)) == ["numpy", "torch"]
+
+
+def test_no_top_level_entry_shadows_an_installed_distribution():
+    clashes = shadowing_entries(ROOT, importlib.metadata.packages_distributions())
+    assert not clashes, f"rename these top-level entries, they shadow installed distributions: {clashes}"
+
+
+def test_python_started_in_the_repository_root_imports_the_installed_dependencies():
+    """What a contributor does first: ``python -c`` / pytest from the clone root, with transformers' model code."""
+    code = ("import graphopt, transformers.modeling_utils, pathlib, sys; "
+            "print(pathlib.Path(graphopt.__file__).resolve().parent.parent)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()) == ROOT

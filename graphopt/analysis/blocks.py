@@ -24,6 +24,7 @@ from torch import nn
 
 from ..frontend.inputs import as_example_inputs
 from ..nn.depth import LinearBlock
+from .manager import AnalysisManager, Analyzable, register_analysis
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,29 @@ def _special_blocks(blocks: nn.ModuleList) -> dict[int, str]:
     return out
 
 
+def all_blocks(model: nn.Module, example: Any) -> list[BlockList]:
+    """Every stack of repeated blocks of ``model``, the one holding the most parameters first: an
+    encoder-decoder has two (T5's ``encoder.block`` and ``decoder.block``). A list nested inside an earlier
+    one's blocks is not a stack of its own. ``[]`` when there is none."""
+    found: list[BlockList] = []
+    for name, blocks in sorted(_same_class_lists(model), key=lambda nm: -_param_count(nm[1])):
+        if _param_count(blocks) == 0 or any(name.startswith(f"{b}.") for f in found for b in f.names):
+            continue
+        if chained(model, list(blocks), example):
+            found.append(BlockList(name, [f"{name}.{i}" for i in range(len(blocks))], _special_blocks(blocks)))
+    return found
+
+
+def block_of(name: str, stacks: list[BlockList]) -> str | None:
+    """The block (``"encoder.block.1"``) that module ``name`` sits in, or None."""
+    return next((b for s in stacks for b in s.names if name == b or name.startswith(f"{b}.")), None)
+
+
 def find_blocks(model: nn.Module, example: Any, path: str | None = None) -> BlockList:
     """The repeated blocks of ``model``: the same-class ``ModuleList`` holding the most parameters whose
-    members run one after the other on ``example`` (or the list at ``path``).
+    members run one after the other on ``example`` (or the list at ``path``). The one finder of blocks:
+    depth rewrites, GPTQ, SmoothQuant, heal and dyt all use it (or the ``"blocks"`` analysis, its cached
+    form on a Program's model).
 
     Raises ``ValueError`` naming what was found when there is none.
     """
@@ -146,16 +167,23 @@ def find_blocks(model: nn.Module, example: Any, path: str | None = None) -> Bloc
         if path not in found:
             raise ValueError(f"{path!r} is not a ModuleList of two or more blocks of one class in "
                              f"{type(model).__name__}; lists that are: {sorted(found) or 'none'}")
-        lists = [(path, found[path])]
-    tried = []
-    for name, blocks in sorted(lists, key=lambda nm: -_param_count(nm[1])):
-        if _param_count(blocks) == 0:
-            continue
-        if chained(model, list(blocks), example):
-            return BlockList(name, [f"{name}.{i}" for i in range(len(blocks))], _special_blocks(blocks))
-        tried.append(name)
+        if chained(model, list(found[path]), example):
+            blocks = found[path]
+            return BlockList(path, [f"{path}.{i}" for i in range(len(blocks))], _special_blocks(blocks))
+        lists, stacks = [(path, found[path])], []
+    else:
+        stacks = all_blocks(model, example)
+    if stacks:
+        return stacks[0]
+    tried = [name for name, blocks in lists if _param_count(blocks)]
     if tried:
         raise ValueError(f"{type(model).__name__} has no repeated blocks on its residual path: the members of "
                          f"{', '.join(tried)} do not run one after the other on each other's outputs")
     raise ValueError(f"{type(model).__name__} has no repeated blocks (no ModuleList of two or more blocks of one "
                      "class with parameters); depth rewrites need a stack of layers")
+
+
+@register_analysis("blocks")
+def _blocks(program: Analyzable, am: AnalysisManager) -> list[BlockList]:
+    """Every stack of repeated blocks of the Program's model (:func:`all_blocks`), found on its example inputs."""
+    return all_blocks(program.module, program.example_inputs)

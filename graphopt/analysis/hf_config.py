@@ -38,6 +38,9 @@ SIZE_FIELDS = (
     "word_embed_proj_dim", "ffn_hidden_size", "multi_query_group_num",
 )
 _SHOW = 5
+#: Dropout layers: the identity in eval mode, so ``remove_dropout``'s ``nn.Identity`` in their place reloads
+#: as the config's Dropout and computes the same (the config still describes the model)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -52,8 +55,22 @@ def tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
 
 
+def validate_config(config: Any) -> None:
+    """Run the config's own checks where it has them (``config.validate()``, transformers >= 5.25), as
+    ``save_pretrained`` will; raises ``ValueError`` with the config's reason."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - each transformers version raises its own class
+        cause = e.__cause__ or e
+        raise ValueError(f"the config does not validate: {str(cause).strip().splitlines()[-1]}") from e
+
+
 def build_from_config(model: nn.Module, config: Any) -> nn.Module:
-    """``type(model)(config)`` on the meta device (raises what the constructor raises)."""
+    """``type(model)(config)`` on the meta device, for a config that validates (raises what either raises)."""
+    validate_config(config)
     with torch.device("meta"):
         return type(model)(config)
 
@@ -83,8 +100,11 @@ def _module_diffs(model: nn.Module, twin: nn.Module, attributes: bool = True) ->
         other = theirs.get(name)
         if other is None:
             continue
+        if type(mine) is nn.Identity and isinstance(other, DROPOUTS):
+            continue
         if type(other) is not type(mine):
-            problems.append(f"{name or '<root>'}: a {type(mine).__name__}, the config builds a {type(other).__name__}")
+            problems.append(f"{name or '<root>'}: {type(mine).__name__} in the model, "
+                            f"{type(other).__name__} in the config's")
             continue
         if not attributes:
             continue
@@ -251,6 +271,7 @@ def reload_mismatch(model: nn.Module, config: Any, example_inputs: Any, *, atol:
     try:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        validate_config(config)
         with torch.device(device):
             twin = type(model)(config).to(dtype)  # built for real: non-persistent buffers are computed
         missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)

@@ -11,7 +11,7 @@ import typing
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from .console import DEFAULT_CALIB_SIZE, Console, UsageError
 
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 def _type_text(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(tp)
+        ranges = [str(e) for e in extras if type(e).__name__ == "Range"]
+        return " ".join([_type_text(inner), *ranges])
     if origin is Literal:
         return "|".join(str(a) for a in typing.get_args(tp))
     if origin is Union or type(tp).__name__ == "UnionType":
@@ -47,6 +51,7 @@ def _flag(cls: type, name: str) -> Any:
 
 def describe_passes() -> str:
     """Every registered pass with its one-line doc, flags and options; then the presets."""
+    from ..infra.options import option_help
     from ..infra.registry import list_passes, list_presets
     from ..infra.text import format_value
 
@@ -65,7 +70,8 @@ def describe_passes() -> str:
             tags.append("uses the original model")
         lines.append(f"{name}  [{', '.join(tags)}]")
         lines.append(f"    {cls.doc() or '(no docstring)'}")
-        hints = typing.get_type_hints(cls)
+        hints, helps = typing.get_type_hints(cls, include_extras=True), option_help(cls)
+        rows = []
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
@@ -75,7 +81,9 @@ def describe_passes() -> str:
                 default = format_value(f.default_factory())
             else:
                 default = "(required)"
-            lines.append(f"      {f.name}: {_type_text(hints.get(f.name, Any))} = {default}")
+            rows.append((f"{f.name}: {_type_text(hints.get(f.name, Any))} = {default}", helps.get(f.name, "")))
+        width = max((len(head) for head, _ in rows), default=0)
+        lines += [f"      {head:<{width}}  {help_text}".rstrip() for head, help_text in rows]
     presets = list_presets()
     if presets:
         lines.append("")
@@ -219,7 +227,7 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
                          f"sample per line")
     loaded = _load(args.model, _resolve(args.model), con)
     calib = _calibration(args, loaded, pipeline, con)
-    with con.step(f"optimizing ({len(pipeline)} passes)", done="optimized"), warnings.catch_warnings():
+    with con.step(f"optimizing ({len(pipeline)} pass{'' if len(pipeline) == 1 else 'es'})", done="optimized"), warnings.catch_warnings():
         warnings.simplefilter("ignore", PassRolledBackWarning)  # the CLI says so itself, below the report
         result = optimize(loaded.model, loaded.example_inputs, pipeline, calib=calib, inplace=args.inplace,
                           verify=not args.no_verify, measure=not args.no_measure,

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
+from ..progress import log as progress_log
 from ..version import __version__
 from .commands import cmd_inspect, cmd_optimize, cmd_passes
 from .console import DEFAULT_CALIB_SIZE, DEFAULT_EVAL_SIZE, Console, UsageError
@@ -90,22 +91,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write``, so a line never breaks a progress bar on the terminal."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never take the command down
+            self.handleError(record)
+
+
+class _Format(logging.Formatter):
+    """Progress lines as ``graphopt: [12:03:04] heal: ...``; other records with their level and logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == progress_log.name:
+            return f"graphopt: [{self.formatTime(record, '%H:%M:%S')}] {record.getMessage()}"
+        return f"graphopt: {record.levelname}: {record.name}: {record.getMessage()}"
+
+
 @contextmanager
-def _logging_to(err: TextIO, verbose: int) -> Iterator[None]:
-    """Route graphopt's log records to ``err`` while the command runs; restore the logger after."""
+def _logging_to(err: TextIO, verbose: int, quiet: bool = False) -> Iterator[None]:
+    """Route graphopt's log records to ``err`` while the command runs; restore the loggers after.
+
+    Progress lines (a line per pass, and every ``GRAPHOPT_PROGRESS_EVERY`` seconds of long work) are shown
+    unless ``quiet``, so a log that is not a terminal still shows what runs; ``-v`` adds the rest at INFO.
+    """
     logger = logging.getLogger("graphopt")
-    handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("graphopt: %(levelname)s: %(name)s: %(message)s"))
-    old_level, old_propagate = logger.level, logger.propagate
+    handler = _BarSafeHandler(err)
+    handler.setFormatter(_Format())
+    old = logger.level, logger.propagate, progress_log.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    progress_log.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+        progress_log.setLevel(old[2])
 
 
 def _one_line(e: BaseException) -> str:
@@ -123,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     con = Console(out, err, quiet=args.quiet, verbose=args.verbose)
     try:
-        with _logging_to(err, args.verbose):
+        with _logging_to(err, args.verbose, args.quiet):
             return args.func(args, con)
     except UsageError as e:
         if args.verbose:

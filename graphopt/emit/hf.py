@@ -46,7 +46,7 @@ def refusal(model: nn.Module, problems: list[str]) -> str:
     return (f"{type(model).__name__}.save_pretrained refused: its config cannot describe the rewritten model, so "
             f"transformers could not load the directory ({summarize(problems, 1)}). Save with "
             "go.save(result, directory) and load with go.load(directory, base_model); or, for pruning, use "
-            "prune(uniform=true) (the same sizes in every layer, only what the config can describe). DyT and "
+            "prune(reloadable=true) (the same sizes in every layer, only what the config can describe). DyT and "
             "other graphopt modules have no transformers equivalent. To write it anyway: "
             "type(model).save_pretrained(model, directory).")
 

@@ -205,7 +205,7 @@ class _Lowering:
         x, y = node.input[0], node.output[0]
         packed = np.array(self._constant(node.input[1]))
         scale = self._constant(node.input[2])
-        if self.format == "matmulnbits" and acts != "dynamic":  # graphopt's nibbles are MatMulNBits' layout
+        if self.format == "matmulnbits" and acts == "none":  # weight-only: graphopt's nibbles are MatMulNBits' layout
             return self._matmulnbits(x, y, packed, scale, scheme, group, k)
         codes = unpack(torch.from_numpy(packed), scheme, k).numpy()  # [out, in]
         if acts == "dynamic":

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..units import format_bytes
+
 
 class OnnxExportError(RuntimeError):
     """The model could not be exported to ONNX (the message says which step failed and what to try)."""
@@ -61,7 +63,7 @@ class ExportReport:
         def sig(items: dict[str, tuple[int | str, ...]]) -> str:
             return ", ".join(f"{k}[{', '.join(map(str, v))}]" for k, v in items.items())
 
-        lines = [f"wrote {self.path} (opset {self.opset}, {human_size(self.size_bytes)}"
+        lines = [f"wrote {self.path} (opset {self.opset}, {format_bytes(self.size_bytes)}"
                  + (", external data" if self.external_data else "") + f", {self.seconds:.1f}s)",
                  f"  inputs:  {sig(self.inputs)}", f"  outputs: {sig(self.outputs)}"]
         lines += [f"  onnxruntime == torch on {r.inputs}: max abs error {r.max_abs_error:.2e}"
@@ -70,15 +72,6 @@ class ExportReport:
             lines.append("  NOT verified in onnxruntime (check=False)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def first_lines(exc: BaseException, limit: int = 6) -> str:

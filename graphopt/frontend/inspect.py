@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
 
+from ..units import format_bytes
 from .nodes import node_value_info, tied_parameters
 
 
@@ -35,13 +36,6 @@ def _human(n: float) -> str:
     return f"{int(n)}"
 
 
-def _bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _tensors_line(label: str, tensors: list[torch.Tensor]) -> str:
     if not tensors:
         return f"{label}: none"
@@ -49,7 +43,7 @@ def _tensors_line(label: str, tensors: list[torch.Tensor]) -> str:
     size = sum(t.numel() * t.element_size() for t in tensors)
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
     devices = ", ".join(sorted({t.device.type for t in tensors}))
-    return f"{label}: {numel:,} ({_human(numel)}) in {len(tensors)} tensors, {_bytes(size)} {dtypes} on {devices}"
+    return f"{label}: {numel:,} ({_human(numel)}) in {len(tensors)} tensors, {format_bytes(size)} {dtypes} on {devices}"
 
 
 def _fmt_value(shape: tuple | None, dtype: str | None) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis.diagnostics import Diagnostic
 from ..frontend.inputs import (
@@ -23,6 +22,9 @@ from ..frontend.inputs import (
     flatten_outputs,
     missing_inputs,
 )
+from ..nn.quant import QuantLinear
+from ..progress import Progress
+from ..progress import log as progress_log
 from .contract import Pass, PassResult
 from .metrics import count_flops, count_params, count_weight_bytes, measure_latencies
 from .pipeline import Pipeline
@@ -117,6 +119,7 @@ class PassManager:
         self.progress = progress
         self.eval_batches = [as_example_inputs(b) for b in eval_batches or []]  # for the quality figure
         self._eval_reference: list[Any] = []  # the original's Summary per held-out batch
+        self._reference_out: Any = None  # outputs later rows are compared with (see _run_one)
         self._timing_reference: torch.nn.Module | None = None
         self._reference_ms: list[float] = []  # the original's medians, timed next to each later model
         self.model_spec = model_spec
@@ -132,13 +135,17 @@ class PassManager:
                                 f"must keep outputs cannot be verified; check the model and its example inputs")
         report.records.append(self._measured(PassRecord("original", "original", "baseline"), program,
                                              original_out, original_out))
-        previous_out = original_out
-        bar = tqdm(list(self.pipeline), desc="graphopt", unit="pass", disable=self._bar_disabled(),
-                   leave=False)
-        for index, p in enumerate(bar):
-            bar.set_postfix_str(p.name)
-            record, previous_out = self._run_one(program, p, index, previous_out, original_out)
+        previous_out = self._reference_out = original_out
+        n = len(self.pipeline)
+        single = self.progress is None and n < 2  # one pass: its own progress is the bar
+        bar = Progress("graphopt", total=n, unit="pass", bar=False if single else self.progress, every=math.inf)
+        for index, p in enumerate(self.pipeline):
+            progress_log.info("pass %d/%d: %s ...", index + 1, n, p.label())
+            record, previous_out = self._run_one(program, p, index, previous_out)
             report.records.append(record)
+            bar.update(last=p.name)
+            progress_log.info("pass %d/%d: %s %s in %.1f s", index + 1, n, record.text, record.status,
+                              record.seconds or 0.0)
             if record.status == "rolled back":
                 log.warning("pass %s rolled back: %s", record.text, record.reason)
                 if self.on_error == "raise":
@@ -147,19 +154,21 @@ class PassManager:
                 warnings.warn(f"graphopt: pass {record.text} was rolled back: {record.reason}\n"
                               f"  reproduce: {record.reproduce}", PassRolledBackWarning, stacklevel=3)
         bar.close()
+        if self.measure.latency and any(isinstance(m, QuantLinear) for m in program.module.modules()):
+            report.notes.append(
+                "latency is PyTorch eager on this machine, where quantized layers run graphopt's reference "
+                "(dequantize, then a float matmul): slower than float; their fast paths are the ONNX export "
+                "(result.export_onnx, onnxruntime's integer kernels) and the Triton kernels on CUDA")
         self._timing_reference = None  # the copy is only for timing
         if self._reference_ms:  # the original's row shows its time in the same conditions as the others
             report.records[0].latency_ms = statistics.median(self._reference_ms)
         return report
 
-    def _bar_disabled(self) -> bool:
-        if self.progress is None:
-            return len(self.pipeline) < 2 or None  # None: tqdm disables itself on a non-tty
-        return not self.progress
-
-    def _run_one(self, program: Program, p: Pass, index: int, previous_out: Any,
-                 original_out: Any) -> tuple[PassRecord, Any]:
+    def _run_one(self, program: Program, p: Pass, index: int, previous_out: Any) -> tuple[PassRecord, Any]:
+        """Run, verify and measure one pass; later rows compare with ``self._reference_out`` (the original's
+        outputs, or those of the last pass that changed the outputs on purpose)."""
         text = p.label()
+        rebased = False
         record = PassRecord(p.name, text, "ok")
         snapshot = program.snapshot()
         program.current_pass = text
@@ -187,9 +196,10 @@ class PassManager:
                     if not all(bool(t.isfinite().all()) for t in flatten_outputs(new_out).values()
                                if t.is_floating_point() and t.device.type != "meta"):
                         raise VerificationError("outputs are no longer finite")
-                    original_out = new_out  # a new baseline: errors vs the original are undefined
-                    record.diagnostics.append(Diagnostic("<outputs>", "output shapes changed on purpose; "
-                                                         "errors against the original are not defined", "info"))
+                    rebased = True  # errors against the original are undefined: later rows compare with these
+                    record.diagnostics.append(Diagnostic(
+                        "<outputs>", "output shapes changed on purpose: this row has no error or quality figure, "
+                        "and later rows are compared with this pass's outputs", "info"))
                 else:
                     new_out, record.step_rel_err = self._verify(program, p, previous_out)
         except Exception as e:  # a failing pass never takes the model down with it
@@ -199,10 +209,12 @@ class PassManager:
             record.reason = f"{type(e).__name__}: {e}"
             record.reproduce = self._reproducer(index)
             log.debug("pass %s failed:\n%s", text, traceback.format_exc())
-            new_out = previous_out
+            new_out, rebased = previous_out, False
         finally:
             program.current_pass = ""
-        return self._measured(record, program, new_out, original_out), new_out
+        if rebased:
+            self._reference_out = new_out
+        return self._measured(record, program, new_out, self._reference_out, rebased=rebased), new_out
 
     def _reproducer(self, index: int) -> str:
         prefix = str(self.pipeline[: index + 1])
@@ -243,7 +255,9 @@ class PassManager:
                                     f"(max|new-old| / max|old|)")
         return out, (None if program.device.type == "meta" else err.max_rel)
 
-    def _measured(self, record: PassRecord, program: Program, out: Any, original_out: Any) -> PassRecord:
+    def _measured(self, record: PassRecord, program: Program, out: Any, original_out: Any,
+                  rebased: bool = False) -> PassRecord:
+        """Instruments after a pass; ``rebased``: its outputs are the new reference (no error figure)."""
         m, module, inputs = self.measure, program.module, program.example_inputs
         if m.params:
             record.params = count_params(module)
@@ -261,7 +275,7 @@ class PassManager:
                 record.latency_ratio, record.latency_ratio_spread = lat.ratio, lat.ratio_spread
                 if lat.reference_ms is not None:
                     self._reference_ms.append(lat.reference_ms)
-        if self.verify or record.status == "baseline":
+        if (self.verify or record.status == "baseline") and not rebased:
             try:
                 err = compare_outputs(out, original_out)
                 if program.device.type != "meta":
@@ -269,21 +283,27 @@ class PassManager:
             except OutputMismatch:
                 pass
         if self.verify or record.status == "baseline":
-            self._quality(record, program, out, original_out)
+            self._quality(record, program, out, original_out, rebased=rebased)
         return record
 
-    def _quality(self, record: PassRecord, program: Program, out: Any, original_out: Any) -> None:
-        """The task-aware figure against the original, on the held-out batches if there are any."""
+    def _quality(self, record: PassRecord, program: Program, out: Any, original_out: Any,
+                 rebased: bool = False) -> None:
+        """The task-aware figure against the reference, on the held-out batches if there are any; a ``rebased``
+        row becomes the reference (its summaries are kept) and gets no figure."""
         if program.device.type == "meta":
             return
         try:
             if self.eval_batches:
                 with torch.no_grad():  # the original's summaries are kept (small: pooled vectors, ids)
                     now = [summarize(b.call(program.module), b) for b in self.eval_batches]
-                if record.status == "baseline":
+                if record.status == "baseline" or rebased:
                     self._eval_reference = now
+                if rebased:
+                    return
                 pairs = list(zip(now, self._eval_reference))
                 data = f"{sum(b.batch_size for b in self.eval_batches)} held-out samples"
+            elif rebased:
+                return
             else:
                 x = program.example_inputs
                 pairs, data = [(summarize(out, x), summarize(original_out, x))], "the example inputs"

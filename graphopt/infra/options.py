@@ -138,3 +138,42 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def option_help(cls: type) -> dict[str, str]:
+    """Each option's help: the comment that ends its field's line (or the ``#:`` lines above it) in the source.
+
+    The source is the one place the options are declared, so their help is written there, beside each
+    (as Sphinx reads ``#:`` attribute comments). Inherited fields come from the base classes' sources.
+    """
+    import inspect
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # built at run time (a function pass): no source to read
+            continue
+        own = {f.name for f in dataclasses.fields(klass)}
+        above: list[str] = []
+        for line in source.splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                above.append(stripped[2:].strip())
+                continue
+            name = stripped.split(":", 1)[0].strip()
+            if name in own and ":" in stripped and not stripped.startswith(("def ", "@")):
+                try:
+                    comments = [t.string for t in tokenize.generate_tokens(io.StringIO(stripped + "\n").readline)
+                                if t.type == tokenize.COMMENT]
+                except tokenize.TokenError:  # a default spread over several lines
+                    comments = []
+                trailing = [c.lstrip("#").strip() for c in comments[-1:]]
+                trailing = [c for c in trailing if not c.startswith(("type:", "noqa"))]
+                text = " ".join(above + trailing).strip()
+                if text:
+                    out[name] = text
+            above = []
+    return out

@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..units import MIB
+from .metrics import NOISY
+
 
 def _pyplot() -> Any:
     try:
@@ -38,7 +41,7 @@ def _short(text: str, n: int = 28) -> str:
 
 
 def plot_report(report: Any, path: str | Path) -> Path:
-    """Write ``path`` (png/svg/pdf by suffix): quality vs latency ratio and vs weight MB, per pass."""
+    """Write ``path`` (png/svg/pdf by suffix): quality vs latency ratio and vs weight MiB, per pass."""
     plt = _pyplot()
     rows = [r for r in report.records if r.status in ("baseline", "ok")]
     if not rows:
@@ -49,10 +52,10 @@ def plot_report(report: Any, path: str | Path) -> Path:
         raise ValueError("the report has no quality figure to plot (run with verify=True)")
     ylabel = name or "output cosine"
     latency = [1.0 if r.status == "baseline" else r.latency_ratio for r in rows]
-    size = [None if r.weight_bytes is None else r.weight_bytes / 2**20 for r in rows]
+    size = [None if r.weight_bytes is None else r.weight_bytes / MIB for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, xs, xlabel in ((axes[0], latency, "latency, ratio to the original (lower is faster)"),
-                           (axes[1], size, "weights, MB")):
+                           (axes[1], size, "weights, MiB")):
         points = [(x, q, r) for x, q, r in zip(xs, quality, rows) if x is not None and q is not None]
         if not points:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
@@ -67,15 +70,20 @@ def plot_report(report: Any, path: str | Path) -> Path:
                 labels[-1][2].append(r.text or r.name)
             else:
                 labels.append((x, q, [r.text or r.name]))
+        noisy = {id(r) for _, _, r in points if xs is latency and (r.latency_ratio_spread or 0.0) > NOISY}
         for i, (x, q, names) in enumerate(labels):
             color = "tab:green" if i == len(labels) - 1 else ("tab:gray" if i == 0 else "tab:blue")
-            ax.scatter([x], [q], color=color, zorder=2, s=40)
+            hollow = any(id(r) in noisy for x2, q2, r in points if (x2, q2) == (x, q))
+            ax.scatter([x], [q], s=40, zorder=2, **({"facecolors": "white", "edgecolors": color} if hollow
+                                                     else {"color": color}))
             ax.annotate("\n".join(_short(n) for n in names), (x, q), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)
         if xs is latency:
             spread = [r.latency_ratio_spread or 0.0 for _, _, r in points]
             ax.errorbar([p[0] for p in points], [p[1] for p in points],
                         xerr=[p[0] * s for p, s in zip(points, spread)], fmt="none", ecolor="tab:blue", alpha=0.4)
+        if noisy:
+            xlabel += f"\nhollow: spread above {NOISY:.0%}, too noisy to tell from its neighbours"
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{ylabel} vs the original")
         ax.grid(alpha=0.3)

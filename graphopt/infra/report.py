@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.diagnostics import Diagnostic
+from ..units import format_bytes
 from .metrics import NOISY
 from .plots import plot_report
 
@@ -78,12 +79,13 @@ def _change(a: float, b: float) -> str:
 
 
 LEGEND = ("columns: time s = the pass's run time; params / weights / FLOPs = parameter count, bytes of every "
-          "tensor held, FLOPs of one forward on the example inputs; latency ms = median of timed forwards "
-          "(± half the interquartile range; 'noisy' above 10%); vs original = median ratio to the original "
-          "model, timed in turn with it; max abs/rel err and cosine = outputs against the original's on the "
-          "example inputs (rel: max|new - old| / max|old|; cosine: mean over output rows); quality = the "
-          "figure named below the table, against the original (1 = the same). A lossy pass "
-          "(prune, dyt, quantize) is expected to move them; 'ok' means it ran and was verified.")
+          "tensor held, FLOPs of one forward on the example inputs; latency ms = median of timed forwards of the "
+          "nn.Module in PyTorch eager on this machine (± half the interquartile range; 'noisy' above 10%; an "
+          "ONNX export runs in onnxruntime, whose figures its own report gives); vs original = median ratio to "
+          "the original model, timed in turn with it; max abs/rel err and cosine = outputs against the "
+          "original's on the example inputs only (rel: max|new - old| / max|old|; cosine: mean over output "
+          "rows); quality = the figure named below the table, against the original (1 = the same), the one to "
+          "judge a lossy pass (prune, dyt, quantize) by; 'ok' means it ran and was verified.")
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Report:
         rows = []
         for r in self.records:
             rows.append([
-                r.text or r.name, r.status, f"{r.seconds:.2f}", _human(r.params), _human(r.weight_bytes, "B"),
+                r.text or r.name, r.status, f"{r.seconds:.2f}", _human(r.params), format_bytes(r.weight_bytes),
                 _human(r.flops), _latency(r.latency_ms, r.latency_spread), _ratio(r),
                 _err(r.max_abs_err), _err(r.max_rel_err), "-" if r.cosine is None else f"{r.cosine:.4f}",
                 "-" if r.quality is None else f"{r.quality:.4f}",
@@ -169,10 +171,10 @@ class Report:
         if not self.records:
             return "summary: nothing ran"
         first, last = self.records[0], self.records[-1]
-        parts = [f"{name} {_human(a, unit)} -> {_human(b, unit)} ({_change(a, b)})"
-                 for name, a, b, unit in (("params", first.params, last.params, ""),
-                                          ("FLOPs", first.flops, last.flops, ""),
-                                          ("weights", first.weight_bytes, last.weight_bytes, "B"))
+        parts = [f"{name} {show(a)} -> {show(b)} ({_change(a, b)})"
+                 for name, a, b, show in (("params", first.params, last.params, _human),
+                                          ("FLOPs", first.flops, last.flops, _human),
+                                          ("weights", first.weight_bytes, last.weight_bytes, format_bytes))
                  if a is not None and b is not None]
         if last.latency_ratio is not None:
             parts.append(f"latency {_ratio(last)} on {last.threads} thread{'s' if last.threads != 1 else ''}")

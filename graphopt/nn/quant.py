@@ -61,16 +61,27 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     k = w.shape[1]
-    wg = grouped(w.detach().float(), group_size)
-    if scheme == "ternary":
-        valid = grouped(torch.ones_like(w, dtype=torch.float32), group_size)
-        scale = (wg.abs().sum(-1) / valid.sum(-1)).clamp_min(1e-8)
-    else:
-        qmax = qmax or QMAX[scheme]
-        scale = (wg.abs().amax(-1) / qmax).clamp_min(1e-8)
-    lo, hi = CODE_RANGE[scheme]
-    codes = (wg / scale[..., None]).round().clamp(lo if qmax is None else -qmax, hi if qmax is None else qmax)
+    w = w.detach().float()
+    scale = weight_scales(w, scheme, group_size, qmax)
+    codes = round_codes(grouped(w, group_size), scale[..., None], scheme, qmax)
     return codes.reshape(w.shape[0], -1)[:, :k].to(torch.int8), scale
+
+
+def weight_scales(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | None = None) -> torch.Tensor:
+    """The scale of each group of each row of ``w`` (``[out, groups]``, ``w``'s dtype): ``max|w| / qmax`` for
+    int8 / int4, the mean ``|w|`` over the group's real columns for ternary (the zero padding of a short last
+    group does not count). Round to nearest and GPTQ both take their scales from here."""
+    wg = grouped(w, group_size)
+    if scheme == "ternary":
+        valid = grouped(torch.ones_like(w), group_size).sum(-1)
+        return (wg.abs().sum(-1) / valid).clamp_min(1e-8)
+    return (wg.abs().amax(-1) / (qmax or QMAX[scheme])).clamp_min(1e-8)
+
+
+def round_codes(w: torch.Tensor, scale: torch.Tensor, scheme: Scheme, qmax: int | None = None) -> torch.Tensor:
+    """``w / scale`` rounded to the nearest code of ``scheme`` (``[-qmax, qmax]`` when given), in ``w``'s dtype."""
+    lo, hi = (-qmax, qmax) if qmax else CODE_RANGE[scheme]
+    return (w / scale).round().clamp(lo, hi)
 
 
 class QuantLinear(nn.Module):

@@ -2,6 +2,8 @@
 reload with plain transformers in a process that never imports graphopt."""
 
 
+import copy
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def _reload_in_plain_transformers(root) -> dict[str, float]:
     return results
 
 
-def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
+def test_reloadable_prune_reloads_with_plain_transformers(tmp_path):
     expected_config = {"bert": {"intermediate_size": 32}, "gpt2_lm_head": {"n_inner": 64},
                        "llama_causal_lm": {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32},
                        "qwen2_causal_lm": {"num_attention_heads": 2, "num_key_value_heads": 1},
@@ -99,7 +101,7 @@ def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
                        "t5": {"num_heads": 2, "d_ff": 32}}
     for name in RELOAD:
         model, inputs = hf_model(name)
-        res = go.optimize(model, inputs, "prune(ratio=0.5,uniform=true)", measure=False, on_error="raise")
+        res = go.optimize(model, inputs, "prune(ratio=0.5,reloadable=true)", measure=False, on_error="raise")
         assert _params(res.model) < _params(model), name
         for key, value in expected_config[name].items():
             assert getattr(res.model.config, key) == value, (name, key)
@@ -112,9 +114,74 @@ def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
     assert all(err < 1e-5 for err in errors.values()), errors
 
 
-def test_uniform_keeps_what_the_config_cannot_describe_and_says_so():
+def test_the_default_preset_keeps_save_pretrained_and_reloads_in_plain_transformers(tmp_path):
+    """remove_dropout swaps Dropout for Identity; the config builds Dropout again, which is the same in eval mode."""
+    for name in ("bert", "gpt2_lm_head", "llama_causal_lm"):
+        model, inputs = hf_model(name)
+        res = go.optimize(model, inputs, "default", measure=False, on_error="raise")
+        if name != "llama_causal_lm":  # (Llama's attention dropout is a float, not a module)
+            assert res.report.passes[0].stats["removed"] > 0, name
+        assert not any(isinstance(m, torch.nn.Dropout) for m in res.model.modules()), name
+        write_for_reload(res.model, inputs, tmp_path / name)
+    errors = _reload_in_plain_transformers(tmp_path)
+    assert set(errors) == {"bert", "gpt2_lm_head", "llama_causal_lm"}
+    assert all(err < 1e-5 for err in errors.values()), errors
+
+
+def test_the_refusals_advice_works_after_remove_dropout(tmp_path):
     model, inputs = hf_model("bert")
-    res = go.optimize(model, inputs, "prune(ratio=0.5,uniform=true)", measure=False, on_error="raise")
+    res = go.optimize(model, inputs, "remove_dropout,prune(ratio=0.5,reloadable=true)", measure=False,
+                      on_error="raise")
+    write_for_reload(res.model, inputs, tmp_path / "bert")
+    assert _reload_in_plain_transformers(tmp_path)["bert"] < 1e-5
+
+
+def _gqa_llama(hidden=96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=hidden, num_attention_heads=6, num_key_value_heads=2,
+                         intermediate_size=64, num_hidden_layers=2)
+    return LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(0, 128, (2, 8))}
+
+
+def test_reloadable_prune_proposes_only_configs_that_validate_and_reload(tmp_path):
+    """transformers 5.25 validates hidden_size % heads on save: a pruned hidden size of 58 once raised there."""
+    from graphopt.analysis.hf_config import validate_config
+
+    model, inputs = _gqa_llama()
+    res = go.optimize(model, inputs, "prune(ratio=0.4,reloadable=true)", measure=False, on_error="raise")
+    assert _params(res.model) < _params(model)
+    validate_config(res.model.config)
+    write_for_reload(res.model, inputs, tmp_path / "llama")
+    assert _reload_in_plain_transformers(tmp_path)["llama"] < 1e-5
+
+
+def test_config_fits_skip_configs_their_validators_refuse(monkeypatch):
+    """Whatever the installed transformers checks: a config whose validate() raises is never proposed."""
+    from transformers import LlamaConfig
+
+    from graphopt.analysis.hf_config import fit_config, tensor_shapes
+
+    def validate(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+
+    model, _ = _gqa_llama()
+    narrow = copy.deepcopy(model.config)
+    narrow.hidden_size, narrow.head_dim = 58, 16  # heads kept whole, the residual width cut to 58
+    with torch.device("meta"):
+        target = tensor_shapes(type(model)(narrow))
+    monkeypatch.setattr(LlamaConfig, "validate", lambda self: None, raising=False)
+    assert fit_config(model, target).changes["hidden_size"] == 58  # describable, without the validator
+    monkeypatch.setattr(LlamaConfig, "validate", validate)
+    fit = fit_config(model, target)
+    assert not fit.ok and "hidden_size" not in fit.changes
+
+
+def test_reloadable_keeps_what_the_config_cannot_describe_and_says_so():
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "prune(ratio=0.5,reloadable=true)", measure=False, on_error="raise")
     layer = res.model.encoder.layer[0]
     assert layer.attention.self.query.out_features == 32  # BERT derives the head size: heads stay whole
     assert layer.intermediate.dense.out_features == 32
@@ -126,7 +193,7 @@ def test_per_layer_sizes_refuse_save_pretrained_with_the_way_out(tmp_path):
     model, inputs = hf_model("bert")
     res = go.optimize(model, inputs, "prune(ratio=0.5,allocation=global)", measure=False, on_error="raise")
     assert any("save_pretrained refused" in n for n in res.report.notes)
-    with pytest.raises(NotLoadableError, match=r"encoder\.layer\.\d.*go\.save.*uniform=true"):
+    with pytest.raises(NotLoadableError, match=r"encoder\.layer\.\d.*go\.save.*reloadable=true"):
         res.model.save_pretrained(tmp_path / "bert")
     assert not (tmp_path / "bert").exists()  # nothing half-written
     go.save(res, tmp_path / "graphopt")  # the way out works
@@ -146,7 +213,7 @@ def test_dyt_refuses_save_pretrained(tmp_path):
 
 def test_go_load_replays_config_edits_and_the_result_saves_pretrained(tmp_path):
     model, inputs = hf_model("llama_causal_lm")
-    res = go.optimize(model, inputs, "prune(ratio=0.5,uniform=true)", measure=False, on_error="raise")
+    res = go.optimize(model, inputs, "prune(ratio=0.5,reloadable=true)", measure=False, on_error="raise")
     go.save(res, tmp_path / "g")
     base = hf_model("llama_causal_lm", seed=7)[0]
     loaded = go.load(tmp_path / "g", base)
@@ -156,9 +223,9 @@ def test_go_load_replays_config_edits_and_the_result_saves_pretrained(tmp_path):
     assert errors["llama"] < 1e-5
 
 
-def test_uniform_needs_uniform_allocation():
+def test_reloadable_needs_uniform_allocation():
     model, inputs = hf_model("llama")
-    res = go.optimize(model, inputs, "prune(uniform=true,allocation=global)", measure=False)
+    res = go.optimize(model, inputs, "prune(reloadable=true,allocation=global)", measure=False)
     assert res.report.records[-1].status == "rolled back"
     assert "needs allocation=uniform" in res.report.records[-1].reason
 

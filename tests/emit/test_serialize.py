@@ -421,7 +421,7 @@ def test_gpt2_from_the_zoo_round_trips(tmp_path):
 
 def test_resnet_fold_bn_round_trip(tmp_path):
     if "fold_bn" not in go.list_passes():
-        pytest.skip("the fold_bn pass is not registered yet (passes/fold_bn.py is a placeholder)")
+        pytest.skip("the fold_bn pass is not registered yet (graphopt/passes/fold_bn.py is a placeholder)")
     from transformers import ResNetModel
 
     m, x = hf_model("resnet")

@@ -157,3 +157,34 @@ def test_plotting_without_matplotlib_says_how_to_install_it(monkeypatch, tmp_pat
     res = go.optimize(_mlp(), torch.randn(8, 16), "remove_dropout", measure=False)
     with pytest.raises(ImportError, match=r"pip install 'graphopt\[plot\]'"):
         res.report.plot(tmp_path / "r.png")
+
+
+def test_sizes_are_in_one_unit_everywhere_mib():
+    from graphopt.frontend.inspect import summarize as inspect_summary
+    from graphopt.units import format_bytes
+
+    assert format_bytes(90_860_544) == "86.65 MiB" and format_bytes(512) == "512 B" and format_bytes(None) == "-"
+    model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512)).eval()  # 1 050 112 parameters: 4.01 MiB
+    res = go.optimize(model, torch.randn(2, 512), "fold_bn", measure=True)
+    text = str(res.report)
+    assert "4.01 MiB" in text and "MB" not in text.replace("MiB", "")
+    assert "weights 4.01 MiB -> 4.01 MiB" in res.report.summary()
+    assert "4.01 MiB" in inspect_summary(go.analyze(model, torch.randn(2, 512)))
+
+
+def test_a_pass_that_changes_the_outputs_gets_no_error_figure_and_later_rows_compare_with_its_outputs():
+    """prune(outputs=true) halves an output: its row once said max rel err 0, cosine 1, quality 1 (lossless)."""
+    model = _mlp()
+    x = torch.randn(8, 16)
+    res = go.optimize(model, x, "prune(ratio=0.5,outputs=true),quantize(scheme=int4,group_size=16)",
+                      measure=False, on_error="raise")
+    pruned, quantized = res.report.passes
+    assert res.model(x).shape[-1] < model(x).shape[-1]
+    assert (pruned.max_abs_err, pruned.max_rel_err, pruned.cosine, pruned.quality) == (None, None, None, None)
+    assert any("no error or quality figure" in d.message for d in pruned.diagnostics)
+    # the quantize row: its error against the pruned model's outputs (what it changed), not undefined
+    pruned_only = go.optimize(model, x, "prune(ratio=0.5,outputs=true)", measure=False, on_error="raise").model
+    with torch.no_grad():
+        want = go.compare_outputs(res.model(x), pruned_only(x))
+    assert want.max_rel > 0 and quantized.max_rel_err == pytest.approx(want.max_rel)
+    assert quantized.cosine == pytest.approx(want.cosine) and quantized.quality is not None

@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 import graphopt as go
+from graphopt.analysis.hf_config import DROPOUTS as _DROPOUTS
 from graphopt.helpers.zoo import hf_model
-
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def dropouts(model: nn.Module) -> list[str]:
@@ -97,3 +96,12 @@ def test_hf_bert_where_scopes_to_encoder():
     assert "embeddings.dropout" in dropouts(res.model)
     assert not any(n.startswith("encoder.layer.1.") for n in dropouts(res.model))
     assert len(dropouts(res.model)) == 4
+
+
+def test_the_default_preset_on_a_model_with_nothing_to_do_says_why_at_info_level():
+    """The README's first snippet once warned 'fold_bn changed nothing and gave no reason'."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    res = go.optimize(model, torch.randn(3, 4), "default", measure=False, on_error="raise")
+    for record, why in zip(res.report.passes, ("no Dropout layers in the model", "no BatchNorm layers in the model")):
+        assert record.status == "unchanged"
+        assert [(d.level, d.message.split(":")[0]) for d in record.diagnostics] == [("info", why)], record.diagnostics

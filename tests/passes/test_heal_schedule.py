@@ -101,6 +101,35 @@ def test_the_recipe_follows_the_change_and_given_options_win():
     assert _record(res).stats["trained_params"] == sum(p.numel() for p in res.model.parameters()) - embeddings
 
 
+def test_steps_and_blockwise_are_one_schedule_an_explicit_one_wins_over_the_recipes():
+    """heal(steps=N) after prune runs N steps, not the recipe's block-wise stage too (it once ran 384 s)."""
+    model, inputs = hf_model("bert", layers=2)
+    calib = _calib(model)
+    rec = _record(go.optimize(model, inputs, "prune(ratio=0.5),heal(steps=3)", calib=calib, measure=False,
+                              on_error="raise"))
+    assert rec.stats["steps"] == 3 and "block_loss_after" not in rec.stats
+    assert "blockwise=0" in rec.diagnostics[0].message
+
+    rec = _record(go.optimize(model, inputs, "prune(ratio=0.5),heal(blockwise=2)", calib=calib, measure=False,
+                              on_error="raise"))
+    assert "block_loss_after" in rec.stats and rec.stats["steps"] == 0
+
+    rec = _record(go.optimize(model, inputs, "prune(ratio=0.5),heal", calib=calib, measure=False,
+                              on_error="raise"))
+    assert rec.stats["steps"] > 0 and "block_loss_after" in rec.stats  # left unset: the recipe's whole
+
+
+def test_heal_on_a_model_no_pass_changed_does_nothing_and_says_why():
+    model, inputs = hf_model("bert", layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = go.optimize(model, inputs, "heal", calib=_calib(model), measure=False, on_error="raise")
+    rec = res.report.records[-1]
+    assert rec.status == "unchanged" and "steps" not in rec.stats
+    assert "the model is still the original (no earlier pass changed it): nothing to heal" in [
+        d.message for d in rec.diagnostics]
+    assert all(torch.equal(v, res.model.state_dict()[k]) for k, v in before.items())
+
+
 def test_new_lr_scale_speeds_up_only_the_parameters_earlier_passes_made():
     model, inputs = hf_model("bert", layers=2)
     calib = _calib(model)
@@ -123,12 +152,12 @@ def test_new_lr_scale_speeds_up_only_the_parameters_earlier_passes_made():
 def test_the_quantize_recipe_fits_block_by_block_then_end_to_end(name):
     model, inputs = hf_model(name, layers=2)
     calib = _calib(model)
-    res = go.optimize(model, inputs, "quantize(scheme=int4,group_size=32),heal(steps=10)", calib=calib,
+    res = go.optimize(model, inputs, "quantize(scheme=int4,group_size=32),heal", calib=calib,
                       measure=False, on_error="raise")
     rec = _record(res)
     assert rec.diagnostics[0].message.startswith("recipe for quantize") and RECIPES["quantize"].blockwise > 0
     assert rec.stats["block_loss_after"] < rec.stats["block_loss_before"]
-    assert rec.stats["loss_after"] < rec.stats["loss_before"] and rec.stats["steps"] == 10
+    assert rec.stats["loss_after"] < rec.stats["loss_before"] and 0 < rec.stats["steps"] <= RECIPES["quantize"].steps
 
 
 def test_a_recipes_block_wise_stage_falls_back_to_end_to_end_without_blocks():
@@ -137,12 +166,13 @@ def test_a_recipes_block_wise_stage_falls_back_to_end_to_end_without_blocks():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     calib = [torch.randn(16, 8) for _ in range(10)]
-    res = go.optimize(mlp, calib[0], "prune(ratio=0.5),heal(steps=20,lr=1e-3)", calib=calib, measure=False,
+    res = go.optimize(mlp, calib[0], "prune(ratio=0.5),heal(lr=1e-3,patience=0)", calib=calib, measure=False,
                       on_error="raise")
     rec = _record(res)
     assert RECIPES["prune"].blockwise > 0 and "blockwise=0" in rec.diagnostics[0].message
     assert rec.diagnostics[1].message.startswith("no block-wise stage")
-    assert rec.stats["steps"] == 20 and rec.stats["loss_after"] < rec.stats["loss_before"]
+    assert rec.stats["steps"] == max(RECIPES["prune"].steps, 200)
+    assert rec.stats["loss_after"] < rec.stats["loss_before"]
 
 
 def test_change_kind_reads_the_edit_log():

@@ -120,14 +120,20 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme, group, act_ord
     assert gptq < 0.6 * rtn, (gptq, rtn)
 
 
-def test_gptq_with_an_identity_hessian_is_round_to_nearest():
+@pytest.mark.parametrize("scheme, qmax", [("int8", None), ("int4", None), ("ternary", None), ("int8", 63)])
+@pytest.mark.parametrize("group", [0, 8, 16])  # 16 does not divide 40: a short last group
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(scheme, qmax, group, act_order):
+    """With no correlation between inputs GPTQ has no error to spread: its codes and scales are RTN's.
+    (Ternary with a short last group and act_order once averaged the zero padding into that group's scale.)"""
     from graphopt.nn.quant import quantize_weight
     from graphopt.passes.gptq import gptq_quantize
 
-    w = torch.randn(8, 40)
-    codes, scale = gptq_quantize(w, torch.eye(40), "int4", 8, damp=0.0)
-    rtn_codes, rtn_scale = quantize_weight(w, "int4", 8)
-    assert torch.equal(codes, rtn_codes) and torch.allclose(scale, rtn_scale)
+    w = torch.randn(4, 40, generator=torch.Generator().manual_seed(3))
+    codes, scale = gptq_quantize(w, torch.eye(40), scheme, group, damp=0.0, act_order=act_order, qmax=qmax)
+    rtn_codes, rtn_scale = quantize_weight(w, scheme, group, qmax)
+    assert torch.equal(codes, rtn_codes)
+    torch.testing.assert_close(scale, rtn_scale, rtol=1e-6, atol=0)
 
 
 def _calib(n=6, seed=1):
@@ -185,14 +191,13 @@ def test_report_shows_the_weight_bytes_each_pass_leaves():
 
 @pytest.mark.parametrize("name", ["llama_causal_lm", "bert", "gpt2_lm_head"])
 def test_gptq_block_by_block_equals_the_whole_model_order(name):
-    from graphopt.passes.gptq_blocks import repeated_blocks
+    from graphopt.analysis.blocks import find_blocks
 
     model, inputs = hf_model(name)
     # enough rows for well-conditioned Hessians: GPTQ amplifies float rounding differences when the Hessian
     # is nearly singular (with 4 batches this test failed in some full-suite orders, never alone)
     calib = _calib(16)
-    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
-    assert len(repeated_blocks(model, targets)) == model.config.num_hidden_layers
+    assert len(find_blocks(model, inputs)) == model.config.num_hidden_layers
     codes, models = {}, {}
     for by_block in (True, False):
         res = go.optimize(model, inputs, f"quantize(scheme=int4,group_size=16,method=gptq,by_block={by_block})",
@@ -237,3 +242,40 @@ def test_gptq_on_modules_that_are_not_a_chain_uses_the_whole_model_order():
                           calib=calib, measure=False, on_error="raise")
         codes[by_block] = {n: m.qweight for n, m in _quantized(res.model).items()}
     assert len(codes[True]) == 6 and all(torch.equal(codes[True][n], codes[False][n]) for n in codes[True])
+
+
+def test_gptq_creates_every_tensor_on_the_weights_device():
+    """With the default device set elsewhere (meta), a factory call without device= would mix devices."""
+    from graphopt.passes.gptq import gptq_quantize
+
+    x = _correlated()
+    w, h = torch.randn(8, 64), x.T.double() @ x.double()
+    want = gptq_quantize(w, h, "int4", 16, act_order=True)
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        got = gptq_quantize(w, h, "int4", 16, act_order=True)
+    finally:
+        torch.set_default_device(previous)
+    assert got[0].device == got[1].device == w.device
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_gptq_rounds_a_feature_never_seen_in_calibration_to_nearest_and_says_so():
+    """The reference algorithm zeroes such a column: 0.70 error wherever the feature is non-zero."""
+    from graphopt.nn.quant import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    calib = [torch.randn(32, 16) * (torch.arange(16) != 3) for _ in range(4)]  # feature 3: always 0
+    res = go.optimize(model, calib[0], "quantize(scheme=int8,method=gptq)", calib=calib, measure=False,
+                      on_error="raise")
+    layer = res.model[0]
+    assert isinstance(layer, QuantLinear)
+    probe = torch.zeros(1, 16)
+    probe[0, 3] = 1.0  # reads column 3 alone
+    with torch.no_grad():
+        err = float((layer(probe) - model(probe)).norm() / (model(probe) - model[0].bias).norm())
+    assert err < 0.02, err
+    notes = [d.message for d in res.report.passes[0].diagnostics if d.target == "0"]
+    assert any("1 input feature(s) were zero in every calibration batch" in m for m in notes), notes

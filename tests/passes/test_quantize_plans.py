@@ -152,6 +152,13 @@ def test_w8a8_per_token_quantizes_each_token_on_its_own_scale(tmp_path):
     matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
     assert len(matmuls) == len(layers)
     assert all(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in matmuls)
+    # quant_format names how weight-only layers are written; w8a8 layers stay integer MatMuls under either
+    # (per-token layers once went to the int4 MatMulNBits path and were refused with int4 advice)
+    nbits = res.export_onnx(tmp_path / "nbits.onnx", quant_format="matmulnbits")
+    assert nbits.verified
+    graph = onnx.load(str(tmp_path / "nbits.onnx")).graph
+    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == len(layers)
+    assert not any(n.op_type == "MatMulNBits" for n in graph.node)
     with pytest.raises(go.PassFailedError, match="act_scales.*scheme=w8a8"):
         go.optimize(model, inputs, "quantize(scheme=int4,act_scales=token)", measure=False, on_error="raise")
 

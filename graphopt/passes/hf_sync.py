@@ -53,7 +53,7 @@ def sync_hf_config(program: Program, attrs_before: dict[str, float], result: Pas
         problem = reload_mismatch(model, with_changes(model.config, fit.changes), program.example_inputs)
     if problem is not None:
         result.note("<config>", f"the HF config cannot describe the rewritten model ({problem}); save_pretrained "
-                    "will refuse it: save with go.save / go.load, or prune with uniform=true", "info")
+                    "will refuse it: save with go.save / go.load, or prune with reloadable=true", "info")
         return False
     for key, value in fit.changes.items():
         program.set_config(key, value)
@@ -63,7 +63,7 @@ def sync_hf_config(program: Program, attrs_before: dict[str, float], result: Pas
     return True
 
 
-# --- which groups a config can describe (prune(uniform=true)) -----------------------------------------
+# --- which groups a config can describe (prune(reloadable=true)) -----------------------------------------
 
 def group_kind(group: Group) -> tuple:
     """Groups that play the same part in every layer share a kind (``layers.*.mlp.up_proj.weight:0``, ...)."""
@@ -107,7 +107,7 @@ def describable_groups(program: Program, groups: list[Group], result: PassResult
     search on the shapes that would give (nothing is changed).
     """
     if not is_hf_model(program.module):
-        result.note("", "uniform=true: not a HuggingFace model, so only the same count per layer is kept", "info")
+        result.note("", "reloadable=true: not a HuggingFace model, so only the same count per layer is kept", "info")
         return groups
     kinds: dict[tuple, list[Group]] = defaultdict(list)
     for g in groups:

@@ -44,10 +44,10 @@ def _span_name(blocks: BlockList, start: int, n: int) -> str:
 class _Depth(Pass):
     """What drop_blocks and replace_blocks share: finding the blocks and choosing the span."""
 
-    n: Annotated[int, Range(1)] = 1
+    n: Annotated[int, Range(1)] = 1  # how many consecutive blocks to cut
     start: Annotated[int, Range(0)] | None = None  # the first block to cut; None: the closest span on calibration data
     blocks: str | None = None  # the ModuleList of blocks; None: found (the largest stack on the residual path)
-    calib_batches: Annotated[int, Range(1)] = 32
+    calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read to choose the span (and fit the map)
 
     def _batches(self, program: Program) -> list:
         batches = list(itertools.islice(iter(program.calib), self.calib_batches)) if program.calib is not None else []
@@ -125,7 +125,7 @@ class ReplaceBlocks(_Depth):
     decisive = ("n", "method")
     needs_calibration = True
 
-    method: Literal["lstsq", "cosine"] = "lstsq"
+    method: Literal["lstsq", "cosine"] = "lstsq"  # fit the map by least squares, or by Adam on a cosine loss
     fold: bool = True  # fold the map into the previous block's down-projection where the blocks allow it
     steps: Annotated[int, Range(1)] = 400  # method=cosine: Adam steps
     lr: Annotated[float, Range(0, lo_open=True)] = 1e-4  # method=cosine: Adam learning rate

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
+from graphopt.analysis.blocks import BlockList, block_of
 from graphopt.analysis.calibration import mask_of
 from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, reference_norm
 from graphopt.frontend.inputs import as_example_inputs
@@ -46,7 +46,6 @@ from .progressive import heal_each
 
 log = logging.getLogger(__name__)
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
 class _Stop(Exception):
@@ -68,13 +67,12 @@ def default_alpha0(kind: str, role: str, channels: int) -> float:
     return attn if role == "attention" else other
 
 
-def norms_by_block(norms: Sequence[_Norm]) -> dict[str, set[str]]:
-    """Norm names grouped by the repeated block they sit in (the name up to its first index), in order;
-    a norm outside any block (embeddings, final norm) is a group of its own."""
+def norms_by_block(norms: Sequence[_Norm], stacks: list[BlockList]) -> dict[str, set[str]]:
+    """Norm names grouped by the repeated block they sit in (the ``"blocks"`` analysis), in order; a norm
+    outside every block (embeddings, final norm) is a group of its own."""
     groups: dict[str, set[str]] = {}
     for n in norms:
-        m = _BLOCK.match(n.name)
-        groups.setdefault(m.group(1) if m else n.name, set()).add(n.name)
+        groups.setdefault(block_of(n.name, stacks) or n.name, set()).add(n.name)
     return groups
 
 
@@ -104,7 +102,7 @@ def find_norms(program: Program, *, target: str = "all", where: str = "*",
         taken.append(name)
     order = _execution_order(program, [n.name for n in found])
     found.sort(key=lambda n: order.get(n.name, len(order)))
-    _assign_roles(found, order)
+    _assign_roles(found, order, program.analyses.get("blocks"))
     return found
 
 
@@ -125,12 +123,12 @@ def _execution_order(program: Program, names: list[str]) -> dict[str, int]:
     return order
 
 
-def _assign_roles(norms: list[_Norm], order: dict[str, int]) -> None:
+def _assign_roles(norms: list[_Norm], order: dict[str, int], stacks: list[BlockList]) -> None:
     blocks: dict[str, list[_Norm]] = {}
     loose: list[_Norm] = []
     for n in norms:
-        m = _BLOCK.match(n.name)
-        (blocks.setdefault(m.group(1), []) if m else loose).append(n)
+        block = block_of(n.name, stacks)
+        (blocks.setdefault(block, []) if block else loose).append(n)
     for members in blocks.values():
         for i, n in enumerate(members):  # already in execution order
             n.role = "ffn" if i == len(members) - 1 and len(members) > 1 else "attention"
@@ -212,17 +210,17 @@ class DyTPass(Pass):
 
     decisive = ("mode", "variant")
 
-    mode: Literal["init", "calibrated"] = "calibrated"
-    target: Literal["layernorm", "rmsnorm", "all"] = "all"
-    variant: Literal["dyt", "eln"] = "dyt"
-    where: str = "*"
-    alpha0: Annotated[float, Range(0, lo_open=True)] | None = None
-    affine: Literal["copy", "fresh"] = "copy"
+    mode: Literal["init", "calibrated"] = "calibrated"  # fit α, γ, β on calibration data, or the paper's init
+    target: Literal["layernorm", "rmsnorm", "all"] = "all"  # which kinds of norm are replaced
+    variant: Literal["dyt", "eln"] = "dyt"  # DyT (tanh) or ELN (elementwise layer norm)
+    where: str = "*"  # glob on the module names of the norms replaced
+    alpha0: Annotated[float, Range(0, lo_open=True)] | None = None  # mode=init: the starting α (None: per role)
+    affine: Literal["copy", "fresh"] = "copy"  # mode=init: γ, β copied from the norm, or 1 and 0
     per_channel_alpha: bool | None = None  # one α per channel (None: when calibrated; init: the paper's scalar)
-    fused: bool = False
-    fit_to: Literal["original", "local"] = "original"
-    batches: Annotated[int, Range(1)] = 8
-    max_tokens: Annotated[int, Range(1)] = 8192
+    fused: bool = False  # run the fused Triton kernel (GPUs; variant=dyt)
+    fit_to: Literal["original", "local"] = "original"  # calibrated: fit to the original's norm outputs or the local ones
+    batches: Annotated[int, Range(1)] = 8  # calibrated: calibration batches read
+    max_tokens: Annotated[int, Range(1)] = 8192  # calibrated: the most token rows kept per norm for the fit
     progressive: Annotated[int, Range(0)] = 0  # heal steps after each block's norms (0: all at once, no heal)
 
     @property
@@ -247,7 +245,7 @@ class DyTPass(Pass):
         if not self.progressive:
             return self._convert(program, norms, result)
         units = []
-        for unit, names in norms_by_block(norms).items():
+        for unit, names in norms_by_block(norms, am.get("blocks")).items():
             def convert(names: set[str] = names) -> PassResult:
                 now = find_norms(program, target=self.target, where=self.where)
                 return self._convert(program, [n for n in now if n.name in names], PassResult(modified=False))

@@ -12,19 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.nn.quant import CODE_RANGE, QMAX, grouped
-
-
-def _scales(w: torch.Tensor, scheme: str, qmax: int | None) -> torch.Tensor:
-    """One scale per row of ``w`` (``[out, g]``) for ``scheme``."""
-    if scheme == "ternary":
-        return w.abs().mean(-1).clamp_min(1e-8)
-    return (w.abs().amax(-1) / (qmax or QMAX[scheme])).clamp_min(1e-8)
-
-
-def _round(w: torch.Tensor, scale: torch.Tensor, scheme: str, qmax: int | None) -> torch.Tensor:
-    lo, hi = (-qmax, qmax) if qmax else CODE_RANGE[scheme]
-    return (w / scale).round().clamp(lo, hi)
+from graphopt.nn.quant import round_codes, weight_scales
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, group_size: int, *,
@@ -32,35 +20,42 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (int8 ``[out, in]``) and scales (``[out, groups]``) for ``weight`` given its input Hessian.
 
-    ``qmax`` narrows int8 / int4 codes to ``[-qmax, qmax]`` (w8a8's 7-bit weights)."""
+    ``qmax`` narrows int8 / int4 codes to ``[-qmax, qmax]`` (w8a8's 7-bit weights). The math runs on the
+    weight's device, in float64 where the device has it (else float32 with at least 1% damping). Input
+    features that were zero in every calibration batch (``H_ii = 0``) carry no data: their columns are rounded
+    to nearest (the reference algorithm zeroes them, which is wrong wherever such a feature is non-zero).
+    """
     out, k = weight.shape
-    w = weight.detach().to(torch.float64).clone()
-    h = hessian.to(torch.float64).clone()
+    device = weight.device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    if dtype is torch.float32:
+        damp = max(damp, 0.01)
+    w = weight.detach().to(device=device, dtype=dtype).clone()
+    h = hessian.to(device=device, dtype=dtype).clone()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
+    h[dead, dead] = 1.0  # no correlation with the others: the column is rounded on its own
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=dtype, device=device)
     g = k if group_size <= 0 else group_size
     n_groups = -(-k // g)
-    scales = torch.zeros(out, n_groups, dtype=torch.float64)
+    scales = torch.zeros(out, n_groups, dtype=dtype, device=device)
     static = act_order or group_size <= 0
     if static:  # fixed from the original weights: needed when columns are visited out of order
-        scales[:] = _scales(grouped(w, group_size), scheme, qmax)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+        scales[:] = weight_scales(w, scheme, group_size, qmax)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=device)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(out, k, dtype=torch.float64)
+    codes = torch.zeros(out, k, dtype=dtype, device=device)
     for start in range(0, k, block):
         end = min(start + block, k)
-        w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out, end - start, dtype=torch.float64), \
+        w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out, end - start, dtype=dtype, device=device), \
             hinv[start:end, start:end]
         for i in range(end - start):
             col = int(perm[start + i])
             group = col // g
             if not static and col % g == 0:  # a new group: its scale from the weights as updated so far
                 span = min(g, k - col)
-                scales[:, group] = _scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme, qmax)
-            q = _round(w1[:, i], scales[:, group], scheme, qmax)
+                scales[:, group] = weight_scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme, 0, qmax)[:, 0]
+            q = round_codes(w1[:, i], scales[:, group], scheme, qmax)
             codes[:, start + i] = q
             err = (w1[:, i] - q * scales[:, group]) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]

@@ -57,11 +57,14 @@ def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int
     uneven_layers = [n for n, (_, k) in shapes.items() if group > 0 and k % group]
     if uneven_layers and uneven == "error":
         n = uneven_layers[0]
+        fits = [g for g in range(group - 1, 7, -1) if all(k % g == 0 for _, k in shapes.values())]
+        divides = f"group_size={fits[0]} does" if fits else f"no size from 8 to {group} does"
         raise ValueError(
-            f"quantize(group_size={group}): {len(uneven_layers)} layer(s) have an input width that is not a "
-            f"multiple of {group} (e.g. {n!r} with {shapes[n][1]}). Pass uneven_groups=short (a shorter last "
-            "group: graphopt and ONNX run it; compressed-tensors checkpoints do not) or "
-            "uneven_groups=per_channel (one scale per row for those layers), or choose a group size that divides")
+            f"quantize(group_size={group}): {len(uneven_layers)} of {len(shapes)} layers have an input width that "
+            f"is not a multiple of {group} (e.g. {n!r} with {shapes[n][1]}). Pass uneven_groups=short (a shorter "
+            "last group: graphopt and ONNX run it; compressed-tensors checkpoints do not) or "
+            "uneven_groups=per_channel (one scale per row for those layers), or choose a group size that divides "
+            f"every input width ({divides})")
     for name in shapes:
         if name in uneven_layers:
             if uneven == "per_channel":

@@ -16,11 +16,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from graphopt.analysis.calibration import mask_of
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.program import Program
+from graphopt.progress import Progress
 
 from .heal_losses import Features
 
@@ -135,11 +135,10 @@ class HealRun:
                   for fast, scale in ((False, 1.0), (True, h.new_lr_scale))]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.lr, weight_decay=h.weight_decay)
         ema, self.flat = math.nan, 0
-        bar = tqdm(range(h.steps), desc="heal", unit="step", leave=False,
-                   disable=None if h.progress is None else not h.progress)
-        with torch.random.fork_rng(devices=[]):
+        bar = Progress("heal", total=h.steps, unit="step", bar=h.progress)
+        with torch.random.fork_rng(devices=[]), bar:
             torch.manual_seed(h.seed)
-            for step in bar:
+            for step in range(h.steps):
                 for group in opt.param_groups:
                     group["lr"] = h.lr * group["scale"] * h.lr_factor(step)
                 loss = self.loss(next(order))
@@ -153,12 +152,13 @@ class HealRun:
                 self.step = step + 1
                 value = float(loss.detach())
                 ema = value if math.isnan(ema) else 0.9 * ema + 0.1 * value
-                if self.step % every == 0 or self.step == h.steps:
+                checked = self.step % every == 0 or self.step == h.steps
+                if checked:
                     held = self.check()
-                    bar.set_postfix(loss=f"{ema:.4g}", held_out=f"{held:.4g}")
-                    if h.patience and self.flat >= h.patience and step >= h.warmup:
-                        log.info("heal: early stop at step %d (held-out loss %.4g, best %.4g at step %d)",
-                                 self.step, held, self.best, self.best_step)
-                        break
-        bar.close()
+                    bar.postfix["held_out"] = f"{held:.4g}"
+                bar.update(loss=f"{ema:.4g}")
+                if checked and h.patience and self.flat >= h.patience and step >= h.warmup:
+                    log.info("heal: early stop at step %d (held-out loss %.4g, best %.4g at step %d)",
+                             self.step, held, self.best, self.best_step)
+                    break
         return self.step, ema

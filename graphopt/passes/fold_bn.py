@@ -217,6 +217,7 @@ class FoldBatchNorm(Pass):
         bns = {n: m for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         if not bns:
             result.stats.update(folded=0, skipped=0)
+            result.note("", "no BatchNorm layers in the model: nothing to fold")
             return result
         ep = am.get("exported")
         names = _tensor_names(ep)

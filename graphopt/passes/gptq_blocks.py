@@ -8,8 +8,8 @@ sees the activations of the already-quantized model, as in the whole-model seque
 work is one pass over the blocks instead of one forward per group, and only one block's inputs are
 held at a time (the step towards streaming a model larger than memory block by block).
 
-Blocks are the children of the ``nn.ModuleList`` that holds the most target layers; layers outside it
-(a pooler, an LM head) are left to the caller.
+Blocks are the model's main stack (:func:`graphopt.analysis.blocks.find_blocks`, the finder every pass
+uses); layers outside it (a pooler, an LM head, an encoder-decoder's other stack) are left to the caller.
 """
 
 from __future__ import annotations
@@ -21,26 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.analysis.blocks import chained, first_block_inputs, hidden_of, run_hooked
+from graphopt.analysis.blocks import find_blocks, first_block_inputs, hidden_of, run_hooked
 from graphopt.analysis.calibration import GramAccumulator, layer_input_grams, mask_of
 from graphopt.frontend.inputs import ExampleInputs
+from graphopt.progress import track
 
 log = logging.getLogger(__name__)
 
 QuantizeGroup = Callable[[list[str], dict[str, GramAccumulator]], None]
-
-
-def repeated_blocks(model: nn.Module, targets: list[str]) -> list[str]:
-    """Names of the blocks (children of the ModuleList holding the most targets); ``[]`` when none."""
-    best, covered = "", 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and name:
-            n = sum(t.startswith(f"{name}.") for t in targets)
-            if n > covered:
-                best, covered = name, n
-    if not best:
-        return []
-    return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
 
 
 def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> tuple[list[list[str]], list[str]]:
@@ -65,13 +53,6 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) ->
     return groups, [n for n in layers if n not in first]
 
 
-def _chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
-    ok = chained(model, blocks, batch)
-    if not ok:
-        log.info("GPTQ in whole-model order: the blocks do not run one after the other on their outputs")
-    return ok
-
-
 def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_group: QuantizeGroup
                   ) -> list[str]:
     """Quantize the targets inside the model's blocks, block by block; returns the targets left (outside).
@@ -79,8 +60,10 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
     Returns every target untouched when the model has no recognisable blocks (the caller then runs
     the whole-model sequential order).
     """
-    blocks = repeated_blocks(model, targets)
-    if not blocks or not _chained(model, [model.get_submodule(b) for b in blocks], batches[0]):
+    try:
+        blocks = find_blocks(model, batches[0]).names
+    except ValueError as e:
+        log.info("GPTQ in whole-model order: %s", e)
         return targets
     inputs = first_block_inputs(model, model.get_submodule(blocks[0]), batches)
     try:
@@ -92,7 +75,7 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
         return targets
     masks = [mask_of(b) for b in batches]
     done: set[str] = set()
-    for block_name in blocks:
+    for block_name in track(blocks, "quantize: GPTQ", unit="block"):
         block = model.get_submodule(block_name)
         inside = {t: model.get_submodule(t) for t in targets if t.startswith(f"{block_name}.")}
         calls = [ExampleInputs(args, kwargs) for args, kwargs in inputs]

@@ -58,14 +58,14 @@ class Prune(Pass):
     ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.3  # fraction of units removed
     target_params: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # fraction of parameters kept
     target_flops: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # fraction of FLOPs kept
-    importance: Literal["l1", "l2", "taylor"] = "l2"
-    allocation: Literal["uniform", "global"] = "uniform"
-    where: str = "*"
-    round_to: Annotated[int, Range(1)] = 1
-    outputs: bool = False
-    min_units: Annotated[int, Range(1)] = 1
-    calib_batches: Annotated[int, Range(1)] = 8
-    uniform: bool = False
+    importance: Literal["l1", "l2", "taylor"] = "l2"  # unit ranking: weight norms, or Taylor (needs calibration)
+    allocation: Literal["uniform", "global"] = "uniform"  # the same fraction of every group, or one ranking across groups
+    where: str = "*"  # glob on module names: only groups all of whose layers match are pruned
+    round_to: Annotated[int, Range(1)] = 1  # units kept per group are a multiple of this
+    outputs: bool = False  # let the model's output dims shrink too (changes its outputs)
+    min_units: Annotated[int, Range(1)] = 1  # the fewest units a group keeps
+    calib_batches: Annotated[int, Range(1)] = 8  # importance=taylor: calibration batches read
+    reloadable: bool = False  # prune only what a HF config describes (the same sizes in every layer)
     progressive: Annotated[int, Range(0)] = 0  # heal steps after each of `rounds` rounds (0: one shot, no heal)
     rounds: Annotated[int, Range(1)] = 3  # progressive: the target is reached in this many equal rounds
 
@@ -97,7 +97,7 @@ class Prune(Pass):
         for g in graph.groups:
             if g not in groups:
                 result.skip(g.modules[0], f"group {g.id} outside where={self.where!r}")
-        if self.uniform:
+        if self.reloadable:
             groups = describable_groups(program, groups, result)
         if not groups:
             result.note("", "no prunable group found", "warning")
@@ -139,8 +139,8 @@ class Prune(Pass):
             changed = self._same_graph(program, before, graph, changed, keep, snapshot, result, n_before)
         if not changed:
             return result
-        if not sync_hf_config(program, attrs_before, result) and self.uniform:
-            raise RuntimeError("uniform=true: the HF config cannot describe the pruned model: "
+        if not sync_hf_config(program, attrs_before, result) and self.reloadable:
+            raise RuntimeError("reloadable=true: the HF config cannot describe the pruned model: "
                                + next(d.message for d in result.diagnostics if d.target == "<config>"))
         result.modified = True
         result.changes_outputs = self.outputs
@@ -184,8 +184,8 @@ class Prune(Pass):
     def _check_options(self) -> None:
         if self.target_flops is not None and self.target_params is not None:
             raise ValueError("prune: give target_params or target_flops, not both")
-        if self.uniform and self.allocation != "uniform":
-            raise ValueError("prune(uniform=true) keeps the same count in every layer: it needs allocation=uniform")
+        if self.reloadable and self.allocation != "uniform":
+            raise ValueError("prune(reloadable=true) keeps the same count in every layer: it needs allocation=uniform")
 
     def _rounds(self, program: Program, am: AnalysisManager) -> list[tuple[str, Callable[[], PassResult]]]:
         """One-shot prunes that together reach the target: round r leaves r/rounds of the cut made."""

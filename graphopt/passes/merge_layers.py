@@ -47,7 +47,7 @@ class MergeLayers(Pass):
     decisive = ("latency",)
 
     latency: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # target latency / measured latency
-    fold_bn: bool = True
+    fold_bn: bool = True  # fold BatchNorm into the layers first
     costlier: bool = False  # exact merges even where the merged layer has more multiply-adds
     calib_batches: Annotated[int, Range(1)] = 4  # LayerMerge: batches that measure each segment's importance
     cost: Literal["measured", "macs"] = "measured"  # LayerMerge: latency table measured here, or multiply-adds

@@ -21,6 +21,7 @@ from torch import nn
 
 from graphopt.analysis.blocks import Stop, find_blocks, first_tensor, hidden_of, run_hooked
 from graphopt.analysis.calibration import mask_of
+from graphopt.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,26 @@ def matching_blocks(teacher: nn.Module, student: nn.Module, batch: Any) -> tuple
 
     Raises ``ValueError`` saying why when there are none (no repeated blocks, or a depth rewrite removed some).
     """
+    names = _matching_names(teacher, student, batch)
+    return [teacher.get_submodule(n) for n in names], [student.get_submodule(n) for n in names]
+
+
+def feature_blocks(teacher: nn.Module, student: nn.Module, batch: Any) -> list[str]:
+    """Names of the blocks both models have one to one, for heal's per-block feature terms; ``[]`` when
+    there are none or they do not match (a depth rewrite removed some)."""
+    try:
+        return _matching_names(teacher, student, batch)
+    except ValueError:
+        return []
+
+
+def _matching_names(teacher: nn.Module, student: nn.Module, batch: Any) -> list[str]:
     t_list = find_blocks(teacher, batch)
-    s_list = student.get_submodule(t_list.path) if t_list.path in dict(student.named_modules()) else None
+    s_list = dict(student.named_modules()).get(t_list.path)
     if not isinstance(s_list, nn.ModuleList) or len(s_list) != len(t_list):
         raise ValueError(f"heal(blockwise=...): the student has no {len(t_list)} blocks at {t_list.path} to match "
                          "the teacher's one to one (a depth rewrite removed some); use end-to-end heal")
-    return [teacher.get_submodule(n) for n in t_list.names], list(s_list)
+    return t_list.names
 
 
 def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable: set[int], loss_fn: Loss, *,
@@ -78,6 +93,7 @@ def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable
     masks = [mask_of(b) for b in batches]
     g = torch.Generator().manual_seed(seed)
     report = []
+    progress = Progress("heal block-wise", total=len(s_blocks), unit="block")
     for i, (tb, sb) in enumerate(zip(t_blocks, s_blocks)):
         with torch.no_grad():
             targets = [first_tensor(tb(*calls[i](h)[0], **calls[i](h)[1])).detach()
@@ -124,4 +140,6 @@ def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable
         with torch.no_grad():
             s_hidden = [run(j).detach() for j in range(len(batches))]
         t_hidden = targets
+        progress.update(loss=f"{before:.4g} -> {after:.4g}")
+    progress.close()
     return report

@@ -33,16 +33,17 @@ import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
-from graphopt.analysis.blocks import find_blocks
+from graphopt.analysis.blocks import block_of
 from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
+from graphopt.progress import track
 
 from .gptq import gptq_quantize
-from .gptq_blocks import gptq_by_block, input_groups, repeated_blocks
+from .gptq_blocks import gptq_by_block, input_groups
 from .linear_layers import linear_weight
 from .progressive import heal_each
 from .quant_plan import LayerPlan, layer_sensitivity, mixed_precision, plan_layers
@@ -70,18 +71,18 @@ class Quantize(Pass):
 
     decisive = ("scheme", "method", "group_size")
 
-    scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"
+    scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"  # weight format (w8a8: int8 activations too)
     group_size: Annotated[int, Range(0)] | None = None  # None: 128 for int4, one scale per channel (0) otherwise
-    method: Literal["rtn", "gptq"] = "rtn"
-    where: str = "*"
+    method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ (needs calibration)
+    where: str = "*"  # glob on the names of the layers quantized
     skip: list[str] = field(default_factory=list)  # globs of module names left in float
-    lm_head: bool = False
+    lm_head: bool = False  # quantize the output projection too (kept in float by default)
     embeddings: bool = False  # pack embedding tables too (int4 rows in groups for int4, int8 rows otherwise)
     budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
     alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
     act_scales: Literal["tensor", "token"] | None = None  # w8a8: one activation scale per tensor (None: onnxruntime's) or per token
     uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
-    backend: Literal["auto", "torch", "int8_mm", "triton"] = "auto"
+    backend: Literal["auto", "torch", "int8_mm", "triton"] = "auto"  # kernel of the quantized layers (auto: Triton on CUDA)
     damp: Annotated[float, Range(0, 1, hi_open=True)] = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
     act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)
@@ -125,6 +126,10 @@ class Quantize(Pass):
         def quantize_group(group: list[str], grams: dict) -> None:
             for name in group:
                 weight, bias = linear_weight(program.get_submodule(name))
+                dead = int((torch.diagonal(grams[name].gram) == 0).sum()) if name in grams else 0
+                if dead:
+                    result.note(name, f"{dead} input feature(s) were zero in every calibration batch: their "
+                                      "weight columns are rounded to nearest (GPTQ has no data for them)", "warning")
                 layer = self._quantized(weight, bias, plans[name], smooth.get(name),
                                         grams[name].mean() if name in grams else None)
                 program.replace_module(name, layer)
@@ -135,7 +140,8 @@ class Quantize(Pass):
         if self.method == "gptq":
             batches = self._batches(program)
             rest = gptq_by_block(model, targets, batches, quantize_group) if self.by_block else targets
-            for group in self._sequential_groups(program, rest) if rest else []:
+            for group in track(self._sequential_groups(program, rest) if rest else [], "quantize: GPTQ",
+                               unit="layer group"):
                 quantize_group(group, layer_input_grams(model, {n: program.get_submodule(n) for n in group},
                                                         batches))
         else:
@@ -179,7 +185,10 @@ class Quantize(Pass):
         if self.where != "*" or self.budget_bits is not None:
             raise ValueError("quantize(progressive=...) goes block by block over the whole model: it cannot be "
                              "combined with where= or budget_bits= (use skip= to keep layers in float)")
-        blocks = find_blocks(program.module, program.example_inputs).names
+        blocks = [name for stack in am.get("blocks") for name in stack.names]
+        if not blocks:
+            raise ValueError("quantize(progressive=...) goes block by block: the model has no repeated blocks "
+                             "(use quantize without progressive, then heal)")
         units = [(name, dataclasses.replace(self, progressive=0, where=f"{name}.*")) for name in blocks]
         units.append(("the rest", dataclasses.replace(self, progressive=0)))
         return [(label, functools.partial(step.run, program, am)) for label, step in units]
@@ -269,14 +278,14 @@ class Quantize(Pass):
                         result: PassResult) -> None:
         """Move SmoothQuant factors into an earlier layer of the same block where that is exact."""
         order = [n for g in groups for n in g]
-        blocks = tuple(f"{b}." for b in repeated_blocks(program.module, targets))
+        stacks = program.analyses.get("blocks")
         batch = self._batches(program)[0]
         for group in groups:
             name = group[0]
             if len(group) > 1 or program.get_submodule(name).smooth is None:
                 continue  # layers sharing an input share its factor: no single producer to carry it
-            block = next((b for b in blocks if name.startswith(b)), None)
-            earlier = [n for n in reversed(order[:order.index(name)]) if block and n.startswith(block)][:3]
+            block = block_of(name, stacks)
+            earlier = [n for n in reversed(order[:order.index(name)]) if block and block_of(n, stacks) == block][:3]
             producer = fold_into_producer(program.module, name, earlier, batch)
             if producer is None:
                 continue

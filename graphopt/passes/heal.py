@@ -7,7 +7,8 @@ trained on the calibration data to reproduce the teacher's outputs:
 - other outputs (hidden states, pooled embeddings): a normalised MSE (``mse``, the squared error
   over the teacher's mean square), a cosine distance per position (``cosine``), or both (``auto``);
 - optional per-block feature terms (``features > 0``): the normalised MSE of the outputs of the
-  model's repeated blocks (the longest ``nn.ModuleList`` present in both models);
+  model's repeated blocks (the teacher's, :func:`graphopt.analysis.blocks.find_blocks`, matched one to one
+  in the student);
 - optional block-wise reconstruction first (``blockwise=N``: N steps per block, :mod:`.heal_blocks`):
   each student block fitted to the teacher's block output, one block at a time, with memory for one
   block's activations; ``steps=0`` then skips the end-to-end part;
@@ -19,7 +20,9 @@ trained on the calibration data to reproduce the teacher's outputs:
 
 Options left unset (``None``: ``steps``, ``lr``, ``loss``, ``freeze``, ``blockwise``, ``features``,
 ``new_lr_scale``) come from the recipe for the change earlier passes made (:mod:`.heal_recipes`;
-``recipe=`` picks one by name).
+``recipe=`` picks one by name). An option given explicitly always wins, and ``steps`` and ``blockwise``
+are one schedule: give either and the other is 0 (``heal(steps=10)`` after ``prune`` runs 10 steps, not
+the recipe's block-wise stage too). On a model no earlier pass changed, heal does nothing and says so.
 A share ``holdout`` of the calibration batches (at most ``eval_batches``) is never trained on: it
 gives ``loss_before``/``loss_after``, decides early stopping, and the parameters with the lowest
 held-out loss are the ones kept (:mod:`.heal_run`); if no point beat the start, the old parameters
@@ -49,7 +52,7 @@ from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
-from .heal_blocks import heal_blocks, matching_blocks
+from .heal_blocks import feature_blocks, heal_blocks, matching_blocks
 from .heal_lora import LoRA
 from .heal_losses import Features, cosine_distance, kl_logits, nmse
 from .heal_recipes import FILLED, RECIPES, change_kind
@@ -87,17 +90,11 @@ def new_parameter_names(program: Program) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def block_names(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """Children of the longest ``nn.ModuleList`` of ``student`` that ``teacher`` has with as many children
-    (its blocks; after a depth rewrite block ``i`` of one is not block ``i`` of the other, so none)."""
-    teacher_modules = dict(teacher.named_modules())
-    best: list[str] = []
-    for name, mod in student.named_modules():
-        twin = teacher_modules.get(name)
-        if isinstance(mod, nn.ModuleList) and len(mod) > len(best) and isinstance(twin, nn.ModuleList) \
-                and len(twin) == len(mod):
-            best = [f"{name}.{i}" if name else str(i) for i in range(len(mod))]
-    return best
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """The two modules hold the same tensor names with equal values (so there is nothing to distil)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @register_pass("heal", tolerance=None)
@@ -114,29 +111,29 @@ class Heal(Pass):
 
     recipe: Literal["auto", "dyt", "prune", "depth", "quantize", "other"] = "auto"  # what unset options default to
     steps: Annotated[int, Range(0)] | None = None  # end-to-end steps (None: the recipe's)
-    lr: Annotated[float, Range(0, lo_open=True)] | None = None
-    new_lr_scale: Annotated[float, Range(0, lo_open=True)] | None = None  # lr multiplier, new parameters
+    lr: Annotated[float, Range(0, lo_open=True)] | None = None  # AdamW learning rate (None: the recipe's)
+    new_lr_scale: Annotated[float, Range(0, lo_open=True)] | None = None  # lr multiplier of the parameters earlier passes created
     train: str = "all"  # "all" | "new" (parameters earlier passes created/replaced) | glob on names
-    freeze: str | None = None  # glob on names of parameters never trained (e.g. '*word_embeddings*')
-    loss: Literal["auto", "mse", "cosine", "kl"] | None = None
+    freeze: str | None = None  # glob on names of parameters never trained (None: the recipe's)
+    loss: Literal["auto", "mse", "cosine", "kl"] | None = None  # distillation loss (auto: KL on logits, else mse + cosine)
     outputs: str = "*"  # glob on the names of the outputs distilled (e.g. last_hidden_state); logits win under auto
-    features: Annotated[float, Range(0)] | None = None  # weight of the per-block feature terms
-    temperature: Annotated[float, Range(0, lo_open=True)] = 1.0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup: Annotated[int, Range(0)] = 10
-    weight_decay: Annotated[float, Range(0)] = 0.0
-    clip: Annotated[float, Range(0)] = 1.0  # 0: no clipping
+    features: Annotated[float, Range(0)] | None = None  # weight of the per-block feature terms (None: the recipe's)
+    temperature: Annotated[float, Range(0, lo_open=True)] = 1.0  # softmax temperature of the KL loss
+    schedule: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule after warmup
+    warmup: Annotated[int, Range(0)] = 10  # steps of linear learning-rate warmup
+    weight_decay: Annotated[float, Range(0)] = 0.0  # AdamW weight decay
+    clip: Annotated[float, Range(0)] = 1.0  # gradient-norm clipping (0: none)
     holdout: Annotated[float, Range(0, 0.5)] = 0.1  # share of calibration batches never trained on
     eval_batches: Annotated[int, Range(1)] = 8  # the most batches held out
     eval_every: Annotated[int, Range(1)] | None = None  # steps between held-out checks (None: steps/10, >= 10)
     patience: Annotated[int, Range(0)] = 3  # held-out checks without improvement before stopping (0: never)
     min_delta: Annotated[float, Range(0)] = 1e-3  # relative improvement that counts
     blockwise: Annotated[int, Range(0)] | None = None  # steps per block of block-wise reconstruction, first
-    block_lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # its learning rate
+    block_lr: Annotated[float, Range(0, lo_open=True)] = 1e-3  # learning rate of the block-wise stage
     lora: Annotated[int, Range(0)] = 0  # rank of low-rank adapters trained instead of the weights (0: off)
     lora_targets: str = "*"  # glob on the names of the Linear / Conv1D layers that get adapters
-    seed: int = 0
-    progress: bool | None = None
+    seed: int = 0  # seed of the batch order and adapter init (runs are deterministic)
+    progress: bool | None = None  # show a progress bar (None: on a terminal); log lines are always written
 
     def resolved(self, program: Program) -> tuple[Heal, str]:
         """This pass with the options left unset filled from the recipe for the change ``program`` went through,
@@ -144,6 +141,8 @@ class Heal(Pass):
         kind = change_kind(program) if self.recipe == "auto" else self.recipe
         recipe = RECIPES[kind]
         unset = {name: getattr(recipe, name) for name in FILLED if getattr(self, name) is None}
+        if ("steps" in unset) != ("blockwise" in unset):  # the schedule is the recipe's whole, or the user's
+            unset["steps" if "steps" in unset else "blockwise"] = 0
         if self.lora:  # adapters: end-to-end only, with larger steps
             unset.update({k: v for k, v in (("lr", recipe.lora_lr), ("blockwise", 0),
                                             ("steps", max(recipe.steps, 200))) if k in unset})
@@ -157,8 +156,8 @@ class Heal(Pass):
         return dataclasses.replace(self, recipe=kind, **unset), note
 
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        self._check(program)
         if self.recipe == "auto" or any(getattr(self, name) is None for name in FILLED):
-            self._check(program)
             me, note = self.resolved(program)
             result = me.run(program, am)
             chosen = ", ".join(f"{k}={getattr(me, k)!r}" for k in FILLED if getattr(self, k) is None)
@@ -169,12 +168,11 @@ class Heal(Pass):
             return result
         result = PassResult(modified=False)
         teacher, student = program.original, program.module
-        self._check(program)
         batches = list(program.calib)
         if not batches:
             raise ValueError("heal: the calibration data is empty")
         held, train = self._split(len(batches), result)
-        params = self._trainable(program)
+        params = self._trainable(program)  # (raises on a train= that selects nothing)
         adapters, fast = None, set()
         if self.new_lr_scale != 1.0 and not self.lora:  # (relative to the others: none when only new ones train)
             named = dict(student.named_parameters())
@@ -183,9 +181,14 @@ class Heal(Pass):
         if self.lora:
             if self.blockwise:
                 raise ValueError("heal: lora and blockwise cannot be combined yet; use one of them")
-            adapters = LoRA(student, self.lora, self.lora_targets, seed=self.seed)
+            adapters = LoRA(student, self.lora, self.lora_targets, seed=self.seed)  # (raises on no targets)
             params = adapters.parameters()
-        blocks = block_names(student, teacher) if self.features > 0 else []
+        if not program.edits and _same_tensors(teacher, student):  # after every option was checked
+            if adapters is not None:
+                adapters.remove()
+            result.note("", "the model is still the original (no earlier pass changed it): nothing to heal")
+            return result
+        blocks = feature_blocks(teacher, student, batches[0]) if self.features > 0 else []
         if self.features > 0 and not blocks:
             result.note("", "features>0 but no repeated blocks common to both models: output loss only",
                         "warning")
