@@ -14,4 +14,4 @@ class Diagnostic:
     level: str = "skipped"  # "skipped" | "info" | "warning"
 
     def __str__(self) -> str:
-        return f"[{self.level}] {self.target}: {self.message}"
+        return f"[{self.level}] {self.target}: {self.message}" if self.target else f"[{self.level}] {self.message}"

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..analysis.hf_config import is_hf_model, structure_mismatches
+from ..infra.program import swapped_modules
 from ..nn.quant import BITS, QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def float_layers(model: nn.Module, kinds: dict[str, str]) -> Iterator[None]:
     afterwards the packed layers are back."""
     from transformers.pytorch_utils import Conv1D
 
-    swapped = []
+    swaps: dict[str, nn.Module] = {}
     for name, m in list(model.named_modules()):
         if not isinstance(m, (QuantLinear, QuantEmbedding)):
             continue
@@ -91,15 +92,9 @@ def float_layers(model: nn.Module, kinds: dict[str, str]) -> Iterator[None]:
         layer.to(m.scale.dtype)
         if getattr(m, "bias", None) is not None:
             layer.bias = m.bias  # the real bias: it is saved as it is
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, layer)
-        swapped.append((parent, attr, m))
-    try:
+        swaps[name] = layer
+    with swapped_modules(model, swaps):
         yield
-    finally:
-        for parent, attr, m in swapped:
-            setattr(parent, attr, m)
 
 
 def _config_modules(model: nn.Module) -> dict[str, str]:

@@ -53,6 +53,9 @@ class Pass:
     - ``needs_calibration``: the pass reads ``program.calib`` and fails clearly without it.
     - ``needs_original``: the pass reads ``program.original`` (the model given to ``optimize``, e.g. as a
       distillation teacher); ``optimize(inplace=True)`` then keeps a copy of it.
+    - ``change``: the kind of change its edits make (``"dyt"``, ``"prune"``, ``"depth"``, ``"quantize"``,
+      or a kind of its own; ``""`` for an exact rewrite). Each edit records it, and ``heal`` picks its
+      recipe from it, so a new lossy pass needs no edit in heal.
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +64,7 @@ class Pass:
     tolerance: ClassVar[float | None] = 1e-5
     needs_calibration: ClassVar[bool] = False
     needs_original: ClassVar[bool] = False
+    change: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         check_options(self)  # declared types and ranges, for passes built in Python as from text

@@ -171,7 +171,7 @@ class PassManager:
         rebased = False
         record = PassRecord(p.name, text, "ok")
         snapshot = program.snapshot()
-        program.current_pass = text
+        program.current_pass, program.current_change = text, p.change
         start = time.perf_counter()
         try:
             if p.needs_calibration and program.calib is None:
@@ -211,7 +211,7 @@ class PassManager:
             log.debug("pass %s failed:\n%s", text, traceback.format_exc())
             new_out, rebased = previous_out, False
         finally:
-            program.current_pass = ""
+            program.current_pass = program.current_change = ""
         if rebased:
             self._reference_out = new_out
         return self._measured(record, program, new_out, self._reference_out, rebased=rebased), new_out

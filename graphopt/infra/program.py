@@ -7,6 +7,7 @@ replay it on a freshly built base model before loading them (no pickle anywhere)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -38,13 +39,15 @@ class Edit:
     target: str
     data: dict[str, Any] = field(default_factory=dict)
     by: str = ""
+    kind: str = ""  # the kind of change the pass declares (Pass.change): "" for exact rewrites
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Edit:
-        return Edit(op=d["op"], target=d["target"], data=dict(d.get("data", {})), by=d.get("by", ""))
+        return Edit(op=d["op"], target=d["target"], data=dict(d.get("data", {})), by=d.get("by", ""),
+                    kind=d.get("kind", ""))
 
 
 def _split(fqn: str) -> tuple[str, str]:
@@ -57,6 +60,26 @@ def _get_submodule(root: nn.Module, fqn: str) -> nn.Module:
         return root.get_submodule(fqn)
     except AttributeError as e:
         raise EditError(f"no submodule {fqn!r} in {type(root).__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def swapped_modules(root: nn.Module, swaps: dict[str, nn.Module]) -> Iterator[dict[str, nn.Module]]:
+    """Inside: each module of ``root`` named in ``swaps`` is replaced by the given one, with no edit recorded
+    (a trial: measure a candidate, save in another layout); afterwards, also on an exception or an interrupt,
+    the old modules are back. Yields the old modules by name. The one way graphopt swaps modules outside the
+    edit log (``Program.trial``)."""
+    old: dict[str, nn.Module] = {}
+    try:
+        for fqn, module in swaps.items():
+            parent_name, attr = _split(fqn)
+            parent = _get_submodule(root, parent_name)
+            old[fqn] = getattr(parent, attr)
+            setattr(parent, attr, module)
+        yield dict(old)
+    finally:
+        for fqn, module in reversed(list(old.items())):
+            parent_name, attr = _split(fqn)
+            setattr(_get_submodule(root, parent_name), attr, module)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -81,6 +104,7 @@ class Program:
         self.edits: list[Edit] = []
         self.analyses = AnalysisManager(self)
         self.current_pass = ""
+        self.current_change = ""  # the running pass's Pass.change, recorded in each edit
 
     # --- reading -------------------------------------------------------------------------------
     def get_submodule(self, fqn: str) -> nn.Module:
@@ -111,6 +135,11 @@ class Program:
         for t in self.module.buffers():
             return t.device
         return torch.device("cpu")
+
+    def trial(self, swaps: dict[str, nn.Module]) -> contextlib.AbstractContextManager[dict[str, nn.Module]]:
+        """``with program.trial({name: module}):`` the modules are in place, unrecorded, and always put back
+        (:func:`swapped_modules`)."""
+        return swapped_modules(self.module, swaps)
 
     # --- edits ---------------------------------------------------------------------------------
     def replace_module(self, fqn: str, new: nn.Module) -> nn.Module:
@@ -234,7 +263,7 @@ class Program:
         self._log("set_config", "", {"key": key, "value": value})
 
     def _log(self, op: str, target: str, data: dict[str, Any] | None) -> None:
-        self.edits.append(Edit(op, target, data or {}, by=self.current_pass))
+        self.edits.append(Edit(op, target, data or {}, by=self.current_pass, kind=self.current_change))
 
     # --- snapshots (for rollback) --------------------------------------------------------------
     def snapshot(self) -> tuple[nn.Module, int]:

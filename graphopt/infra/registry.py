@@ -28,7 +28,7 @@ class PassRegistrationError(ValueError):
 
 
 def register_pass(name: str, *, tolerance: float | None | object = ..., needs_calibration: bool | None = None,
-                  replace: bool = False) -> Callable[[Any], Any]:
+                  change: str | None = None, replace: bool = False) -> Callable[[Any], Any]:
     """Register a pass class, or turn ``fn(program, am, *, opt=default, ...)`` into one, under ``name``."""
     if not name.isidentifier():
         raise PassRegistrationError(f"pass name {name!r} must be an identifier (letters, digits, _)")
@@ -48,6 +48,8 @@ def register_pass(name: str, *, tolerance: float | None | object = ..., needs_ca
             cls.tolerance = tolerance  # type: ignore[assignment]
         if needs_calibration is not None:
             cls.needs_calibration = needs_calibration
+        if change is not None:
+            cls.change = change
         _REGISTRY[name] = cls
         return cls
 

@@ -100,7 +100,7 @@ class _Depth(Pass):
         return result
 
 
-@register_pass("drop_blocks", tolerance=None)
+@register_pass("drop_blocks", tolerance=None, change="depth")
 class DropBlocks(_Depth):
     """Remove n consecutive blocks (the span of least angular distance, or the one at start)."""
 
@@ -118,7 +118,7 @@ class DropBlocks(_Depth):
         return self._finish(program, blocks, result)
 
 
-@register_pass("replace_blocks", tolerance=None)
+@register_pass("replace_blocks", tolerance=None, change="depth")
 class ReplaceBlocks(_Depth):
     """Replace n consecutive blocks by a linear map fitted on calibration data (ReplaceMe)."""
 

@@ -250,6 +250,7 @@ class Heal(Pass):
             result.note(f"block {i}", f"block-wise reconstruction loss {before:.4g} -> {after:.4g}")
         result.stats["block_loss_before"] = sum(b for b, _ in report)
         result.stats["block_loss_after"] = sum(a for _, a in report)
+        result.stats["block_losses"] = [[float(f"{b:.4g}"), float(f"{a:.4g}")] for b, a in report]
 
     # --- setup --------------------------------------------------------------------------------------
     def _check(self, program: Program) -> None:

@@ -1,9 +1,10 @@
 """heal's defaults per kind of change: what earlier passes did decides the recipe.
 
-The kind is read from the Program's edit log (each edit names the pass that made it), so a model
-that went through ``dyt`` gets the DyT recipe and one that lost blocks gets the depth recipe. Where
-several kinds of change were made, the recipe of the one that needs the most healing is used
-(``depth`` > ``prune`` > ``quantize`` > ``dyt``). Each recipe is the best one measured on
+The kind is read from the Program's edit log: each edit records the kind of change its pass declares
+(``Pass.change``), so a model that went through ``dyt`` gets the DyT recipe, one that lost blocks the
+depth recipe, and a user's pass that declares ``change="prune"`` the pruning recipe. Where several kinds
+of change were made, the recipe of the one that needs the most healing is used (``depth`` > ``prune`` >
+``quantize`` > ``dyt``); a kind without a recipe gets ``other``. Each recipe is the best one measured on
 all-MiniLM-L6-v2 with disjoint calibration and held-out texts (``benchmarks/heal.py``); options given
 explicitly to ``heal`` always win over the recipe.
 """
@@ -14,13 +15,8 @@ from dataclasses import dataclass
 
 from graphopt.infra.program import Program
 
-#: pass names whose edits make each kind of change, in order of how much healing the change needs
-KINDS: dict[str, tuple[str, ...]] = {
-    "depth": ("drop_blocks", "replace_blocks", "merge_layers"),
-    "prune": ("prune",),
-    "quantize": ("quantize",),
-    "dyt": ("dyt",),
-}
+#: the kinds of change with a recipe, in order of how much healing the change needs
+SEVERITY = ("depth", "prune", "quantize", "dyt")
 
 
 @dataclass(frozen=True)
@@ -55,15 +51,7 @@ RECIPES: dict[str, Recipe] = {
 FILLED = ("steps", "lr", "loss", "freeze", "blockwise", "features", "new_lr_scale")
 
 
-def pass_of(label: str) -> str:
-    """The pass name in a pass label: ``prune`` for ``prune(ratio=0.3)``."""
-    return label.split("(", 1)[0].strip()
-
-
 def change_kind(program: Program) -> str:
     """The kind of change earlier passes made to ``program`` (a key of :data:`RECIPES`)."""
-    made = {pass_of(edit.by) for edit in program.edits if edit.by}
-    for kind, passes in KINDS.items():
-        if made.intersection(passes):
-            return kind
-    return "other"
+    made = {edit.kind for edit in program.edits if edit.kind}
+    return next((kind for kind in SEVERITY if kind in made), "other")

@@ -23,6 +23,7 @@ from graphopt.analysis.hf_config import (
     is_hf_model,
     numeric_attrs,
     reload_mismatch,
+    structure_mismatches,
     summarize,
     with_changes,
 )
@@ -48,7 +49,8 @@ def sync_hf_config(program: Program, attrs_before: dict[str, float], result: Pas
         result.note("<config>", f"the HF config was not updated: the config search failed ({type(e).__name__}: "
                     f"{e}); save with go.save / go.load", "warning")
         return False
-    problem = summarize(fit.mismatches, 1) if not fit.ok else None
+    # (the same list save_pretrained's refusal gives, so the two messages count the same problems)
+    problem = summarize(structure_mismatches(model, attributes=False), 1) if not fit.ok else None
     if problem is None and fit.changes:
         problem = reload_mismatch(model, with_changes(model.config, fit.changes), program.example_inputs)
     if problem is not None:

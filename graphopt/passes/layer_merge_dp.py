@@ -26,7 +26,7 @@ from torch import nn
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import PassResult
 from graphopt.infra.metrics import measure_latency
-from graphopt.infra.program import Program
+from graphopt.infra.program import Program, swapped_modules
 
 from .latency_table import LatencyTable, MacsCost
 from .layer_math import merged_chain
@@ -70,14 +70,6 @@ def chains_of(links: GraphLinks) -> list[Chain]:
     return chains
 
 
-def _swap(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
-    owner, _, name = fqn.rpartition(".")
-    parent = model.get_submodule(owner) if owner else model
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    return old
-
-
 def _segment_swaps(chain: Chain, start: int, end: int, merged: nn.Module) -> dict[str, nn.Module]:
     swaps: dict[str, nn.Module] = {chain.layers[start]: merged}
     swaps.update({name: nn.Identity() for name in chain.layers[start + 1:end + 1]})
@@ -98,12 +90,8 @@ def _output_error(model: nn.Module, batches: list, reference: list[list[torch.Te
 
 
 def _importance(model: nn.Module, swaps: dict[str, nn.Module], batches: list, reference: list) -> float:
-    old = {fqn: _swap(model, fqn, new) for fqn, new in swaps.items()}
-    try:
+    with swapped_modules(model, swaps):
         return _output_error(model, batches, reference)
-    finally:
-        for fqn, module in old.items():
-            _swap(model, fqn, module)
 
 
 def _segments(program: Program, chains: list[Chain], table: LatencyTable | MacsCost, batches: list, reference: list,

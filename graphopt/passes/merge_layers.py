@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 64
 
 
-@register_pass("merge_layers")
+@register_pass("merge_layers", change="depth")
 class MergeLayers(Pass):
     """Merge consecutive linear layers exactly; with latency=, remove activations by LayerMerge's DP."""
 
@@ -72,6 +72,9 @@ class MergeLayers(Pass):
         if self.latency is not None:
             choose_segments(program, self.latency, self.calib_batches, result, self._exact, self.cost)
         result.modified = bool(merged or result.stats.get("bn_folded") or result.stats.get("activations_removed"))
+        if not result.modified and not any(d.level in ("skipped", "warning") for d in result.diagnostics):
+            result.note("", "nothing to merge: no BatchNorm, and no two linear layers (conv, linear) run one "
+                            "after the other without a nonlinearity or a norm between them")
         return result
 
     def _exact(self, program: Program, result: PassResult, quiet: bool = False) -> int:

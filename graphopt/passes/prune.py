@@ -51,7 +51,7 @@ class Plan:
     keep: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-@register_pass("prune", tolerance=None)
+@register_pass("prune", tolerance=None, change="prune")
 class Prune(Pass):
     """Remove the least important channels/heads of every coupled group (zero configuration)."""
 

@@ -12,13 +12,13 @@ extra bit until the budget is spent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
+from graphopt.infra.program import swapped_modules
 from graphopt.nn.quant import BITS, QuantLinear, n_groups
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-                      plans: dict[str, LayerPlan], batches: list, swap: Callable[[str, nn.Module], nn.Module]
-                      ) -> dict[str, float]:
+                      plans: dict[str, LayerPlan], batches: list) -> dict[str, float]:
     """Relative output error of ``model`` on ``batches`` with each layer alone quantized by its plan."""
     def outputs() -> list[torch.Tensor]:
         out = []
@@ -95,11 +94,9 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, tuple[torch.Tensor, to
     scores: dict[str, float] = {}
     for name, (weight, bias) in layers.items():
         plan = plans[name]
-        original = swap(name, QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size))
-        try:
+        with swapped_modules(model, {name: QuantLinear.from_linear(weight, bias, scheme=plan.scheme,
+                                                                    group_size=plan.group_size)}):
             err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs(), reference))
-        finally:
-            swap(name, original)
         scores[name] = err / energy
     return scores
 

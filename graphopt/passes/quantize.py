@@ -65,7 +65,7 @@ def output_embeddings(model: nn.Module) -> set[int]:
     return heads
 
 
-@register_pass("quantize", tolerance=None)
+@register_pass("quantize", tolerance=None, change="quantize")
 class Quantize(Pass):
     """Quantize Linear weights to int8 / int4 / ternary, or weights and activations to int8 (w8a8)."""
 
@@ -244,8 +244,7 @@ class Quantize(Pass):
     def _mixed(self, program: Program, weights: dict, plans: dict[str, LayerPlan], shapes: dict,
                result: PassResult) -> dict[str, LayerPlan]:
         batches = self._batches(program)[:4]
-        scores = layer_sensitivity(program.module, weights, plans, batches,
-                                   lambda n, m: _swap(program.module, n, m))
+        scores = layer_sensitivity(program.module, weights, plans, batches)
         chosen, reached = mixed_precision(plans, shapes, scores, self.budget_bits)
         ranked = sorted(scores, key=scores.get, reverse=True)
         for rank, name in enumerate(ranked, 1):
@@ -325,11 +324,3 @@ class Quantize(Pass):
                     "quantize(lm_head=true) quantizes it")
         return ""
 
-
-def _swap(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``name`` without recording an edit (for measurements); returns what was there."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name)
-    old = getattr(parent, attr)
-    setattr(parent, attr, module)
-    return old

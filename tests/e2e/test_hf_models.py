@@ -247,3 +247,16 @@ def test_set_config_on_a_model_without_config_is_refused():
     with pytest.raises(go.EditError, match="no config"):
         program.set_config("hidden_size", 3)
     assert program.edits == []
+
+
+def test_the_prune_note_and_the_save_refusal_count_the_same_problems(tmp_path):
+    """They once said '... 77 more' and '... 59 more' about the same model."""
+    import re
+
+    model, inputs = hf_model("bert")
+    res = go.optimize(model, inputs, "prune(ratio=0.5,allocation=global)", measure=False, on_error="raise")
+    note = next(d.message for d in res.report.passes[0].diagnostics if d.target == "<config>")
+    with pytest.raises(NotLoadableError) as refused:
+        res.model.save_pretrained(tmp_path / "bert")
+    counts = [re.search(r"\.\.\. (\d+) more", text).group(1) for text in (note, str(refused.value))]
+    assert counts[0] == counts[1]

@@ -232,3 +232,17 @@ def test_replay_rejects_bad_records():
         replay_edits(_net(), [Edit("replace_module", "fc1", {"class": "os.system", "kwargs": {}})])
 
 
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_trial_swap_is_unrecorded_and_always_undone(error):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    program = Program(model, torch.randn(2, 4))
+    originals = [model[0], model[2][0]]
+    with program.trial({"0": nn.Identity(), "2.0": nn.Linear(4, 2)}) as old:
+        assert isinstance(model[0], nn.Identity) and model[2][0] is not originals[1]
+        assert old == {"0": originals[0], "2.0": originals[1]}
+    assert [model[0], model[2][0]] == originals and program.edits == []
+    with pytest.raises(error), program.trial({"0": nn.Identity()}):
+        raise error()
+    assert model[0] is originals[0]

@@ -16,21 +16,28 @@ def _calib(model, n=6, seed=0):
     return token_batches(model, n, seed)
 
 
-@pytest.mark.parametrize("name,lossy", [("bert", "prune(ratio=0.5)"), ("llama", "prune(ratio=0.5)"),
-                                        ("t5_encoder", "prune(ratio=0.5)"), ("bert", "replace_blocks(n=1,start=1)")])
-def test_blockwise_heal_lowers_each_blocks_reconstruction_error(name, lossy):
+def _blockwise(name, lossy):
     model, inputs = hf_model(name, layers=3)
-    calib = _calib(model)
-    res = go.optimize(model, inputs, f"{lossy},heal(blockwise=40,steps=0)", calib=calib, measure=False,
+    res = go.optimize(model, inputs, f"{lossy},heal(blockwise=40,steps=0)", calib=_calib(model), measure=False,
                       on_error="raise")
     rec = res.report.records[-1]
-    losses = [d.message for d in rec.diagnostics if "block-wise reconstruction loss" in d.message]
-    assert len(losses) == 3
-    pairs = [tuple(float(x) for x in m.rsplit(" ", 3)[-3::2]) for m in losses]
+    pairs = rec.stats["block_losses"]
+    assert len(pairs) == 3 == sum("block-wise reconstruction loss" in d.message for d in rec.diagnostics)
     assert all(after <= before for before, after in pairs) and any(after < 0.9 * before for before, after in pairs)
     assert rec.stats["block_loss_after"] < rec.stats["block_loss_before"]
-    # the held-out output loss moved too (replace_blocks on random blocks is already near exact: 2e-6)
-    assert rec.stats["loss_after"] < rec.stats["loss_before"] or rec.stats["loss_before"] < 1e-5
+    return rec
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "t5_encoder"])
+def test_blockwise_heal_lowers_each_blocks_reconstruction_error(name):
+    rec = _blockwise(name, "prune(ratio=0.5)")
+    assert rec.stats["loss_after"] < rec.stats["loss_before"]  # the held-out output loss moved too
+
+
+def test_blockwise_heal_after_a_block_replacement():
+    rec = _blockwise("bert", "replace_blocks(n=1,start=1)")
+    # on random blocks the replacement is already near exact at the output: nothing there to gain
+    assert rec.stats["loss_after"] <= rec.stats["loss_before"] < 1e-5
 
 
 def test_blockwise_heal_is_deterministic_under_a_seed_and_composes_with_end_to_end():
