@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -24,6 +24,7 @@ from .saved_model import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    SAVE_ID_KEY,
     SerializationError,
     config_dict,
     name_list,
@@ -59,6 +60,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if Path(manifest["weights"]).name != manifest["weights"]:
         raise SerializationError(f"{file} is corrupt: weights must name a file inside {path}")
     return manifest
+
+
+def _check_same_save(manifest: dict[str, Any], weights: Path) -> None:
+    """The weights file was written by the save that wrote the manifest (a failed save can leave one of each)."""
+    want = manifest.get("save_id")
+    if want is None:  # written before save ids (format 1 without one): nothing to compare
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        got = (f.metadata() or {}).get(SAVE_ID_KEY)
+    if got is not None and got != want:  # (no id: written by another tool; the content checks decide)
+        raise SerializationError(
+            f"{weights} was not written by the save that wrote {weights.parent / MANIFEST_FILE} (save id "
+            f"{got} vs {want}): a save was interrupted between the two files; save the model again")
 
 
 def _edits_from(manifest: dict[str, Any], file: Path) -> list[Edit]:
@@ -204,6 +218,7 @@ def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, i
     except EditError as e:
         raise SerializationError(f"cannot rebuild the model saved in {path}: {e}{hint}") from e
     try:
+        _check_same_save(manifest, weights)
         tensors = load_file(str(weights), device=_target_device(model))
     except (SafetensorError, OSError) as e:
         raise SerializationError(f"cannot read {weights}: {e}; save the model again") from e
@@ -212,7 +227,7 @@ def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, i
     if problems:
         msg = f"the model rebuilt from {manifest_file} is inconsistent: {name_list(problems)}"
         if strict:
-            raise SerializationError(msg + "; the edit log was changed after saving: save the model again")
+            raise SerializationError(msg + "; the files were changed or damaged after saving: save the model again")
         log.warning("%s", msg)
     model.eval()
     check_save_pretrained(model)  # a rewritten HF model: save_pretrained refuses what transformers cannot load

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.quant import QuantEmbedding, QuantLinear
 from .saved_model import SerializationError
 
 _SCALAR = (bool, int, float, str, type(None))
@@ -75,9 +76,13 @@ def check_attr_types(model: nn.Module, i: int, edit: dict[str, Any]) -> None:
 
 
 def layer_size_problems(model: nn.Module) -> list[str]:
-    """Layers whose size attributes disagree with their weights (what replaying a bad log leaves)."""
+    """Layers whose size attributes disagree with their weights (what replaying a bad log leaves), and
+    quantized layers whose packed codes or scales no quantizer writes (a tampered or corrupt file)."""
     out = []
     for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            out += [f"{name or '<root>'}: {problem}" for problem in m.value_problems()]
+            continue
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor):
             continue

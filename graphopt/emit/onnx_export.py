@@ -40,6 +40,7 @@ from ..frontend.kv_cache import caches_off
 from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
 from .onnx_quant import (
     W8A8_REL_L2,
+    WEIGHT_FORMATS,
     QuantLoweringError,
     WeightFormat,
     lower_file,
@@ -47,7 +48,7 @@ from .onnx_quant import (
     qdq_session_config,
 )
 from .onnx_report import ExportReport, OnnxExportError, OnnxVerificationError, VerifiedRun, first_lines
-from .onnx_verify import check_dynamic_dims, file_info, verify_file
+from .onnx_verify import check_dynamic_dims, file_info, refuse_file, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,17 @@ def _check_materialised(model: nn.Module, layout: CallLayout) -> None:
 
 # --- the entry point ------------------------------------------------------------------------------
 
+def _check_options(opset: int | None, quant_format: str, accuracy_level: int) -> None:
+    if quant_format not in WEIGHT_FORMATS:
+        raise ValueError(f"export_onnx(quant_format={quant_format!r}): choose from {', '.join(WEIGHT_FORMATS)}")
+    if accuracy_level not in (0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
+        raise ValueError(f"export_onnx(accuracy_level={accuracy_level!r}): MatMulNBits takes 0 (float, the default), "
+                         "1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations, faster)")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
+        raise ValueError(f"export_onnx(opset={opset!r}): give an ONNX opset version, an int (default {DEFAULT_OPSET}; "
+                         "below 18 torch's exporter converts its opset-18 graph down)")
+
+
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 dynamic_axes: DynamicAxes | None = None, opset: int | None = None, atol: float = 1e-4,
                 rtol: float = 1e-3, check: bool = True, external_data: bool | None = None,
@@ -243,6 +255,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
+    _check_options(opset, quant_format, accuracy_level)  # before the slow export: a typo costs nothing
     inputs = as_example_inputs(example_inputs)
     layout = call_layout(model, inputs)
     _check_materialised(model, layout)
@@ -299,8 +312,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             notes.append(f"{what} round their inputs to int8 at run time, where float differences between "
                          "runtimes flip a few codes: compared by relative error <= "
                          f"{W8A8_REL_L2:g} instead of elementwise")
+        if info[0] != opset:
+            notes.append(f"written at opset {info[0]}, not the {opset} asked for: quantized layers written as "
+                         f"{quant_format} need it")
         if check:
-            runs, checked = verify_file(path, model, layout, out_names, reference, axes, atol, rtol, config, rel_l2)
+            try:
+                runs, checked = verify_file(path, model, layout, out_names, reference, axes, atol, rtol, config,
+                                            rel_l2)
+            except OnnxVerificationError:
+                raise
+            except BaseException as e:  # a crash is no verification: leave no unverified file at the path
+                raise refuse_file(path, f"verification in onnxruntime crashed: {type(e).__name__}: "
+                                        f"{first_lines(e)}") from e
             notes += checked
         else:
             log.warning("ONNX file %s written without verification (check=False)", path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .saved_model import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    SAVE_ID_KEY,
     SHOW,
     WEIGHTS_FILE,
     SerializationError,
@@ -219,6 +221,7 @@ def save(obj: Any, directory: str | Path) -> Path:
     tensors, aliases, nonpersistent = _tensors_to_write(model)
     from ..version import __version__
 
+    save_id = uuid.uuid4().hex  # in both files: load() refuses weights and a manifest of different saves
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -229,6 +232,7 @@ def save(obj: Any, directory: str | Path) -> Path:
         "pipeline": pipeline,
         "report": _report_summary(report),
         "weights": WEIGHTS_FILE,
+        "save_id": save_id,
         "aliases": aliases,
         "nonpersistent_buffers": nonpersistent,
         "edits": [e.to_dict() for e in edits],
@@ -238,8 +242,10 @@ def save(obj: Any, directory: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise SerializationError(f"cannot save to {out}: it is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_FILE,
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt", "graphopt": str(FORMAT_VERSION)}))
+    # Each file is replaced atomically, the weights first; the manifest is the commit point. A save that
+    # fails between the two leaves new weights beside the old manifest, which load() refuses (save_id).
+    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(
+        tensors, str(p), metadata={"format": "pt", "graphopt": str(FORMAT_VERSION), SAVE_ID_KEY: save_id}))
     _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
     log.info("saved %s (%d tensors, %d edits) to %s", type(model).__name__, len(tensors), len(edits), out)
     return out

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 FORMAT = "graphopt.saved_model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+#: the weights' safetensors metadata key holding the save id the manifest names (one save wrote both)
+SAVE_ID_KEY = "graphopt_save_id"
 MANIFEST_FILE = "graphopt.json"
 SHOW = 5  # how many names an error message lists
 

@@ -202,9 +202,17 @@ class PassManager:
                         "and later rows are compared with this pass's outputs", "info"))
                 else:
                     new_out, record.step_rel_err = self._verify(program, p, previous_out)
-        except Exception as e:  # a failing pass never takes the model down with it
+        except BaseException as e:  # a failing pass never takes the model down with it
             record.seconds = time.perf_counter() - start
             program.restore(snapshot)
+            if not isinstance(e, Exception):  # an interrupt (Ctrl-C, SystemExit): rolled back, then re-raised
+                done = str(self.pipeline[:index]) or "none"
+                why = (f"graphopt: pass {text} was interrupted and rolled back; the model is as the passes before "
+                       f"it left it (completed: {done})")
+                log.warning("%s", why)
+                if hasattr(e, "add_note"):
+                    e.add_note(why)
+                raise
             record.status = "rolled back"
             record.reason = f"{type(e).__name__}: {e}"
             record.reproduce = self._reproducer(index)

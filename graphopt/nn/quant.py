@@ -84,6 +84,27 @@ def round_codes(w: torch.Tensor, scale: torch.Tensor, scheme: Scheme, qmax: int 
     return (w / scale).round().clamp(lo, hi)
 
 
+def packed_value_problems(qweight: torch.Tensor, scale: torch.Tensor, scheme: str, rows: int, width: int,
+                          group_size: int, qmax: int | None = None) -> list[str]:
+    """What is wrong with packed codes and scales for ``rows x width`` weights of ``scheme`` (``[]``: nothing):
+    sizes that disagree with the layer's, codes outside the scheme's range, scales that are not finite and
+    positive. What a file can hold that no quantizer writes, checked when a saved model is loaded."""
+    want = (rows, math.ceil(width / PER_BYTE[scheme]))
+    if tuple(qweight.shape) != want:
+        return [f"packed codes are {list(qweight.shape)}, a {rows} x {width} {scheme} layer packs to {list(want)}"]
+    if tuple(scale.shape) != (rows, n_groups(width, group_size)):
+        return [f"scales are {list(scale.shape)}, expected {[rows, n_groups(width, group_size)]}"]
+    out = []
+    lo, hi = (-qmax, qmax) if qmax else CODE_RANGE[scheme]
+    codes = unpack(qweight, scheme, width)
+    bad = int(((codes < lo) | (codes > hi)).sum())
+    if bad:
+        out.append(f"{bad} code(s) outside {scheme}'s range [{lo}, {hi}]")
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        out.append(f"{int((~torch.isfinite(scale) | (scale <= 0)).sum())} scale(s) not finite and positive")
+    return out
+
+
 class QuantLinear(nn.Module):
     """A Linear layer with packed low-bit weights (formats: :mod:`graphopt.kernels.quant`)."""
 
@@ -172,6 +193,15 @@ class QuantLinear(nn.Module):
                 "activations": self.activations, "smooth": self.smooth is not None,
                 "dtype": str(self.scale.dtype).removeprefix("torch.")}
 
+    def value_problems(self) -> list[str]:
+        """What is wrong with the packed codes, scales and smoothing factors (``[]``: nothing)."""
+        qmax = W8A8_QMAX if self.activations in W8A8_ACTIVATIONS else None
+        out = packed_value_problems(self.qweight, self.scale, self.scheme, self.out_features, self.in_features,
+                                    self.group_size, qmax)
+        if self.smooth is not None and not (bool(torch.isfinite(self.smooth).all()) and bool((self.smooth > 0).all())):
+            out.append("smoothing factors not finite and positive")
+        return out
+
     def extra_repr(self) -> str:
         group = f"group_size={self.group_size}" if self.group_size > 0 else "per channel"
         acts = f", activations={self.activations}" if self.activations != "none" else ""
@@ -231,6 +261,11 @@ class QuantEmbedding(nn.Module):
         rows = unpack(self.qweight.index_select(0, flat), self.scheme, self.embedding_dim)
         values = dequantize(rows, self.scale.index_select(0, flat), self.group_size, self.scale.dtype)
         return values.reshape(*ids.shape, self.embedding_dim)
+
+    def value_problems(self) -> list[str]:
+        """What is wrong with the packed rows and their scales (``[]``: nothing)."""
+        return packed_value_problems(self.qweight, self.scale, self.scheme, self.num_embeddings,
+                                     self.embedding_dim, self.group_size)
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,

@@ -172,7 +172,7 @@ class Heal(Pass):
         if not batches:
             raise ValueError("heal: the calibration data is empty")
         held, train = self._split(len(batches), result)
-        params = self._trainable(program)  # (raises on a train= that selects nothing)
+        params = self._trainable(program, result)  # (raises on a train= that selects nothing)
         adapters, fast = None, set()
         if self.new_lr_scale != 1.0 and not self.lora:  # (relative to the others: none when only new ones train)
             named = dict(student.named_parameters())
@@ -265,7 +265,9 @@ class Heal(Pass):
         if program.device.type == "meta":
             raise ValueError("heal needs real weights, not the meta device")
 
-    def _trainable(self, program: Program) -> list[nn.Parameter]:
+    def _trainable(self, program: Program, result: PassResult) -> list[nn.Parameter]:
+        """The parameters ``train`` / ``freeze`` select, less those the model marks ``requires_grad=False``
+        (what its owner froze stays frozen; the result says how many)."""
         named = dict(program.module.named_parameters())
         if self.train == "all":
             chosen = list(named)
@@ -283,6 +285,14 @@ class Heal(Pass):
             chosen = [n for n in chosen if not fnmatch.fnmatchcase(n, self.freeze)]
             if not chosen:
                 raise ValueError(f"heal: freeze={self.freeze!r} leaves no parameter to train")
+        frozen = [n for n in chosen if not named[n].requires_grad]
+        if frozen:
+            chosen = [n for n in chosen if named[n].requires_grad]
+            if not chosen:
+                raise ValueError("heal: every parameter it would train has requires_grad=False in the model; "
+                                 "set requires_grad=True on those heal may change")
+            result.note("", f"{len(frozen)} parameter tensor(s) with requires_grad=False stay as they are "
+                            f"(e.g. {frozen[0]}); set requires_grad=True on those heal may train", "info")
         return [named[n] for n in chosen if named[n].is_floating_point()]
 
     # --- losses ---------------------------------------------------------------------------------------

@@ -18,3 +18,18 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     if is_conv1d(module):
         return module.weight.t(), module.bias
     return None
+
+
+def why_not_plain(module: nn.Module, base: type[nn.Module]) -> str:
+    """``""`` when ``module`` computes exactly what ``base`` does from its weights (its class's forward is
+    ``base.forward`` and no forward hook is attached), else why a pass that rebuilds it from its weights
+    would change what the model computes."""
+    if type(module).forward is not base.forward:
+        return (f"{type(module).__name__} overrides {base.__name__}.forward (a wrapper or an adapter): a layer "
+                "rebuilt from its weights would drop what it adds, so it stays as it is")
+    hooks = [kind for kind, registered in (("forward pre-hook", module._forward_pre_hooks),
+                                            ("forward hook", module._forward_hooks)) if registered]
+    if hooks:
+        return (f"it has a {' and a '.join(hooks)}, which a replacement would not carry, so it stays as it is "
+                "(remove the hook first to rewrite it)")
+    return ""

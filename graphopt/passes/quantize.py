@@ -44,7 +44,7 @@ from graphopt.progress import track
 
 from .gptq import gptq_quantize
 from .gptq_blocks import gptq_by_block, input_groups
-from .linear_layers import linear_weight
+from .linear_layers import linear_weight, why_not_plain
 from .progressive import heal_each
 from .quant_plan import LayerPlan, layer_sensitivity, mixed_precision, plan_layers
 from .smoothquant import SmoothStats, choose_alpha, fold_into_producer
@@ -223,7 +223,10 @@ class Quantize(Pass):
             return "embedding table tied to the LM head, which stays in float"
         if not fnmatch.fnmatchcase(name, self.where) or any(fnmatch.fnmatchcase(name, g) for g in self.skip):
             return "outside where / inside skip"
-        return ""
+        if table.max_norm is not None:
+            return (f"max_norm={table.max_norm}: the table renormalises the rows it looks up, which packed rows "
+                    "cannot; it stays in float")
+        return why_not_plain(table, nn.Embedding)
 
     # --- per-layer quantization ---------------------------------------------------------------------
     def _quantized(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: LayerPlan,
@@ -319,6 +322,9 @@ class Quantize(Pass):
             return f"in skip ({matched!r})"
         if not weight.is_floating_point():
             return f"weight is {weight.dtype}, not floating point"
+        plain = why_not_plain(module, nn.Linear if isinstance(module, nn.Linear) else type(module))
+        if plain:
+            return plain
         if not self.lm_head and id(module) in heads:
             return ("the vocabulary projection (LM head): the most sensitive layer stays in float; "
                     "quantize(lm_head=true) quantizes it")

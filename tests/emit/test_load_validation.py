@@ -68,3 +68,31 @@ def test_weights_of_another_dtype_are_refused(saved):
     model = go.load(saved, _net(), strict=False)  # what fits is loaded; the rest stays as rebuilt
     assert model[2].weight.dtype == torch.float32
     assert torch.equal(model[2].weight, tensors["2.weight"].float())
+
+
+@pytest.mark.parametrize("scheme, tamper, match", [
+    ("ternary", lambda t: t.__setitem__("0.qweight", t["0.qweight"] | 0b11), r"code\(s\) outside ternary's range"),
+    ("int8", lambda t: t["0.qweight"].view(-1)[0:3].fill_(-128), r"3 code\(s\) outside int8's range \[-127, 127\]"),
+    ("int4", lambda t: t["0.scale"].view(-1)[1:2].fill_(float("nan")), r"1 scale\(s\) not finite and positive"),
+    ("int4", lambda t: t["0.scale"].view(-1)[0:2].fill_(0.0), r"2 scale\(s\) not finite and positive"),
+])
+def test_quantized_values_no_quantizer_writes_are_refused(tmp_path, scheme, tamper, match):
+    res = go.optimize(_net(), torch.randn(4, 5), f"quantize(scheme={scheme},group_size=0)", measure=False,
+                      on_error="raise")
+    go.save(res, tmp_path)
+    assert go.load(tmp_path, _net()) is not None  # as written, it loads
+    tensors = load_file(str(tmp_path / WEIGHTS_FILE))
+    tamper(tensors)
+    save_file(tensors, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(SerializationError, match=match):
+        go.load(tmp_path, _net())
+
+
+def test_a_quantized_layer_whose_width_disagrees_with_its_packed_codes_is_refused(tmp_path):
+    res = go.optimize(_net(), torch.randn(4, 5), "quantize(scheme=int4,group_size=0)", measure=False,
+                      on_error="raise")
+    go.save(res, tmp_path)
+    _tamper(tmp_path, lambda m: next(e for e in m["edits"] if e["op"] == "replace_module" and e["target"] == "0")
+            ["data"]["kwargs"].__setitem__("in_features", 7))  # 7 int4 codes pack to 4 bytes a row, 5 to 3
+    with pytest.raises(SerializationError, match=r"0\.qweight"):
+        go.load(tmp_path, _net())

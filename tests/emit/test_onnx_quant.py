@@ -141,3 +141,33 @@ def test_hf_causal_lms_quantize_and_run_in_onnxruntime(tmp_path, name, pipeline,
     wanted = {"qdq": "DequantizeLinear", "matmulnbits": "MatMulNBits"}[fmt] if "w8a8" not in pipeline \
         else "MatMulInteger"
     assert ops[wanted] == sum(isinstance(m, QuantLinear) for m in res.model.modules())
+
+
+@pytest.mark.parametrize("options, match", [({"quant_format": "nbits"}, "quant_format='nbits'"),
+                                            ({"accuracy_level": 7}, "accuracy_level=7"),
+                                            ({"opset": "23"}, "opset='23'")])
+def test_bad_export_options_are_refused_before_anything_is_written(tmp_path, monkeypatch, options, match):
+    """A bad quant_format once left an unlowered file that onnxruntime refused, after the whole export."""
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported before checking options"))
+    with pytest.raises(ValueError, match=match):
+        go.export_onnx(_layer(scheme="int4", group_size=16, k=64), torch.randn(2, 64), tmp_path / "m.onnx", **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_raised_for_quantized_layers_is_said(tmp_path):
+    report = go.export_onnx(_layer(scheme="int4", group_size=16, k=64), torch.randn(2, 64), tmp_path / "m.onnx",
+                            opset=18)
+    assert report.opset == 21 and report.verified
+    assert any("not the 18 asked for" in n for n in report.notes)
+
+
+def test_a_verification_crash_leaves_no_unverified_file(tmp_path, monkeypatch):
+    import graphopt.emit.onnx_export as onnx_export
+
+    def crash(*args, **kwargs):
+        raise MemoryError("onnxruntime ran out of memory")
+
+    monkeypatch.setattr(onnx_export, "verify_file", crash)
+    with pytest.raises(go.OnnxVerificationError, match="crashed: MemoryError") as failed:
+        go.export_onnx(_layer(scheme="int8", group_size=0), torch.randn(2, 37), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists() and failed.value.failed_path.exists()

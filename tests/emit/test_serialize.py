@@ -468,3 +468,43 @@ def test_shared_storage_views_round_trip(tmp_path):
     for k, v in m.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert loaded.same.data_ptr() == loaded.a.data_ptr()
+
+
+def _save_failing_at(tmp_path, monkeypatch, failing_write: int):
+    """Save one model, then another over it with write number ``failing_write`` failing; returns the first."""
+    import graphopt.emit.save as save_module
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    old = go.optimize(Net().eval(), x, "remove_dropout", measure=False, on_error="raise")
+    new = go.optimize(Net().eval(), x, "remove_dropout,fold_bn", measure=False, on_error="raise")
+    go.save(old, tmp_path / "m")
+    real, calls = save_module._write_atomic, []
+
+    def flaky(path, write):
+        calls.append(path.name)
+        if len(calls) == failing_write:
+            raise OSError("disk full")
+        real(path, write)
+
+    monkeypatch.setattr(save_module, "_write_atomic", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        go.save(new, tmp_path / "m")
+    monkeypatch.setattr(save_module, "_write_atomic", real)
+    assert calls[:failing_write] == [WEIGHTS_FILE, MANIFEST_FILE][:failing_write]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [MANIFEST_FILE, WEIGHTS_FILE]  # no temp left
+    return old, x
+
+
+def test_a_save_that_fails_writing_the_weights_leaves_the_old_save_whole(tmp_path, monkeypatch):
+    old, x = _save_failing_at(tmp_path, monkeypatch, 1)
+    loaded = go.load(tmp_path / "m", Net())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old.model(x))
+
+
+def test_a_save_that_fails_writing_the_manifest_is_refused_never_loaded_as_a_mix(tmp_path, monkeypatch):
+    """New weights beside the old edit log once loaded as a model matching neither save."""
+    _save_failing_at(tmp_path, monkeypatch, 2)
+    with pytest.raises(SerializationError, match="interrupted between the two files"):
+        go.load(tmp_path / "m", Net())

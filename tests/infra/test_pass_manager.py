@@ -228,3 +228,24 @@ def test_report_names_compared_outputs_and_what_it_leaves_out():
     assert res.report.not_compared == ["label (str)"]
     assert "outputs compared: y[3, 4], extra[0][3, 4] (not compared: label (str))" in str(res.report)
     assert res.report.to_dict()["outputs"] == res.report.outputs
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_pass_is_rolled_back_before_the_interrupt_propagates(interrupt):
+    """With inplace=True a Ctrl-C inside a pass once left a half-rewritten model in the caller's hands."""
+
+    @go.register_pass("t_half_done", tolerance=None, replace=True)
+    def half_done(program, am):
+        program.replace_module("0", nn.Linear(4, 4))
+        program.set_tensor("2.weight", torch.zeros(2, 4))
+        raise interrupt()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(interrupt) as caught:
+        go.optimize(model, torch.randn(3, 4), "remove_dropout,t_half_done", inplace=True, measure=False)
+    after = model.state_dict()  # the interrupted pass: undone (the root is the caller's object, rolled back)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert isinstance(model[1], nn.Identity)  # the completed pass before it: kept
+    assert any("rolled back" in n and "completed: remove_dropout" in n for n in caught.value.__notes__)

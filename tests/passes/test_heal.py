@@ -132,3 +132,19 @@ def test_inplace_optimize_keeps_a_teacher_copy():
     res = go.optimize(model, inputs, "dyt,heal(steps=10,lr=1e-3)", calib=_calib(), inplace=True, measure=False)
     rec = _heal_record(res)
     assert res.model is model and rec.stats["loss_after"] < rec.stats["loss_before"]
+
+
+def test_heal_leaves_what_the_model_froze_and_says_so():
+    """Parameters with requires_grad=False were once trained under train=all and their flag restored."""
+    model, inputs = hf_model("bert")
+    for p in model.embeddings.parameters():
+        p.requires_grad_(False)
+    res = go.optimize(model, inputs, "dyt,heal(steps=5,lr=1e-3)", calib=_calib(), measure=False, on_error="raise")
+    dyt_only = go.optimize(model, inputs, "dyt", calib=_calib(), measure=False, on_error="raise").model.state_dict()
+    after = res.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], dyt_only[k])}
+    assert changed and not any(k.startswith("embeddings.") and "LayerNorm" not in k for k in changed)
+    frozen = [n for n, p in res.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("embeddings.") for n in frozen)
+    note = [d.message for d in _heal_record(res).diagnostics if "requires_grad=False" in d.message]
+    assert note and note[0].startswith(f"{len(frozen)} parameter tensor(s)")

@@ -279,3 +279,46 @@ def test_gptq_rounds_a_feature_never_seen_in_calibration_to_nearest_and_says_so(
     assert err < 0.02, err
     notes = [d.message for d in res.report.passes[0].diagnostics if d.target == "0"]
     assert any("1 input feature(s) were zero in every calibration batch" in m for m in notes), notes
+
+
+class _ScaledLinear(nn.Linear):
+    """A LoRA-like wrapper: the same weights, a forward of its own."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(20, 16, max_norm=1.0)
+        self.plain = nn.Linear(16, 16)
+        self.wrapped = _ScaledLinear(16, 16)
+        self.hooked = nn.Linear(16, 16)
+        self.hooked.register_forward_pre_hook(lambda m, args: (args[0].clamp(-0.5, 0.5),))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        x = self.table(ids)
+        return self.out(self.hooked(self.wrapped(self.plain(x))))
+
+
+def test_quantize_takes_only_layers_it_reproduces_and_says_why_for_the_rest():
+    """Subclasses with their own forward, hooked layers and max_norm tables were once replaced (0.8 off)."""
+    from graphopt.nn.quant import QuantEmbedding, QuantLinear
+
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    ids = torch.randint(0, 20, (4, 6))
+    res = go.optimize(model, ids, "quantize(scheme=int8,embeddings=true)", measure=False, on_error="raise")
+    kinds = {n: type(m) for n, m in res.model.named_children()}
+    assert kinds == {"table": nn.Embedding, "plain": QuantLinear, "wrapped": _ScaledLinear, "hooked": nn.Linear,
+                     "out": QuantLinear}
+    assert not any(isinstance(m, QuantEmbedding) for m in res.model.modules())
+    why = {d.target: d.message for d in res.report.passes[0].diagnostics if d.level == "skipped"}
+    assert "overrides Linear.forward" in why["wrapped"] and "forward pre-hook" in why["hooked"]
+    assert why["table"].startswith("max_norm=1.0")
+    assert res.model.hooked._forward_pre_hooks  # the hook is still there, on the layer it was on
+    fresh = torch.randint(0, 20, (4, 6))  # ids the example did not hold: renormalised rows still agree
+    with torch.no_grad():
+        assert go.compare_outputs(res.model(fresh), model(fresh)).max_rel < 0.02
