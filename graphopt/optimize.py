@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import nn
 
 from .emit.hf import check_save_pretrained, refusal
 from .frontend.calib import check_calibration
-from .frontend.inputs import as_example_inputs
+from .frontend.inputs import InputError, as_example_inputs
 from .infra.contract import Pass
 from .infra.manager import Measure, PassManager
 from .infra.pipeline import Pipeline, as_pipeline
@@ -81,6 +83,21 @@ def _materialise(calib: Iterable[Any] | None) -> Iterable[Any] | None:
     return calib
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module | None) -> Iterator[None]:
+    """Inside, ``model`` may run (as a distillation teacher); afterwards its buffers hold what they held before,
+    also for a forward that updates them (counters, running averages). The caller's model stays untouched."""
+    saved = {} if model is None else {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        if model is not None:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    if name in saved and b.shape == saved[name].shape:
+                        b.copy_(saved[name])
+
+
 def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | Iterable[Pass | str] = DEFAULT_PIPELINE,
              *, calib: Iterable[Any] | None = None, inplace: bool = False, verify: bool = True,
              measure: Measure | bool = True, on_error: Literal["rollback", "raise"] = "rollback",
@@ -106,6 +123,10 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
                  model_spec=model_spec)
     inputs = as_example_inputs(example_inputs)
     batches = _materialise(calib)
+    needing = [p.name for p in passes if p.needs_calibration]
+    if batches is not None and not list(batches) and needing:
+        raise InputError(f"calib is empty, and {', '.join(dict.fromkeys(needing))} read calibration data: give "
+                         "at least one batch of model inputs")
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     if batches is not None:  # before any pass runs; a wrong width is found by running one batch
@@ -120,7 +141,8 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     program = Program(work, inputs, calib=batches, original=original)
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
                           model_spec=model_spec, eval_batches=held_out)
-    report = manager.run(program)
+    with _buffers_kept(original if original is model else None):  # the caller's model runs as the teacher
+        report = manager.run(program)
     problems = check_save_pretrained(program.module)
     if problems:
         report.notes.append(refusal(program.module, problems))

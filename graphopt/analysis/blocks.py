@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,68 @@ def chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
     return len(seen_in) == len(seen_out) == len(blocks) and all(
         isinstance(o, torch.Tensor) and o.shape == i.shape and torch.equal(o, i)
         for o, i in zip(seen_out[:-1], seen_in[1:]))
+
+
+def _with_first(value: Any, new: torch.Tensor) -> Any:
+    """``value`` (a block's output: a tensor or a tuple starting with one) with its first tensor ``new``."""
+    if isinstance(value, torch.Tensor):
+        return new
+    return type(value)([_with_first(value[0], new), *value[1:]]) if isinstance(value, list) else \
+        (_with_first(value[0], new), *value[1:])
+
+
+def read_elsewhere(model: nn.Module, blocks: BlockList, example: Any) -> dict[int, str]:
+    """Block boundaries whose hidden states something besides the next block reads (a side head on block 1's
+    output, a feature pyramid), as ``{i: why}`` for block ``i``'s output. A depth cut may remove the blocks
+    on either side of such a boundary only if nothing else reads it: the other reader would see what the
+    cut computes instead.
+
+    Found from the data flow, not from values: for each boundary, the model runs with block ``i``'s output
+    shifted by a large random offset while block ``i + 1`` is handed the clean output. If the model's outputs
+    move, another reader saw the offset.
+    """
+    from ..frontend.inputs import flatten_outputs
+
+    modules = [model.get_submodule(n) for n in blocks.names]
+    inputs = as_example_inputs(example)
+
+    def outputs() -> list[torch.Tensor]:
+        with torch.no_grad():
+            flat = flatten_outputs(inputs.call(model))
+        return [t for t in flat.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    base = outputs()
+    found: dict[int, str] = {}
+    for i in range(len(modules) - 1):
+        with _shifted_between(modules[i], modules[i + 1], seed=i):
+            probed = outputs()
+        moved = [j for j, (a, b) in enumerate(zip(probed, base)) if not torch.equal(a, b)]
+        if moved:
+            found[i] = (f"the output of {blocks.names[i]} is read by more than {blocks.names[i + 1]} (output {moved[0]} "
+                        "of the model depends on it another way: a side head or a skip connection)")
+    return found
+
+
+@contextlib.contextmanager
+def _shifted_between(block: nn.Module, successor: nn.Module, seed: int) -> Iterator[None]:
+    """Inside: ``block``'s output is shifted by a large random offset, but ``successor`` gets it unshifted."""
+    clean: list[torch.Tensor] = []
+
+    def shift(module: nn.Module, args: tuple, out: Any) -> Any:
+        h = first_tensor(out)
+        clean.append(h)
+        noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        return _with_first(out, h + (noise.to(h) + 1.0) * (h.detach().abs().max() + 1.0))
+
+    def restore(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return hidden_of(args, kwargs)[1](clean[-1])
+
+    handles = [block.register_forward_hook(shift), successor.register_forward_pre_hook(restore, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _same_class_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:

@@ -169,6 +169,13 @@ class QuantLinear(nn.Module):
         return w.to(dtype or self.scale.dtype)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, built on each read, for code that reads a layer's weight itself (PyTorch's
+        ``nn.MultiheadAttention`` passes ``out_proj.weight`` to its kernel; HF models read ``.weight.dtype``).
+        It computes what the layer does; ``forward`` never uses it. Read-only."""
+        return self.dequantized_weight()
+
+    @property
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.smooth) if t is not None)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from graphopt.analysis import AnalysisManager
-from graphopt.analysis.blocks import BlockList, find_blocks
+from graphopt.analysis.blocks import BlockList, find_blocks, read_elsewhere
 from graphopt.analysis.depth_stats import span_distances
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
@@ -69,22 +69,31 @@ class _Depth(Pass):
                              f"{len(blocks) - 1}, so start must be <= {len(blocks) - self.n}")
         return blocks
 
-    def _allowed(self, blocks: BlockList, start: int) -> str | None:
-        """Why the span at ``start`` cannot be cut, or None."""
+    def _allowed(self, blocks: BlockList, start: int, taps: dict[int, str]) -> str | None:
+        """Why the span at ``start`` cannot be cut, or None. A block output another reader taps (``taps``,
+        :func:`read_elsewhere`) at or after the span would be removed, or renumbered under its reader."""
         inside = [i for i in range(start, start + self.n) if i in blocks.special]
-        return blocks.special[inside[0]] if inside else None
+        if inside:
+            return blocks.special[inside[0]]
+        tapped = [i for i in sorted(taps) if i >= start]
+        return (f"{taps[tapped[0]]}; a cut at or before it would change what that reader sees"
+                if tapped else None)
 
     def _choose(self, program: Program, blocks: BlockList, batches: list, result: PassResult) -> int:
         """The span to cut: ``start`` when given, else the allowed span of least angular distance."""
+        taps = read_elsewhere(program.module, blocks, program.example_inputs)
         if self.start is not None:
-            why = self._allowed(blocks, self.start)
+            why = self._allowed(blocks, self.start, taps)
             if why:
                 raise ValueError(f"{self.name}(start={self.start}): {why}")
         distances = span_distances(program.module, blocks, batches, self.n) if batches else []
-        allowed = [s for s in range(len(blocks) - self.n + 1) if self._allowed(blocks, s) is None]
+        allowed = [s for s in range(len(blocks) - self.n + 1) if self._allowed(blocks, s, taps) is None]
+        if not allowed:
+            raise ValueError(f"{self.name}(n={self.n}): no span of {blocks.path} can be cut: "
+                             f"{self._allowed(blocks, 0, taps)}")
         chosen = self.start if self.start is not None else min(allowed, key=lambda s: distances[s])
         for s, d in enumerate(distances):
-            why = self._allowed(blocks, s)
+            why = self._allowed(blocks, s, taps)
             tail = " (chosen)" if s == chosen else (f" (not a candidate: {why})" if why else "")
             result.note(_span_name(blocks, s, self.n), f"angular distance {d:.4f}{tail}")
         if distances:
@@ -147,6 +156,11 @@ class ReplaceBlocks(_Depth):
         stats, structure = estimate_map(program.module, blocks, start, self.n, batches, down)
         weight, bias = stats.solve()
         result.stats["rows"] = stats.rows
+        if stats.rows < weight.shape[1]:  # fewer equations than unknowns per output: it fits the data, not the blocks
+            raise ValueError(
+                f"replace_blocks: the map for {span} would be fitted from {stats.rows} token rows, fewer than the "
+                f"hidden width {weight.shape[1]}: underdetermined. Give at least {weight.shape[1]} rows of calibration "
+                f"data (more or longer batches, calib_batches={self.calib_batches} are read), or use drop_blocks")
         if self.method == "cosine":
             weight, bias, before, after = refine_cosine(stats, weight, bias, steps=self.steps, lr=self.lr)
             result.note(span, f"cosine refinement on {stats.samples()[0].shape[0]} sampled rows: mean cosine "

@@ -43,7 +43,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
         scales[:] = weight_scales(w, scheme, group_size, qmax)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=device)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"GPTQ: the Hessian of the layer's inputs is not positive definite at damp={damp:g} (the "
+                         "calibration inputs do not span every input feature); give damp > 0 (default 0.01) or "
+                         "more varied calibration data") from None
     codes = torch.zeros(out, k, dtype=dtype, device=device)
     for start in range(0, k, block):
         end = min(start + block, k)

@@ -41,6 +41,7 @@ from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
 from graphopt.progress import track
+from graphopt.units import MIB
 
 from .gptq import gptq_quantize
 from .gptq_blocks import gptq_by_block, input_groups
@@ -159,8 +160,8 @@ class Quantize(Pass):
             after += packed.weight_bytes
             n_weights += table.weight.numel()
         result.modified = True
-        result.stats.update({"layers": len(targets), "weight_mb_before": round(before / 2**20, 4),
-                             "weight_mb_after": round(after / 2**20, 4),
+        result.stats.update({"layers": len(targets), "weight_mib_before": round(before / MIB, 4),
+                             "weight_mib_after": round(after / MIB, 4),
                              "bits_per_weight": round(8 * after / n_weights, 3), "weights": n_weights,
                              "weight_bytes": after})
         if tables:

@@ -307,3 +307,54 @@ def test_heal_new_parameters_follow_the_renumbering_of_blocks():
     assert isinstance(res.model.encoder.layer[0], LinearBlock)  # the LinearBlock was block 1, now block 0
     names = new_parameter_names(res.program)
     assert names == ["encoder.layer.0.linear.weight", "encoder.layer.0.linear.bias"]
+
+
+class TappedStack(Stack):
+    """A side head reads block ``tap``'s output (a feature pyramid's out_indices), besides the next block."""
+
+    def __init__(self, tap: int = 1) -> None:
+        super().__init__()
+        self.tap = tap
+        self.side = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, side = self.embed(x), None
+        for i, b in enumerate(self.blocks):
+            h = b(h)
+            if i == self.tap:
+                side = self.side(h)
+        return self.head(torch.tanh(h)) + side
+
+
+@pytest.mark.parametrize("pipeline", ["replace_blocks(n=2,start=1,fold=false)", "drop_blocks(n=1,start=0)"])
+def test_a_cut_that_would_change_what_a_side_reader_sees_is_refused_with_the_reason(pipeline):
+    """Replacing affine blocks 1-2 is exact on a plain stack, but a side head on block 1's output once got 0.37."""
+    model = TappedStack().eval()
+    calib = _calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PassFailedError, match=r"blocks\.1 is read by more than blocks\.2.*side head"):
+        go.optimize(model, calib[0], pipeline, calib=calib, measure=False, on_error="raise")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_spans_after_every_tap_stay_candidates_and_the_report_says_which_are_not():
+    model = TappedStack(tap=1).eval()
+    calib = _calib()
+    res = go.optimize(model, calib[0], "replace_blocks(n=1,fold=false)", calib=calib, measure=False,
+                      on_error="raise")
+    rec = res.report.passes[0]
+    assert rec.stats["start"] >= 2  # blocks 0 and 1 would move or remove the tapped output
+    refused = {d.target for d in rec.diagnostics if "not a candidate" in d.message and "side head" in d.message}
+    assert refused == {"blocks.0", "blocks.1"}
+    x = _calib(2, seed=9)[0]
+    with torch.no_grad():
+        assert (res.model(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()  # still exact: affine blocks
+
+
+def test_an_underdetermined_map_is_refused_with_the_data_it_needs():
+    """An encoder-decoder's decoder with a few calibration tokens once fitted its map from fewer rows than its
+    width and degenerated into repetition, reported ok."""
+    model = Stack(width=12).eval()
+    few = [torch.randn(1, 2, 6) for _ in range(3)]  # 6 token rows for a width of 12
+    with pytest.raises(PassFailedError, match=r"from 6 token rows, fewer than the hidden width 12.*at least 12"):
+        go.optimize(model, few[0], "replace_blocks(n=1,fold=false)", calib=few, measure=False, on_error="raise")

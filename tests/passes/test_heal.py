@@ -148,3 +148,28 @@ def test_heal_leaves_what_the_model_froze_and_says_so():
     assert frozen and all(n.startswith("embeddings.") for n in frozen)
     note = [d.message for d in _heal_record(res).diagnostics if "requires_grad=False" in d.message]
     assert note and note[0].startswith(f"{len(frozen)} parameter tensor(s)")
+
+
+class _Counting(torch.nn.Module):
+    """A model whose forward updates a buffer (a call counter, a running mean), as some models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x)
+
+
+def test_the_callers_model_runs_as_the_teacher_and_comes_back_untouched():
+    """Its buffers were once changed by heal's teacher runs, without inplace=True."""
+    torch.manual_seed(0)
+    model = _Counting().eval()
+    calib = [torch.randn(16, 8) for _ in range(6)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = go.optimize(model, calib[0], "dyt(mode=init),heal(steps=4,lr=1e-3)", calib=calib, measure=False,
+                      on_error="raise")
+    assert _heal_record(res).stats["steps"] == 4
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -26,7 +26,7 @@ def test_causal_lms_quantize_run_and_generate(name, scheme, group):
     assert rec.stats["layers"] == len(layers) == len(linears) - 1  # all but the LM head
     assert "lm_head" not in layers and any("vocabulary projection (LM head)" in d.message for d in rec.diagnostics)
     assert all(q.scheme == scheme for q in layers.values())
-    assert rec.stats["weight_mb_after"] < rec.stats["weight_mb_before"]
+    assert rec.stats["weight_mib_after"] < rec.stats["weight_mib_before"]
     with torch.no_grad():
         out = res.model.generate(inputs["input_ids"][:1, :4], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
@@ -322,3 +322,35 @@ def test_quantize_takes_only_layers_it_reproduces_and_says_why_for_the_rest():
     fresh = torch.randint(0, 20, (4, 6))  # ids the example did not hold: renormalised rows still agree
     with torch.no_grad():
         assert go.compare_outputs(res.model(fresh), model(fresh)).max_rel < 0.02
+
+
+def test_models_whose_code_reads_a_layers_weight_quantize_and_run():
+    """nn.TransformerEncoderLayer passes out_proj.weight to its kernel: quantize once rolled back with
+    "'QuantLinear' object has no attribute 'weight'", naming neither the layer nor a way out."""
+    from graphopt.nn.quant import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    x = torch.randn(2, 10, 32)
+    res = go.optimize(model, x, "quantize(scheme=int8)", measure=False, on_error="raise")
+    out_proj = res.model.layers[0].self_attn.out_proj
+    assert isinstance(out_proj, QuantLinear) and out_proj.weight.shape == (32, 32)
+    with torch.no_grad():
+        assert go.compare_outputs(res.model(x), model(x)).max_rel < 0.02
+
+
+def test_gptq_bad_input_is_named_before_or_instead_of_a_raw_error():
+    """damp=0 on a rank-deficient Hessian was a raw LinAlgError; calib=[] a raw IndexError after the pass began."""
+    from graphopt.frontend.inputs import InputError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    low_rank = [torch.randn(32, 16) for _ in range(2)]
+    for x in low_rank:
+        x[:, 8:] = x[:, :8]  # features 8-15 repeat 0-7: the Hessian is exactly singular
+    with pytest.raises(go.PassFailedError, match=r"not positive definite at damp=0.*damp > 0"):
+        go.optimize(model, low_rank[0], "quantize(scheme=int8,method=gptq,damp=0)", calib=low_rank, measure=False,
+                    on_error="raise")
+    with pytest.raises(InputError, match="calib is empty, and quantize read calibration data"):
+        go.optimize(model, low_rank[0], "quantize(scheme=int8,method=gptq)", calib=[], measure=False)
