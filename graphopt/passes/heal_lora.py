@@ -35,6 +35,11 @@ class LoRA:
                 continue
             w = m.weight
             d_in, d_out = (w.shape[1], w.shape[0]) if isinstance(m, nn.Linear) else (w.shape[0], w.shape[1])
+            if rank >= min(d_in, d_out):  # an adapter that wide is a full update: train the weights instead
+                self.remove()
+                raise ValueError(f"heal(lora={rank}): {name} is {d_out} x {d_in}, so a rank-{rank} adapter is no "
+                                 f"low-rank update; give lora < {min(d_in, d_out)} (or lora_targets= fewer layers), "
+                                 "or heal without lora")
             a = torch.randn(rank, d_in, generator=g, dtype=torch.float32) / math.sqrt(d_in)
             a = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
             b = nn.Parameter(torch.zeros(d_out, rank, device=w.device, dtype=w.dtype))

@@ -39,7 +39,7 @@ from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
-from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear
+from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear, weight_scales
 from graphopt.progress import track
 from graphopt.units import MIB
 
@@ -64,6 +64,15 @@ def output_embeddings(model: nn.Module) -> set[int]:
     heads |= {id(m) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
               and not isinstance(m, nn.Embedding) and id(m.weight) in tables}
     return heads
+
+
+def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
+    """Whether the layer's scales, stored in the weight's dtype, would be subnormal (fp16 weights of ~1e-5)."""
+    if weight.dtype not in (torch.float16,):
+        return False
+    qmax = W8A8_QMAX if plan.activations != "none" else None
+    scales = weight_scales(weight.detach().float(), plan.scheme, plan.group_size, qmax)
+    return bool((scales < torch.finfo(weight.dtype).tiny).any())
 
 
 @register_pass("quantize", tolerance=None, change="quantize")
@@ -117,6 +126,15 @@ class Quantize(Pass):
         plans, notes = plan_layers(shapes, self.scheme, self.group_size, self.uneven_groups, self.act_scales or "tensor")
         for name, message in notes:
             result.note(name, message)
+        for name in [n for n in targets if _scales_underflow(weights[n][0], plans[n])]:
+            result.skip(name, f"its {plans[name].scheme} scales fall below {weights[name][0].dtype}'s normal range "
+                              "(weights this small lose most of their precision in subnormal scales); it stays in "
+                              "float (load the model in float32 to quantize it)")
+            targets.remove(name)
+            del weights[name], shapes[name], plans[name]
+        if not targets and not tables:
+            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
+            return result
         if self.budget_bits is not None:
             plans = self._mixed(program, weights, plans, shapes, result)
         smoothing = self.scheme == "w8a8" and (self.alpha is None or self.alpha > 0)
@@ -175,6 +193,12 @@ class Quantize(Pass):
         if self.budget_bits is not None and self.scheme != "int4":
             raise ValueError(f"quantize(budget_bits=...) mixes int4 and int8 layers; it needs scheme=int4, "
                              f"not {self.scheme}")
+        if self.budget_bits is not None and not 4 <= self.budget_bits <= 8:
+            raise ValueError(f"quantize(budget_bits={self.budget_bits:g}): the average bits of int4 / int8 layers lie "
+                             "in [4, 8] (4: every layer int4, 8: every layer int8)")
+        if self.alpha is not None and self.scheme != "w8a8":
+            raise ValueError(f"quantize(alpha={self.alpha:g}) is SmoothQuant's strength, which moves activation "
+                             f"outliers into w8a8's weights; scheme={self.scheme} keeps activations in float (drop alpha)")
         if self.act_scales is not None and self.scheme != "w8a8":
             raise ValueError(f"quantize(act_scales={self.act_scales}) sets how w8a8 scales its activations; "
                              f"scheme={self.scheme} keeps activations in float (use scheme=w8a8, or drop act_scales)")

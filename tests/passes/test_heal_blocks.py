@@ -114,3 +114,11 @@ def test_heal_with_lora_trains_adapters_only_and_merges_them():
     with pytest.raises(PassFailedError, match="linear layers are quantized.*heal before quantize"):
         go.optimize(model, inputs, "quantize(scheme=int4,group_size=32),heal(steps=2,lora=4)", calib=calib,
                     measure=False, on_error="raise")
+
+
+def test_a_lora_rank_as_wide_as_a_layer_is_refused():
+    model, inputs = hf_model("bert", layers=2)
+    with pytest.raises(PassFailedError, match=r"heal\(lora=64\): encoder.layer.0.attention.self.query is 16 x 32.*give lora < 16"):
+        go.optimize(model, inputs, "prune(ratio=0.5),heal(steps=2,lora=64)", calib=_calib(model), measure=False,
+                    on_error="raise")
+    assert not any(m._forward_hooks for m in model.modules())

@@ -234,3 +234,15 @@ def test_input_groups_do_not_confuse_a_freed_input_with_a_new_one():
     for _ in range(20):  # id() reuse depends on the allocator: try several times
         groups, unreached = input_groups(model, dict(model.named_children()), torch.randn(4, 8))
         assert groups == [["a", "b"], ["d"], ["c"]] and unreached == []
+
+
+@pytest.mark.parametrize("pipeline, match", [
+    ("quantize(scheme=int4,group_size=16,alpha=0.5)", r"alpha=0.5\) is SmoothQuant's strength.*drop alpha"),
+    ("quantize(scheme=int4,group_size=16,budget_bits=9)", r"budget_bits=9\).*\[4, 8\]"),
+    ("quantize(scheme=int4,group_size=16,budget_bits=3)", r"budget_bits=3\).*\[4, 8\]"),
+])
+def test_options_that_would_be_ignored_are_refused(pipeline, match):
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8)).eval()
+    calib = [torch.randn(8, 32) for _ in range(2)]
+    with pytest.raises(go.PassFailedError, match=match):
+        go.optimize(model, calib[0], pipeline, calib=calib, measure=False, on_error="raise")
