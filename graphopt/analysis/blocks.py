@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +24,12 @@ from torch import nn
 
 from ..frontend.inputs import as_example_inputs
 from ..nn.depth import LinearBlock
+from .hooked import Stop, run_hooked
 from .manager import AnalysisManager, Analyzable, register_analysis
 
 log = logging.getLogger(__name__)
 
 Replace = Callable[[torch.Tensor], tuple[tuple, dict]]
-
-
-class Stop(Exception):
-    """Raised by a hook to end a forward early (caught by :func:`run_hooked`)."""
 
 
 @dataclass
@@ -63,19 +60,6 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)) and value:
         return first_tensor(value[0])
     return None
-
-
-def run_hooked(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
-    """Run ``model`` on each batch without autograd (a hook may end a forward with :class:`Stop`), then
-    remove the hooks ``handles``."""
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                with contextlib.suppress(Stop):
-                    as_example_inputs(batch).call(model)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[tuple[tuple, dict]]:

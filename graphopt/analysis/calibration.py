@@ -9,7 +9,6 @@ layers to one accumulator each, stopping each forward as soon as all of them hav
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..frontend.inputs import as_example_inputs
+from .hooked import Stop, run_hooked
 
 
 class Accumulator(Protocol):
@@ -47,10 +47,6 @@ class GramAccumulator:
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
         return self.gram / self.rows
-
-
-class _Seen(Exception):
-    """Stops a forward once every watched layer has had its input."""
 
 
 def mask_of(inputs: Any) -> torch.Tensor | None:
@@ -85,20 +81,15 @@ def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: I
                 grams[name].add(args[0], mask[0])
                 seen.add(name)
             if len(seen) == len(layers):
-                raise _Seen
+                raise Stop
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                seen.clear()
-                mask[0] = mask_of(batch) if masks is None else masks[i]
-                with contextlib.suppress(_Seen):
-                    as_example_inputs(batch).call(model)
-    finally:
-        for h in handles:
-            h.remove()
+    def before(i: int, batch: Any) -> None:
+        seen.clear()
+        mask[0] = mask_of(batch) if masks is None else masks[i]
+
+    run_hooked(model, batches, [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()],
+               before=before)
     return grams
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .blocks import BlockList, Stop, first_tensor, hidden_of, run_hooked
+from .blocks import BlockList, first_tensor, hidden_of
 from .calibration import mask_of
+from .hooked import Stop, run_hooked
 
 
 def rows_of(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.analysis.blocks import BlockList, Stop, first_block_inputs, first_tensor, hidden_of, run_hooked
+from graphopt.analysis.blocks import BlockList, first_block_inputs, first_tensor, hidden_of
 from graphopt.analysis.depth_stats import LinearMapStats, masked_batches, rows_of
+from graphopt.analysis.hooked import Stop, layer_order, run_hooked
+from graphopt.frontend.inputs import ExampleInputs
 from graphopt.nn.depth import LinearBlock, output_structure
 
 from .linear_layers import is_conv1d
@@ -53,24 +55,17 @@ def _is_linear(module: nn.Module) -> bool:
 def down_projection(model: nn.Module, block_name: str, batch: Any) -> str | None:
     """The last Linear / Conv1D that ``block_name`` runs, when the block's output is ``Y + (its output)``."""
     block = model.get_submodule(block_name)
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, a, o, name=name: order.append(name))
-               for name, m in block.named_modules() if _is_linear(m)]
     calls = first_block_inputs(model, block, [batch])
     if not calls:
-        for h in handles:
-            h.remove()
         return None
     args, kwargs = calls[0]
-    try:
-        with torch.no_grad():
-            base = first_tensor(block(*args, **kwargs))
-    finally:
-        for h in handles:
-            h.remove()
-    if not order or base is None:
+    groups, _ = layer_order(block, {n: m for n, m in block.named_modules() if _is_linear(m)},
+                            ExampleInputs(args, kwargs))
+    with torch.no_grad():
+        base = first_tensor(block(*args, **kwargs))
+    if not groups or base is None:
         return None
-    last = block.get_submodule(order[-1])
+    last = block.get_submodule(groups[-1][-1])
     seen: list[torch.Tensor] = []
 
     def double(module: nn.Module, a: Any, out: torch.Tensor) -> torch.Tensor:
@@ -88,7 +83,7 @@ def down_projection(model: nn.Module, block_name: str, batch: Any) -> str | None
     scale = float(seen[0].abs().max().clamp_min(1e-12))
     if float((doubled - base - seen[0]).abs().max()) > 1e-4 * scale:
         return None
-    return f"{block_name}.{order[-1]}"
+    return f"{block_name}.{groups[-1][-1]}"
 
 
 def estimate_map(model: nn.Module, blocks: BlockList, start: int, n: int, batches: Iterable[Any],

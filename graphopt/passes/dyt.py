@@ -34,8 +34,8 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.blocks import BlockList, block_of
 from graphopt.analysis.calibration import mask_of
+from graphopt.analysis.hooked import Stop, layer_order, run_hooked
 from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, reference_norm
-from graphopt.frontend.inputs import as_example_inputs
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
@@ -46,10 +46,6 @@ from .progressive import heal_each
 
 log = logging.getLogger(__name__)
 
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early once the wanted activations are captured."""
 
 
 @dataclass
@@ -107,20 +103,15 @@ def find_norms(program: Program, *, target: str = "all", where: str = "*",
 
 
 def _execution_order(program: Program, names: list[str]) -> dict[str, int]:
-    order: dict[str, int] = {}
-    handles = []
-    for name in names:
-        mod = program.get_submodule(name)
-        handles.append(mod.register_forward_pre_hook(lambda m, a, _n=name: order.setdefault(_n, len(order))))
+    if program.device.type == "meta":
+        return {}
     try:
-        if program.device.type != "meta":
-            program.run()
+        groups, _ = layer_order(program.module, {n: program.get_submodule(n) for n in names},
+                                program.example_inputs)
     except Exception as e:  # noqa: BLE001 - order is a nicety; module order is the fallback
         log.debug("could not run the model to order norms: %s", e)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+        return {}
+    return {name: i for i, name in enumerate(n for group in groups for n in group)}
 
 
 def _assign_roles(norms: list[_Norm], order: dict[str, int], stacks: list[BlockList]) -> None:
@@ -158,14 +149,6 @@ def _select_rows(act: torch.Tensor, info: NormInfo, mask: torch.Tensor | None, l
     return rows.float().cpu()
 
 
-def _run(module: nn.Module, inputs: Any, device: torch.device) -> None:
-    try:
-        with torch.no_grad():
-            as_example_inputs(inputs).to(device).call(module)
-    except _Stop:
-        pass
-
-
 def _capture(program: Program, norms: list[_Norm], batches: list[Any], limit: int, *, output: bool,
              calls: list[int] | None = None) -> dict[str, list[list[torch.Tensor]]]:
     """Rows of the inputs (or outputs) of ``norms``: ``{name: [per batch: [per call: (N, C)]]}``.
@@ -179,23 +162,25 @@ def _capture(program: Program, norms: list[_Norm], batches: list[Any], limit: in
         got = state["rows"][norm.name]
         got.append(_select_rows(act, norm.info, state["mask"], limit, state["batch"] * 1009 + len(got)))
         if calls is not None and len(got) >= calls[state["batch"]]:
-            raise _Stop
+            raise Stop
 
+    def before(b: int, inputs: Any) -> None:
+        state.update(rows={n.name: [] for n in norms}, mask=mask_of(inputs), batch=b)
+
+    def after(b: int, inputs: Any) -> None:
+        for n in norms:
+            out[n.name][state["batch"]] = state["rows"][n.name]
+
+    for n in norms:  # a batch no call is wanted from is not run: its rows stay empty
+        out[n.name] = [[] for _ in batches]
     handles = []
     for n in norms:
         mod = program.get_submodule(n.name)
         handles.append(mod.register_forward_hook(lambda m, a, o, _n=n: grab(_n, o)) if output
                        else mod.register_forward_pre_hook(lambda m, a, _n=n: grab(_n, a[0])))
-    try:
-        for b, inputs in enumerate(batches):
-            state.update(rows={n.name: [] for n in norms}, mask=mask_of(inputs), batch=b)
-            if calls is None or calls[b] > 0:
-                _run(program.module, inputs, program.device)
-            for n in norms:
-                out[n.name].append(state["rows"][n.name])
-    finally:
-        for h in handles:
-            h.remove()
+    wanted = [i for i in range(len(batches)) if calls is None or calls[i] > 0]
+    run_hooked(program.module, [batches[i] for i in wanted], handles, device=program.device,
+               before=lambda j, batch: before(wanted[j], batch), after=after)
     return out
 
 

@@ -16,41 +16,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-from graphopt.analysis.blocks import find_blocks, first_block_inputs, hidden_of, run_hooked
+from graphopt.analysis.blocks import find_blocks, first_block_inputs, hidden_of
 from graphopt.analysis.calibration import GramAccumulator, layer_input_grams, mask_of
+from graphopt.analysis.hooked import layer_order
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.progress import track
 
 log = logging.getLogger(__name__)
 
 QuantizeGroup = Callable[[list[str], dict[str, GramAccumulator]], None]
-
-
-def input_groups(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> tuple[list[list[str]], list[str]]:
-    """``layers`` in the order one call of ``model`` reaches them, those reading one tensor grouped
-    together, and the layers it never reaches."""
-    first: dict[str, Any] = {}  # the input tensors themselves: an id() of a freed tensor can be reused
-    order: list[str] = []
-    handles = []
-    for name, layer in layers.items():
-        def record(module: nn.Module, args: tuple, name: str = name) -> None:
-            if name not in first:
-                first[name] = args[0]
-                order.append(name)
-        handles.append(layer.register_forward_pre_hook(record))
-    run_hooked(model, [inputs], handles)
-    groups: list[list[str]] = []
-    for name in order:
-        if groups and first[groups[-1][0]] is first[name]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups, [n for n in layers if n not in first]
 
 
 def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_group: QuantizeGroup
@@ -79,7 +57,7 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
         block = model.get_submodule(block_name)
         inside = {t: model.get_submodule(t) for t in targets if t.startswith(f"{block_name}.")}
         calls = [ExampleInputs(args, kwargs) for args, kwargs in inputs]
-        for group in input_groups(block, inside, calls[0])[0] if inside else []:
+        for group in layer_order(block, inside, calls[0])[0] if inside else []:
             grams = layer_input_grams(block, {n: model.get_submodule(n) for n in group}, calls, masks)
             quantize_group(group, grams)
             done.update(group)

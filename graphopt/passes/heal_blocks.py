@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.analysis.blocks import Stop, find_blocks, first_tensor, hidden_of, run_hooked
+from graphopt.analysis.blocks import find_blocks, first_tensor, hidden_of
 from graphopt.analysis.calibration import mask_of
+from graphopt.analysis.hooked import Stop, run_hooked
 from graphopt.progress import Progress
 
 log = logging.getLogger(__name__)

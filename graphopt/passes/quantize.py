@@ -35,6 +35,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.blocks import block_of
 from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
+from graphopt.analysis.hooked import layer_order
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
@@ -44,7 +45,7 @@ from graphopt.progress import track
 from graphopt.units import MIB
 
 from .gptq import gptq_quantize
-from .gptq_blocks import gptq_by_block, input_groups
+from .gptq_blocks import gptq_by_block
 from .linear_layers import linear_weight, why_not_plain
 from .progressive import heal_each
 from .quant_plan import LayerPlan, layer_sensitivity, mixed_precision, plan_layers
@@ -332,7 +333,7 @@ class Quantize(Pass):
 
         GPTQ then quantizes one group at a time on the inputs the already-quantized layers produce.
         """
-        groups, unreached = input_groups(program.module, {n: program.get_submodule(n) for n in targets},
+        groups, unreached = layer_order(program.module, {n: program.get_submodule(n) for n in targets},
                                          self._batches(program)[0])
         if unreached:
             raise ValueError(f"quantize: the calibration data never reaches {unreached[:3]}; "

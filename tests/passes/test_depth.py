@@ -262,12 +262,11 @@ def test_dropped_and_folded_models_reload_with_plain_transformers(tmp_path):
     ("replace_blocks(n=2,start=3)", True, "start must be <= 2"),
     ("drop_blocks(n=1)", False, "needs calibration data"),
     ("replace_blocks(n=1,start=1)", False, "needs calibration data"),
-    ("replace_blocks(n=1)", "empty", "calibration data is empty"),
 ])
 def test_bad_depth_options_fail_clearly_and_leave_the_model(pipeline, calib, message):
     model, inputs = hf_model("llama_causal_lm", layers=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = {True: _text_calib(model), False: None, "empty": []}[calib]
+    data = _text_calib(model) if calib else None
     with pytest.raises((PassFailedError, ValueError), match=message):
         go.optimize(model, inputs, pipeline, calib=data, measure=False, on_error="raise")
     assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
@@ -275,6 +274,14 @@ def test_bad_depth_options_fail_clearly_and_leave_the_model(pipeline, calib, mes
     with pytest.warns(go.PassRolledBackWarning, match=message):
         res = go.optimize(model, inputs, pipeline, calib=data, measure=False)
         assert len(res.model.model.layers) == 4 and not res.ok
+
+
+def test_empty_calibration_data_is_named_before_any_pass():
+    from graphopt.frontend.inputs import InputError
+
+    model, inputs = hf_model("llama_causal_lm", layers=4)
+    with pytest.raises(InputError, match="calib is empty, and replace_blocks read calibration data"):
+        go.optimize(model, inputs, "replace_blocks(n=1)", calib=[], measure=False)
 
 
 def test_models_without_repeated_blocks_and_special_blocks_are_refused_by_name():

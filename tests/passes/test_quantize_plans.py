@@ -217,7 +217,7 @@ def test_smoothing_factor_moves_into_a_producer_where_exact(tmp_path, name, cons
 def test_input_groups_do_not_confuse_a_freed_input_with_a_new_one():
     """Layers share a group only when they read the same tensor; a temporary freed after one layer ran can
     leave its id() to the next layer's input (found as a rare CI failure on Llama's w8a8 smoothing)."""
-    from graphopt.passes.gptq_blocks import input_groups
+    from graphopt.analysis.hooked import layer_order
 
     class Temporaries(nn.Module):
         def __init__(self):
@@ -232,7 +232,7 @@ def test_input_groups_do_not_confuse_a_freed_input_with_a_new_one():
 
     model = Temporaries()
     for _ in range(20):  # id() reuse depends on the allocator: try several times
-        groups, unreached = input_groups(model, dict(model.named_children()), torch.randn(4, 8))
+        groups, unreached = layer_order(model, dict(model.named_children()), torch.randn(4, 8))
         assert groups == [["a", "b"], ["d"], ["c"]] and unreached == []
 
 
