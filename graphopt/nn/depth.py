@@ -12,7 +12,7 @@ bias that the previous one returned). ``outputs`` describes that structure as JS
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ class LinearBlock(nn.Module):
             else:
                 out.append(kwargs.get(item[1]))
         return tuple(out)
+
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
+    graphopt_spec_version: ClassVar[int] = 1
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {"features": self.linear.in_features, "bias": self.linear.bias is not None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +53,9 @@ class _Elementwise(nn.Module):
         self.alpha = nn.Parameter(torch.full((channels if per_channel_alpha else 1,), float(alpha0), **factory))
         self.weight = nn.Parameter(torch.ones(channels, **factory))
         self.bias = nn.Parameter(torch.zeros(channels, **factory)) if bias else None
+
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
+    graphopt_spec_version: ClassVar[int] = 1
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {"channels": self.channels, "channel_dim": self.channel_dim, "alpha0": self.alpha0,
@@ -98,6 +101,9 @@ class DyT(_Elementwise):
         super().__init__(channels, channel_dim=channel_dim, alpha0=alpha0, bias=bias,
                          per_channel_alpha=per_channel_alpha, device=device, dtype=dtype)
         self.fused = bool(fused)
+
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
+    graphopt_spec_version: ClassVar[int] = 1
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {**super().graphopt_spec(), "fused": self.fused}

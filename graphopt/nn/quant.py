@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,9 @@ class QuantLinear(nn.Module):
                          self.activations, self.resolved_backend(x))
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
+    graphopt_spec_version: ClassVar[int] = 1
+
     def graphopt_spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "scheme": self.scheme, "group_size": self.group_size, "backend": self.backend,
@@ -273,6 +276,9 @@ class QuantEmbedding(nn.Module):
         """What is wrong with the packed rows and their scales (``[]``: nothing)."""
         return packed_value_problems(self.qweight, self.scale, self.scheme, self.num_embeddings,
                                      self.embedding_dim, self.group_size)
+
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
+    graphopt_spec_version: ClassVar[int] = 1
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,

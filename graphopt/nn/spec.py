@@ -87,7 +87,36 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
             f"cannot describe a {class_path(cls)} as JSON; define graphopt_spec(self) -> constructor kwargs "
             f"on the class or call graphopt.register_module_spec({cls.__name__}, fn)"
         )
-    return {"class": class_path(cls), "kwargs": fn(module), **_tensor_meta(module)}
+    version = getattr(cls, "graphopt_spec_version", None)
+    return {"class": class_path(cls), "kwargs": fn(module), **_tensor_meta(module),
+            **({"version": version} if version is not None else {})}
+
+
+def _checked_kwargs(cls: type, spec: dict[str, Any]) -> dict[str, Any]:
+    """The constructor kwargs of ``spec``, for the spec format version ``cls`` reads.
+
+    A class of graphopt's own declares ``graphopt_spec_version`` (its kwargs' layout); a spec written before
+    versions existed is version 1. A newer version is refused (upgrade graphopt); an older one is migrated
+    by ``cls.graphopt_spec_upgrade(kwargs, version)`` where the class has it, else refused by name.
+    """
+    kwargs = dict(spec.get("kwargs", {}))
+    current = getattr(cls, "graphopt_spec_version", None)
+    if current is None:
+        return kwargs
+    saved = spec.get("version", 1)
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        raise ModuleSpecError(f"the spec of {spec['class']} has version {saved!r}; versions are integers from 1")
+    if saved > current:
+        raise ModuleSpecError(f"{spec['class']} was saved in its spec version {saved}, newer than the {current} "
+                              "this graphopt reads: upgrade graphopt to load it")
+    if saved < current:
+        upgrade = getattr(cls, "graphopt_spec_upgrade", None)
+        if upgrade is None:
+            raise ModuleSpecError(f"{spec['class']} was saved in its spec version {saved}, which this graphopt "
+                                  f"(version {current}) cannot read: load it with the graphopt that saved it and "
+                                  "save it again, or optimize the original model again")
+        kwargs = upgrade(kwargs, saved)
+    return kwargs
 
 
 #: Classes of graphopt that moved, by their old paths (files saved before the move name those).
@@ -128,7 +157,7 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
         if issubclass(cls, nn.ModuleList):
             return cls([m for _, m in children])
         return cls(OrderedDict(children))
-    kwargs = dict(spec.get("kwargs", {}))
+    kwargs = _checked_kwargs(cls, spec)
     try:
         module = cls(**kwargs)
     except TypeError as e:

@@ -69,3 +69,28 @@ def test_files_saved_before_the_move_still_name_their_classes():
     assert spec["class"] == "graphopt.nn.dyt.DyT"
     rebuilt = ms.build_module({**spec, "class": "graphopt.norms.DyT"})  # the path graphopt 0.1 files hold
     assert type(rebuilt) is DyT and rebuilt.graphopt_spec() == DyT(6, alpha0=0.3).graphopt_spec()
+
+
+def test_graphopts_own_modules_carry_their_spec_version_and_other_versions_are_named():
+    from graphopt.nn.quant import QuantLinear
+
+    layer = QuantLinear(8, 4, scheme="int4", group_size=4)
+    spec = ms.module_spec(layer)
+    assert spec["version"] == QuantLinear.graphopt_spec_version == 1
+    assert isinstance(ms.build_module(json.loads(json.dumps(spec))), QuantLinear)
+    older = {k: v for k, v in spec.items() if k != "version"}  # saved before versions: the version-1 layout
+    assert ms.build_module(older).group_size == 4
+    with pytest.raises(ms.ModuleSpecError, match=r"QuantLinear was saved in its spec version 2, newer .*upgrade"):
+        ms.build_module({**spec, "version": 2})
+
+
+def test_an_older_spec_version_is_upgraded_where_the_class_says_how_and_refused_by_name_otherwise(monkeypatch):
+    from graphopt.nn.dyt import DyT
+
+    spec = ms.module_spec(DyT(6))
+    monkeypatch.setattr(DyT, "graphopt_spec_version", 2)
+    with pytest.raises(ms.ModuleSpecError, match=r"DyT was saved in its spec version 1, which this graphopt \(version 2\)"):
+        ms.build_module(spec)
+    monkeypatch.setattr(DyT, "graphopt_spec_upgrade", staticmethod(lambda kwargs, version: {**kwargs, "alpha0": 0.25}),
+                        raising=False)
+    assert ms.build_module(spec).alpha0 == 0.25
