@@ -47,6 +47,9 @@ class ExportReport:
     external_data: bool = False
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    #: weight-only QDQ files: the max abs error vs torch in a plain InferenceSession (no session option), which
+    #: onnxruntime runs at accuracy level 4; ``runs`` were verified with the option graphopt sets
+    plain_session_error: float | None = None
 
     @property
     def verified(self) -> bool:

@@ -165,3 +165,10 @@ def verify_file(path: Path, model: nn.Module, layout: CallLayout, out_names: lis
         runs.append(VerifiedRun(described, worst))
         log.info("onnxruntime matches torch on %s (max abs error %.2e)", described, worst)
     return runs, notes
+
+
+def default_session_error(path: Path, layout: CallLayout, reference: list[torch.Tensor]) -> float:
+    """The largest absolute difference to torch of ``path`` run as users run a file: a plain
+    ``onnxruntime.InferenceSession`` with no session option (the file is left where it is)."""
+    got = _run_ort(_session(path), layout.names, layout.tensors)
+    return max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, reference))
