@@ -133,7 +133,7 @@ def structure_mismatches(model: nn.Module, config: Any | None = None, *, attribu
 class ConfigFit:
     """The config changes that describe the target shapes (``changes``), or what is still off."""
 
-    changes: dict[str, int] = field(default_factory=dict)
+    changes: dict[str, Any] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
     trials: int = 0
 
@@ -168,8 +168,13 @@ def _candidates(value: Any, pairs: Iterable[tuple[int, int]]) -> set[int]:
 
 
 def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]] | None = None, config: Any | None = None, *,
-               changed_attrs: set[str] | None = None, max_trials: int = 400) -> ConfigFit:
+               changed_attrs: set[str] | None = None, seeds: Iterable[dict[str, Any]] = (), search: bool = True,
+               max_trials: int = 400) -> ConfigFit:
     """Search the config changes under which ``type(model)(config)`` has the ``target`` tensor shapes.
+
+    The one config search of graphopt: width changes (``prune``) search the size fields; depth changes
+    give ``seeds``, the change sets to start from (each field that may hold the layer count set to the new
+    count, per-layer lists shortened), and ``search=False`` when no size field should move.
 
     ``target=None`` fits the model as it is (its tensor shapes). ``changed_attrs`` names module
     attributes a rewrite changed (``"layers.0.attn.num_heads"``, see :func:`numeric_attrs`); the
@@ -204,13 +209,15 @@ def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]] | None = Non
             pairs += [(int(h), int(w)) for _, h, w in attrs if float(h).is_integer() and float(w).is_integer() and h]
         return problems, shapes, pairs
 
-    fit.changes = _head_dim_pin(model, config)
-    first = diffs(fit.changes)
-    if first is None:
-        fit.mismatches = [f"{type(model).__name__}(config) fails with the model's own config"]
+    pin = _head_dim_pin(model, config) if search else {}  # (no size field moves: nothing to pin)
+    starts = [{**pin, **seed} for seed in seeds] or [pin]
+    tried = [(start, result) for start in starts if (result := diffs(start)) is not None]
+    if not tried:
+        fit.mismatches = [f"{type(model).__name__}(config) fails with the model's own config" if not list(seeds)
+                          else f"{type(model).__name__}(config) fails with every candidate change"]
         return fit
-    problems, _, pairs = first
-    while problems and fit.trials < max_trials:
+    fit.changes, (problems, _, pairs) = min(tried, key=lambda sr: len(sr[1][0]))
+    while search and problems and fit.trials < max_trials:
         best: tuple[dict[str, int], list[str], list[tuple[int, int]]] | None = None
         for f in fields:
             current = fit.changes.get(f, getattr(config, f, None))

@@ -9,13 +9,12 @@ the model from the changed config on ``meta`` and comparing (no table of config 
 
 from __future__ import annotations
 
-import copy
 import logging
 
 from torch import nn
 
 from graphopt.analysis.blocks import BlockList
-from graphopt.analysis.hf_config import is_hf_model, structure_mismatches, summarize
+from graphopt.analysis.hf_config import fit_config, is_hf_model, structure_mismatches, summarize
 from graphopt.infra.contract import PassResult
 from graphopt.infra.program import Program
 
@@ -64,8 +63,9 @@ def _list_keys(config: object, old_len: int) -> list[str]:
 
 
 def _sync_config(program: Program, old_len: int, removed: list[int], slot: str | None, result: PassResult) -> None:
-    """Set the config field that holds the layer count (the one under which the model rebuilds, apart
-    from the replacement at ``slot``) and shorten the per-layer lists."""
+    """Set the config field that holds the layer count and shorten the per-layer lists: the change that
+    describes the model best, found by the one config search (:func:`fit_config`, seeded with each field
+    that holds ``old_len``)."""
     model = program.module
     if not is_hf_model(model) or not removed:
         return
@@ -73,27 +73,17 @@ def _sync_config(program: Program, old_len: int, removed: list[int], slot: str |
     new_len = old_len - len(removed)
     lists = {k: [v for i, v in enumerate(getattr(config, k)) if i not in set(removed)]
              for k in _list_keys(config, old_len)}
-    best: tuple[int, str, list[str]] | None = None
-    for key in _count_keys(config, old_len):
-        trial = copy.deepcopy(config)
-        setattr(trial, key, new_len)
-        for k, v in lists.items():
-            setattr(trial, k, v)
-        problems = structure_mismatches(model, trial, attributes=True)
-        if any("(config) fails" in p for p in problems):
-            continue  # the constructor refuses it: not the layer count
-        outside = [p for p in problems if slot is None or f"{slot}." not in p and f"{slot}'" not in p]
-        if best is None or len(outside) < best[0]:
-            best = (len(outside), key, problems)
-    if best is None:
+    seeds = [{key: new_len, **lists} for key in _count_keys(config, old_len)]
+    fit = fit_config(model, seeds=seeds, search=False) if seeds else None
+    key = next((k for k in _count_keys(config, old_len) if fit is not None and fit.changes.get(k) == new_len), None)
+    if key is None:
         result.note("<config>", f"no config field holds the layer count {old_len}; the config was not updated "
                     "(save with go.save / go.load)", "warning")
         return
-    _, key, problems = best
-    program.set_config(key, new_len)
-    for k, v in lists.items():
+    for k, v in fit.changes.items():
         program.set_config(k, v)
     changed = ", ".join([f"{key}={new_len}", *(f"{k} (item {', '.join(map(str, removed))} removed)" for k in lists)])
+    problems = structure_mismatches(model, attributes=True)
     if problems:
         result.note("<config>", f"config updated ({changed}) but it cannot describe the rewritten model "
                     f"({summarize(problems, 1)}): save with go.save / go.load", "info")
