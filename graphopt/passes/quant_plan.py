@@ -40,6 +40,25 @@ def default_group_size(scheme: str) -> int:
     return 128 if scheme == "int4" else 0
 
 
+#: int4 with group_size unset: the largest of these that divides a layer's input width (else one scale per row)
+DEFAULT_INT4_GROUPS = (128, 64, 32)
+
+
+def _default_groups(shapes: dict[str, tuple[int, int]], scheme: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Each layer's group size when the user gave none, and a note for each layer that does not get the first."""
+    if scheme != "int4":
+        return {name: default_group_size(scheme) for name in shapes}, []
+    groups, notes = {}, []
+    for name, (_, k) in shapes.items():
+        groups[name] = next((g for g in DEFAULT_INT4_GROUPS if k % g == 0), 0)
+        if groups[name] != DEFAULT_INT4_GROUPS[0]:
+            got = f"groups of {groups[name]}" if groups[name] else "one scale per row"
+            notes.append((name, f"input width {k} is not a multiple of {DEFAULT_INT4_GROUPS[0]}: {got} (the default "
+                                f"takes the largest of {', '.join(map(str, DEFAULT_INT4_GROUPS))} that divides it; "
+                                "group_size= sets one for every layer)"))
+    return groups, notes
+
+
 def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int | None, uneven: str,
                 act_scales: str = "tensor") -> tuple[dict[str, LayerPlan], list[tuple[str, str]]]:
     """``{name: LayerPlan}`` for layers of ``shapes`` (``name: (out, in)``) and notes ``(name, message)``.
@@ -48,7 +67,10 @@ def plan_layers(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int
     """
     acts = ("per_token" if act_scales == "token" else "dynamic") if scheme == "w8a8" else "none"
     base = "int8" if scheme == "w8a8" else scheme
-    group = default_group_size(scheme) if group_size is None else group_size
+    if group_size is None:  # a group size that divides every layer (quantize composes with what prune left)
+        groups, notes = _default_groups(shapes, base)
+        return {name: LayerPlan(base, groups[name], acts) for name in shapes}, notes
+    group = group_size
     if acts != "none" and group > 0:
         raise ValueError(f"quantize(scheme=w8a8, group_size={group}): w8a8 runs on integer kernels with one "
                          "weight scale per output channel; leave group_size unset (or 0)")

@@ -83,7 +83,7 @@ class Quantize(Pass):
     decisive = ("scheme", "method", "group_size")
 
     scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"  # weight format (w8a8: int8 activations too)
-    group_size: Annotated[int, Range(0)] | None = None  # None: 128 for int4, one scale per channel (0) otherwise
+    group_size: Annotated[int, Range(0)] | None = None  # None: int4 the largest of 128/64/32 dividing each width; else per channel
     method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ (needs calibration)
     where: str = "*"  # glob on the names of the layers quantized
     skip: list[str] = field(default_factory=list)  # globs of module names left in float

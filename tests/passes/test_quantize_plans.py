@@ -246,3 +246,24 @@ def test_options_that_would_be_ignored_are_refused(pipeline, match):
     calib = [torch.randn(8, 32) for _ in range(2)]
     with pytest.raises(go.PassFailedError, match=match):
         go.optimize(model, calib[0], pipeline, calib=calib, measure=False, on_error="raise")
+
+
+def test_int4_with_its_default_group_size_fits_every_width():
+    """SmolLM2's 576 is no multiple of 128, and a reloadable prune of a Qwen2 leaves 90 and 180: quantize(int4)
+    with its defaults once refused both. Each layer now gets the largest of 128 / 64 / 32 that divides it."""
+    model = nn.Sequential(nn.Linear(576, 1536), nn.Linear(1536, 576), nn.Linear(576, 90), nn.Linear(90, 8)).eval()
+    res = go.optimize(model, torch.randn(2, 576), "quantize(scheme=int4)", measure=False, on_error="raise")
+    assert {n: m.group_size for n, m in _layers(res.model).items()} == {"0": 64, "1": 128, "2": 64, "3": 0}
+    notes = {d.target for d in res.report.passes[0].diagnostics if "the default takes the largest" in d.message}
+    assert notes == {"0", "2", "3"}
+
+
+def test_prune_then_quantize_compose_with_default_options_on_an_hf_model():
+    model, inputs = hf_model("qwen2_causal_lm")
+    res = go.optimize(model, inputs, "prune(ratio=0.3,reloadable=true),quantize(scheme=int4)", measure=False,
+                      on_error="raise")
+    assert [r.status for r in res.report.passes] == ["ok", "ok"]
+    widths = {m.in_features for m in _layers(res.model).values()}
+    assert any(w % 128 for w in widths)  # prune left widths no group of 128 divides
+    with torch.no_grad():
+        assert res.model.generate(inputs["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
