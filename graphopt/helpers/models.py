@@ -160,13 +160,29 @@ def _load_directory(path: Path) -> LoadedModel:
         architectures = getattr(config, "architectures", None) or []
         cls = getattr(tf, architectures[0], None) if len(architectures) == 1 else None
         cls = cls if cls is not None and hasattr(cls, "from_pretrained") else tf.AutoModel
-        model = cls.from_pretrained(str(path), config=config, local_files_only=True)
+        model, info = cls.from_pretrained(str(path), config=config, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelSpecError(f"cannot load {path} with transformers: {_first_line(e)}") from None
+    _check_loading_info(path, info)
     model.eval()
     tokenizer = _tokenizer(tf, path)
     inputs = example_inputs_for(model, tokenizer)
     return LoadedModel(model, inputs, tokenizer, f"{path} ({_summary(model)})")
+
+
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a directory whose weights do not fill the model its config builds: transformers would leave the
+    missing tensors freshly initialised (a model that runs and is wrong) and drop the unexpected ones."""
+    problems = []
+    for key, what in (("missing_keys", "not in the weights (they would be random)"),
+                      ("unexpected_keys", "in the weights but not in the model the config builds"),
+                      ("mismatched_keys", "of another shape than the config's model")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+        if names:
+            problems.append(f"{len(names)} tensor(s) {what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    if problems:
+        raise ModelSpecError(f"{path}: its weights do not match its config.json ({'; '.join(problems)}): the "
+                             "directory is incomplete or was changed after saving; save the model again")
 
 
 def _tokenizer(tf: Any, path: Path) -> Any | None:

@@ -306,3 +306,23 @@ def test_factory_errors_are_one_line_and_say_what_to_return(factory_file, attr, 
 def test_factory_module_not_found_names_the_module():
     with pytest.raises(ModelSpecError, match="no module named 'graphopt_nothing_here'"):
         load_model_spec("graphopt_nothing_here.sub:make")
+
+
+def test_a_directory_whose_weights_do_not_match_its_config_is_refused(tmp_path):
+    """A failed save once left config.json without its quantization_config: loading built a float model whose
+    Linear weights were freshly initialised (0.92 off), with no error."""
+    from safetensors.torch import load_file, save_file
+
+    from graphopt.helpers.models import ModelSpecError, load_model_spec
+    from graphopt.helpers.zoo import hf_model
+
+    model, _ = hf_model("llama_causal_lm")
+    model.save_pretrained(tmp_path / "m")
+    assert load_model_spec(str(tmp_path / "m"))  # as written, it loads
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelSpecError, match=r"weights do not match its config.json .*1 tensor\(s\) not in the "
+                                             r"weights .*model.layers.0.mlp.up_proj.weight"):
+        load_model_spec(str(tmp_path / "m"))
