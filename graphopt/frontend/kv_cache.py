@@ -51,3 +51,13 @@ def caches_off(module: nn.Module) -> Iterator[None]:
         active.discard(id(module))
         for config, value in saved:
             config.use_cache = value
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a HF model's output holds (``cache`` from transformers 5.25, ``past_key_values`` before),
+    or None."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None

@@ -11,6 +11,7 @@ import graphopt as go
 from graphopt.frontend.errors import CaptureError
 from graphopt.frontend.inputs import compare_outputs
 from graphopt.frontend.inspect import module_tree, op_counts, summarize
+from graphopt.frontend.kv_cache import returned_cache
 from graphopt.frontend.nodes import (
     graph_view,
     node_module_path,
@@ -259,7 +260,7 @@ def test_default_config_decoder_captures_without_its_kv_cache_and_keeps_use_cach
     program = go.capture(model, {"input_ids": ids})
     outputs = [str(s.arg.name) for s in program.analyses.get("exported").graph_signature.output_specs]
     assert len(outputs) == 1  # last_hidden_state only: no cache tensors in the graph
-    assert model.config.use_cache is True and "Cache" in type(model(input_ids=ids).cache).__name__
+    assert model.config.use_cache is True and "Cache" in type(returned_cache(model(input_ids=ids))).__name__
     _assert_intact(model, before, training=False)
 
 
