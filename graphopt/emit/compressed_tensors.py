@@ -26,6 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,11 +176,22 @@ def save_compressed(model: nn.Module, directory: str | Path) -> Path:
     """
     path = Path(directory)
     state = compressed_state_dict(model)
-    with float_layers(model, _config_modules(model)):
-        type(model).save_pretrained(model, path, state_dict=state)
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text())
-    config["quantization_config"] = quantization_config(model)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Written whole into a sibling folder first, then moved in with config.json last: a failure on the way
+    # (transformers' writer, the config rewrite) leaves the directory as it was, never weights whose config
+    # lacks its quantization_config (a float model with freshly initialised layers to whoever loads it).
+    path.parent.mkdir(parents=True, exist_ok=True)  # the staging folder sits beside it: moves stay on one disk
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with float_layers(model, _config_modules(model)):
+            type(model).save_pretrained(model, staging, state_dict=state)
+        config_file = staging / "config.json"
+        config = json.loads(config_file.read_text())
+        config["quantization_config"] = quantization_config(model)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        path.mkdir(parents=True, exist_ok=True)
+        for item in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s as a compressed-tensors checkpoint to %s", type(model).__name__, path)
     return path

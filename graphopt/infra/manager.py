@@ -138,22 +138,21 @@ class PassManager:
         previous_out = self._reference_out = original_out
         n = len(self.pipeline)
         single = self.progress is None and n < 2  # one pass: its own progress is the bar
-        bar = Progress("graphopt", total=n, unit="pass", bar=False if single else self.progress, every=math.inf)
-        for index, p in enumerate(self.pipeline):
-            progress_log.info("pass %d/%d: %s ...", index + 1, n, p.label())
-            record, previous_out = self._run_one(program, p, index, previous_out)
-            report.records.append(record)
-            bar.update(last=p.name)
-            progress_log.info("pass %d/%d: %s %s in %.1f s", index + 1, n, record.text, record.status,
-                              record.seconds or 0.0)
-            if record.status == "rolled back":
-                log.warning("pass %s rolled back: %s", record.text, record.reason)
-                if self.on_error == "raise":
-                    bar.close()
-                    raise PassFailedError(record, report)
-                warnings.warn(f"graphopt: pass {record.text} was rolled back: {record.reason}\n"
-                              f"  reproduce: {record.reproduce}", PassRolledBackWarning, stacklevel=3)
-        bar.close()
+        with Progress("graphopt", total=n, unit="pass", bar=False if single else self.progress,
+                      every=math.inf) as bar:  # (closed on an interrupt or a raised failure too)
+            for index, p in enumerate(self.pipeline):
+                progress_log.info("pass %d/%d: %s ...", index + 1, n, p.label())
+                record, previous_out = self._run_one(program, p, index, previous_out)
+                report.records.append(record)
+                bar.update(last=p.name)
+                progress_log.info("pass %d/%d: %s %s in %.1f s", index + 1, n, record.text, record.status,
+                                  record.seconds or 0.0)
+                if record.status == "rolled back":
+                    log.warning("pass %s rolled back: %s", record.text, record.reason)
+                    if self.on_error == "raise":
+                        raise PassFailedError(record, report)
+                    warnings.warn(f"graphopt: pass {record.text} was rolled back: {record.reason}\n"
+                                  f"  reproduce: {record.reproduce}", PassRolledBackWarning, stacklevel=3)
         if self.measure.latency and any(isinstance(m, QuantLinear) for m in program.module.modules()):
             report.notes.append(
                 "latency is PyTorch eager on this machine, where quantized layers run graphopt's reference "

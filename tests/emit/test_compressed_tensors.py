@@ -85,3 +85,27 @@ def test_what_the_format_cannot_hold_is_refused_with_the_reason(tmp_path):
     with pytest.raises(NotLoadableError, match="Conv1D"):
         res.model.save_pretrained(tmp_path / "gpt2")
     assert isinstance(res.model.transformer.h[0].attn.c_attn, QuantLinear)
+
+
+def test_a_quantized_save_that_fails_on_the_way_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    """The config rewrite once ran in place after transformers had written the weights: a failure there left
+    weights whose config lacked quantization_config, which loads as a float model with random layers."""
+    import graphopt.emit.compressed_tensors as ct
+
+    model, inputs = hf_model("llama_causal_lm")
+    first = go.optimize(model, inputs, "quantize(scheme=int8)", measure=False, on_error="raise").model
+    second = go.optimize(model, inputs, "quantize(scheme=int4,group_size=16)", measure=False,
+                         on_error="raise").model
+    first.save_pretrained(tmp_path / "q")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()}
+
+    def broken(model):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ct, "quantization_config", broken)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(tmp_path / "q")
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(tmp_path / "fresh")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()} == before  # the old save, whole
+    assert not (tmp_path / "fresh").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
