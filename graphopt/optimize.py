@@ -141,7 +141,8 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     program = Program(work, inputs, calib=batches, original=original)
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
                           model_spec=model_spec, eval_batches=held_out)
-    with _buffers_kept(original if original is model else None):  # the caller's model runs as the teacher
+    teacher_is_callers = original is model and any(p.needs_original for p in passes)
+    with _buffers_kept(original if teacher_is_callers else None):  # the caller's model runs as the teacher
         report = manager.run(program)
     problems = check_save_pretrained(program.module)
     if problems:

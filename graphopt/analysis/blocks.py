@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..frontend.inputs import as_example_inputs
+from ..frontend.inputs import as_example_inputs, flatten_outputs
 from ..nn.depth import LinearBlock
 from .hooked import Stop, run_hooked
 from .manager import AnalysisManager, Analyzable, register_analysis
@@ -111,8 +111,6 @@ def read_elsewhere(model: nn.Module, blocks: BlockList, example: Any) -> dict[in
     shifted by a large random offset while block ``i + 1`` is handed the clean output. If the model's outputs
     move, another reader saw the offset.
     """
-    from ..frontend.inputs import flatten_outputs
-
     modules = [model.get_submodule(n) for n in blocks.names]
     inputs = as_example_inputs(example)
 

@@ -209,11 +209,12 @@ def fit_config(model: nn.Module, target: dict[str, tuple[int, ...]] | None = Non
             pairs += [(int(h), int(w)) for _, h, w in attrs if float(h).is_integer() and float(w).is_integer() and h]
         return problems, shapes, pairs
 
+    seeds = list(seeds)
     pin = _head_dim_pin(model, config) if search else {}  # (no size field moves: nothing to pin)
     starts = [{**pin, **seed} for seed in seeds] or [pin]
     tried = [(start, result) for start in starts if (result := diffs(start)) is not None]
     if not tried:
-        fit.mismatches = [f"{type(model).__name__}(config) fails with the model's own config" if not list(seeds)
+        fit.mismatches = [f"{type(model).__name__}(config) fails with the model's own config" if not seeds
                           else f"{type(model).__name__}(config) fails with every candidate change"]
         return fit
     fit.changes, (problems, _, pairs) = min(tried, key=lambda sr: len(sr[1][0]))
