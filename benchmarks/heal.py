@@ -106,7 +106,7 @@ def memory_row(layers: int, mode: str, opts: argparse.Namespace) -> dict:
     from graphopt.frontend.inputs import as_example_inputs
     from graphopt.infra.metrics import PeakMemory
     from graphopt.infra.program import Program
-    from graphopt.passes.heal import Heal
+    from graphopt.passes.heal.heal import Heal
 
     torch.manual_seed(0)
     config = BertConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=layers,

@@ -48,7 +48,7 @@ FORMATS = {  # label: (scheme, group_size, activations)
     "int4 g128": ("int4", 128, "none"),
     "int4 g32": ("int4", 32, "none"),
     "ternary": ("ternary", 0, "none"),
-    "w8a8": ("int8", 0, "dynamic"),
+    "w8a8": ("int8", 0, "per_tensor"),
 }
 #: datasheet memory bandwidth, GB/s, by a substring of torch.cuda.get_device_name()
 PEAK_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350,

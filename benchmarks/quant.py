@@ -47,7 +47,7 @@ ROWS = [("int8 per channel, RTN", "quantize(scheme=int8)"),
         ("int4 g32 GPTQ + int4 g32 embeddings", "quantize(scheme=int4,group_size=32,method=gptq,embeddings=true)"),
         ("w8a8 (GPTQ, SmoothQuant) + int8 embeddings", "quantize(scheme=w8a8,method=gptq,embeddings=true)"),
         ("w8a8 per token (GPTQ, SmoothQuant) + int8 embeddings",
-         "quantize(scheme=w8a8,act_scales=token,method=gptq,embeddings=true)"),
+         "quantize(scheme=w8a8,activations=per_token,method=gptq,embeddings=true)"),
         ("ternary, RTN", "quantize(scheme=ternary)")]
 # graphopt's ONNX rows: (label, torch row, export options, onnxruntime session entries)
 ONNX_ROWS = [("graphopt int8 per channel, QDQ", "int8 per channel, RTN", {}, {"level": "0"}),

@@ -23,10 +23,12 @@ from .frontend import CaptureError, ExampleInputs, InputError, as_example_inputs
 from .infra import (
     Edit,
     EditError,
+    Instrument,
     Measure,
     Pass,
     PassFailedError,
     PassManager,
+    PassMemory,
     PassRecord,
     PassResult,
     PassRolledBackWarning,
@@ -75,7 +77,7 @@ def load(directory, base_model, **kwargs):
 
 __all__ = [
     "PRESERVE_ALL", "AnalysisManager", "CaptureError", "DependencyGraph", "Group", "analyze", "Diagnostic", "Edit", "EditError", "ExampleInputs",
-    "ExportReport", "InputError", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager",
+    "ExportReport", "InputError", "Instrument", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager", "PassMemory",
     "PassRecord", "PassResult", "PassRolledBackWarning", "Pipeline", "PipelineError", "Program", "Range", "Report", "VerificationError",
     "__version__", "as_example_inputs", "capture", "compare_outputs", "export_onnx", "get_pass", "list_analyses",
     "list_passes", "list_presets", "load", "optimize", "parse_pipeline", "register_analysis",

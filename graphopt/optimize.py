@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +17,7 @@ from .emit.hf import check_save_pretrained, refusal
 from .frontend.calib import check_calibration
 from .frontend.inputs import InputError, as_example_inputs
 from .infra.contract import Pass
+from .infra.instruments import Instrument
 from .infra.manager import Measure, PassManager
 from .infra.pipeline import Pipeline, as_pipeline
 from .infra.program import Program
@@ -102,7 +103,7 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
              *, calib: Iterable[Any] | None = None, inplace: bool = False, verify: bool = True,
              measure: Measure | bool = True, on_error: Literal["rollback", "raise"] = "rollback",
              progress: bool | None = None, model_spec: str = "MODEL",
-             eval_data: Iterable[Any] | None = None) -> OptimizeResult:
+             eval_data: Iterable[Any] | None = None, instruments: Sequence[Instrument] = ()) -> OptimizeResult:
     """Run ``pipeline`` on a copy of ``model`` (or on ``model`` itself with ``inplace=True``).
 
     Args:
@@ -115,6 +116,8 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
         on_error: ``"rollback"`` a failing pass and go on, or roll back and ``"raise"`` PassFailedError.
         eval_data: held-out model inputs (like ``calib``, disjoint from it) for the report's quality figure;
             without them the figure is computed on the example inputs.
+        instruments: more measurements around each pass (:class:`~graphopt.infra.instruments.Instrument`,
+            e.g. ``go.PassMemory()`` for each pass's peak memory); each adds a column to the report.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
@@ -140,7 +143,7 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
         original = copy.deepcopy(model)  # the teacher must not change under the passes
     program = Program(work, inputs, calib=batches, original=original)
     manager = PassManager(passes, verify=verify, measure=measure, on_error=on_error, progress=progress,
-                          model_spec=model_spec, eval_batches=held_out)
+                          model_spec=model_spec, eval_batches=held_out, instruments=instruments)
     teacher_is_callers = original is model and any(p.needs_original for p in passes)
     with _buffers_kept(original if teacher_is_callers else None):  # the caller's model runs as the teacher
         report = manager.run(program)

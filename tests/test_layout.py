@@ -103,7 +103,7 @@ def test_the_graph_sees_the_package():
     graph = import_graph()
     assert len(MODULES) > 40
     assert graph.has_edge("graphopt.infra.program", "graphopt.analysis.manager")
-    assert graph.has_edge("graphopt.passes.prune", "graphopt.analysis.depgraph")
+    assert graph.has_edge("graphopt.passes.prune.prune", "graphopt.analysis.depgraph")
 
 
 def test_no_import_cycles():
@@ -115,6 +115,118 @@ def test_imports_point_down_the_stages():
     graph = import_graph()
     upward = [f"{a} -> {b} (line {d['line']})" for a, b, d in graph.edges(data=True) if _layer(a) > _layer(b)]
     assert not upward, "imports from a lower layer to a higher one: " + "; ".join(upward)
+
+
+def _family(module: str) -> str | None:
+    """The pass family a module belongs to: ``prune`` for ``graphopt.passes.prune.apply``, ``dyt`` for a flat pass."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["graphopt", "passes"] else None
+
+
+def cross_family_imports(graph: nx.DiGraph) -> list[str]:
+    """Imports from one pass family into another (``graphopt.passes`` itself, the registration hub, aside)."""
+    return [f"{a} -> {b} (line {d['line']})" for a, b, d in graph.edges(data=True)
+            if _family(a) and _family(b) and _family(a) != _family(b)]
+
+
+def test_pass_families_do_not_import_each_other():
+    """What two families share lives in analysis/ or frontend/; a pass that runs another asks the registry."""
+    crossing = cross_family_imports(import_graph())
+    assert not crossing, ("imports between pass families (move what they share to graphopt/analysis or "
+                          "graphopt/frontend, or get the pass with get_pass): " + "; ".join(crossing))
+
+
+def test_the_family_rule_names_an_import_between_two_families(tmp_path):
+    passes = tmp_path / "graphopt" / "passes"
+    (passes / "heal").mkdir(parents=True)
+    for f in ("__init__.py", "dyt.py", "heal/__init__.py", "heal/heal.py", "heal/run.py"):
+        (passes / f).write_text("")
+    (passes / "__init__.py").write_text("from . import dyt, heal\n")
+    (passes / "heal" / "heal.py").write_text("from .run import x\n")
+    (passes / "dyt.py").write_text("from .heal.heal import Heal\n")
+    graph = import_graph(_modules({"graphopt": tmp_path / "graphopt"}))
+    assert [c.split(" (")[0] for c in cross_family_imports(graph)] == ["graphopt.passes.dyt -> graphopt.passes.heal.heal"]
+
+
+DESIGN = ROOT / "docs" / "design.md"
+
+
+def folder_map(text: str) -> dict[str, tuple[str, str]]:
+    """design.md's folder map: first cell (``graphopt/passes/prune/``) -> (holds, imports)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `graphopt/") and len(cells) == 3:
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def _row_folder(cell: str) -> str:
+    return cell.split("`")[1]
+
+
+def _stage(module: str, folders: list[str]) -> str:
+    """How the map names the stage of ``module``: its deepest row folder (``passes/prune``), else its own name."""
+    path = module.replace(".", "/") + "/"
+    inside = [f for f in folders if path.startswith(f) and f != "graphopt/"]
+    return max(inside, key=len)[len("graphopt/"):].rstrip("/") if inside else module.split(".")[1]
+
+
+def expected_imports(folder: str, folders: list[str], graph: nx.DiGraph) -> str:
+    """The map's "imports" cell for ``folder``: the stages its modules import, top to bottom."""
+    own = [m for m in graph if (m.replace(".", "/") + "/").startswith(folder)
+           and not any(f != folder and f.startswith(folder) and (m.replace(".", "/") + "/").startswith(f)
+                       for f in folders)]
+    if folder == "graphopt/":
+        own = [m for m in graph if m.count(".") <= 1 and not any((m.replace(".", "/") + "/").startswith(f)
+                                                              for f in folders if f != "graphopt/")]
+    targets = {b for a in own for b in graph.successors(a)
+               if not (b.replace(".", "/") + "/").startswith(folder) or folder == "graphopt/" and b.count(".") > 1}
+    stages = {_stage(b, folders): _layer(b) for b in targets}
+    return ", ".join(sorted(stages, key=lambda s: (stages[s], s))) or "nothing of graphopt"
+
+
+def map_drift(text: str, graph: nx.DiGraph, root: Path = ROOT) -> list[str]:
+    """Where design.md's folder map and the source tree disagree."""
+    rows = folder_map(text)
+    folders = [_row_folder(c) for c in rows if _row_folder(c).endswith("/")]
+    problems = []
+    for pkg in sorted(p.parent for p in (root / "graphopt").rglob("__init__.py")):
+        folder = str(pkg.relative_to(root)) + "/"
+        parent_row = next((c for c in rows if _row_folder(c) == str(pkg.parent.relative_to(root)) + "/"), None)
+        if folder not in folders and not (parent_row and f"`{pkg.name}/`" in rows[parent_row][0]):
+            problems.append(f"{folder} has no row (or a `{pkg.name}/` mention in its parent's row)")
+    first_cells = " ".join(rows)
+    for cell, (holds, imports) in rows.items():
+        folder = _row_folder(cell)
+        if not folder.endswith("/"):
+            continue
+        for path in sorted((root / folder).glob("*.py")):
+            mentions = (f"`{path.name}`" in holds, f"`{path.stem}`" in holds, f"`{path.name}`" in first_cells,
+                        f"/{path.name}`" in first_cells)
+            if path.stem != "__init__" and not any(mentions):
+                problems.append(f"{folder}{path.name} is not named in its row")
+        want = expected_imports(folder, folders, graph)
+        if imports != want:
+            problems.append(f"{folder} imports: the map says {imports!r}, the code imports {want!r}")
+    return problems
+
+
+def test_the_folder_map_in_design_md_matches_the_tree():
+    problems = map_drift(DESIGN.read_text(), import_graph())
+    assert not problems, "docs/design.md's folder map has drifted: " + "; ".join(problems)
+
+
+def test_the_folder_map_check_names_a_missing_module_and_a_wrong_imports_cell():
+    text = DESIGN.read_text()
+    rows = folder_map(text)
+    cell = next(c for c in rows if _row_folder(c) == "graphopt/infra/")
+    holds, imports = rows[cell]
+    broken = text.replace(holds, holds.replace("`registry.py`", "`registy.py`")).replace(
+        f"| {imports} |", "| analysis |")
+    problems = map_drift(broken, import_graph())
+    assert any("graphopt/infra/registry.py is not named" in p for p in problems), problems
+    assert any(p.startswith("graphopt/infra/ imports: the map says 'analysis'") for p in problems), problems
 
 
 def test_files_stay_small():

@@ -75,11 +75,14 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> lis
 
 
 def chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
-    """Whether each block's hidden-states input is the previous block's output (on one batch)."""
+    """Whether the blocks run once each in list order, each block's hidden-states input the previous block's
+    output (on one batch). Blocks run in another order (reversed) are not a stack the list describes."""
     seen_in: list[torch.Tensor] = []
     seen_out: list[torch.Tensor] = []
+    order: list[int] = []
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        order.append(id(module))
         with contextlib.suppress(TypeError):
             seen_in.append(hidden_of(args, kwargs)[0])
 
@@ -88,17 +91,17 @@ def chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
 
     run_hooked(model, [batch], [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
                                                              b.register_forward_hook(post))])
-    return len(seen_in) == len(seen_out) == len(blocks) and all(
+    return order == [id(b) for b in blocks] and len(seen_in) == len(seen_out) == len(blocks) and all(
         isinstance(o, torch.Tensor) and o.shape == i.shape and torch.equal(o, i)
         for o, i in zip(seen_out[:-1], seen_in[1:]))
 
 
-def _with_first(value: Any, new: torch.Tensor) -> Any:
+def with_first(value: Any, new: torch.Tensor) -> Any:
     """``value`` (a block's output: a tensor or a tuple starting with one) with its first tensor ``new``."""
     if isinstance(value, torch.Tensor):
         return new
-    return type(value)([_with_first(value[0], new), *value[1:]]) if isinstance(value, list) else \
-        (_with_first(value[0], new), *value[1:])
+    return type(value)([with_first(value[0], new), *value[1:]]) if isinstance(value, list) else \
+        (with_first(value[0], new), *value[1:])
 
 
 def read_elsewhere(model: nn.Module, blocks: BlockList, example: Any) -> dict[int, str]:
@@ -140,7 +143,7 @@ def _shifted_between(block: nn.Module, successor: nn.Module, seed: int) -> Itera
         h = first_tensor(out)
         clean.append(h)
         noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        return _with_first(out, h + (noise.to(h) + 1.0) * (h.detach().abs().max() + 1.0))
+        return with_first(out, h + (noise.to(h) + 1.0) * (h.detach().abs().max() + 1.0))
 
     def restore(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return hidden_of(args, kwargs)[1](clean[-1])
@@ -222,7 +225,7 @@ def find_blocks(model: nn.Module, example: Any, path: str | None = None) -> Bloc
     tried = [name for name, blocks in lists if _param_count(blocks)]
     if tried:
         raise ValueError(f"{type(model).__name__} has no repeated blocks on its residual path: the members of "
-                         f"{', '.join(tried)} do not run one after the other on each other's outputs")
+                         f"{', '.join(tried)} do not run one after the other, in list order, on each other's outputs")
     raise ValueError(f"{type(model).__name__} has no repeated blocks (no ModuleList of two or more blocks of one "
                      "class with parameters); depth rewrites need a stack of layers")
 

@@ -43,8 +43,30 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
+def boundary_shapes(model: torch.nn.Module, blocks: BlockList, example: Any) -> list[tuple[int, ...]]:
+    """The shape of the hidden states entering each block on ``example``, then the last block's output's:
+    a span ``s .. s+n-1`` keeps the shape iff items ``s`` and ``s+n`` are equal."""
+    modules = [model.get_submodule(name) for name in blocks.names]
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def before(k: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            shapes.setdefault(k, tuple(hidden_of(args, kwargs)[0].shape))
+        return hook
+
+    def after(module: torch.nn.Module, args: tuple, out: Any) -> None:
+        shapes.setdefault(len(modules), tuple(first_tensor(out).shape))
+        raise Stop
+
+    handles = [m.register_forward_pre_hook(before(k), with_kwargs=True) for k, m in enumerate(modules)]
+    handles.append(modules[-1].register_forward_hook(after))
+    run_hooked(model, [example], handles)
+    return [shapes.get(k, ()) for k in range(len(modules) + 1)]
+
+
 def span_distances(model: torch.nn.Module, blocks: BlockList, batches: Iterable[Any], n: int) -> list[float]:
-    """Mean angular distance across each span of ``n`` blocks; item ``s`` is blocks ``s .. s+n-1``."""
+    """Mean angular distance across each span of ``n`` blocks; item ``s`` is blocks ``s .. s+n-1`` (NaN for a
+    span whose output differs in shape from its input)."""
     modules = [model.get_submodule(name) for name in blocks.names]
     spans = len(modules) - n + 1
     sums = torch.zeros(spans, dtype=torch.float64)
@@ -64,8 +86,10 @@ def span_distances(model: torch.nn.Module, blocks: BlockList, batches: Iterable[
         def hook(module: torch.nn.Module, args: tuple, out: Any) -> None:
             boundary[k + 1] = rows_of(first_tensor(out), mask[0])
             start = k + 1 - n
-            if start >= 0:
+            if start >= 0 and boundary[start].shape == boundary[k + 1].shape:
                 sums[start] += angular_distance(boundary[start], boundary[k + 1]).sum()
+            elif start >= 0:
+                sums[start] = math.nan  # the span changes the hidden shape: no distance (and no cut)
             boundary.pop(start, None)
             if k == len(modules) - 1:
                 raise Stop

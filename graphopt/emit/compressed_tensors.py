@@ -10,7 +10,7 @@ stored as the format wants them (compressed-tensors 0.20, pinned in ``constraint
   (code + 2^(bits-1) at bit ``bits * (i % (32 / bits))`` of word ``i // (32 / bits)``),
   ``weight_scale`` ``[out, groups]`` and ``weight_shape``.
 - int8: ``int-quantized``: ``weight`` int8 ``[out, in]`` and ``weight_scale`` ``[out, 1]`` (or groups).
-- w8a8 with per-token activations (``quantize(scheme=w8a8,act_scales=token)``): int8 weights as above and
+- w8a8 with per-token activations (``quantize(scheme=w8a8,activations=per_token)``): int8 weights as above and
   ``input_activations`` dynamic, symmetric, per token (graphopt rounds activations with the format's
   convention, ``scale = max|x_row| / 127.5``).
 
@@ -60,9 +60,9 @@ def compressed_tensors_problems(model: nn.Module) -> list[str]:
         if m.smooth is not None:
             problems.append(f"{name}: w8a8 with SmoothQuant factors (the format has no per-input-channel "
                             "factor; export it to ONNX instead)")
-        elif m.activations == "dynamic":
+        elif m.activations == "per_tensor":
             problems.append(f"{name}: w8a8 with ONNX-style activations (uint8, one scale and zero point per "
-                            "tensor) has no compressed-tensors form; quantize with act_scales=token,alpha=0 "
+                            "tensor) has no compressed-tensors form; quantize with activations=per_token,alpha=0 "
                             "(per-token int8 activations, which the format has), or export it to ONNX")
         if m.group_size > 0 and m.in_features % m.group_size:
             problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")

@@ -39,10 +39,10 @@ from ..frontend.inputs import ExampleInputs, InputError, as_example_inputs, flat
 from ..frontend.kv_cache import caches_off
 from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
 from .onnx_quant import (
+    QUANT_FORMATS,
     W8A8_REL_L2,
-    WEIGHT_FORMATS,
+    QuantFormat,
     QuantLoweringError,
-    WeightFormat,
     lower_file,
     lowering_note,
     qdq_session_config,
@@ -216,8 +216,8 @@ QDQ_SESSION_HINT = ("SessionOptions().add_session_config_entry('session.qdq_matm
 
 
 def _check_options(opset: int | None, quant_format: str, accuracy_level: int) -> None:
-    if quant_format not in WEIGHT_FORMATS:
-        raise ValueError(f"export_onnx(quant_format={quant_format!r}): choose from {', '.join(WEIGHT_FORMATS)}")
+    if quant_format not in QUANT_FORMATS:
+        raise ValueError(f"export_onnx(quant_format={quant_format!r}): choose from {', '.join(QUANT_FORMATS)}")
     if accuracy_level not in (0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
         raise ValueError(f"export_onnx(accuracy_level={accuracy_level!r}): MatMulNBits takes 0 (float, the default), "
                          "1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations, faster)")
@@ -229,7 +229,7 @@ def _check_options(opset: int | None, quant_format: str, accuracy_level: int) ->
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 dynamic_axes: DynamicAxes | None = None, opset: int | None = None, atol: float = 1e-4,
                 rtol: float = 1e-3, check: bool = True, external_data: bool | None = None,
-                custom_translations: Mapping[Callable, Callable] | None = None, quant_format: WeightFormat = "qdq",
+                custom_translations: Mapping[Callable, Callable] | None = None, quant_format: QuantFormat = "qdq",
                 accuracy_level: int = 0) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and verify the file in onnxruntime against torch.
 

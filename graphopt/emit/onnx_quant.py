@@ -2,7 +2,7 @@
 
 The exporter writes each :class:`graphopt.nn.quant.QuantLinear` as one ``graphopt.quant::QuantLinear``
 node over its packed codes and scales (``graphopt.kernels.quant``). :func:`lower_quantized` replaces
-each with, by ``weight_format``:
+each with, by ``quant_format``:
 
 - ``"qdq"`` (default, standard ONNX, opset 21): ``DequantizeLinear`` of the int8 / int4 codes
   (``[in, out]``; per-axis scales, or blocked ones with ``block_size`` = the group size) feeding a
@@ -16,7 +16,7 @@ each with, by ``weight_format``:
   ``accuracy_level`` is passed through: 0 (the default: float compute) or 4 (onnxruntime quantizes
   the activations to int8 inside the kernel: faster, less exact).
 
-w8a8 layers (``activations="dynamic"``) become what onnxruntime's ``quantize_dynamic`` writes:
+w8a8 layers (``activations="per_tensor"``) become what onnxruntime's ``quantize_dynamic`` writes:
 ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``, which onnxruntime fuses and runs on its
 integer kernels, in either format. Per-token w8a8 (``"per_token"``) computes each row's scale with
 ``Abs -> ReduceMax -> Max -> Div``, rounds with one blocked ``QuantizeLinear`` (a block per row) to
@@ -37,8 +37,8 @@ from graphopt.kernels.quant import ONNX_DOMAIN, unpack
 
 log = logging.getLogger(__name__)
 
-WeightFormat = Literal["qdq", "matmulnbits"]
-WEIGHT_FORMATS: tuple[str, ...] = ("qdq", "matmulnbits")
+QuantFormat = Literal["qdq", "matmulnbits"]
+QUANT_FORMATS: tuple[str, ...] = ("qdq", "matmulnbits")
 QDQ_OPSET = 21
 QDQ_ACCURACY_ENTRY = "session.qdq_matmulnbits_accuracy_level"
 #: Relative error allowed between onnxruntime and torch for graphs with w8a8 layers. A float
@@ -62,10 +62,10 @@ def qdq_session_config(accuracy_level: int) -> dict[str, str]:
     return {QDQ_ACCURACY_ENTRY: str(accuracy_level)}
 
 
-def lowering_note(count: int, dynamic: int, weight_format: str, accuracy_level: int) -> str:
+def lowering_note(count: int, dynamic: int, quant_format: str, accuracy_level: int) -> str:
     if dynamic == count:
         return f"{count} w8a8 layers written as integer MatMulInteger (activations quantized in the graph)"
-    if weight_format == "matmulnbits":
+    if quant_format == "matmulnbits":
         return f"{count} quantized layers written as MatMulNBits (accuracy_level={accuracy_level})"
     return (f"{count} quantized layers written as QDQ; verified with onnxruntime session option "
             f"{QDQ_ACCURACY_ENTRY}={accuracy_level} (onnxruntime's default, 4, computes weight-only layers "
@@ -76,7 +76,7 @@ def has_quant_markers(model) -> bool:  # noqa: ANN001 - onnx.ModelProto
     return any(n.domain == ONNX_DOMAIN for n in model.graph.node)
 
 
-def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: int = 0  # noqa: ANN001
+def lower_quantized(model, quant_format: QuantFormat = "qdq", accuracy_level: int = 0  # noqa: ANN001
                     ) -> tuple[int, int]:
     """Replace every ``graphopt.quant::QuantLinear`` node of ``model`` (in place).
 
@@ -84,8 +84,8 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
     """
     import onnx
 
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"quant_format={weight_format!r}: choose from {', '.join(WEIGHT_FORMATS)}")
+    if quant_format not in QUANT_FORMATS:
+        raise ValueError(f"quant_format={quant_format!r}: choose from {', '.join(QUANT_FORMATS)}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level={accuracy_level}: onnxruntime accepts 0 (unset), 1 fp32, 2 fp16, "
                          "3 bf16 or 4 int8")
@@ -93,7 +93,7 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
         return 0, 0
     graph = model.graph
     _merge_constant_muls(graph)
-    lowering = _Lowering(graph, weight_format, accuracy_level)
+    lowering = _Lowering(graph, quant_format, accuracy_level)
     nodes = list(graph.node)
     del graph.node[:]
     count = dynamic = 0
@@ -101,7 +101,7 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
         if node.domain == ONNX_DOMAIN and node.op_type == "QuantLinear":
             graph.node.extend(lowering.lower(node))
             count += 1
-            dynamic += any(a.name == "activations" and a.s in (b"dynamic", b"per_token") for a in node.attribute)
+            dynamic += any(a.name == "activations" and a.s in (b"per_tensor", b"per_token") for a in node.attribute)
         else:
             graph.node.append(node)
     lowering.drop_unused()
@@ -112,7 +112,7 @@ def lower_quantized(model, weight_format: WeightFormat = "qdq", accuracy_level: 
         if model.opset_import[i].domain == ONNX_DOMAIN:
             del model.opset_import[i]
     onnx.checker.check_model(model)
-    log.info("lowered %d quantized layers to %s", count, weight_format)
+    log.info("lowered %d quantized layers to %s", count, quant_format)
     return count, dynamic
 
 
@@ -156,8 +156,8 @@ def _set_opset(model, domain: str, version: int) -> None:  # noqa: ANN001
 class _Lowering:
     """Builds the replacement nodes and initializers for one graph."""
 
-    def __init__(self, graph, weight_format: str, accuracy_level: int) -> None:  # noqa: ANN001
-        self.graph, self.format, self.accuracy_level = graph, weight_format, accuracy_level
+    def __init__(self, graph, quant_format: str, accuracy_level: int) -> None:  # noqa: ANN001
+        self.graph, self.format, self.accuracy_level = graph, quant_format, accuracy_level
         self.inits = {t.name: t for t in graph.initializer}
         self.producers = {o: n for n in graph.node for o in n.output}
         self.uses_msft = False
@@ -208,7 +208,7 @@ class _Lowering:
         if self.format == "matmulnbits" and acts == "none":  # weight-only: graphopt's nibbles are MatMulNBits' layout
             return self._matmulnbits(x, y, packed, scale, scheme, group, k)
         codes = unpack(torch.from_numpy(packed), scheme, k).numpy()  # [out, in]
-        if acts == "dynamic":
+        if acts == "per_tensor":
             return self._dynamic(x, y, codes, scale[:, 0])
         if acts == "per_token":
             return self._per_token(x, y, codes, scale[:, 0])
@@ -323,7 +323,7 @@ class _Lowering:
         self.graph.initializer.extend(keep)
 
 
-def lower_file(path: str | Path, weight_format: WeightFormat = "qdq", accuracy_level: int = 0) -> tuple[int, int]:
+def lower_file(path: str | Path, quant_format: QuantFormat = "qdq", accuracy_level: int = 0) -> tuple[int, int]:
     """:func:`lower_quantized` on a saved file, rewritten in place (external data kept external)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -335,6 +335,6 @@ def lower_file(path: str | Path, weight_format: WeightFormat = "qdq", accuracy_l
     external = any(uses_external_data(t) for t in model.graph.initializer)
     if external:
         onnx.load_external_data_for_model(model, str(path.parent))
-    counts = lower_quantized(model, weight_format, accuracy_level)
+    counts = lower_quantized(model, quant_format, accuracy_level)
     onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
     return counts

@@ -4,6 +4,7 @@ Imports analysis, frontend and nn.
 """
 
 from .contract import Pass, PassResult
+from .instruments import Instrument, PassMemory, Seen
 from .manager import Measure, PassFailedError, PassManager, PassRolledBackWarning, VerificationError
 from .options import Range
 from .pipeline import Pipeline, parse_pipeline
@@ -12,7 +13,7 @@ from .registry import get_pass, list_passes, list_presets, register_pass, regist
 from .report import PassRecord, Report
 from .text import PipelineError
 
-__all__ = ["Edit", "EditError", "Measure", "Pass", "PassFailedError", "PassManager", "PassRecord", "PassResult",
+__all__ = ["Edit", "EditError", "Instrument", "Measure", "PassMemory", "Seen", "Pass", "PassFailedError", "PassManager", "PassRecord", "PassResult",
            "PassRolledBackWarning",
            "Pipeline", "PipelineError", "Program", "Range",
            "Report", "VerificationError", "analyze", "capture", "get_pass",

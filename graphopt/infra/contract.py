@@ -53,6 +53,8 @@ class Pass:
     - ``needs_calibration``: the pass reads ``program.calib`` and fails clearly without it.
     - ``needs_original``: the pass reads ``program.original`` (the model given to ``optimize``, e.g. as a
       distillation teacher); ``optimize(inplace=True)`` then keeps a copy of it.
+    - ``renamed``: options it no longer has, by old name -> how to write them now (pipeline text with an
+      old name fails with that advice instead of "no option").
     - ``change``: the kind of change its edits make (``"dyt"``, ``"prune"``, ``"depth"``, ``"quantize"``,
       or a kind of its own; ``""`` for an exact rewrite). Each edit records it, and ``heal`` picks its
       recipe from it, so a new lossy pass needs no edit in heal.
@@ -65,6 +67,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     needs_original: ClassVar[bool] = False
     change: ClassVar[str] = ""
+    renamed: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         check_options(self)  # declared types and ranges, for passes built in Python as from text

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import statistics
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,14 +21,12 @@ from ..frontend.inputs import (
     flatten_outputs,
     missing_inputs,
 )
-from ..nn.quant import QuantLinear
 from ..progress import Progress
 from ..progress import log as progress_log
 from .contract import Pass, PassResult
-from .metrics import count_flops, count_params, count_weight_bytes, measure_latencies
+from .instruments import Instrument, Seen, default_instruments
 from .pipeline import Pipeline
 from .program import Program
-from .quality import summarize, task_quality
 from .report import PassRecord, Report
 
 log = logging.getLogger(__name__)
@@ -106,9 +103,13 @@ class PassManager:
 
     def __init__(self, pipeline: Pipeline, *, verify: bool = True, measure: Measure | bool = True,
                  on_error: Literal["rollback", "raise"] = "rollback", progress: bool | None = None,
-                 model_spec: str = "MODEL", eval_batches: list[Any] | None = None) -> None:
+                 model_spec: str = "MODEL", eval_batches: list[Any] | None = None,
+                 instruments: Sequence[Instrument] = ()) -> None:
         if on_error not in ("rollback", "raise"):
             raise ValueError(f"on_error must be 'rollback' or 'raise', got {on_error!r}")
+        bad = [type(i).__name__ for i in instruments if not isinstance(i, Instrument)]
+        if bad:
+            raise TypeError(f"instruments must be go.Instrument objects (subclass it), got {', '.join(bad)}")
         self.pipeline = pipeline
         self.verify = verify
         on = bool(measure)
@@ -117,16 +118,30 @@ class PassManager:
             self.measure.latency_repeat = 0
         self.on_error = on_error
         self.progress = progress
-        self.eval_batches = [as_example_inputs(b) for b in eval_batches or []]  # for the quality figure
-        self._eval_reference: list[Any] = []  # the original's Summary per held-out batch
+        m = self.measure
+        self.instruments: list[Instrument] = [
+            *default_instruments(params=m.params, flops=m.flops, latency_repeat=m.latency_repeat,
+                                 eval_batches=[as_example_inputs(b) for b in eval_batches or []]),
+            *instruments]
         self._reference_out: Any = None  # outputs later rows are compared with (see _run_one)
-        self._timing_reference: torch.nn.Module | None = None
-        self._reference_ms: list[float] = []  # the original's medians, timed next to each later model
+        self._report: Report | None = None
         self.model_spec = model_spec
+
+    def _each(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every instrument; one that raises is noted in the report, never fails the run."""
+        for instrument in self.instruments:
+            try:
+                getattr(instrument, hook)(*args)
+            except Exception as e:
+                log.warning("instrument %s failed in %s: %s", instrument.name, hook, e)
+                if self._report is not None:
+                    self._report.notes.append(f"instrument {instrument.name!r} failed in {hook}: "
+                                              f"{type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------------------------------
     def run(self, program: Program) -> Report:
-        report = Report(pipeline=str(self.pipeline))
+        report = self._report = Report(pipeline=str(self.pipeline))
+        self._each("run_begins", program)
         original_out = self._outputs(program)
         report.outputs, report.not_compared = compared_outputs(original_out, type(program.module).__name__)
         bad = non_finite(original_out)
@@ -153,14 +168,7 @@ class PassManager:
                         raise PassFailedError(record, report)
                     warnings.warn(f"graphopt: pass {record.text} was rolled back: {record.reason}\n"
                                   f"  reproduce: {record.reproduce}", PassRolledBackWarning, stacklevel=3)
-        if self.measure.latency and any(isinstance(m, QuantLinear) for m in program.module.modules()):
-            report.notes.append(
-                "latency is PyTorch eager on this machine, where quantized layers run graphopt's reference "
-                "(dequantize, then a float matmul): slower than float; their fast paths are the ONNX export "
-                "(result.export_onnx, onnxruntime's integer kernels) and the Triton kernels on CUDA")
-        self._timing_reference = None  # the copy is only for timing
-        if self._reference_ms:  # the original's row shows its time in the same conditions as the others
-            report.records[0].latency_ms = statistics.median(self._reference_ms)
+        self._each("run_ends", report, program)
         return report
 
     def _run_one(self, program: Program, p: Pass, index: int, previous_out: Any) -> tuple[PassRecord, Any]:
@@ -176,7 +184,11 @@ class PassManager:
             if p.needs_calibration and program.calib is None:
                 raise ValueError(f"{p.name} needs calibration data: pass calib=<iterable of model inputs> "
                                  f"to optimize() (CLI: --calib)")
-            result = p.run(program, program.analyses)
+            self._each("before_pass", program, p)
+            try:
+                result = p.run(program, program.analyses)
+            finally:
+                self._each("after_pass", record, program)
             if not isinstance(result, PassResult):
                 raise TypeError(f"{type(p).__name__}.run returned {type(result).__name__}; "
                                 f"a pass must return go.PassResult(modified=...)")
@@ -264,59 +276,9 @@ class PassManager:
 
     def _measured(self, record: PassRecord, program: Program, out: Any, original_out: Any,
                   rebased: bool = False) -> PassRecord:
-        """Instruments after a pass; ``rebased``: its outputs are the new reference (no error figure)."""
-        m, module, inputs = self.measure, program.module, program.example_inputs
-        if m.params:
-            record.params = count_params(module)
-            record.weight_bytes = count_weight_bytes(module)
-        if m.flops:
-            record.flops = count_flops(module, inputs)
-        if m.latency and m.latency_repeat and program.device.type != "meta":
-            if record.status == "baseline":  # a copy of the original, timed in turn with every later model
-                self._timing_reference = copy.deepcopy(module)
-            reference = None if record.status == "baseline" else self._timing_reference
-            lat = measure_latencies(module, inputs, reference, repeat=m.latency_repeat)
-            if lat is not None:
-                record.latency_ms, record.latency_spread, record.threads = lat.ms, lat.spread, lat.threads
-                record.latency_runs = lat.runs
-                record.latency_ratio, record.latency_ratio_spread = lat.ratio, lat.ratio_spread
-                if lat.reference_ms is not None:
-                    self._reference_ms.append(lat.reference_ms)
-        if (self.verify or record.status == "baseline") and not rebased:
-            try:
-                err = compare_outputs(out, original_out)
-                if program.device.type != "meta":
-                    record.max_abs_err, record.max_rel_err, record.cosine = err.max_abs, err.max_rel, err.cosine
-            except OutputMismatch:
-                pass
-        if self.verify or record.status == "baseline":
-            self._quality(record, program, out, original_out, rebased=rebased)
+        """The instruments' measurements of the model after a row's pass (``rebased``: its outputs are the new
+        reference, so no error figure)."""
+        seen = Seen(program, out, original_out, rebased=rebased,
+                    compared=self.verify or record.status == "baseline")
+        self._each("measure", record, seen)
         return record
-
-    def _quality(self, record: PassRecord, program: Program, out: Any, original_out: Any,
-                 rebased: bool = False) -> None:
-        """The task-aware figure against the reference, on the held-out batches if there are any; a ``rebased``
-        row becomes the reference (its summaries are kept) and gets no figure."""
-        if program.device.type == "meta":
-            return
-        try:
-            if self.eval_batches:
-                with torch.no_grad():  # the original's summaries are kept (small: pooled vectors, ids)
-                    now = [summarize(b.call(program.module), b) for b in self.eval_batches]
-                if record.status == "baseline" or rebased:
-                    self._eval_reference = now
-                if rebased:
-                    return
-                pairs = list(zip(now, self._eval_reference))
-                data = f"{sum(b.batch_size for b in self.eval_batches)} held-out samples"
-            elif rebased:
-                return
-            else:
-                x = program.example_inputs
-                pairs, data = [(summarize(out, x), summarize(original_out, x))], "the example inputs"
-            figure = task_quality(pairs)
-        except Exception as e:  # a figure is a report nicety: never fail a pass over it
-            log.debug("quality figure failed: %s", e)
-            return
-        if figure is not None:
-            record.quality, record.quality_name, record.quality_data = figure.value, figure.name, data

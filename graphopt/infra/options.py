@@ -95,6 +95,12 @@ def coerce(where: str, value: Any, tp: Any, depth: int = 0) -> Any:
         item_tp = args[0] if args else Any
         items = [coerce(where, v, item_tp, depth + 1) for v in value]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where}: expected a map {{key: value, ...}}, got {_short(value)}")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {coerce(where, k, key_tp, depth + 1): coerce(f"{where}[{k!r}]", v, value_tp, depth + 1)
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -137,6 +143,9 @@ def _type_name(tp: Any) -> str:
         return f"{_type_name(inner)} {' '.join(str(e) for e in extras)}".strip()
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return f"map {_type_name(key_tp)} -> {_type_name(value_tp)}"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -2,7 +2,7 @@
 
 Grammar: passes separated by top-level commas; each is ``name`` or ``name(args)``; args are
 ``key=value`` or positional values (bound to the pass's fields in order). Values are numbers,
-``true``/``false``/``none``, bare words, quoted strings or ``[lists]``. Values are type-checked
+``true``/``false``/``none``, bare words, quoted strings, ``[lists]`` or ``{maps: of, key: values}``. Values are type-checked
 against the pass's dataclass fields. Named presets expand to their pipelines.
 """
 
@@ -121,6 +121,8 @@ def build_pass(name: str, positional: list[Any], options: dict[str, Any]) -> Pas
         raise PipelineError(f"{name} takes at most {len(fields)} positional option(s), got {len(positional)}")
     values = dict(zip(field_names, positional))
     for key, value in options.items():
+        if key not in field_names and key in cls.renamed:
+            raise PipelineError(f"{name} has no option {key!r} any more: {cls.renamed[key]}")
         if key not in field_names:
             hint = suggest(key, field_names) if field_names else "; it takes no options"
             raise PipelineError(f"{name} has no option {key!r}{hint}")
@@ -141,12 +143,12 @@ def _split_top(text: str, sep: str) -> list[str]:
                 quote = ""
         elif ch in "'\"":
             quote = ch
-        elif ch in "([":
+        elif ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
             if depth < 0:
-                raise PipelineError(f"unbalanced ')' or ']' in {text!r}")
+                raise PipelineError(f"unbalanced ')', ']' or '}}' in {text!r}")
         elif ch == sep and depth == 0:
             parts.append("".join(buf))
             buf = []
@@ -156,6 +158,12 @@ def _split_top(text: str, sep: str) -> list[str]:
         raise PipelineError(f"unclosed quote or bracket in {text!r}")
     parts.append("".join(buf))
     return parts
+
+
+def _partition_top(text: str, sep: str) -> tuple[str, str, str]:
+    """``str.partition`` on the first ``sep`` outside brackets and quotes."""
+    parts = _split_top(text, sep)
+    return (parts[0], sep, sep.join(parts[1:])) if len(parts) > 1 else (text, "", "")
 
 
 def _parse_args(name: str, text: str) -> tuple[list[Any], dict[str, Any]]:
@@ -189,6 +197,23 @@ def _parse_value(raw: str, depth: int = 0) -> Any:
         if raw[-1] != "]":
             raise PipelineError(f"unclosed list {raw!r}")
         return [_parse_value(v.strip(), depth + 1) for v in _split_top(raw[1:-1], ",") if v.strip()]
+    if raw[0] == "{":
+        if raw[-1] != "}":
+            raise PipelineError(f"unclosed map {raw!r}")
+        out: dict[str, Any] = {}
+        for item in (v.strip() for v in _split_top(raw[1:-1], ",")):
+            if not item:
+                continue
+            key, colon, value = (s.strip() for s in _partition_top(item, ":"))
+            if not colon or not key:
+                raise PipelineError(f"map entry {item!r} is not key: value")
+            key = _parse_value(key, depth + 1)
+            if not isinstance(key, str):
+                raise PipelineError(f"map keys are names or quoted strings, got {key!r} in {raw!r}")
+            if key in out:
+                raise PipelineError(f"map key {key!r} given twice in {raw!r}")
+            out[key] = _parse_value(value, depth + 1)
+        return out
     if raw[0] in "'\"":
         try:
             return ast.literal_eval(raw)

@@ -42,6 +42,8 @@ class PassRecord:
     reproduce: str = ""
     stats: dict[str, float] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: figures of instruments beyond the standard columns (``PassMemory``'s ``peak MiB``, a user's own)
+    measures: dict[str, float] = field(default_factory=dict)
 
 
 def _human(n: float | None, unit: str = "") -> str:
@@ -122,8 +124,9 @@ class Report:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
 
     def __str__(self) -> str:
+        extra = list(dict.fromkeys(k for r in self.records for k in r.measures))
         header = ["pass", "status", "time s", "params", "weights", "FLOPs", "latency ms", "vs original",
-                  "max abs err", "max rel err", "cosine", "quality"]
+                  "max abs err", "max rel err", "cosine", "quality", *extra]
         rows = []
         for r in self.records:
             rows.append([
@@ -131,6 +134,7 @@ class Report:
                 _human(r.flops), _latency(r.latency_ms, r.latency_spread), _ratio(r),
                 _err(r.max_abs_err), _err(r.max_rel_err), "-" if r.cosine is None else f"{r.cosine:.4f}",
                 "-" if r.quality is None else f"{r.quality:.4f}",
+                *("-" if k not in r.measures else f"{r.measures[k]:.4g}" for k in extra),
             ])
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         line = "  ".join(h.ljust(w) for h, w in zip(header, widths))

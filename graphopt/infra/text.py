@@ -37,6 +37,8 @@ def format_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{format_value(k)}:{format_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str):
         bare_ok = _BARE.fullmatch(value) and value.lower() not in ("true", "false", "none", "null")
         if bare_ok:

@@ -12,7 +12,7 @@ is one scale per output channel):
   offset by +1 in 2 bits, four per byte: column ``4j + i`` at bits ``2i`` of byte ``j``.
 
 Activations (``activations``): ``"none"`` (weight-only: dequantize, then a float matmul) or
-``"dynamic"`` (w8a8: each call quantizes its input to uint8 with one scale and zero point per tensor,
+``"per_tensor"`` (w8a8: each call quantizes its input to uint8 with one scale and zero point per tensor,
 exactly as ONNX ``DynamicQuantizeLinear`` does, then multiplies integer codes) or ``"per_token"``
 (w8a8 with one symmetric int8 scale per row of the input, ``max|x_row| / 127.5``: finer, as LLM w8a8
 schemes use).
@@ -41,8 +41,8 @@ BITS = {"int8": 8, "int4": 4, "ternary": 2}
 QMAX = {"int8": 127, "int4": 7}
 CODE_RANGE = {"int8": (-127, 127), "int4": (-8, 7), "ternary": (-1, 1)}
 PER_BYTE = {"int8": 1, "int4": 2, "ternary": 4}
-ACTIVATIONS = ("none", "dynamic", "per_token")
-W8A8_ACTIVATIONS = ("dynamic", "per_token")
+ACTIVATIONS = ("none", "per_tensor", "per_token")
+W8A8_ACTIVATIONS = ("per_tensor", "per_token")
 # w8a8 weight codes stay in [-63, 63]: onnxruntime's uint8 x int8 kernel on x86 CPUs without VNNI adds
 # pairs of products in int16 (``vpmaddubsw``), which saturates above 32767 = 2 * 255 * 64 (measured here:
 # errors up to 25% of the output with full-range codes; none with these).

@@ -3,7 +3,7 @@
 The packed formats (int8, int4 two per byte, ternary four per byte) and the op that runs them live in
 :mod:`graphopt.kernels.quant`. A layer holds ``qweight`` (``int8``/``uint8`` buffer), ``scale``
 (``[out, groups]``), an optional ``smooth`` (``[in]``: SmoothQuant's per-input-channel factor, the
-input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"dynamic"``: w8a8,
+input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"per_tensor"``: w8a8,
 the input quantized to uint8 per call, one scale per tensor; ``"per_token"``: w8a8 with one int8 scale
 per row). ``backend`` picks how it runs: ``"torch"`` (the reference: dequantize, then a float matmul),
 ``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per channel) or ``"triton"`` (graphopt's
@@ -194,8 +194,16 @@ class QuantLinear(nn.Module):
                          self.activations, self.resolved_backend(x))
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
-    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
-    graphopt_spec_version: ClassVar[int] = 1
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change.
+    #: 2: w8a8's per-tensor activation mode is named ``"per_tensor"`` (``"dynamic"`` in version 1)
+    graphopt_spec_version: ClassVar[int] = 2
+
+    @staticmethod
+    def graphopt_spec_upgrade(kwargs: dict[str, Any], version: int) -> dict[str, Any]:
+        """Constructor kwargs of a spec saved in an older version."""
+        if version < 2 and kwargs.get("activations") == "dynamic":
+            kwargs = {**kwargs, "activations": "per_tensor"}
+        return kwargs
 
     def graphopt_spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,

@@ -39,10 +39,9 @@ from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, referenc
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
+from graphopt.infra.progressive import heal_each
 from graphopt.infra.registry import register_pass
 from graphopt.nn.dyt import SQUASH, VARIANTS, fit_elementwise
-
-from .progressive import heal_each
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.fx import Node
 
 from graphopt.analysis import AnalysisManager
+from graphopt.frontend.aten import NotALayerCall, conv_args, is_identity, op_name, op_packet, tensor_names
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
@@ -35,11 +36,6 @@ aten = torch.ops.aten
 
 # BatchNorm ops as torch.export writes them -> index of the ``training`` flag (None: always eval).
 _BN_OPS: dict[Any, int | None] = {aten.batch_norm: 5, aten._native_batch_norm_legit_no_training: None}
-_CONV_OPS = {aten.conv1d, aten.conv2d, aten.conv3d}
-_CONV_T_OPS = {aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d}
-# Ops that return their input unchanged in eval mode; a BatchNorm may follow one of them.
-_IDENTITIES = {aten.clone, aten.alias, aten.dropout, aten.feature_dropout, aten.alpha_dropout,
-               aten.feature_alpha_dropout}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _STOCK_FORWARDS = {c.forward for c in (*_CONVS, *_CONV_TS, nn.Linear)}
@@ -59,25 +55,6 @@ class _Fold:
     kind: str  # "conv" | "conv_t" | "linear"
 
 
-def _packet(node: Node) -> Any:
-    return getattr(node.target, "overloadpacket", None)
-
-
-def _op_name(node: Node) -> str:
-    if node.op == "placeholder":
-        return f"the model input {node.name!r}"
-    if node.op == "call_function":
-        packet = _packet(node)
-        return f"aten.{packet.__name__}" if packet is not None else getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {node.target}"
-
-
-def _tensor_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
-    """Placeholder name -> FQN of the parameter or buffer it stands for."""
-    sig = ep.graph_signature
-    return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-
-
 def _owner(fqn: str) -> str:
     return fqn.rpartition(".")[0]
 
@@ -95,60 +72,31 @@ def _bn_module_name(node: Node, names: dict[str, str], modules: dict[str, nn.Mod
     return None
 
 
-def _is_transpose(node: Node) -> bool:
-    """Whether ``node`` swaps the two dims of a matrix (how export writes ``weight.t()``)."""
-    packet = _packet(node)
-    if packet is aten.permute:
-        return list(node.args[1]) == [1, 0]
-    if packet is aten.transpose:
-        return {d % 2 for d in node.args[1:3]} == {0, 1}
-    return packet in (aten.t, aten.numpy_T)
-
-
-def _conv_args(node: Node) -> tuple[str, Any, Any] | None:
-    """(kind, weight arg, bias arg) if ``node`` is a conv/linear op, else None."""
-    packet, args = _packet(node), node.args
-    if packet in _CONV_OPS:
-        return "conv", args[1], args[2] if len(args) > 2 else None
-    if packet in _CONV_T_OPS:
-        return "conv_t", args[1], args[2] if len(args) > 2 else None
-    if packet is aten.convolution:
-        return ("conv_t" if args[6] else "conv"), args[1], args[2]
-    if packet is aten.linear:
-        return "linear", args[1], args[2] if len(args) > 2 else None
-    if packet in (aten.mm, aten.addmm):
-        weight_t = args[-1]
-        if not (isinstance(weight_t, Node) and _is_transpose(weight_t) and len(weight_t.users) == 1):
-            raise _Skip(f"input comes from {_op_name(node)} whose weight is not a transposed Linear weight")
-        return "linear", weight_t.args[0], args[0] if packet is aten.addmm else None
-    return None
-
-
 def _find_layer(bn_node: Node, names: dict[str, str], modules: dict[str, nn.Module]) -> _Fold:
     """The conv/linear layer whose output this batch_norm node normalises, or raise _Skip(why)."""
     src = bn_node.args[0]
-    while isinstance(src, Node) and _packet(src) in _IDENTITIES and len(src.users) == 1:
-        if _packet(src) in (aten.dropout, aten.feature_dropout, aten.alpha_dropout,
-                            aten.feature_alpha_dropout) and src.args[-1]:
-            break  # a training-mode dropout is not an identity
+    while is_identity(src) and len(src.users) == 1:
         src = src.args[0]
     if not isinstance(src, Node):
         raise _Skip("input is not a tensor produced by the graph")
-    found = _conv_args(src) if src.op == "call_function" else None
+    try:
+        found = conv_args(src) if src.op == "call_function" else None
+    except NotALayerCall as why:
+        raise _Skip(str(why)) from None
     if found is None:
-        raise _Skip(f"input comes from {_op_name(src)}, not a conv/linear")
+        raise _Skip(f"input comes from {op_name(src)}, not a conv/linear")
     kind, weight, bias = found
     if len(src.users) > 1:
         others = ", ".join(sorted(u.name for u in src.users if u is not bn_node))
-        raise _Skip(f"the {_op_name(src)} output is also used by {others}")
+        raise _Skip(f"the {op_name(src)} output is also used by {others}")
     if not (isinstance(weight, Node) and weight.name in names):
-        raise _Skip(f"the weight of {_op_name(src)} is computed in forward (a parametrization?), not a parameter")
+        raise _Skip(f"the weight of {op_name(src)} is computed in forward (a parametrization?), not a parameter")
     weight_fqn = names[weight.name]
     layer = _owner(weight_fqn)
     module = modules.get(layer)
     expected = {"conv": _CONVS, "conv_t": _CONV_TS, "linear": (nn.Linear,)}[kind]
     if not isinstance(module, expected) or weight_fqn.rpartition(".")[2] != "weight":
-        raise _Skip(f"input comes from {_op_name(src)} on {weight_fqn!r}, which is not the weight of an "
+        raise _Skip(f"input comes from {op_name(src)} on {weight_fqn!r}, which is not the weight of an "
                     f"{'/'.join(c.__name__ for c in expected)}")
     if len(weight.users) != 1:
         raise _Skip(f"{layer!r} ({type(module).__name__}) is used {len(weight.users)} times in the graph; "
@@ -165,7 +113,7 @@ def _find_layer(bn_node: Node, names: dict[str, str], modules: dict[str, nn.Modu
     if out_val is not None and w_val is not None:
         want = 2 if kind == "linear" else w_val.dim()
         if out_val.dim() != want:
-            raise _Skip(f"the {_op_name(src)} output has {out_val.dim()} dims, so BatchNorm's channel dim 1 "
+            raise _Skip(f"the {op_name(src)} output has {out_val.dim()} dims, so BatchNorm's channel dim 1 "
                         f"is not {layer!r}'s output-feature dim")
     return _Fold(bn_node, layer, kind)
 
@@ -220,10 +168,10 @@ class FoldBatchNorm(Pass):
             result.note("", "no BatchNorm layers in the model: nothing to fold")
             return result
         ep = am.get("exported")
-        names = _tensor_names(ep)
+        names = tensor_names(ep)
         calls: dict[str, list[Node]] = defaultdict(list)
         for node in ep.graph.nodes:
-            if node.op == "call_function" and _packet(node) in _BN_OPS:
+            if node.op == "call_function" and op_packet(node) in _BN_OPS:
                 bn_name = _bn_module_name(node, names, modules)
                 if bn_name in bns:
                     calls[bn_name].append(node)
@@ -254,7 +202,7 @@ class FoldBatchNorm(Pass):
             raise _Skip("in training mode (batch statistics); call .eval() on it")
         folds = []
         for i, node in enumerate(nodes):
-            flag = _BN_OPS[_packet(node)]
+            flag = _BN_OPS[op_packet(node)]
             if flag is not None and len(node.args) > flag and node.args[flag]:
                 raise _Skip("uses batch statistics in the captured graph (training-mode statistics)")
             try:

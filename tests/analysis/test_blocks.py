@@ -9,7 +9,7 @@ import graphopt as go
 from graphopt.analysis.blocks import all_blocks, block_of, find_blocks
 from graphopt.helpers.zoo import hf_model
 from graphopt.passes.dyt import find_norms, norms_by_block
-from graphopt.passes.heal_blocks import feature_blocks
+from graphopt.passes.heal.blockwise import feature_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +20,7 @@ def test_an_encoder_decoder_has_two_stacks_and_the_main_one_is_shared_by_every_c
     assert [s.path for s in stacks] == ["decoder.block", "encoder.block"]
     assert find_blocks(model, inputs).names == ["decoder.block.0", "decoder.block.1"]
     # heal's per-block feature terms pair whole blocks (once: the three sublayers of decoder.block.0)
-    assert feature_blocks(model, copy.deepcopy(model), inputs) == find_blocks(model, inputs).names
+    assert feature_blocks(model, copy.deepcopy(model), inputs) == (find_blocks(model, inputs).names, "")
     assert block_of("encoder.block.1.layer.0.SelfAttention.q", stacks) == "encoder.block.1"
     assert block_of("shared", stacks) is None
 

@@ -1,7 +1,7 @@
 """The dependency graph as users see it: groups, units, members, the networkx view.
 
 Its correctness (pruning dead units is exact on every architecture) is tested through prune in
-tests/passes/test_prune.py and test_prune_property.py.
+tests/passes/prune/test_prune.py and test_prune_property.py.
 """
 
 import graphopt as go

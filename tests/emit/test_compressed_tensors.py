@@ -20,7 +20,7 @@ CASES = {"int4_gptq": "quantize(scheme=int4,group_size=16,method=gptq)",
          "int8": "quantize(scheme=int8)",
          "ternary": "quantize(scheme=ternary)",
          "mixed": "quantize(scheme=int4,group_size=16,budget_bits=6.5)",
-         "w8a8_per_token": "quantize(scheme=w8a8,act_scales=token,alpha=0)"}
+         "w8a8_per_token": "quantize(scheme=w8a8,activations=per_token,alpha=0)"}
 
 
 def _calib():

@@ -67,7 +67,7 @@ def test_matmulnbits_refuses_what_it_cannot_run(tmp_path, scheme, group):
 
 
 def test_w8a8_exports_as_integer_ops_and_matches_elementwise(tmp_path):
-    layer = _layer(40, scheme="int8", group_size=0, activations="dynamic")
+    layer = _layer(40, scheme="int8", group_size=0, activations="per_tensor")
     report = go.export_onnx(layer, torch.randn(2, 6, 40) * 2, tmp_path / "q.onnx")
     _, ops = _ops(tmp_path / "q.onnx")
     assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulInteger"] == 1 and "DequantizeLinear" not in ops
@@ -82,7 +82,7 @@ class _SharedInput(nn.Module):
         torch.manual_seed(2)
         smooth = torch.rand(16) + 0.5
         self.q, self.k, self.v = (QuantLinear.from_linear(nn.Linear(16, 8).weight, None, scheme="int8",
-                                                          group_size=0, activations="dynamic", smooth=smooth)
+                                                          group_size=0, activations="per_tensor", smooth=smooth)
                                   for _ in range(3))
 
     def forward(self, x):

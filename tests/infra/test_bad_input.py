@@ -15,8 +15,8 @@ from torch import nn
 import graphopt as go
 from graphopt.frontend.inputs import InputError
 from graphopt.passes.dyt import DyTPass
-from graphopt.passes.heal import Heal
-from graphopt.passes.prune import Prune
+from graphopt.passes.heal.heal import Heal
+from graphopt.passes.prune.prune import Prune
 
 
 def _mlp():

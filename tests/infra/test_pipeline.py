@@ -103,3 +103,23 @@ def test_list_of_passes_and_texts():
     assert str(p) == "t_opts(steps=3),remove_dropout,t_opts"
     with pytest.raises(go.PipelineError, match="must be go.Pass instances"):
         go.Pipeline([object()])
+
+
+def test_a_renamed_option_says_how_to_write_it_now():
+    with pytest.raises(go.PipelineError, match=r"quantize has no option 'act_scales' any more: .*activations=per_token"):
+        go.parse_pipeline("quantize(scheme=w8a8,act_scales=token)")
+    assert go.parse_pipeline("quantize(scheme=w8a8,activations=per_token)")[0].activations == "per_token"
+    with pytest.raises(go.PipelineError, match="has no option 'act_scale'"):  # an unknown name stays unknown
+        go.parse_pipeline("quantize(act_scale=token)")
+
+
+def test_map_values_round_trip_and_bad_maps_are_named():
+    p = go.parse_pipeline("quantize(layers={'*.mlp.*': int8, model.layers.0.*: int4/g64, 'a:b': float})")[0]
+    assert p.layers == {"*.mlp.*": "int8", "model.layers.0.*": "int4/g64", "a:b": "float"}
+    assert go.parse_pipeline(str(p))[0].layers == p.layers
+    for text, match in [("quantize(layers={x: int8)", "unclosed"), ("quantize(layers={x int8})", "not key: value"),
+                        ("quantize(layers={x: int8, x: int4})", "given twice"),
+                        ("quantize(layers=[int8])", "expected a map"),
+                        ("quantize(layers={x: [1]})", r"layers=...\)\['x'\]: expected str")]:
+        with pytest.raises(go.PipelineError, match=match):
+            go.parse_pipeline(text)

@@ -108,7 +108,7 @@ def test_w8a8_layer_is_integer_arithmetic_on_onnx_style_codes():
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 9)
-    layer = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="dynamic")
+    layer = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="per_tensor")
     assert int(layer.codes().abs().max()) == W8A8_QMAX  # 7-bit weight codes (see W8A8_QMAX)
     x = torch.randn(2, 6, 40) * 3 + 1
     q, scale, zero = _onnx_dynamic_quantize(x)
@@ -131,7 +131,7 @@ def test_per_token_w8a8_is_integer_arithmetic_on_symmetric_row_codes():
     want = (codes.double() @ layer.codes().double().T) * scale.double() * layer.scale[:, 0].double() + lin.bias.double()
     with torch.no_grad():
         got = layer(x)
-        per_tensor = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="dynamic")
+        per_tensor = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations="per_tensor")
         small = (slice(None), 0)  # the row 1000x below the largest: per tensor rounds most of it away
         err_token = float((got[small] - lin(x)[small]).abs().max())
         err_tensor = float((per_tensor(x)[small] - lin(x)[small]).abs().max())
@@ -139,7 +139,7 @@ def test_per_token_w8a8_is_integer_arithmetic_on_symmetric_row_codes():
     assert err_token < err_tensor / 5
 
 
-@pytest.mark.parametrize("activations", ["dynamic", "per_token"])
+@pytest.mark.parametrize("activations", ["per_tensor", "per_token"])
 def test_w8a8_needs_int8_per_channel(activations):
     with pytest.raises(ValueError, match="one scale per channel"):
         QuantLinear(16, 4, scheme="int8", group_size=8, activations=activations)
@@ -147,14 +147,14 @@ def test_w8a8_needs_int8_per_channel(activations):
         QuantLinear(16, 4, scheme="int4", activations=activations)
 
 
-@pytest.mark.parametrize("activations", ["none", "dynamic"])
+@pytest.mark.parametrize("activations", ["none", "per_tensor"])
 def test_smoothing_factor_keeps_the_function(activations):
     torch.manual_seed(1)
     lin = torch.nn.Linear(24, 8)
     smooth = torch.rand(24) * 4 + 0.1
     layer = QuantLinear.from_linear(lin.weight, lin.bias, scheme="int8", group_size=0, activations=activations,
                                     smooth=smooth)
-    codes, scale = quantize_weight(lin.weight / smooth, "int8", 0, 63 if activations == "dynamic" else None)
+    codes, scale = quantize_weight(lin.weight / smooth, "int8", 0, 63 if activations == "per_tensor" else None)
     assert torch.equal(layer.codes(), codes)  # the codes are those of W / smooth
     assert torch.allclose(layer.dequantized_weight(), dequantize(codes, scale, 0) * smooth)
     x = torch.randn(4, 24)

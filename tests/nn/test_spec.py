@@ -76,12 +76,23 @@ def test_graphopts_own_modules_carry_their_spec_version_and_other_versions_are_n
 
     layer = QuantLinear(8, 4, scheme="int4", group_size=4)
     spec = ms.module_spec(layer)
-    assert spec["version"] == QuantLinear.graphopt_spec_version == 1
+    assert spec["version"] == QuantLinear.graphopt_spec_version == 2
     assert isinstance(ms.build_module(json.loads(json.dumps(spec))), QuantLinear)
     older = {k: v for k, v in spec.items() if k != "version"}  # saved before versions: the version-1 layout
     assert ms.build_module(older).group_size == 4
-    with pytest.raises(ms.ModuleSpecError, match=r"QuantLinear was saved in its spec version 2, newer .*upgrade"):
-        ms.build_module({**spec, "version": 2})
+    with pytest.raises(ms.ModuleSpecError, match=r"QuantLinear was saved in its spec version 3, newer .*upgrade"):
+        ms.build_module({**spec, "version": 3})
+
+
+def test_a_w8a8_layer_saved_when_per_tensor_activations_were_called_dynamic_loads_as_per_tensor():
+    from graphopt.nn.quant import QuantLinear
+
+    spec = ms.module_spec(QuantLinear(8, 4, scheme="int8", group_size=0, activations="per_tensor"))
+    assert spec["kwargs"]["activations"] == "per_tensor"
+    old = {**spec, "version": 1, "kwargs": {**spec["kwargs"], "activations": "dynamic"}}
+    assert ms.build_module(old).activations == "per_tensor"
+    with pytest.raises(ValueError, match="unknown activations 'dynamic'"):  # no second name in the current version
+        ms.build_module({**old, "version": 2})
 
 
 def test_an_older_spec_version_is_upgraded_where_the_class_says_how_and_refused_by_name_otherwise(monkeypatch):

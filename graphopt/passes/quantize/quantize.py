@@ -1,0 +1,415 @@
+"""quantize: int8 / int4 / ternary weights, or w8a8 (int8 weights and activations), of Linear layers.
+
+Every ``nn.Linear`` and HuggingFace ``Conv1D`` (GPT-2's transposed linear) in scope becomes a
+:class:`graphopt.nn.quant.QuantLinear` holding packed codes and per-channel or per-group scales.
+Left alone, each with a diagnostic: the vocabulary projection (the LM head: HF's output embeddings,
+or a layer tied to an embedding table; the most sensitive layer; ``lm_head=true`` quantizes it),
+embedding tables (``embeddings=true`` packs them as int8 / int4 rows), layers outside ``where`` or
+inside ``skip``, and non-float weights.
+
+- ``method=gptq`` rounds with the inputs' Hessian (:mod:`.gptq`), one group of layers at a time in
+  forward order, on the activations of the already-quantized model, one block at a time
+  (:mod:`.sequential`).
+- ``budget_bits=4.5`` (with ``scheme=int4``): mixed precision, the most sensitive layers kept at int8
+  so that the average bits per weight meet the budget (:mod:`.plan`).
+- ``scheme=w8a8``: int8 weights per channel (7-bit codes, see ``W8A8_QMAX``) and int8 activations
+  quantized at run time, one scale per tensor (onnxruntime's ``DynamicQuantizeLinear``) or per token
+  (``activations=per_token``); ``alpha`` migrates activation outliers into the weights first
+  (SmoothQuant, :mod:`.smoothquant`); unset, it is chosen per group of layers, ``alpha=0`` is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import field
+from typing import Annotated, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from graphopt.analysis import AnalysisManager
+from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
+from graphopt.analysis.channel_scale import producers_of, scale_path
+from graphopt.analysis.hooked import layer_order
+from graphopt.analysis.layers import linear_weight, why_not_plain
+from graphopt.frontend.errors import CaptureError
+from graphopt.infra.contract import Pass, PassResult
+from graphopt.infra.options import Range
+from graphopt.infra.program import Program
+from graphopt.infra.progressive import heal_each
+from graphopt.infra.registry import register_pass
+from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear, weight_scales
+from graphopt.progress import track
+from graphopt.units import MIB
+
+from .gptq import gptq_quantize
+from .plan import LayerPlan, LayerScheme, layer_sensitivity, mixed_precision, plan_layers
+from .sequential import gptq_by_block
+from .smoothquant import SmoothStats, choose_alpha
+
+log = logging.getLogger(__name__)
+
+
+def output_embeddings(model: nn.Module) -> set[int]:
+    """Ids of the vocabulary projections: HF's ``get_output_embeddings()``, and any layer tied to an embedding."""
+    heads: set[int] = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if isinstance(head, nn.Module):
+        heads.add(id(head))
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads |= {id(m) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+              and not isinstance(m, nn.Embedding) and id(m.weight) in tables}
+    return heads
+
+
+def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
+    """Whether the layer's scales, stored in the weight's dtype, would be subnormal (fp16 weights of ~1e-5)."""
+    if weight.dtype not in (torch.float16,):
+        return False
+    qmax = W8A8_QMAX if plan.activations != "none" else None
+    scales = weight_scales(weight.detach().float(), plan.scheme, plan.group_size, qmax)
+    return bool((scales < torch.finfo(weight.dtype).tiny).any())
+
+
+@register_pass("quantize", tolerance=None, change="quantize")
+class Quantize(Pass):
+    """Quantize Linear weights to int8 / int4 / ternary, or weights and activations to int8 (w8a8)."""
+
+    decisive = ("scheme", "method", "group_size")
+
+    scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"  # weight format (w8a8: int8 activations too)
+    group_size: Annotated[int, Range(0)] | None = None  # None: int4 the largest of 128/64/32 dividing each width; else per channel
+    method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ (needs calibration)
+    where: str = "*"  # glob on the names of the layers quantized
+    skip: list[str] = field(default_factory=list)  # globs of module names left in float
+    #: per-layer schemes, glob -> int8 | int4[/g<N>] | ternary[/g<N>] | w8a8[/per_token] | float (the last
+    #: matching glob wins; the other layers take scheme / group_size / activations)
+    layers: dict[str, str] = field(default_factory=dict)
+    lm_head: bool = False  # quantize the output projection too (kept in float by default)
+    embeddings: bool = False  # pack embedding tables too (int4 rows in groups for int4, int8 rows otherwise)
+    budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
+    alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
+    activations: Literal["per_tensor", "per_token"] | None = None  # w8a8: one activation scale per tensor (None: this, onnxruntime's) or per token
+    uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
+    backend: Literal["auto", "torch", "int8_mm", "triton"] = "auto"  # kernel of the quantized layers (auto: Triton on CUDA)
+    damp: Annotated[float, Range(0, 1, hi_open=True)] = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
+    act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
+    calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)
+    by_block: bool = True  # GPTQ: one transformer block at a time (false: a forward of the model per group)
+    progressive: Annotated[int, Range(0)] = 0  # heal steps after each block is quantized (0: all at once, no heal)
+
+    renamed: ClassVar[dict[str, str]] = {
+        "act_scales": "w8a8's activation mode is now activations=per_tensor|per_token (act_scales=token is "
+                      "activations=per_token), the name QuantLinear and the kernels use"}
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        smoothing = self._any_w8a8() and (self.alpha is None or self.alpha > 0)
+        return self.method == "gptq" or self.budget_bits is not None or smoothing or self.progressive > 0
+
+    @property
+    def needs_original(self) -> bool:  # type: ignore[override]
+        return self.progressive > 0
+
+    def run(self, program: Program, am: AnalysisManager) -> PassResult:
+        self._check_options(program)
+        if self.progressive:
+            result = heal_each(program, am, self._units(program, am), steps=self.progressive, kind="quantize")
+            if result.stats.get("weights"):
+                result.stats["bits_per_weight"] = round(8 * result.stats["weight_bytes"] / result.stats["weights"], 3)
+            return result
+        result = PassResult(modified=False)
+        model = program.module
+        targets, tables = self._targets(model, result)
+        names = [n for n, _ in model.named_modules()]
+        for pattern in self.layers:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                result.note("", f"layers: {pattern!r} matches no module name (names look like {names[-1]!r})",
+                            "warning")
+        if not targets and not tables:
+            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
+            return result
+        weights = {n: linear_weight(program.get_submodule(n)) for n in targets}
+        shapes = {n: tuple(w.shape) for n, (w, _) in weights.items()}
+        plans, notes = plan_layers(shapes, {n: self._chosen(n)[0] for n in shapes}, self.uneven_groups)
+        for name, message in notes:
+            result.note(name, message)
+        for name in [n for n in targets if _scales_underflow(weights[n][0], plans[n])]:
+            result.skip(name, f"its {plans[name].scheme} scales fall below {weights[name][0].dtype}'s normal range "
+                              "(weights this small lose most of their precision in subnormal scales); it stays in "
+                              "float (load the model in float32 to quantize it)")
+            targets.remove(name)
+            del weights[name], shapes[name], plans[name]
+        if not targets and not tables:
+            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
+            return result
+        if self.budget_bits is not None:
+            plans = self._mixed(program, weights, plans, shapes, result)
+        w8a8 = [n for n in targets if plans[n].activations != "none"]
+        smoothing = bool(w8a8) and (self.alpha is None or self.alpha > 0)
+        groups = self._sequential_groups(program, w8a8) if smoothing else []
+        smooth = self._smoothing(program, groups, plans, result) if smoothing else {}
+        folds = self._fold_plan(program, am, groups, smooth, plans, result) if smooth else {}
+        sizes = {"before": 0, "after": 0, "weights": 0}
+
+        def quantize_group(group: list[str], grams: dict) -> None:
+            for name in group:
+                weight, bias = linear_weight(program.get_submodule(name))
+                dead = int((torch.diagonal(grams[name].gram) == 0).sum()) if name in grams else 0
+                if dead:
+                    result.note(name, f"{dead} input feature(s) were zero in every calibration batch: their "
+                                      "weight columns are rounded to nearest (GPTQ has no data for them)", "warning")
+                layer = self._quantized(weight, bias, plans[name], smooth.get(name),
+                                        grams[name].mean() if name in grams else None)
+                program.replace_module(name, layer)
+                sizes["before"] += weight.numel() * weight.element_size()
+                sizes["after"] += layer.weight_bytes
+                sizes["weights"] += weight.numel()
+
+        if self.method == "gptq":
+            batches = self._batches(program)
+            rest = gptq_by_block(model, targets, batches, quantize_group) if self.by_block else targets
+            for group in track(self._sequential_groups(program, rest) if rest else [], "quantize: GPTQ",
+                               unit="layer group"):
+                quantize_group(group, layer_input_grams(model, {n: program.get_submodule(n) for n in group},
+                                                        batches))
+        else:
+            quantize_group(targets, {})
+        before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
+        for consumer, producer in folds.items():
+            self._fold(program, consumer, producer, result)
+        for name in tables:
+            table = program.get_submodule(name)
+            int4 = self.scheme == "int4"
+            packed = QuantEmbedding.from_embedding(table, scheme="int4" if int4 else "int8",
+                                                   group_size=(self.group_size or 128) if int4 else 0)
+            program.replace_module(name, packed)
+            before += table.weight.numel() * table.weight.element_size()
+            after += packed.weight_bytes
+            n_weights += table.weight.numel()
+        result.modified = True
+        result.stats.update({"layers": len(targets), "weight_mib_before": round(before / MIB, 4),
+                             "weight_mib_after": round(after / MIB, 4),
+                             "bits_per_weight": round(8 * after / n_weights, 3), "weights": n_weights,
+                             "weight_bytes": after})
+        if tables:
+            result.stats["embedding_tables"] = len(tables)
+        return result
+
+    # --- options and scope ----------------------------------------------------------------------------
+    def _check_options(self, program: Program) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"quantize(backend={self.backend!r}): choose from {', '.join(BACKENDS)}")
+        if self.budget_bits is not None and self.scheme != "int4":
+            raise ValueError(f"quantize(budget_bits=...) mixes int4 and int8 layers; it needs scheme=int4, "
+                             f"not {self.scheme}")
+        if self.budget_bits is not None and not 4 <= self.budget_bits <= 8:
+            raise ValueError(f"quantize(budget_bits={self.budget_bits:g}): the average bits of int4 / int8 layers lie "
+                             "in [4, 8] (4: every layer int4, 8: every layer int8)")
+        for pattern, text in self.layers.items():
+            try:
+                LayerScheme.parse(text)
+            except ValueError as e:
+                raise ValueError(f"quantize(layers={{{pattern}: {text}}}): {e}") from None
+        if self.layers and self.budget_bits is not None:
+            raise ValueError("quantize: budget_bits chooses every layer's scheme itself; give it or a layers map, not "
+                             "both (the report of a budget_bits run gives its choice as a layers map)")
+        if self.alpha is not None and not self._any_w8a8():
+            raise ValueError(f"quantize(alpha={self.alpha:g}) is SmoothQuant's strength, which moves activation "
+                             f"outliers into w8a8's weights; scheme={self.scheme} keeps activations in float (drop alpha)")
+        if self.activations is not None and not self._any_w8a8():
+            raise ValueError(f"quantize(activations={self.activations}) sets how w8a8 scales its activations; "
+                             f"scheme={self.scheme} keeps activations in float (use scheme=w8a8, or drop activations)")
+        if program.device.type == "meta":
+            raise ValueError("quantize needs real weights; the model is on the meta device (load its weights first)")
+
+    def _units(self, program: Program, am: AnalysisManager) -> list[tuple[str, Callable[[], PassResult]]]:
+        """progressive: each repeated block's layers in turn, then whatever else ``where`` selects."""
+        if self.where != "*" or self.budget_bits is not None:
+            raise ValueError("quantize(progressive=...) goes block by block over the whole model: it cannot be "
+                             "combined with where= or budget_bits= (use skip= to keep layers in float)")
+        blocks = [name for stack in am.get("blocks") for name in stack.names]
+        if not blocks:
+            raise ValueError("quantize(progressive=...) goes block by block: the model has no repeated blocks "
+                             "(use quantize without progressive, then heal)")
+        units = [(name, dataclasses.replace(self, progressive=0, where=f"{name}.*")) for name in blocks]
+        units.append(("the rest", dataclasses.replace(self, progressive=0)))
+        return [(label, functools.partial(step.run, program, am)) for label, step in units]
+
+    def _targets(self, model: nn.Module, result: PassResult) -> tuple[list[str], list[str]]:
+        heads = output_embeddings(model)
+        heads |= {id(m.weight) for m in model.modules() if id(m) in heads and isinstance(m, nn.Module)
+                  and isinstance(getattr(m, "weight", None), torch.Tensor)}  # and their weights (tied tables)
+        targets, tables = [], []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Embedding):
+                why = self._why_not_table(name, module, heads)
+                if why:
+                    result.skip(name, why)
+                else:
+                    tables.append(name)
+                continue
+            found = linear_weight(module)
+            if found is None or not name:
+                continue
+            why = self._why_not(name, module, found[0], heads)
+            if why:
+                result.skip(name, why)
+            else:
+                targets.append(name)
+        return targets, tables
+
+    def _why_not_table(self, name: str, table: nn.Embedding, heads: set[int]) -> str:
+        if not self.embeddings:
+            return "embedding table: stays in float (quantize(embeddings=true) packs its rows)"
+        if id(table.weight) in heads and not self.lm_head:
+            return "embedding table tied to the LM head, which stays in float"
+        if not fnmatch.fnmatchcase(name, self.where) or any(fnmatch.fnmatchcase(name, g) for g in self.skip):
+            return "outside where / inside skip"
+        if table.max_norm is not None:
+            return (f"max_norm={table.max_norm}: the table renormalises the rows it looks up, which packed rows "
+                    "cannot; it stays in float")
+        return why_not_plain(table, nn.Embedding)
+
+    # --- per-layer quantization ---------------------------------------------------------------------
+    def _quantized(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: LayerPlan,
+                   smooth: torch.Tensor | None, hessian: torch.Tensor | None) -> QuantLinear:
+        qmax = W8A8_QMAX if plan.activations != "none" else None
+        codes = None
+        if hessian is not None:
+            w, h = weight, hessian
+            if smooth is not None:  # the layer sees x * smooth and holds W / smooth
+                w = weight / smooth.to(weight.dtype)
+                h = hessian * smooth.double()[:, None] * smooth.double()[None, :]
+            codes = gptq_quantize(w, h, plan.scheme, plan.group_size, damp=self.damp, act_order=self.act_order,
+                                  qmax=qmax)
+        return QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size,
+                                       backend=self.backend, codes=codes, activations=plan.activations,
+                                       smooth=smooth)
+
+    def _mixed(self, program: Program, weights: dict, plans: dict[str, LayerPlan], shapes: dict,
+               result: PassResult) -> dict[str, LayerPlan]:
+        batches = self._batches(program)[:4]
+        scores = layer_sensitivity(program.module, weights, plans, batches)
+        chosen, reached = mixed_precision(plans, shapes, scores, self.budget_bits)
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        for rank, name in enumerate(ranked, 1):
+            plan = chosen[name]
+            bits = "int8 per channel" if plan.scheme == "int8" else f"{plan.scheme} g{plan.group_size}"
+            result.note(name, f"{bits} (sensitivity {scores[name]:.2e}, rank {rank} of {len(ranked)})")
+        result.stats["int8_layers"] = sum(p.scheme == "int8" for p in chosen.values())
+        result.stats["planned_bits"] = round(reached, 3)
+        same = dataclasses.replace(self, budget_bits=None, layers={n: "int8" for n in ranked if chosen[n].scheme == "int8"})
+        result.note("", f"this plan as pipeline text, to reuse or edit: {same}")
+        return chosen
+
+    def _smoothing(self, program: Program, groups: list[list[str]], plans: dict[str, LayerPlan],
+                   result: PassResult) -> dict[str, torch.Tensor]:
+        """SmoothQuant's input multiplier (``1 / s``) per layer (:mod:`.smoothquant`), shared by the layers
+        that read one tensor."""
+        layers = {n: program.get_submodule(n) for g in groups for n in g}
+        # the sample rows only serve to choose alpha
+        stats_of = SmoothStats if self.alpha is None else functools.partial(SmoothStats, keep_rows=0)
+        stats = layer_input_stats(program.module, layers, self._batches(program), stats_of)
+        out = {}
+        for group in groups:
+            weights = [linear_weight(program.get_submodule(n))[0] for n in group]
+            _, s, why = choose_alpha(stats[group[0]], weights, self.alpha, plans[group[0]].activations)
+            result.note(group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})", f"SmoothQuant: {why}")
+            if s is not None:
+                for name, w in zip(group, weights):
+                    out[name] = (1.0 / s).to(device=w.device, dtype=w.dtype)
+        return out
+
+    def _fold_plan(self, program: Program, am: AnalysisManager, groups: list[list[str]],
+                   smooth: dict[str, torch.Tensor], plans: dict[str, LayerPlan], result: PassResult) -> dict[str, str]:
+        """``{consumer: producer}``: SmoothQuant factors that can move into an earlier layer's per-channel scales,
+        each proven exact on the float model's graph (:mod:`graphopt.analysis.channel_scale`); every factor left
+        as a ``Mul`` is noted with why."""
+        singles = [g[0] for g in groups if len(g) == 1 and g[0] in smooth]  # a shared input: no single producer
+        if not singles:
+            return {}
+        try:
+            ep = am.get("exported")
+        except CaptureError as e:
+            result.note("", "SmoothQuant factors stay as a Mul before each layer: the model could not be captured "
+                            f"to prove a fold ({str(e).splitlines()[0]})")
+            return {}
+        folds: dict[str, str] = {}
+        for name in singles:
+            reasons = []
+            for producer in producers_of(ep, name):
+                plan = plans.get(producer)
+                why = ("it is not quantized by this pass" if plan is None else
+                       f"its scales are per group of {plan.group_size}" if plan.group_size else
+                       scale_path(ep, producer, name))
+                if not why:
+                    folds[name] = producer
+                    break
+                reasons.append(f"{producer}: {why}")
+            if name not in folds:
+                result.note(name, "SmoothQuant factor stays a Mul before the layer (no earlier layer carries it "
+                                  "exactly: " + ("; ".join(reasons) or "no layer feeds it") + ")")
+        return folds
+
+    def _fold(self, program: Program, consumer: str, producer: str, result: PassResult) -> None:
+        """Move ``consumer``'s SmoothQuant factor into ``producer``'s per-channel scales and bias (proven exact)."""
+        factor = program.get_submodule(consumer).smooth.detach().clone()
+        layer = program.get_submodule(producer)
+        program.set_tensor(f"{producer}.scale", layer.scale * factor[:, None].to(layer.scale.dtype))
+        if layer.bias is not None:
+            program.set_tensor(f"{producer}.bias", (layer.bias * factor.to(layer.bias.dtype)).detach())
+        program.set_tensor(f"{consumer}.smooth", None)
+        result.note(consumer, f"SmoothQuant factor moved into {producer}'s per-channel scales (proven exact on the "
+                              "graph; no Mul)")
+
+    def _batches(self, program: Program) -> list:
+        return list(itertools.islice(iter(program.calib), self.calib_batches))
+
+    def _sequential_groups(self, program: Program, targets: list[str]) -> list[list[str]]:
+        """``targets`` in the order the forward reaches them, layers that read the same tensor together.
+
+        GPTQ then quantizes one group at a time on the inputs the already-quantized layers produce.
+        """
+        groups, unreached = layer_order(program.module, {n: program.get_submodule(n) for n in targets},
+                                         self._batches(program)[0])
+        if unreached:
+            raise ValueError(f"quantize: the calibration data never reaches {unreached[:3]}; "
+                             "give inputs that run every layer, or skip those layers")
+        return groups
+
+    def _any_w8a8(self) -> bool:
+        return self.scheme == "w8a8" or any(str(v).split("/")[0] == "w8a8" for v in self.layers.values())
+
+    def _chosen(self, name: str) -> tuple[LayerScheme, str | None]:
+        """What layer ``name`` was given, and the ``layers`` glob that gave it (None: the pass's own options)."""
+        pattern = next((g for g in reversed(self.layers) if fnmatch.fnmatchcase(name, g)), None)
+        if pattern is not None:
+            return LayerScheme.parse(self.layers[pattern]), pattern
+        return LayerScheme(self.scheme, self.group_size, self.activations), None
+
+    def _why_not(self, name: str, module: nn.Module, weight: torch.Tensor, heads: set[int]) -> str:
+        if not fnmatch.fnmatchcase(name, self.where):
+            return f"outside where={self.where!r}"
+        chosen, pattern = self._chosen(name)
+        if chosen.scheme == "float":
+            return f"layers={{{pattern}: float}} keeps it in float"
+        matched = next((g for g in self.skip if fnmatch.fnmatchcase(name, g)), None)
+        if matched:
+            return f"in skip ({matched!r})"
+        if not weight.is_floating_point():
+            return f"weight is {weight.dtype}, not floating point"
+        plain = why_not_plain(module, nn.Linear if isinstance(module, nn.Linear) else type(module))
+        if plain:
+            return plain
+        if not self.lm_head and id(module) in heads:
+            return ("the vocabulary projection (LM head): the most sensitive layer stays in float; "
+                    "quantize(lm_head=true) quantizes it")
+        return ""
+
