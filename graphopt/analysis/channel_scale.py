@@ -72,6 +72,8 @@ def _rule(node: Node, codes: dict[Node, Any]) -> Any:
     if node.op == "call_function" and node.target is operator.getitem:
         return codes[node.args[0]][node.args[1]]
     if is_identity(node) or packet in _CASTS or packet in _POSITIVE_HOMOGENEOUS:
+        if node.args[0] not in codes or (packet is not aten.type_as and tracked != [node.args[0]]):
+            raise NotCommuting(f"{what} reads the scaled values as an argument other than its input")
         return codes[node.args[0]]
     if packet in _MOVES:
         if node.args[0] not in codes or len(node.all_input_nodes) > 1:
