@@ -2,6 +2,7 @@
 instrument adds a report column, one that raises is noted and fails nothing, PassMemory sees a pass's peak."""
 
 import os
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +26,7 @@ class Allocates(go.Pass):
 
     def run(self, program, am):
         held = torch.ones(self.mib * 2**18) if self.mib else None  # 4-byte floats, every page written
+        time.sleep(0.1)  # held for many of the sampler's 5 ms ticks
         del held
         return go.PassResult(False).note("", "allocated and let go")
 
