@@ -209,3 +209,30 @@ def test_layermerge_refuses_a_budget_no_plan_meets_and_needs_calibration(tmp_pat
                     on_error="raise")
     with pytest.raises(PassFailedError, match="needs calibration data"):
         go.optimize(model, calib[0], "merge_layers(latency=0.5)", measure=False, on_error="raise")
+
+
+class _Scaled(nn.Linear):
+    """A Linear whose forward is more than its weights: merged from its weights it would lose the scale."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+@pytest.mark.parametrize("more", ["forward hook", "forward pre-hook", "subclass with its own forward"])
+def test_layers_that_are_more_than_their_weights_are_not_merged(more):
+    """Links come from the exported graph, where a hook's ops sit between the layers, and only stock classes
+    count as layers; so nothing is merged and the model computes what it did on inputs never seen (issue 26)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Scaled(8, 8) if more.startswith("subclass") else nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    if more == "forward hook":
+        model[0].register_forward_hook(lambda m, args, out: out + 1.0)
+    elif more == "forward pre-hook":
+        model[1].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    res = go.optimize(model, torch.randn(3, 8), "merge_layers", measure=False, on_error="raise")
+    assert res.report.passes[0].status == "unchanged" and isinstance(res.model[1], nn.Linear)
+    with torch.no_grad():
+        x = torch.randn(5, 8)
+        assert torch.equal(res.model(x), model(x))
+    plain = go.optimize(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).eval(), torch.randn(3, 8), "merge_layers",
+                        measure=False, on_error="raise")
+    assert plain.report.passes[0].stats["layers_merged"] == 1  # the same chain, plain: merged
