@@ -73,6 +73,9 @@ def _check_flags(**flags: Any) -> None:
         raise TypeError(f"optimize(model_spec=...) takes a str, got {type(flags['model_spec']).__name__}")
 
 
+_EMPTY = object()
+
+
 def _materialise(calib: Iterable[Any] | None) -> Iterable[Any] | None:
     if calib is None:
         return None
@@ -127,7 +130,7 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     inputs = as_example_inputs(example_inputs)
     batches = _materialise(calib)
     needing = [p.name for p in passes if p.needs_calibration]
-    if batches is not None and not list(batches) and needing:
+    if batches is not None and needing and next(iter(batches), _EMPTY) is _EMPTY:  # (a DataLoader is not run)
         raise InputError(f"calib is empty, and {', '.join(dict.fromkeys(needing))} read calibration data: give "
                          "at least one batch of model inputs")
     work = model if inplace else copy.deepcopy(model)

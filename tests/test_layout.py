@@ -30,7 +30,7 @@ LAYERS = [
     ["graphopt.infra"],
     ["graphopt.analysis"],
     ["graphopt.frontend", "graphopt.nn"],
-    ["graphopt.kernels", "graphopt.version", "graphopt.progress", "graphopt.units"],
+    ["graphopt.kernels", "graphopt.version", "graphopt.progress", "graphopt.units", "graphopt.cache"],
 ]
 
 

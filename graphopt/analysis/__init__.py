@@ -2,7 +2,7 @@
 graph with its dims and per-op rules, norm recognition). Imports the frontend only.
 """
 
-from . import blocks, graphs  # noqa: F401  (register "blocks"; "exported", "fx_graph", "graph")
+from . import blocks, graphs, hooked  # noqa: F401  (register "blocks", "call_order"; "exported", "fx_graph", "graph")
 from .depgraph import DependencyGraph, Group  # registers "dependency_graph", "dependency_graph_outputs"
 from .diagnostics import Diagnostic
 from .manager import PRESERVE_ALL, AnalysisManager, list_analyses, register_analysis

@@ -3,8 +3,8 @@
 :class:`GramAccumulator` sums ``XᵀX`` in float64 over the rows of a layer's inputs, leaving out the
 padding tokens of each batch (its ``attention_mask``), so nothing but a ``[in, in]`` matrix is kept.
 :func:`layer_input_stats` runs calibration batches through a model and feeds the inputs of chosen
-layers to one accumulator each, stopping each forward as soon as all of them have been seen;
-:func:`layer_input_grams` is that with Gram matrices.
+layers to one accumulator each (the statistic a quantize algorithm names), stopping each forward as soon
+as all of them have been seen.
 """
 
 from __future__ import annotations
@@ -53,12 +53,6 @@ def mask_of(inputs: Any) -> torch.Tensor | None:
     """The ``attention_mask`` keyword input of one batch (``[batch, seq]``), if it has one."""
     mask = as_example_inputs(inputs).kwargs.get("attention_mask")
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
-def layer_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any],
-                      masks: Sequence[torch.Tensor | None] | None = None) -> dict[str, GramAccumulator]:
-    """The Gram matrix of each layer's input over ``batches`` (padding rows left out)."""
-    return layer_input_stats(model, layers, batches, GramAccumulator, masks)
 
 
 def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any],

@@ -3,18 +3,21 @@ have what they need, and the order in which layers run found that way.
 
 Every analysis found by running the model (block inputs, calibration statistics, the order of layers,
 which layers read one tensor) goes through :func:`run_hooked`; a hook ends a forward with :class:`Stop`.
+The call order of a Program's modules on its example inputs is the cached analysis ``"call_order"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..frontend.inputs import as_example_inputs
+from .manager import AnalysisManager, Analyzable, register_analysis
 
 
 class Stop(Exception):
@@ -44,24 +47,55 @@ def run_hooked(model: nn.Module, batches: Iterable[Any], handles: list, *,
             h.remove()
 
 
-def layer_order(model: nn.Module, layers: dict[str, nn.Module], inputs: Any
-                ) -> tuple[list[list[str]], list[str]]:
-    """``layers`` in the order one call of ``model`` reaches them, those that read one tensor grouped together
-    (q, k and v of an attention), and the layers it never reaches."""
+@dataclass(frozen=True)
+class CallOrder:
+    """The order in which one forward first calls a model's modules, and which first inputs are one tensor.
+
+    ``names``: the modules called, in order; ``reads[i]``: a number for the tensor ``names[i]`` first read
+    (equal numbers: the same tensor object, as q, k and v of an attention read one; -1: no tensor input).
+    """
+
+    names: tuple[str, ...]
+    reads: tuple[int, ...]
+    missed: tuple[str, ...]  # the modules hooked that the forward never called
+
+    def groups(self, names: Iterable[str]) -> tuple[list[list[str]], list[str]]:
+        """``names`` in call order, consecutive ones that read one tensor grouped together (the layers GPTQ and
+        SmoothQuant treat as one), and those of ``names`` never called."""
+        wanted = set(names)
+        groups: list[list[str]] = []
+        last = -1
+        for name, read in zip(self.names, self.reads):
+            if name not in wanted:
+                continue
+            if groups and read >= 0 and read == last:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            last = read
+        called = set(self.names)
+        return groups, [n for n in names if n not in called]
+
+
+def call_order(model: nn.Module, modules: dict[str, nn.Module], inputs: Any) -> CallOrder:
+    """Run ``model`` once on ``inputs`` and record when each of ``modules`` is first called, and on what."""
     first: dict[str, Any] = {}  # the input tensors themselves: an id() of a freed tensor can be reused
     order: list[str] = []
     handles = []
-    for name, layer in layers.items():
+    for name, module in modules.items():
         def record(module: nn.Module, args: tuple, name: str = name) -> None:
             if name not in first:
-                first[name] = args[0] if args else None
+                first[name] = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 order.append(name)
-        handles.append(layer.register_forward_pre_hook(record))
+        handles.append(module.register_forward_pre_hook(record))
     run_hooked(model, [inputs], handles)
-    groups: list[list[str]] = []
-    for name in order:
-        if groups and first[name] is not None and first[groups[-1][0]] is first[name]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups, [n for n in layers if n not in first]
+    numbers: dict[int, int] = {}  # id() -> number, while every tensor is still held by ``first``
+    reads = tuple(-1 if first[n] is None else numbers.setdefault(id(first[n]), len(numbers)) for n in order)
+    return CallOrder(tuple(order), reads, tuple(n for n in modules if n not in first))
+
+
+@register_analysis("call_order")
+def _call_order(program: Analyzable, am: AnalysisManager) -> CallOrder:
+    """Every submodule of the Program's model in the order its example inputs call them (:func:`call_order`)."""
+    return call_order(program.module, dict(program.module.named_modules(remove_duplicate=False)),
+                      program.example_inputs)

@@ -43,7 +43,7 @@ from .onnx_quant import (
     W8A8_REL_L2,
     QuantFormat,
     QuantLoweringError,
-    lower_file,
+    lower_quantized,
     lowering_note,
     qdq_session_config,
 )
@@ -293,15 +293,20 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                     input_names=layout.names, output_names=names,
                     dynamic_shapes=dynamic_shapes(axes, layout, flat),
                     custom_translation_table=_translations(custom_translations) or None)
-                program.save(path, external_data=external_data)
-            del program
         except Exception as e:
             raise _export_error(e, model, inputs, bool(axes)) from e
-        try:
-            lowered, dynamic = lower_file(path, quant_format, accuracy_level)
+        try:  # quantized layers are lowered on the in-memory graph: the file is written once, lowered
+            with _quiet_exporter():
+                lowered, dynamic = lower_quantized(program.model, quant_format, accuracy_level)
         except QuantLoweringError:
-            path.unlink(missing_ok=True)  # the unlowered file runs nowhere: leave nothing at the path
+            path.unlink(missing_ok=True)  # a refusal leaves nothing at the path, not an earlier export either
             raise
+        try:
+            with _quiet_exporter():
+                program.save(path, external_data=external_data)
+        except Exception as e:
+            raise _export_error(e, model, inputs, bool(axes)) from e
+        del program
         info = file_info(path)
         check_dynamic_dims(path, info[3], axes)
         out_names = names or [f"output_{i}" for i in range(len(reference))]

@@ -2,7 +2,7 @@
 
 The exporter writes each :class:`graphopt.nn.quant.QuantLinear` as one ``graphopt.quant::QuantLinear``
 node over its packed codes and scales (``graphopt.kernels.quant``). :func:`lower_quantized` replaces
-each with, by ``quant_format``:
+each, in the exporter's in-memory ``onnx_ir`` model before the file is written, with, by ``quant_format``:
 
 - ``"qdq"`` (default, standard ONNX, opset 21): ``DequantizeLinear`` of the int8 / int4 codes
   (``[in, out]``; per-axis scales, or blocked ones with ``block_size`` = the group size) feeding a
@@ -22,18 +22,32 @@ integer kernels, in either format. Per-token w8a8 (``"per_token"``) computes eac
 ``Abs -> ReduceMax -> Max -> Div``, rounds with one blocked ``QuantizeLinear`` (a block per row) to
 uint8 codes with zero point 128 (int8 codes + 128: exact) and runs ``MatMulInteger``. The result
 equals graphopt's torch model up to float rounding.
+
+How: one onnxscript pattern rule (``onnxscript.rewriter.pattern.RewriteRule``) matches the marker with its
+four attributes; its check refuses, with :class:`QuantLoweringError`, what the format cannot express (a
+marker left in place would give a file no runtime loads), and its replacement builds the operators and
+the new initializers, computed from the packed ones, through the rewriter's builder. A single-node
+pattern whose replacement reads constants fits the rewriter well: it finds the node, binds the
+attributes, rewires the consumers and graph outputs and adds the opset of ``com.microsoft``. Each layer
+is lowered on its own; onnx_ir's shared passes then make layers that read one tensor share its work:
+equal constants become one initializer (q, k and v carry separate but equal SmoothQuant factors), after
+which common-subexpression elimination leaves one ``Mul`` by that factor and one
+``DynamicQuantizeLinear`` (or per-token chain) per input, and dead-code removal drops the packed
+initializers and the ``graphopt.quant`` opset.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from graphopt.kernels.quant import ONNX_DOMAIN, unpack
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +61,10 @@ QDQ_ACCURACY_ENTRY = "session.qdq_matmulnbits_accuracy_level"
 #: torch, about half the error of w8a8 itself. Lowering bugs (a wrong scale or layout) give O(1); single
 #: layers are checked elementwise by the tests.
 W8A8_REL_L2 = 0.1
+#: Initializers of up to this many elements are merged when equal (the exporter's own limit is 1024):
+#: SmoothQuant factors have one element per input feature, which can be tens of thousands.
+SHARED_CONSTANT_LIMIT = 1 << 16
+_DYNAMIC = ("per_tensor", "per_token")
 
 
 class QuantLoweringError(ValueError):
@@ -72,209 +90,173 @@ def lowering_note(count: int, dynamic: int, quant_format: str, accuracy_level: i
             "with int8 activations: faster, less exact)")
 
 
-def has_quant_markers(model) -> bool:  # noqa: ANN001 - onnx.ModelProto
-    return any(n.domain == ONNX_DOMAIN for n in model.graph.node)
+def lower_quantized(model: ir.Model, quant_format: QuantFormat = "qdq", accuracy_level: int = 0) -> tuple[int, int]:
+    """Replace every ``graphopt.quant::QuantLinear`` node of the onnx_ir ``model`` (in place), then run
+    ``onnx.checker`` on it.
 
-
-def lower_quantized(model, quant_format: QuantFormat = "qdq", accuracy_level: int = 0  # noqa: ANN001
-                    ) -> tuple[int, int]:
-    """Replace every ``graphopt.quant::QuantLinear`` node of ``model`` (in place).
-
-    Returns how many were lowered, and how many of those quantize their activations (w8a8).
+    Returns how many were lowered, and how many of those quantize their activations (w8a8). A model
+    without markers is left as it is.
     """
-    import onnx
+    import onnx_ir as ir
+    from onnx_ir.passes import common
+    from onnxscript.rewriter import pattern
 
     if quant_format not in QUANT_FORMATS:
         raise ValueError(f"quant_format={quant_format!r}: choose from {', '.join(QUANT_FORMATS)}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level={accuracy_level}: onnxruntime accepts 0 (unset), 1 fp32, 2 fp16, "
                          "3 bf16 or 4 int8")
-    if not has_quant_markers(model):
+    markers = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if _is_marker(n)]
+    if not markers:
         return 0, 0
-    graph = model.graph
-    _merge_constant_muls(graph)
-    lowering = _Lowering(graph, quant_format, accuracy_level)
-    nodes = list(graph.node)
-    del graph.node[:]
-    count = dynamic = 0
-    for node in nodes:
-        if node.domain == ONNX_DOMAIN and node.op_type == "QuantLinear":
-            graph.node.extend(lowering.lower(node))
-            count += 1
-            dynamic += any(a.name == "activations" and a.s in (b"per_tensor", b"per_token") for a in node.attribute)
-        else:
-            graph.node.append(node)
-    lowering.drop_unused()
-    _set_opset(model, "", QDQ_OPSET)
-    if lowering.uses_msft:
-        _set_opset(model, "com.microsoft", 1)
-    for i in reversed(range(len(model.opset_import))):
-        if model.opset_import[i].domain == ONNX_DOMAIN:
-            del model.opset_import[i]
-    onnx.checker.check_model(model)
+    dynamic = sum(_string_attr(n, "activations") in _DYNAMIC for n in markers)
+    rule = _QuantLinearRule(quant_format, accuracy_level)
+    count = pattern.RewriteRuleSet([pattern.RewriteRule(rule.target, rule.replacement, rule.check)]
+                                   ).apply_to_model(model)
+    left = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if _is_marker(n)]
+    if left:  # the pattern did not match (an attribute missing or added): the file would run nowhere
+        raise QuantLoweringError(f"{len(left)} {ONNX_DOMAIN}::QuantLinear nodes could not be lowered "
+                                 f"(e.g. {left[0].name!r} with attributes {sorted(left[0].attributes)})")
+    ir.passes.Sequential(
+        common.DeduplicateInitializersPass(size_limit=SHARED_CONSTANT_LIMIT),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),  # the packed codes and scales, and now unused constants
+        common.RemoveUnusedOpsetsPass(),  # graphopt.quant
+    )(model)
+    model.opset_imports[""] = max(model.opset_imports.get("", QDQ_OPSET), QDQ_OPSET)
+    common.CheckerPass()(model)
     log.info("lowered %d quantized layers to %s", count, quant_format)
     return count, dynamic
 
 
-def _merge_constant_muls(graph) -> None:  # noqa: ANN001
-    """One ``Mul`` for equal ``Mul(x, constant)`` nodes: q, k and v scale their shared input by the same
-    SmoothQuant factor, and then quantize it once (``DynamicQuantizeLinear`` is shared per input)."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    first: dict[tuple, str] = {}
-    rename: dict[str, str] = {}
-    keep = []
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-        if node.op_type == "Mul" and not node.domain and len(node.input) == 2:
-            consts = [n for n in node.input if n in inits]
-            if len(consts) == 1:
-                other = next(n for n in node.input if n != consts[0])
-                value = numpy_helper.to_array(inits[consts[0]])
-                key = (other, value.dtype.str, value.shape, value.tobytes())
-                if key in first and node.output[0] not in outputs:
-                    rename[node.output[0]] = first[key]
-                    continue
-                first[key] = node.output[0]
-        keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
+def _is_marker(node: ir.Node) -> bool:
+    return node.domain == ONNX_DOMAIN and node.op_type == "QuantLinear"
 
 
-def _set_opset(model, domain: str, version: int) -> None:  # noqa: ANN001
-    for entry in model.opset_import:
-        if entry.domain == domain:
-            entry.version = max(entry.version, version)
-            return
-    model.opset_import.add(domain=domain, version=version)
+def _string_attr(node: ir.Node, name: str) -> str | None:
+    attr = node.attributes.get(name)
+    return attr.value if attr is not None else None
 
 
-class _Lowering:
-    """Builds the replacement nodes and initializers for one graph."""
+def _constant(value: ir.Value) -> np.ndarray:
+    """The array behind ``value``: an initializer or ``Constant``, possibly through Identity / Cast nodes."""
+    import onnx_ir as ir
 
-    def __init__(self, graph, quant_format: str, accuracy_level: int) -> None:  # noqa: ANN001
-        self.graph, self.format, self.accuracy_level = graph, quant_format, accuracy_level
-        self.inits = {t.name: t for t in graph.initializer}
-        self.producers = {o: n for n in graph.node for o in n.output}
-        self.uses_msft = False
-        self._n = 0
-        self._quantized_inputs: dict[str | tuple[str, str], tuple[str, str, str]] = {}
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is not None:
+        return tensor.numpy()
+    node = value.producer()
+    if node is not None and node.domain == "" and node.op_type in ("Identity", "Cast"):
+        array = _constant(node.inputs[0])
+        if node.op_type == "Cast":
+            array = array.astype(ir.DataType(node.attributes["to"].value).numpy())
+        return array
+    raise QuantLoweringError(f"quantized layer input {value.name!r} is not a constant of the graph; the exporter "
+                             "must keep packed weights as initializers")
 
-    # --- reading the marker -------------------------------------------------------------------------
-    def _constant(self, name: str) -> np.ndarray:
-        """The value behind ``name``: an initializer, possibly through Identity / Cast nodes."""
-        from onnx import helper, numpy_helper
 
-        if name in self.inits:  # read on demand: only the packed weights and scales are needed
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producers.get(name)
-        if node is not None and node.op_type in ("Identity", "Cast"):
-            value = self._constant(node.input[0])
-            if node.op_type == "Cast":
-                to = next(a.i for a in node.attribute if a.name == "to")
-                value = value.astype(helper.tensor_dtype_to_np_dtype(to))
-            return value
-        raise QuantLoweringError(f"quantized layer input {name!r} is not a constant of the graph; the exporter "
-                                 "must keep packed weights as initializers")
+class _QuantLinearRule:
+    """The pattern, check and replacement that lower one marker (``op`` is the rewriter's builder)."""
 
-    def _name(self, base: str) -> str:
-        self._n += 1
-        return f"graphopt_q{self._n}_{base}"
+    def __init__(self, quant_format: str, accuracy_level: int) -> None:
+        self.format, self.accuracy_level = quant_format, accuracy_level
 
-    def _add(self, base: str, array: np.ndarray, data_type: int | None = None, dims: list[int] | None = None,
-             raw: bytes | None = None) -> str:
-        from onnx import helper, numpy_helper
+    @staticmethod
+    def target(op, x, qweight, scale, scheme, group_size, in_features, activations):  # noqa: ANN001, ANN205
+        return op.QuantLinear(x, qweight, scale, scheme=scheme, group_size=group_size, in_features=in_features,
+                              activations=activations, _domain=ONNX_DOMAIN, _outputs=["y"])
 
-        name = self._name(base)
-        if raw is None:
-            tensor = numpy_helper.from_array(array, name)
-        else:
-            tensor = helper.make_tensor(name, data_type, dims, raw, raw=True)
-        self.graph.initializer.append(tensor)
-        return name
-
-    # --- lowering -----------------------------------------------------------------------------------
-    def lower(self, node) -> list:  # noqa: ANN001
-        attrs = {a.name: (a.s.decode() if a.type == a.STRING else a.i) for a in node.attribute}
-        scheme, group, k, acts = attrs["scheme"], int(attrs["group_size"]), int(attrs["in_features"]), \
-            attrs["activations"]
-        x, y = node.input[0], node.output[0]
-        packed = np.array(self._constant(node.input[1]))
-        scale = self._constant(node.input[2])
-        if self.format == "matmulnbits" and acts == "none":  # weight-only: graphopt's nibbles are MatMulNBits' layout
-            return self._matmulnbits(x, y, packed, scale, scheme, group, k)
-        codes = unpack(torch.from_numpy(packed), scheme, k).numpy()  # [out, in]
-        if acts == "per_tensor":
-            return self._dynamic(x, y, codes, scale[:, 0])
-        if acts == "per_token":
-            return self._per_token(x, y, codes, scale[:, 0])
-        return self._qdq(x, y, codes, scale, scheme, group)
-
-    def _qdq(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray, scheme: str, group: int) -> list:
-        from onnx import TensorProto, helper
-
-        wt = np.ascontiguousarray(codes.T)  # [in, out]
-        if scheme == "int8":
-            w = self._add("w", wt.astype(np.int8))
-        else:  # ONNX int4: two's-complement nibbles, element 2i in the low nibble
-            flat = wt.reshape(-1).astype(np.int16) & 0xF
-            flat = np.pad(flat, (0, flat.size % 2))
-            raw = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-            w = self._add("w", wt, TensorProto.INT4, list(wt.shape), raw)
-        if group <= 0:
-            s = self._add("scale", np.ascontiguousarray(scale[:, 0]))
-            dq = helper.make_node("DequantizeLinear", [w, s], [self._name("w_float")], axis=1)
-        else:
-            s = self._add("scale", np.ascontiguousarray(scale.T))  # [groups, out]
-            dq = helper.make_node("DequantizeLinear", [w, s], [self._name("w_float")], axis=0, block_size=group)
-        return [dq, helper.make_node("MatMul", [x, dq.output[0]], [y])]
-
-    def _matmulnbits(self, x: str, y: str, packed: np.ndarray, scale: np.ndarray, scheme: str, group: int,
-                     k: int) -> list:
-        from onnx import helper
-
-        if scheme != "int4" or group < 16 or group & (group - 1):
+    def check(self, context, qweight: ir.Value, scale: ir.Value, scheme: ir.Attr, group_size: ir.Attr,  # noqa: ANN001
+              activations: ir.Attr, **_: object) -> bool:
+        """Refuse what the format cannot express (raises: a marker left in place runs nowhere)."""
+        _constant(qweight)
+        scales = _constant(scale)
+        group = int(group_size.value)
+        if activations.value in _DYNAMIC:
+            if scales.dtype != np.float32:
+                raise QuantLoweringError("w8a8 layers export in float32 only (onnxruntime's DynamicQuantizeLinear "
+                                         "reads float32); convert the model with .float() before exporting")
+        elif self.format == "matmulnbits" and activations.value == "none" and (
+                scheme.value != "int4" or group < 16 or group & (group - 1)):
             raise QuantLoweringError(
-                f"MatMulNBits runs int4 weights with a power-of-two group size >= 16; this layer is {scheme} "
+                f"MatMulNBits runs int4 weights with a power-of-two group size >= 16; this layer is {scheme.value} "
                 f"with group_size={group} (export it with quant_format='qdq', or quantize with group_size=32/128)")
+        return True
+
+    def replacement(self, op, x: ir.Value, qweight: ir.Value, scale: ir.Value, scheme: ir.Attr,  # noqa: ANN001
+                    group_size: ir.Attr, in_features: ir.Attr, activations: ir.Attr, y: ir.Value) -> ir.Value:
+        build = _Build(op, y.name)
+        group, k, acts = int(group_size.value), int(in_features.value), activations.value
+        packed = np.array(_constant(qweight))  # a copy: torch.from_numpy needs a writable array
+        scales = _constant(scale)
+        if self.format == "matmulnbits" and acts == "none":  # graphopt's nibbles are MatMulNBits' layout
+            return build.matmulnbits(x, packed, scales, group, k, self.accuracy_level)
+        codes = unpack(torch.from_numpy(packed), scheme.value, k).numpy()  # [out, in]
+        if acts == "per_tensor":
+            return build.dynamic(x, codes, scales[:, 0])
+        if acts == "per_token":
+            return build.per_token(x, codes, scales[:, 0])
+        return build.qdq(x, codes, scales, scheme.value, group)
+
+
+class _Build:
+    """The operators for one marker whose output is named ``prefix``; new names start ``graphopt_q.``.
+
+    Each layer gets its own constants and activation quantization: the shared passes merge equal ones.
+    """
+
+    def __init__(self, op, prefix: str | None) -> None:  # noqa: ANN001
+        self.op, self.prefix = op, f"graphopt_q.{prefix}"
+
+    def name(self, base: str) -> str:
+        return f"{self.prefix}.{base}"
+
+    def const(self, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+        import onnx_ir as ir
+
+        return self.op.initializer(ir.Tensor(np.asarray(array, order="C"), dtype=dtype), name=self.name(base))
+
+    def node(self, op_type: str, *inputs: ir.Value, outputs: tuple[str, ...] | str, **attrs: object):  # noqa: ANN201
+        names = [self.name(o) for o in ((outputs,) if isinstance(outputs, str) else outputs)]
+        return getattr(self.op, op_type)(*inputs, _outputs=names, **attrs)
+
+    def qdq(self, x: ir.Value, codes: np.ndarray, scale: np.ndarray, scheme: str, group: int) -> ir.Value:
+        import onnx_ir as ir
+
+        wt = codes.T  # [in, out]; ONNX int4 nibbles: two's complement, element 2i in the low nibble
+        w = self.const("w", wt.astype(np.int8), None if scheme == "int8" else ir.DataType.INT4)
+        if group <= 0:
+            w_float = self.node("DequantizeLinear", w, self.const("scale", scale[:, 0]), outputs="w_float", axis=1)
+        else:  # blocked scales: [groups, out]
+            w_float = self.node("DequantizeLinear", w, self.const("scale", scale.T), outputs="w_float", axis=0,
+                                block_size=group)
+        return self.op.MatMul(x, w_float)
+
+    def matmulnbits(self, x: ir.Value, packed: np.ndarray, scale: np.ndarray, group: int, k: int,
+                    accuracy_level: int) -> ir.Value:
         n, blocks = scale.shape
-        blob = np.zeros((n, blocks * group // 2), dtype=np.uint8)
-        blob[:] = 0x88  # padding columns: code 0 (stored 8) in both nibbles
+        blob = np.full((n, blocks * group // 2), 0x88, dtype=np.uint8)  # padding columns: code 0 (stored 8)
         blob[:, :packed.shape[1]] = packed
         if k % 2:  # the last stored byte's high nibble is padding: make it code 0 too
             blob[:, packed.shape[1] - 1] = (blob[:, packed.shape[1] - 1] & 0x0F) | 0x80
-        b = self._add("B", blob.reshape(n, blocks, group // 2))
-        s = self._add("scales", np.ascontiguousarray(scale.reshape(-1)))
-        self.uses_msft = True
-        return [helper.make_node("MatMulNBits", [x, b, s], [y], domain="com.microsoft", K=k, N=n, bits=4,
-                                 block_size=group, accuracy_level=self.accuracy_level)]
+        b = self.const("B", blob.reshape(n, blocks, group // 2))
+        s = self.const("scales", scale.reshape(-1))
+        return self.op.MatMulNBits(x, b, s, _domain="com.microsoft", K=k, N=n, bits=4, block_size=group,
+                                   accuracy_level=accuracy_level)
 
-    def _dynamic(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray) -> list:
-        from onnx import TensorProto, helper
+    def dynamic(self, x: ir.Value, codes: np.ndarray, scale: np.ndarray) -> ir.Value:
+        import onnx_ir as ir
 
-        if scale.dtype != np.float32:
-            raise QuantLoweringError("w8a8 layers export in float32 only (onnxruntime's DynamicQuantizeLinear "
-                                     "reads float32); convert the model with .float() before exporting")
-        w = self._add("w", np.ascontiguousarray(codes.T.astype(np.int8)))
-        wz = self._add("w_zero", np.zeros(codes.shape[0], dtype=np.int8))
-        ws = self._add("w_scale", np.ascontiguousarray(scale))
-        acc, accf, s = (self._name(t) for t in ("acc", "accf", "s"))
-        nodes = []
-        if x not in self._quantized_inputs:  # layers reading the same tensor share its quantization
-            self._quantized_inputs[x] = (self._name("xq"), self._name("xs"), self._name("xz"))
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(self._quantized_inputs[x])))
-        xq, xs, xz = self._quantized_inputs[x]
-        nodes += [helper.make_node("MatMulInteger", [xq, w, xz, wz], [acc]),
-                 helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT),
-                 helper.make_node("Mul", [xs, ws], [s]),
-                 helper.make_node("Mul", [accf, s], [y])]
-        return nodes
+        w = self.const("w", codes.T.astype(np.int8))
+        wz = self.const("w_zero", np.zeros(codes.shape[0], dtype=np.int8))
+        ws = self.const("w_scale", scale)
+        xq, xs, xz = self.node("DynamicQuantizeLinear", x, outputs=("xq", "xs", "xz"))
+        acc = self.node("MatMulInteger", xq, w, xz, wz, outputs="acc")
+        accf = self.node("Cast", acc, outputs="accf", to=ir.DataType.FLOAT)
+        s = self.node("Mul", xs, ws, outputs="s")
+        return self.op.Mul(accf, s)
 
-    def _per_token(self, x: str, y: str, codes: np.ndarray, scale: np.ndarray) -> list:
+    def per_token(self, x: ir.Value, codes: np.ndarray, scale: np.ndarray) -> ir.Value:
         """Symmetric int8 codes per row (``max|x_row| / 127.5``, in [-128, 127]) in standard ops, then
         ``MatMulInteger``.
 
@@ -285,56 +267,23 @@ class _Lowering:
         more passes over the activations. (An int32 ``DequantizeLinear`` in place of ``Cast -> Mul`` measured
         slower in onnxruntime.)
         """
-        from onnx import TensorProto, helper, numpy_helper
+        import onnx_ir as ir
 
-        if scale.dtype != np.float32:
-            raise QuantLoweringError("w8a8 layers export in float32 only; convert the model with .float() first")
-        w = self._add("w", np.ascontiguousarray(codes.T.astype(np.int8)))
-        ws = self._add("w_scale", np.ascontiguousarray(scale))
-        nodes = []
-        if (x, "token") not in self._quantized_inputs:
-            names = [self._name(t) for t in ("abs", "max", "floor", "xs", "shape", "xz", "xq")]
-            axes, eps, half = (self._add("axes", np.array([-1], dtype=np.int64)),
-                               self._add("eps", np.array(1e-8, dtype=np.float32)),
-                               self._add("half_range", np.array(127.5, dtype=np.float32)))
-            absx, mx, floor, xs, shape, xz, xq = names
-            # blocked QuantizeLinear, one block per row: round half to even, + 128, saturate to uint8
-            nodes += [helper.make_node("Abs", [x], [absx]),
-                      helper.make_node("ReduceMax", [absx, axes], [mx], keepdims=1),
-                      helper.make_node("Max", [mx, eps], [floor]),
-                      helper.make_node("Div", [floor, half], [xs]),
-                      helper.make_node("Shape", [xs], [shape]),
-                      helper.make_node("ConstantOfShape", [shape], [xz],
-                                       value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
-                      helper.make_node("QuantizeLinear", [x, xs, xz], [xq], axis=-1, block_size=codes.shape[1])]
-            # MatMulInteger takes the same 128 as a scalar (its per-row zero point would cost a broadcast)
-            self._quantized_inputs[(x, "token")] = (xq, xs, self._add("x_zero", np.array(128, dtype=np.uint8)))
-        xq, xs, xz = self._quantized_inputs[(x, "token")]
-        acc, accf, s = (self._name(t) for t in ("acc", "accf", "s"))
-        return nodes + [helper.make_node("MatMulInteger", [xq, w, xz], [acc]),
-                        helper.make_node("Cast", [acc], [accf], to=TensorProto.FLOAT),
-                        helper.make_node("Mul", [accf, xs], [s]),
-                        helper.make_node("Mul", [s, ws], [y])]
-
-    def drop_unused(self) -> None:
-        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
-        keep = [t for t in self.graph.initializer if t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
-
-
-def lower_file(path: str | Path, quant_format: QuantFormat = "qdq", accuracy_level: int = 0) -> tuple[int, int]:
-    """:func:`lower_quantized` on a saved file, rewritten in place (external data kept external)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    if not has_quant_markers(model):
-        return 0, 0
-    external = any(uses_external_data(t) for t in model.graph.initializer)
-    if external:
-        onnx.load_external_data_for_model(model, str(path.parent))
-    counts = lower_quantized(model, quant_format, accuracy_level)
-    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
-    return counts
+        w = self.const("w", codes.T.astype(np.int8))
+        ws = self.const("w_scale", scale)
+        axes = self.const("axes", np.array([-1], dtype=np.int64))
+        eps = self.const("eps", np.array(1e-8, dtype=np.float32))
+        half = self.const("half_range", np.array(127.5, dtype=np.float32))
+        # blocked QuantizeLinear, one block per row: round half to even, + 128, saturate to uint8
+        absx = self.node("Abs", x, outputs="abs")
+        mx = self.node("ReduceMax", absx, axes, outputs="max", keepdims=1)
+        floor = self.node("Max", mx, eps, outputs="floor")
+        xs = self.node("Div", floor, half, outputs="xs")
+        shape = self.node("Shape", xs, outputs="shape")
+        xz = self.node("ConstantOfShape", shape, outputs="xz", value=ir.tensor(np.array([128], dtype=np.uint8)))
+        xq = self.node("QuantizeLinear", x, xs, xz, outputs="xq", axis=-1, block_size=codes.shape[1])
+        # MatMulInteger takes the same 128 as a scalar (its per-row zero point would cost a broadcast)
+        acc = self.node("MatMulInteger", xq, w, self.const("x_zero", np.array(128, dtype=np.uint8)), outputs="acc")
+        accf = self.node("Cast", acc, outputs="accf", to=ir.DataType.FLOAT)
+        s = self.node("Mul", accf, xs, outputs="s")
+        return self.op.Mul(s, ws)

@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,6 +118,26 @@ class Program:
         ex = self.example_inputs if inputs is None else as_example_inputs(inputs)
         with torch.no_grad():
             return ex.call(self.module)
+
+    def calib_batches(self, limit: int | None = None) -> list[Any]:
+        """The calibration batches a pass reads: every one, or at most ``limit``.
+
+        From a sequence (a list, a dataset) the ``limit`` batches are spread evenly over it, first and last
+        included, so that data sorted by length or source stays represented; from any other iterable (a
+        DataLoader) they are its first ``limit``. Every pass picks its batches here, so two passes asking for
+        the same number read the same batches. Raises ``ValueError`` when the program has no calibration data.
+        """
+        if self.calib is None:
+            raise ValueError(f"{self.current_pass or 'this pass'} reads calibration data: pass calib=<iterable of "
+                             "model inputs> to optimize()")
+        if limit is None:
+            return list(self.calib)
+        if limit < 1:
+            raise ValueError(f"calib_batches: read at least 1 batch, not {limit}")
+        if isinstance(self.calib, Sequence) and len(self.calib) > limit:
+            last = len(self.calib) - 1
+            return [self.calib[round(i * last / max(1, limit - 1))] for i in range(limit)]
+        return list(itertools.islice(iter(self.calib), limit))
 
     @property
     def dependency_graph(self) -> Any:

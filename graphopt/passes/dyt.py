@@ -22,7 +22,6 @@ RMSNorm replacements have no ``β``. A swap is not output-preserving: follow it 
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.blocks import BlockList, block_of
 from graphopt.analysis.calibration import mask_of
-from graphopt.analysis.hooked import Stop, layer_order, run_hooked
+from graphopt.analysis.hooked import Stop, run_hooked
 from graphopt.analysis.norms import NormInfo, is_norm_like, probe_norm, reference_norm
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
@@ -105,12 +104,12 @@ def _execution_order(program: Program, names: list[str]) -> dict[str, int]:
     if program.device.type == "meta":
         return {}
     try:
-        groups, _ = layer_order(program.module, {n: program.get_submodule(n) for n in names},
-                                program.example_inputs)
+        called = program.analyses.get("call_order").names
     except Exception as e:  # noqa: BLE001 - order is a nicety; module order is the fallback
         log.debug("could not run the model to order norms: %s", e)
         return {}
-    return {name: i for i, name in enumerate(n for group in groups for n in group)}
+    wanted = set(names)
+    return {name: i for i, name in enumerate(n for n in called if n in wanted)}
 
 
 def _assign_roles(norms: list[_Norm], order: dict[str, int], stacks: list[BlockList]) -> None:
@@ -124,13 +123,6 @@ def _assign_roles(norms: list[_Norm], order: dict[str, int], stacks: list[BlockL
             n.role = "ffn" if i == len(members) - 1 and len(members) > 1 else "attention"
     if loose and loose[-1].name in order and order[loose[-1].name] == max(order.values(), default=-1):
         loose[-1].role = "final"
-
-
-def _batches(calib: Any, limit: int) -> list[Any]:
-    """At most ``limit`` batches: evenly spread over a sequence (sorted data stays representative)."""
-    if isinstance(calib, Sequence) and len(calib) > limit:
-        return [calib[round(i * (len(calib) - 1) / max(1, limit - 1))] for i in range(limit)]
-    return list(itertools.islice(iter(calib), limit))
 
 
 def _select_rows(act: torch.Tensor, info: NormInfo, mask: torch.Tensor | None, limit: int,
@@ -282,7 +274,7 @@ class DyTPass(Pass):
                              "inputs> to optimize(), or use dyt(mode=init)")
         if program.device.type == "meta":
             raise ValueError("dyt(mode=calibrated) needs real weights, not the meta device; use mode=init")
-        batches = _batches(program.calib, self.batches)
+        batches = program.calib_batches(self.batches)
         if not batches:
             raise ValueError("dyt(mode=calibrated): the calibration data is empty")
         limit = max(1, self.max_tokens // len(batches))

@@ -9,7 +9,6 @@ import graphopt as go
 from graphopt.analysis.blocks import all_blocks, block_of, find_blocks
 from graphopt.helpers.zoo import hf_model
 from graphopt.passes.dyt import find_norms, norms_by_block
-from graphopt.passes.heal.blockwise import feature_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +19,8 @@ def test_an_encoder_decoder_has_two_stacks_and_the_main_one_is_shared_by_every_c
     assert [s.path for s in stacks] == ["decoder.block", "encoder.block"]
     assert find_blocks(model, inputs).names == ["decoder.block.0", "decoder.block.1"]
     # heal's per-block feature terms pair whole blocks (once: the three sublayers of decoder.block.0)
-    assert feature_blocks(model, copy.deepcopy(model), inputs) == (find_blocks(model, inputs).names, "")
+    program = go.Program(copy.deepcopy(model), inputs, original=model)
+    assert program.analyses.get("matching_blocks") == (find_blocks(model, inputs).names, "")
     assert block_of("encoder.block.1.layer.0.SelfAttention.q", stacks) == "encoder.block.1"
     assert block_of("shared", stacks) is None
 

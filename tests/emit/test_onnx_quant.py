@@ -77,23 +77,47 @@ def test_w8a8_exports_as_integer_ops_and_matches_elementwise(tmp_path):
 class _SharedInput(nn.Module):
     """q, k, v read one tensor with one SmoothQuant factor: one Mul and one quantization in ONNX."""
 
-    def __init__(self):
+    def __init__(self, k=16, activations="per_tensor"):
         super().__init__()
         torch.manual_seed(2)
-        smooth = torch.rand(16) + 0.5
-        self.q, self.k, self.v = (QuantLinear.from_linear(nn.Linear(16, 8).weight, None, scheme="int8",
-                                                          group_size=0, activations="per_tensor", smooth=smooth)
+        smooth = torch.rand(k) + 0.5
+        self.q, self.k, self.v = (QuantLinear.from_linear(nn.Linear(k, 8).weight, None, scheme="int8",
+                                                          group_size=0, activations=activations, smooth=smooth)
                                   for _ in range(3))
 
     def forward(self, x):
         return self.q(x) + self.k(x) * self.v(x)
 
 
-def test_layers_reading_one_tensor_share_its_scaling_and_quantization(tmp_path):
-    go.export_onnx(_SharedInput(), torch.randn(4, 16), tmp_path / "q.onnx")
+@pytest.mark.parametrize("activations, quantizer", [("per_tensor", "DynamicQuantizeLinear"),
+                                                     ("per_token", "QuantizeLinear")])
+@pytest.mark.parametrize("k", [16, 1536])  # the exporter itself merges equal constants up to 1024 elements only
+def test_layers_reading_one_tensor_share_its_scaling_and_quantization(tmp_path, k, activations, quantizer):
+    go.export_onnx(_SharedInput(k, activations), torch.randn(4, k), tmp_path / "q.onnx")
     _, ops = _ops(tmp_path / "q.onnx")
-    assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulInteger"] == 3
+    assert ops[quantizer] == 1 and ops["MatMulInteger"] == 3
     assert ops["Mul"] == 1 + 2 * 3 + 1  # the shared smoothing, two scale Muls per layer, k * v
+
+
+def test_quantized_layers_are_lowered_in_memory_and_the_file_written_once(tmp_path, monkeypatch):
+    """The lowering edits the exporter's in-memory graph: one write, already lowered (the file was once
+    saved with the markers, reloaded, edited and saved again)."""
+    writes = []
+    save = onnx.save_model
+
+    def spy(proto, path, *args, **kwargs):
+        graph = proto.graph
+        used = {i for n in graph.node for i in n.input}
+        writes.append((collections.Counter(n.op_type for n in graph.node), {o.domain for o in proto.opset_import},
+                       [t.name for t in graph.initializer if t.name not in used]))
+        return save(proto, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save", spy)
+    monkeypatch.setattr(onnx, "save_model", spy)
+    report = go.export_onnx(_layer(scheme="int4", group_size=16, k=64), torch.randn(2, 64), tmp_path / "m.onnx")
+    assert report.verified and len(writes) == 1
+    ops, domains, unused = writes[0]
+    assert ops == {"DequantizeLinear": 1, "MatMul": 1, "Add": 1} and domains == {""} and unused == []
 
 
 class _Lookup(nn.Module):

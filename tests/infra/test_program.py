@@ -246,3 +246,56 @@ def test_a_trial_swap_is_unrecorded_and_always_undone(error):
     with pytest.raises(error), program.trial({"0": nn.Identity()}):
         raise error()
     assert model[0] is originals[0]
+
+
+class _Recorded(list):
+    """A calibration list that records which batches are read (by index or by iteration)."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read: list[int] = []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+def test_calib_batches_spreads_over_a_sequence_and_takes_the_head_of_an_iterable():
+    items = list(range(10))
+    program = Program(Net(), torch.randn(2, 8), calib=items)
+    assert program.calib_batches(3) == [0, 4, 9] and program.calib_batches(1) == [0]
+    assert program.calib_batches(20) == items and program.calib_batches() == items
+    program.calib = iter(range(10))  # a DataLoader-like iterable: no len, no indexing
+    assert program.calib_batches(3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="reads calibration data: pass calib="):
+        Program(Net(), torch.randn(2, 8)).calib_batches(2)
+
+
+@pytest.mark.parametrize("pipeline", ["prune(ratio=0.2,importance=taylor,calib_batches=3)",
+                                      "quantize(method=gptq,calib_batches=3)", "replace_blocks(calib_batches=3)",
+                                      "merge_layers(latency=0.8,cost=macs,calib_batches=3)",
+                                      "dyt(mode=calibrated,batches=3)"])
+def test_every_pass_reads_calibration_spread_over_the_data(pipeline):
+    """Each pass picks its batches with Program.calib_batches: the last batch of a long list is read too (taking
+    the first N would miss data sorted by length or source)."""
+    import graphopt as go
+    from graphopt.helpers.zoo import hf_model
+
+    g = torch.Generator().manual_seed(0)
+    if pipeline.startswith("merge_layers"):  # LayerMerge removes activations between convs
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                              nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 4)).eval()
+        inputs = torch.randn(2, 1, 8, 8)
+        calib = _Recorded([torch.randn(2, 1, 8, 8, generator=g) for _ in range(80)])
+    else:
+        model, inputs = hf_model("bert", layers=2)
+        calib = _Recorded([{**inputs, "input_ids": torch.randint(0, model.config.vocab_size,
+                                                                 inputs["input_ids"].shape, generator=g)}
+                           for _ in range(80)])
+    res = go.optimize(model, inputs, pipeline, calib=calib, measure=False, on_error="raise")
+    assert res.report.records[-1].status == "ok"
+    assert 79 in calib.read

@@ -28,7 +28,7 @@ from torch import nn
 
 from graphopt.analysis.blocks import BlockList, first_block_inputs, first_tensor, hidden_of
 from graphopt.analysis.depth_stats import LinearMapStats, masked_batches, rows_of
-from graphopt.analysis.hooked import Stop, layer_order, run_hooked
+from graphopt.analysis.hooked import Stop, call_order, run_hooked
 from graphopt.analysis.layers import is_conv1d
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.nn.depth import LinearBlock, output_structure
@@ -58,8 +58,8 @@ def down_projection(model: nn.Module, block_name: str, batch: Any) -> str | None
     if not calls:
         return None
     args, kwargs = calls[0]
-    groups, _ = layer_order(block, {n: m for n, m in block.named_modules() if _is_linear(m)},
-                            ExampleInputs(args, kwargs))
+    linears = {n: m for n, m in block.named_modules() if _is_linear(m)}
+    groups, _ = call_order(block, linears, ExampleInputs(args, kwargs)).groups(linears)
     with torch.no_grad():
         base = first_tensor(block(*args, **kwargs))
     if not groups or base is None:

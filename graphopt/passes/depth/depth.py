@@ -16,7 +16,6 @@ follow the removal (:mod:`.edit`).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -59,7 +58,7 @@ class _Depth(Pass):
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read to choose the span (and fit the map)
 
     def _batches(self, program: Program) -> list:
-        batches = list(itertools.islice(iter(program.calib), self.calib_batches)) if program.calib is not None else []
+        batches = program.calib_batches(self.calib_batches) if program.calib is not None else []
         if not batches and self.needs_calibration:
             raise ValueError(f"{self.name}: the calibration data is empty; pass calib=<iterable of model inputs>")
         return batches
@@ -109,10 +108,12 @@ class _Depth(Pass):
         return (f"{taps[tapped[0]]}; a cut at or before it would change what that reader sees"
                 if tapped else None)
 
-    def _choose(self, program: Program, blocks: BlockList, batches: list, result: PassResult) -> int:
-        """The span to cut: ``start`` when given, else the allowed span of least angular distance."""
+    def _choose(self, program: Program, blocks: BlockList, batches: list, result: PassResult,
+                shapes: list[tuple[int, ...]] | None = None) -> int:
+        """The span to cut: ``start`` when given, else the allowed span of least angular distance. ``shapes``:
+        the blocks' :func:`boundary_shapes`, when the caller has them."""
         taps = read_elsewhere(program.module, blocks, program.example_inputs)
-        shapes = boundary_shapes(program.module, blocks, program.example_inputs)
+        shapes = shapes or boundary_shapes(program.module, blocks, program.example_inputs)
         if self.start is not None:
             why = self._allowed(blocks, self.start, taps, shapes)
             if why:
@@ -174,13 +175,14 @@ class ReplaceBlocks(_Depth):
 
     def _cut(self, program: Program, result: PassResult) -> PassResult:
         blocks = self._blocks(program)
-        hidden = boundary_shapes(program.module, blocks, program.example_inputs)[0]
+        shapes = boundary_shapes(program.module, blocks, program.example_inputs)
+        hidden = shapes[0]
         if len(hidden) > 3:
             raise NothingToCut(f"the blocks of {blocks.path} take hidden states of shape {list(hidden)}, not (batch, "
                                "tokens, features): a linear map over the last dim would mix positions, not features "
                                "(a CNN stage); drop_blocks can cut such a span")
         batches = self._batches(program)
-        start = self._choose(program, blocks, batches, result)
+        start = self._choose(program, blocks, batches, result, shapes)
         span = _span_name(blocks, start, self.n)
         down = None
         if self.fold and start > 0:

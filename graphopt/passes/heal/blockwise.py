@@ -22,6 +22,7 @@ from torch import nn
 from graphopt.analysis.blocks import find_blocks, first_tensor, hidden_of
 from graphopt.analysis.calibration import mask_of
 from graphopt.analysis.hooked import Stop, run_hooked
+from graphopt.analysis.manager import AnalysisManager, Analyzable, register_analysis
 from graphopt.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -56,22 +57,18 @@ def _calls(model: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[list[
     return puts, first[0]
 
 
-def matching_blocks(teacher: nn.Module, student: nn.Module, batch: Any) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The teacher's repeated blocks and the student's blocks at the same place, one to one.
-
-    Raises ``ValueError`` saying why when there are none (no repeated blocks, a depth rewrite removed some, or
-    their outputs differ in shape).
-    """
-    names = _matching_names(teacher, student, batch)
-    return [teacher.get_submodule(n) for n in names], [student.get_submodule(n) for n in names]
-
-
-def feature_blocks(teacher: nn.Module, student: nn.Module, batch: Any) -> tuple[list[str], str]:
-    """Names of the blocks both models have one to one with outputs of one shape, for heal's per-block feature
-    terms, and ``""``; or ``[]`` and why there are none."""
+@register_analysis("matching_blocks")
+def _matching_blocks(program: Analyzable, am: AnalysisManager) -> tuple[list[str], str]:
+    """The blocks the original model (heal's teacher) and the program's model have one to one, with outputs of
+    one shape, found on the example inputs: ``(names, "")``, or ``([], why there are none)`` (no repeated
+    blocks, a depth rewrite removed some, a prune narrowed their outputs). Heal's recipe, its per-block feature
+    terms and its block-wise stage all read this one analysis."""
+    original = getattr(program, "original", None)
+    if original is None:
+        return [], "there is no original model to match"
     try:
-        return _matching_names(teacher, student, batch), ""
-    except ValueError as e:
+        return _matching_names(original, program.module, program.example_inputs), ""
+    except (ValueError, TypeError) as e:
         return [], str(e)
 
 
@@ -102,11 +99,12 @@ def _matching_names(teacher: nn.Module, student: nn.Module, batch: Any) -> list[
     return t_list.names
 
 
-def heal_blocks(teacher: nn.Module, student: nn.Module, batches: list, trainable: set[int], loss_fn: Loss, *,
-                steps: int, lr: float, seed: int, clip: float) -> list[tuple[float, float]]:
-    """Train each block of ``student`` (its parameters in ``trainable``, by id) ``steps`` steps on
-    ``loss_fn(out, target, mask)``; returns each block's loss before and after, on the calibration batches."""
-    t_blocks, s_blocks = matching_blocks(teacher, student, batches[0])
+def heal_blocks(teacher: nn.Module, student: nn.Module, names: list[str], batches: list, trainable: set[int],
+                loss_fn: Loss, *, steps: int, lr: float, seed: int, clip: float) -> list[tuple[float, float]]:
+    """Train each block ``names`` of ``student`` (its parameters in ``trainable``, by id) ``steps`` steps on
+    ``loss_fn(out, target, mask)`` to match the teacher's block of that name (``"matching_blocks"``); returns
+    each block's loss before and after, on the calibration batches."""
+    t_blocks, s_blocks = [teacher.get_submodule(n) for n in names], [student.get_submodule(n) for n in names]
     t_calls, t_hidden = zip(*[_calls(teacher, t_blocks, b) for b in batches])
     s_calls, s_hidden = zip(*[_calls(student, s_blocks, b) for b in batches])
     t_hidden, s_hidden = list(t_hidden), list(s_hidden)

@@ -52,7 +52,7 @@ from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 
-from .blockwise import feature_blocks, heal_blocks, matching_blocks
+from .blockwise import heal_blocks
 from .lora import LoRA
 from .losses import Features, cosine_distance, kl_logits, nmse
 from .recipes import FILLED, RECIPES, change_kind
@@ -148,10 +148,9 @@ class Heal(Pass):
                                             ("steps", max(recipe.steps, 200))) if k in unset})
         note = ""
         if unset.get("blockwise"):  # the recipe's block-wise stage needs blocks that match one to one
-            try:
-                matching_blocks(program.original, program.module, next(iter(program.calib)))
-            except (ValueError, StopIteration, TypeError) as e:
-                note = f"no block-wise stage ({e}); end-to-end only"
+            names, why = program.analyses.get("matching_blocks")
+            if not names:
+                note = f"no block-wise stage ({why}); end-to-end only"
                 unset.update(blockwise=0, steps=max(recipe.steps, 200) if "steps" in unset else self.steps)
         return dataclasses.replace(self, recipe=kind, **unset), note
 
@@ -168,7 +167,7 @@ class Heal(Pass):
             return result
         result = PassResult(modified=False)
         teacher, student = program.original, program.module
-        batches = list(program.calib)
+        batches = program.calib_batches()
         if not batches:
             raise ValueError("heal: the calibration data is empty")
         held, train = self._split(len(batches), result)
@@ -188,7 +187,7 @@ class Heal(Pass):
                 adapters.remove()
             result.note("", "the model is still the original (no earlier pass changed it): nothing to heal")
             return result
-        blocks, why = feature_blocks(teacher, student, batches[0]) if self.features > 0 else ([], "")
+        blocks, why = am.get("matching_blocks") if self.features > 0 else ([], "")
         if self.features > 0 and not blocks:
             result.note("", f"features>0 but no per-block feature terms ({why}): output loss only", "warning")
         teacher_training = teacher.training
@@ -242,7 +241,10 @@ class Heal(Pass):
         return held, [i for i in range(n) if i not in set(held)]
 
     def _blockwise(self, program: Program, batches: list, params: list[nn.Parameter], result: PassResult) -> None:
-        report = heal_blocks(program.original, program.module, batches, {id(p) for p in params},
+        names, why = program.analyses.get("matching_blocks")
+        if not names:
+            raise ValueError(f"heal(blockwise={self.blockwise}): {why}")
+        report = heal_blocks(program.original, program.module, names, batches, {id(p) for p in params},
                              lambda s, t, m: nmse(s, t, m) + cosine_distance(s, t, m),
                              steps=self.blockwise, lr=self.block_lr, seed=self.seed, clip=self.clip)
         for i, (before, after) in enumerate(report):

@@ -150,7 +150,7 @@ def choose_segments(program: Program, latency: float, calib_batches: int, result
     if not chains:
         result.note("", "latency=: no chain of layers joined by activation modules to merge", "warning")
         return
-    batches = list(itertools.islice(iter(program.calib), calib_batches))
+    batches = program.calib_batches(calib_batches)
     with torch.no_grad():
         reference = [[t.detach() for t in flatten_outputs(as_example_inputs(b).call(model)).values()] for b in batches]
     table = LatencyTable() if cost == "measured" else MacsCost()

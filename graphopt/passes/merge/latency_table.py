@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from graphopt.cache import cache_dir
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.infra.metrics import measure_latency
 from graphopt.nn.spec import ModuleSpecError, module_spec
@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def cache_path() -> Path:
-    root = os.environ.get("GRAPHOPT_CACHE") or Path.home() / ".cache" / "graphopt"
-    return Path(root) / "latency.json"
+    return cache_dir() / "latency.json"
 
 
 def device_key(device: torch.device) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -238,7 +237,7 @@ class Prune(Pass):
         change (Molchanov et al. 2019 use a task loss instead; with no labels, outputs are the target).
         """
         model = program.module
-        batches = list(itertools.islice(iter(program.calib), self.calib_batches))
+        batches = program.calib_batches(self.calib_batches)
         if not batches:
             raise ValueError("prune(importance=taylor): the calibration data is empty")
         generator = torch.Generator().manual_seed(0)

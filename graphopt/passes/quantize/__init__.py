@@ -1,5 +1,6 @@
 """Weight (and activation) quantization: the pass (``quantize``), per-layer plans and mixed precision
-(``plan``), GPTQ (``gptq``) run block by block (``sequential``), and SmoothQuant (``smoothquant``)."""
+(``plan``), its algorithms behind one interface (``algorithms``: SmoothQuant from ``smoothquant``, round to
+nearest, GPTQ from ``gptq``), and the block-by-block order of a sequential algorithm (``sequential``)."""
 
 from .quantize import Quantize
 

@@ -23,19 +23,17 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import field
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from graphopt.analysis import AnalysisManager
-from graphopt.analysis.calibration import layer_input_grams, layer_input_stats
+from graphopt.analysis.calibration import layer_input_stats
 from graphopt.analysis.channel_scale import producers_of, scale_path
-from graphopt.analysis.hooked import layer_order
 from graphopt.analysis.layers import linear_weight, why_not_plain
 from graphopt.frontend.errors import CaptureError
 from graphopt.infra.contract import Pass, PassResult
@@ -43,14 +41,13 @@ from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.progressive import heal_each
 from graphopt.infra.registry import register_pass
-from graphopt.nn.quant import BACKENDS, W8A8_QMAX, QuantEmbedding, QuantLinear, weight_scales
+from graphopt.nn.quant import BACKENDS, QuantEmbedding, QuantLinear, weight_scales
 from graphopt.progress import track
 from graphopt.units import MIB
 
-from .gptq import gptq_quantize
+from .algorithms import LayerGroup, QuantAlgorithm, SmoothQuant, qmax_of, rounding
 from .plan import LayerPlan, LayerScheme, layer_sensitivity, mixed_precision, plan_layers
-from .sequential import gptq_by_block
-from .smoothquant import SmoothStats, choose_alpha
+from .sequential import sequential_by_block
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +69,7 @@ def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
     """Whether the layer's scales, stored in the weight's dtype, would be subnormal (fp16 weights of ~1e-5)."""
     if weight.dtype not in (torch.float16,):
         return False
-    qmax = W8A8_QMAX if plan.activations != "none" else None
-    scales = weight_scales(weight.detach().float(), plan.scheme, plan.group_size, qmax)
+    scales = weight_scales(weight.detach().float(), plan.scheme, plan.group_size, qmax_of(plan))
     return bool((scales < torch.finfo(weight.dtype).tiny).any())
 
 
@@ -153,34 +149,37 @@ class Quantize(Pass):
             plans = self._mixed(program, weights, plans, shapes, result)
         w8a8 = [n for n in targets if plans[n].activations != "none"]
         smoothing = bool(w8a8) and (self.alpha is None or self.alpha > 0)
-        groups = self._sequential_groups(program, w8a8) if smoothing else []
-        smooth = self._smoothing(program, groups, plans, result) if smoothing else {}
+        groups = self._sequential_groups(am, w8a8) if smoothing else []
+        smooth = self._transformed(program, SmoothQuant(self.alpha), groups, plans, result) if smoothing else {}
         folds = self._fold_plan(program, am, groups, smooth, plans, result) if smooth else {}
         sizes = {"before": 0, "after": 0, "weights": 0}
+        algorithm = rounding(self.method, damp=self.damp, act_order=self.act_order)
 
-        def quantize_group(group: list[str], grams: dict) -> None:
-            for name in group:
-                weight, bias = linear_weight(program.get_submodule(name))
-                dead = int((torch.diagonal(grams[name].gram) == 0).sum()) if name in grams else 0
-                if dead:
-                    result.note(name, f"{dead} input feature(s) were zero in every calibration batch: their "
-                                      "weight columns are rounded to nearest (GPTQ has no data for them)", "warning")
-                layer = self._quantized(weight, bias, plans[name], smooth.get(name),
-                                        grams[name].mean() if name in grams else None)
+        def quantize_group(names: list[str], stats: dict[str, Any]) -> None:
+            group = self._group(program, names, plans, stats)
+            group.smooth = [smooth.get(n) for n in names]
+            result.diagnostics += algorithm.apply(group)
+            for name, weight, plan, s, codes in zip(names, group.weights, group.plans, group.smooth, group.codes):
+                bias = linear_weight(program.get_submodule(name))[1]
+                layer = QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size,
+                                                backend=self.backend, codes=codes, activations=plan.activations,
+                                                smooth=s)
                 program.replace_module(name, layer)
                 sizes["before"] += weight.numel() * weight.element_size()
                 sizes["after"] += layer.weight_bytes
                 sizes["weights"] += weight.numel()
 
-        if self.method == "gptq":
+        if algorithm.sequential:
             batches = self._batches(program)
-            rest = gptq_by_block(model, targets, batches, quantize_group) if self.by_block else targets
-            for group in track(self._sequential_groups(program, rest) if rest else [], "quantize: GPTQ",
+            rest = sequential_by_block(model, targets, batches, algorithm.statistic, quantize_group) \
+                if self.by_block else targets
+            for names in track(self._sequential_groups(am, rest) if rest else [], f"quantize: {algorithm.name}",
                                unit="layer group"):
-                quantize_group(group, layer_input_grams(model, {n: program.get_submodule(n) for n in group},
-                                                        batches))
+                quantize_group(names, layer_input_stats(model, {n: program.get_submodule(n) for n in names},
+                                                        batches, algorithm.statistic))
         else:
-            quantize_group(targets, {})
+            for name in targets:
+                quantize_group([name], {})
         before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
         for consumer, producer in folds.items():
             self._fold(program, consumer, producer, result)
@@ -278,21 +277,6 @@ class Quantize(Pass):
         return why_not_plain(table, nn.Embedding)
 
     # --- per-layer quantization ---------------------------------------------------------------------
-    def _quantized(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: LayerPlan,
-                   smooth: torch.Tensor | None, hessian: torch.Tensor | None) -> QuantLinear:
-        qmax = W8A8_QMAX if plan.activations != "none" else None
-        codes = None
-        if hessian is not None:
-            w, h = weight, hessian
-            if smooth is not None:  # the layer sees x * smooth and holds W / smooth
-                w = weight / smooth.to(weight.dtype)
-                h = hessian * smooth.double()[:, None] * smooth.double()[None, :]
-            codes = gptq_quantize(w, h, plan.scheme, plan.group_size, damp=self.damp, act_order=self.act_order,
-                                  qmax=qmax)
-        return QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size,
-                                       backend=self.backend, codes=codes, activations=plan.activations,
-                                       smooth=smooth)
-
     def _mixed(self, program: Program, weights: dict, plans: dict[str, LayerPlan], shapes: dict,
                result: PassResult) -> dict[str, LayerPlan]:
         batches = self._batches(program)[:4]
@@ -309,22 +293,23 @@ class Quantize(Pass):
         result.note("", f"this plan as pipeline text, to reuse or edit: {same}")
         return chosen
 
-    def _smoothing(self, program: Program, groups: list[list[str]], plans: dict[str, LayerPlan],
-                   result: PassResult) -> dict[str, torch.Tensor]:
-        """SmoothQuant's input multiplier (``1 / s``) per layer (:mod:`.smoothquant`), shared by the layers
-        that read one tensor."""
+    @staticmethod
+    def _group(program: Program, names: list[str], plans: dict[str, LayerPlan], stats: dict[str, Any]
+               ) -> LayerGroup:
+        weights = [linear_weight(program.get_submodule(n))[0] for n in names]
+        return LayerGroup(names, weights, [plans[n] for n in names], [stats.get(n) for n in names])
+
+    def _transformed(self, program: Program, algorithm: QuantAlgorithm, groups: list[list[str]],
+                     plans: dict[str, LayerPlan], result: PassResult) -> dict[str, torch.Tensor]:
+        """The input multiplier per layer that ``algorithm`` (SmoothQuant) chose for each group, from its
+        statistic of the float model's inputs, read in one run over the calibration batches."""
         layers = {n: program.get_submodule(n) for g in groups for n in g}
-        # the sample rows only serve to choose alpha
-        stats_of = SmoothStats if self.alpha is None else functools.partial(SmoothStats, keep_rows=0)
-        stats = layer_input_stats(program.module, layers, self._batches(program), stats_of)
+        stats = layer_input_stats(program.module, layers, self._batches(program), algorithm.statistic)
         out = {}
-        for group in groups:
-            weights = [linear_weight(program.get_submodule(n))[0] for n in group]
-            _, s, why = choose_alpha(stats[group[0]], weights, self.alpha, plans[group[0]].activations)
-            result.note(group[0] if len(group) == 1 else f"{group[0]} (+{len(group) - 1})", f"SmoothQuant: {why}")
-            if s is not None:
-                for name, w in zip(group, weights):
-                    out[name] = (1.0 / s).to(device=w.device, dtype=w.dtype)
+        for names in groups:
+            group = self._group(program, names, plans, stats)
+            result.diagnostics += algorithm.apply(group)
+            out.update({n: s for n, s in zip(names, group.smooth) if s is not None})
         return out
 
     def _fold_plan(self, program: Program, am: AnalysisManager, groups: list[list[str]],
@@ -370,18 +355,18 @@ class Quantize(Pass):
                               "graph; no Mul)")
 
     def _batches(self, program: Program) -> list:
-        return list(itertools.islice(iter(program.calib), self.calib_batches))
+        return program.calib_batches(self.calib_batches)
 
-    def _sequential_groups(self, program: Program, targets: list[str]) -> list[list[str]]:
+    @staticmethod
+    def _sequential_groups(am: AnalysisManager, targets: list[str]) -> list[list[str]]:
         """``targets`` in the order the forward reaches them, layers that read the same tensor together.
 
         GPTQ then quantizes one group at a time on the inputs the already-quantized layers produce.
         """
-        groups, unreached = layer_order(program.module, {n: program.get_submodule(n) for n in targets},
-                                         self._batches(program)[0])
+        groups, unreached = am.get("call_order").groups(targets)
         if unreached:
-            raise ValueError(f"quantize: the calibration data never reaches {unreached[:3]}; "
-                             "give inputs that run every layer, or skip those layers")
+            raise ValueError(f"quantize: the example inputs never reach {unreached[:3]}; give inputs that run "
+                             "every layer, or skip those layers")
         return groups
 
     def _any_w8a8(self) -> bool:

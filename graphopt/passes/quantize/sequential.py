@@ -1,9 +1,10 @@
-"""GPTQ one transformer block at a time (the order of the GPTQ paper's reference implementation).
+"""A sequential quantize algorithm (GPTQ) one transformer block at a time (the order of the GPTQ paper's
+reference implementation).
 
 The model runs once, up to its first block, to record that block's inputs for every calibration
 batch. Then, block by block: the layers of the block are quantized group by group (layers that read
-the same tensor together) on Gram matrices of their inputs computed by running *only that block* on
-the recorded inputs, and the quantized block's outputs become the next block's inputs. Each layer thus
+the same tensor together) on the algorithm's statistic of their inputs (GPTQ: Gram matrices) computed by
+running *only that block* on the recorded inputs, and the quantized block's outputs become the next block's inputs. Each layer thus
 sees the activations of the already-quantized model, as in the whole-model sequential order, but the
 work is one pass over the blocks instead of one forward per group, and only one block's inputs are
 held at a time (the step towards streaming a model larger than memory block by block).
@@ -16,23 +17,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from graphopt.analysis.blocks import find_blocks, first_block_inputs, hidden_of
-from graphopt.analysis.calibration import GramAccumulator, layer_input_grams, mask_of
-from graphopt.analysis.hooked import layer_order
+from graphopt.analysis.calibration import layer_input_stats, mask_of
+from graphopt.analysis.hooked import call_order
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.progress import track
 
 log = logging.getLogger(__name__)
 
-QuantizeGroup = Callable[[list[str], dict[str, GramAccumulator]], None]
+QuantizeGroup = Callable[[list[str], dict[str, Any]], None]
 
 
-def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_group: QuantizeGroup
-                  ) -> list[str]:
+def sequential_by_block(model: nn.Module, targets: list[str], batches: list, statistic: Callable[[int], Any],
+                        quantize_group: QuantizeGroup) -> list[str]:
     """Quantize the targets inside the model's blocks, block by block; returns the targets left (outside).
 
     Returns every target untouched when the model has no recognisable blocks (the caller then runs
@@ -57,9 +59,9 @@ def gptq_by_block(model: nn.Module, targets: list[str], batches: list, quantize_
         block = model.get_submodule(block_name)
         inside = {t: model.get_submodule(t) for t in targets if t.startswith(f"{block_name}.")}
         calls = [ExampleInputs(args, kwargs) for args, kwargs in inputs]
-        for group in layer_order(block, inside, calls[0])[0] if inside else []:
-            grams = layer_input_grams(block, {n: model.get_submodule(n) for n in group}, calls, masks)
-            quantize_group(group, grams)
+        for group in call_order(block, inside, calls[0]).groups(inside)[0] if inside else []:
+            stats = layer_input_stats(block, {n: model.get_submodule(n) for n in group}, calls, statistic, masks)
+            quantize_group(group, stats)
             done.update(group)
         with torch.no_grad():
             outputs = [block(*args, **kwargs) for args, kwargs in inputs]

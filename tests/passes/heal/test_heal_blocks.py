@@ -59,8 +59,9 @@ def test_blockwise_heal_leaves_no_gradient_behind_a_block():
     model, inputs = hf_model("bert", layers=3)
     calib = _calib(model)
     student = go.optimize(model, inputs, "prune(ratio=0.5)", calib=calib, measure=False, on_error="raise").model
-    report = heal_blocks(model, student, calib, {id(p) for p in student.parameters()}, nmse, steps=5, lr=1e-3,
-                         seed=0, clip=1.0)
+    names = go.Program(student, inputs, original=model).analyses.get("matching_blocks")[0]
+    report = heal_blocks(model, student, names, calib, {id(p) for p in student.parameters()}, nmse, steps=5,
+                         lr=1e-3, seed=0, clip=1.0)
     assert len(report) == 3 and any(after < before for before, after in report)
     assert all(p.grad is None for p in student.parameters())  # a block's gradients go once it is fitted
 

@@ -258,7 +258,7 @@ def test_a_smoothing_factor_moves_only_where_the_graph_proves_it_exact(act, fold
 def test_input_groups_do_not_confuse_a_freed_input_with_a_new_one():
     """Layers share a group only when they read the same tensor; a temporary freed after one layer ran can
     leave its id() to the next layer's input (found as a rare CI failure on Llama's w8a8 smoothing)."""
-    from graphopt.analysis.hooked import layer_order
+    from graphopt.analysis.hooked import call_order
 
     class Temporaries(nn.Module):
         def __init__(self):
@@ -273,7 +273,7 @@ def test_input_groups_do_not_confuse_a_freed_input_with_a_new_one():
 
     model = Temporaries()
     for _ in range(20):  # id() reuse depends on the allocator: try several times
-        groups, unreached = layer_order(model, dict(model.named_children()), torch.randn(4, 8))
+        groups, unreached = call_order(model, dict(model.named_children()), torch.randn(4, 8)).groups("abcd")
         assert groups == [["a", "b"], ["d"], ["c"]] and unreached == []
 
 
