@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from .console import DEFAULT_CALIB_SIZE, Console, UsageError
+from .console import DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_SIZE, Console, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,12 @@ def _calibration(args: argparse.Namespace, loaded: Any, pipeline: Any, con: Cons
 
     needing = [p.name for p in pipeline if p.needs_calibration]
     source = args.calib
+    if loaded.tokenizer is None and loaded.batches is not None and source in (None, "docstrings"):
+        if not needing and source is None:
+            return None
+        samples = args.calib_size or DEFAULT_CALIB_IMAGES
+        log.info("calibration: %d samples of %s's own calibration split", samples, args.model)
+        return loaded.batches("calib", samples, args.batch_size)
     if source is None and needing:
         if loaded.tokenizer is None:
             raise UsageError(f"{', '.join(needing)} needs calibration data, and {args.model} has no tokenizer "
@@ -181,11 +187,14 @@ def _calibration(args: argparse.Namespace, loaded: Any, pipeline: Any, con: Cons
 
 
 def _held_out(args: argparse.Namespace, loaded: Any) -> list[Any] | None:
-    """Held-out docstrings (the corpus's eval split, disjoint from calibration) for the quality figure."""
+    """Held-out docstrings (the corpus's eval split, disjoint from calibration) for the quality figure, or the
+    model's own held-out split (photo views) when it does not read text."""
     from ..helpers.texts import stdlib_texts, text_batches
 
-    if args.eval_size == 0 or loaded.tokenizer is None:
+    if args.eval_size == 0:
         return None
+    if loaded.tokenizer is None:
+        return loaded.batches("eval", args.eval_size, max(args.batch_size, 32)) if loaded.batches else None
     texts = stdlib_texts(args.eval_size, args.seed, "eval")
     return list(text_batches(loaded.tokenizer, texts, max(args.batch_size, 32), args.max_length))
 

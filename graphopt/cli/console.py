@@ -10,6 +10,8 @@ from typing import Any, TextIO
 #: calibration texts read by default: all of the stdlib docstrings' calibration split (1928 texts), since
 #: heal's recipes were measured on all of it (benchmarks/heal.py); a longer --calib file is sampled
 DEFAULT_CALIB_SIZE = 2048
+#: calibration samples of a model with its own data (photo views: each one a forward of a 224x224 image)
+DEFAULT_CALIB_IMAGES = 256
 #: held-out docstrings for the report's quality figure (prune_zoo.py's --eval-texts)
 DEFAULT_EVAL_SIZE = 256
 

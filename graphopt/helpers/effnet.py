@@ -101,7 +101,10 @@ class Block(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0: float RGB 0..255 ``[N, 3, 224, 224]`` -> ImageNet logits ``[N, 1000]``."""
+    """EfficientNet-Lite0: float RGB 0..255 ``[N, 3, 224, 224]`` -> ``{"logits": [N, 1000]}`` (ImageNet).
+
+    The logits are named, as HF's image classifiers name theirs, so that graphopt's report gives top-1 and
+    top-5 agreement for it (a bare tensor could be an embedding, and gets the output cosine)."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> None:
         super().__init__()
@@ -118,9 +121,9 @@ class EfficientNetLite0(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(HEAD, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.head(self.blocks(self.stem(normalise(x))))
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+        return {"logits": self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))}
 
 
 def _bn_keys(ours: str, theirs: str) -> Iterator[tuple[str, str]]:
@@ -183,7 +186,15 @@ def load_effnet_lite0(views: int = 2) -> LoadedModel:
     params = sum(p.numel() for p in model.parameters())
     return LoadedModel(model, example, None,
                        f"EfficientNet-Lite0 (ImageNet-1k, {params / 1e6:.2f}M parameters, input RGB 0..255 "
-                       f"[N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}])")
+                       f"[N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}])", view_batches)
+
+
+def view_batches(split: str, samples: int, batch_size: int) -> list[torch.Tensor]:
+    """``samples`` views of the ``split`` photos (``"calib"`` or ``"eval"``: other photos), in batches."""
+    from .photos import photo_views, photos
+
+    views = photo_views([img for _, img in photos(split)], samples, seed=0 if split == "calib" else 1)
+    return list(views.split(batch_size))
 
 
 @torch.no_grad()

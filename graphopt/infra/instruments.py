@@ -175,6 +175,7 @@ class Quality(Instrument):
         figure = task_quality(pairs)
         if figure is not None:
             record.quality, record.quality_name, record.quality_data = figure.value, figure.name, data
+            record.measures.update(figure.extra)
 
 
 class PassMemory(Instrument):

@@ -184,6 +184,7 @@ class Report:
             parts.append(f"latency {_ratio(last)} on {last.threads} thread{'s' if last.threads != 1 else ''}")
         if last.quality is not None and last is not first:
             parts.append(f"{last.quality_name} {last.quality:.4f} (on {last.quality_data})")
+            parts += [f"{key} {last.measures[key]:.4f}" for key in ("ppl ratio", "top-5") if key in last.measures]
         elif last.cosine is not None and last is not first:
             parts.append(f"output cosine {last.cosine:.4f}")
         failed = f"; {len(self.failed)} pass(es) rolled back" if self.failed else ""

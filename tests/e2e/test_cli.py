@@ -411,3 +411,23 @@ def test_passes_lists_help_for_every_option_of_every_built_in_pass(capsys):
                        for line in out.splitlines()), (name, option)
     assert re.search(r"ratio: float in \[0, 1\) = 0\.3 +fraction of units removed", out)
     assert "reloadable: bool = false" in out and "uniform: bool" not in out  # one option per name
+
+
+def test_a_model_without_text_brings_its_own_calibration_and_held_out_views(capsys, scratch_registry):
+    """effnet-lite0: calibration views of the calibration photos, and the quality figure (top-1 and top-5
+    agreement) on views of the other photos."""
+    seen: dict = {}
+
+    @go.register_pass("cli_test_views", needs_calibration=True)
+    def views(program, am):
+        """Records the calibration batches."""
+        seen["batches"] = program.calib_batches()
+        return go.PassResult(modified=False)
+
+    code, out, err = run_cli(capsys, "optimize", "effnet-lite0", "--pipeline", "cli_test_views,fold_bn",
+                             "--calib-size", "6", "--batch-size", "4", "--eval-size", "5")
+    assert code == 0, err
+    assert [tuple(b.shape) for b in seen["batches"]] == [(4, 3, 224, 224), (2, 3, 224, 224)]
+    assert "quality: top-1 agreement against the original, on 5 held-out samples" in out
+    row = next(line for line in out.splitlines() if line.startswith("fold_bn "))
+    assert row.split()[-2:] == ["1.0000", "1"]  # quality and top-5: folding BatchNorm is exact

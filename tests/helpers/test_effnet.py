@@ -49,7 +49,7 @@ def eval_views() -> torch.Tensor:
 def test_checked_photos_give_the_checked_classes(model, all_photos, one_thread):
     names = list(CHECKED)
     with torch.no_grad():
-        logits = model(torch.stack([center_view(all_photos[n]) for n in names]))
+        logits = model(torch.stack([center_view(all_photos[n]) for n in names]))["logits"]
     for name, row in zip(names, logits):
         want = CHECKED[name]
         assert tuple(row.topk(len(want)).indices.tolist()) == want, name
@@ -91,7 +91,7 @@ def test_exports_and_analyzes(model, one_thread):
     x = photo_views(photos("calib"), 2)
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), model(x))
+        torch.testing.assert_close(exported.module()(x)["logits"], model(x)["logits"])
     go.analyze(model, x)
 
 
@@ -99,7 +99,7 @@ def test_fold_bn_keeps_every_prediction(model, eval_views, one_thread):
     result = go.optimize(model, photo_views(photos("calib"), 2), "fold_bn", measure=False, on_error="raise")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
     with torch.no_grad():
-        ref, got = model(eval_views), result.model(eval_views)
+        ref, got = model(eval_views)["logits"], result.model(eval_views)["logits"]
     assert top_k_agreement(ref, got) == 1.0
     assert (ref - got).abs().max() <= 1e-5 * ref.abs().max()  # float32 rounding, as the pass's verifier
     assert mean_kl(ref, got) < 1e-8

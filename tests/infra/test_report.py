@@ -1,6 +1,7 @@
 """What the report tells the user (issue 11): labels, warnings, latency with its spread, the quality figure
 in the user's terms, and a summary line."""
 
+import math
 import time
 
 import pytest
@@ -188,3 +189,33 @@ def test_a_pass_that_changes_the_outputs_gets_no_error_figure_and_later_rows_com
         want = go.compare_outputs(res.model(x), pruned_only(x))
     assert want.max_rel > 0 and quantized.max_rel_err == pytest.approx(want.max_rel)
     assert quantized.cosine == pytest.approx(want.cosine) and quantized.quality is not None
+
+
+def test_a_causal_lm_row_gives_the_perplexity_ratio_to_the_original():
+    """exp(mean next-token cross-entropy difference) on the inputs' own ids, real tokens only."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # padding: its positions do not count
+    x = ExampleInputs((), {"input_ids": ids, "attention_mask": mask})
+    ref, new = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    new[1, 4:] += 100 * torch.randn(2, 11, generator=g)  # a wild prediction at a padded position
+    q = task_quality([(summarize({"logits": new}, x), summarize({"logits": ref}, x))])
+
+    def mean_nll(logits):
+        rows = [(b, t) for b in range(2) for t in range(5) if mask[b, t] and mask[b, t + 1]]
+        return sum(float(-logits[b, t].log_softmax(-1)[ids[b, t + 1]]) for b, t in rows) / len(rows)
+
+    assert q.extra["ppl ratio"] == pytest.approx(math.exp(mean_nll(new) - mean_nll(ref)), rel=1e-5)
+    same = task_quality([(summarize({"logits": ref}, x), summarize({"logits": ref}, x))])
+    assert same.extra["ppl ratio"] == pytest.approx(1.0)
+
+
+def test_a_classifier_row_gives_top5_agreement():
+    ref = torch.zeros(4, 10)
+    ref[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 10  # the original's classes: 0, 1, 2, 3
+    new = torch.arange(10.0).repeat(4, 1)  # the new model's top five: 9..5 for every sample
+    new[0, 0], new[1, 1] = 100, 6.5  # sample 0: the same top-1; sample 1: class 1 is fourth
+    x = ExampleInputs((torch.zeros(4, 3),), {})
+    q = task_quality([(summarize({"logits": new}, x), summarize({"logits": ref}, x))])
+    assert (q.name, q.value, q.extra) == ("top-1 agreement", 0.25, {"top-5": 0.5})

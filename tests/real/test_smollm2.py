@@ -3,7 +3,6 @@ the spec loads with no hub, generates sensibly, and every pass gives a model tha
 reloads. Passes run on its first few layers (real weights) to keep the suite fast; benchmarks/llm.py runs
 the whole model."""
 
-import copy
 
 import pytest
 import torch
