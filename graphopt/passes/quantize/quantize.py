@@ -246,6 +246,12 @@ class Quantize(Pass):
         heads |= {id(m.weight) for m in model.modules() if id(m) in heads and isinstance(m, nn.Module)
                   and isinstance(getattr(m, "weight", None), torch.Tensor)}  # and their weights (tied tables)
         targets, tables = [], []
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
+                 and fnmatch.fnmatchcase(n, self.where)]
+        if convs:
+            result.note(convs[0] if len(convs) == 1 else f"{convs[0]} (+{len(convs) - 1})",
+                        f"{len(convs)} convolution layer(s) stay in float: quantize rounds Linear layers (and GPT-2's "
+                        "Conv1D) only; a CNN keeps its convolutions' weights", "warning")
         for name, module in model.named_modules():
             if isinstance(module, nn.Embedding):
                 why = self._why_not_table(name, module, heads)
