@@ -12,7 +12,9 @@ from graphopt.data import stdlib_texts, text_batches
 from graphopt.helpers.gguf_models import GGUF_MODELS, converted_directory, first_layers, gguf_file
 from graphopt.models import ModelSpecError, load_model_spec
 
-LAYERS = 3
+pytestmark = pytest.mark.real
+
+LAYERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_the_conversion_is_cached_and_a_half_written_one_is_redone(tmp_path, mon
 def test_first_layers_keeps_the_real_weights(smollm2, small):
     model = small[0]
     assert model.config.num_hidden_layers == LAYERS and len(model.model.layers) == LAYERS
-    assert torch.equal(model.model.layers[2].mlp.down_proj.weight, smollm2.model.model.layers[2].mlp.down_proj.weight)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, smollm2.model.model.layers[1].mlp.down_proj.weight)
     with pytest.raises(ValueError, match="layers=31: the model has 30"):
         first_layers(smollm2.model, 31)
 
@@ -89,10 +91,10 @@ PIPELINES = {
     "prune(ratio=0.2,reloadable=true)": True,
     "quantize": True,  # a compressed-tensors checkpoint
     "quantize(scheme=int4)": True,
-    "quantize(scheme=w8a8,activations=per_token)": False,  # SmoothQuant factors: no such format
+    "quantize(scheme=w8a8,activations=per_token,alpha=0.5)": False,  # SmoothQuant factors: no such format
     "drop_blocks(n=1)": True,
     "replace_blocks(n=1)": True,  # pre-norm: the map folds into the block before (no parameter added)
-    "dyt": False,  # DyT where the config has RMSNorm
+    "dyt(batches=2)": False,  # DyT where the config has RMSNorm
 }
 
 
@@ -104,7 +106,7 @@ def test_every_pass_on_real_layers_generates_and_saves(pipeline, small, tmp_path
     from graphopt.emit.hf import NotLoadableError
 
     model, inputs, calib, held, tokenizer = small
-    res = go.optimize(model, inputs, pipeline, calib=calib, eval_data=held, on_error="raise")
+    res = go.optimize(model, inputs, pipeline, calib=calib, measure=False, on_error="raise")
     rec = res.report.records[-1]
     assert rec.status == "ok", rec.diagnostics
     assert _greedy(res.model, tokenizer).strip()  # generate() runs and says something

@@ -1,0 +1,40 @@
+"""EfficientNet-Lite0 with its ImageNet weights (issue 27): the exact passes keep every prediction on
+held-out photo views, and the lossy ones run, say what they left alone, and export."""
+
+import pytest
+import torch
+
+import graphopt as go
+from graphopt.helpers.effnet import load_effnet_lite0, top_k_agreement, view_batches
+
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    loaded = load_effnet_lite0()
+    return loaded.model, loaded.example_inputs, view_batches("eval", 8, 8)[0]
+
+
+def test_exact_passes_keep_every_prediction(effnet):
+    model, inputs, held = effnet
+    res = go.optimize(model, inputs, "fold_bn,merge_layers", eval_data=[held], on_error="raise")
+    folded, merged = res.report.records[1:]
+    assert folded.stats["folded"] == 49 and merged.status in ("ok", "unchanged")
+    with torch.no_grad():
+        ref, got = model(held)["logits"], res.model(held)["logits"]
+    assert top_k_agreement(ref, got) == 1.0 and merged.quality == 1.0
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.slow
+def test_prune_runs_keeps_the_classes_and_exports(effnet, tmp_path):
+    model, inputs, held = effnet
+    res = go.optimize(model, inputs, "fold_bn,prune(ratio=0.2)", eval_data=[held], on_error="raise")
+    rec = res.report.records[-1]
+    assert rec.status == "ok" and rec.params < 0.95 * res.report.records[0].params
+    assert rec.quality_name == "top-1 agreement" and "top-5" in rec.measures
+    with torch.no_grad():
+        assert res.model(held)["logits"].shape == (8, 1000)
+    report = res.export_onnx(tmp_path / "effnet.onnx")
+    assert report.verified and report.outputs["logits"][-1] == 1000
