@@ -16,7 +16,8 @@ here from the architecture, in plain ``torch.nn`` layers (``Conv2d``, ``BatchNor
   :func:`normalise` ``(x - 127) / 128``. Kept inside so that every caller (calibration, eval views, ONNX)
   feeds the same thing; it is two elementwise ops on the input and touches no channel of any layer.
 
-The output is the ``[N, 1000]`` logits tensor. Preprocessing that reproduces the checked predictions
+The output is ``{"logits": [N, 1000]}`` (named, as HF's classifiers name theirs, so that graphopt's report
+gives top-1 / top-5 agreement). Preprocessing that reproduces the checked predictions
 is :func:`graphopt.helpers.photos.center_view` (shorter side to 256 with bilinear, center crop 224).
 """
 
