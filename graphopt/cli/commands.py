@@ -152,8 +152,8 @@ def _calibration(args: argparse.Namespace, loaded: Any, pipeline: Any, con: Cons
 
     needing = [p.name for p in pipeline if p.needs_calibration]
     source = args.calib
-    if loaded.tokenizer is None and loaded.batches is not None and source in (None, "docstrings"):
-        if not needing and source is None:
+    if loaded.tokenizer is None and loaded.batches is not None and source is None:
+        if not needing:
             return None
         samples = args.calib_size or DEFAULT_CALIB_IMAGES
         log.info("calibration: %d samples of %s's own calibration split", samples, args.model)
