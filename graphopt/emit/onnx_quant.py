@@ -1,8 +1,13 @@
-"""Lower graphopt's quantized-linear markers in an exported ONNX graph to runnable operators.
+"""Lower graphopt's quantized-layer markers in an exported ONNX graph to runnable operators.
 
 The exporter writes each :class:`graphopt.nn.quant.QuantLinear` as one ``graphopt.quant::QuantLinear``
-node over its packed codes and scales (``graphopt.kernels.quant``). :func:`lower_quantized` replaces
-each, in the exporter's in-memory ``onnx_ir`` model before the file is written, with, by ``quant_format``:
+node over its packed codes and scales (``graphopt.kernels.quant``), and the weights of each
+:class:`graphopt.nn.quant.QuantConv2d` as one ``graphopt.quant::DequantizePacked`` node (its codes as
+``[out, in / groups * kh * kw]`` rows) followed by the traced ``Reshape`` and ``Conv``; the latter always
+becomes a ``DequantizeLinear`` of the int8 / int4 codes (per-row scales, or blocked ones along the row),
+so the file keeps the weights packed (onnxruntime folds them into float weights when it loads the file).
+:func:`lower_quantized` replaces each QuantLinear marker, in the exporter's in-memory ``onnx_ir`` model
+before the file is written, with, by ``quant_format``:
 
 - ``"qdq"`` (default, standard ONNX, opset 21): ``DequantizeLinear`` of the int8 / int4 codes
   (``[in, out]``; per-axis scales, or blocked ones with ``block_size`` = the group size) feeding a
@@ -44,7 +49,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from graphopt.kernels.quant import ONNX_DOMAIN, unpack
+from graphopt.kernels.quant import MARKER_ATTRIBUTES, ONNX_DOMAIN, unpack
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -111,12 +116,13 @@ def lower_quantized(model: ir.Model, quant_format: QuantFormat = "qdq", accuracy
         return 0, 0
     dynamic = sum(_string_attr(n, "activations") in _DYNAMIC for n in markers)
     rule = _QuantLinearRule(quant_format, accuracy_level)
-    count = pattern.RewriteRuleSet([pattern.RewriteRule(rule.target, rule.replacement, rule.check)]
-                                   ).apply_to_model(model)
+    count = pattern.RewriteRuleSet([pattern.RewriteRule(rule.target, rule.replacement, rule.check),
+                                    pattern.RewriteRule(_dequantize_packed, _dequantize_packed_lowered,
+                                                        _dequantize_packed_check)]).apply_to_model(model)
     left = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if _is_marker(n)]
     if left:  # the pattern did not match (an attribute missing or added): the file would run nowhere
-        raise QuantLoweringError(f"{len(left)} {ONNX_DOMAIN}::QuantLinear nodes could not be lowered "
-                                 f"(e.g. {left[0].name!r} with attributes {sorted(left[0].attributes)})")
+        raise QuantLoweringError(f"{len(left)} {ONNX_DOMAIN} nodes could not be lowered (e.g. {left[0].op_type} "
+                                 f"{left[0].name!r} with attributes {sorted(left[0].attributes)})")
     ir.passes.Sequential(
         common.DeduplicateInitializersPass(size_limit=SHARED_CONSTANT_LIMIT),
         common.CommonSubexpressionEliminationPass(),
@@ -130,7 +136,7 @@ def lower_quantized(model: ir.Model, quant_format: QuantFormat = "qdq", accuracy
 
 
 def _is_marker(node: ir.Node) -> bool:
-    return node.domain == ONNX_DOMAIN and node.op_type == "QuantLinear"
+    return node.domain == ONNX_DOMAIN and node.op_type in MARKER_ATTRIBUTES
 
 
 def _string_attr(node: ir.Node, name: str) -> str | None:
@@ -199,6 +205,24 @@ class _QuantLinearRule:
         return build.qdq(x, codes, scales, scheme.value, group)
 
 
+def _dequantize_packed(op, qweight, scale, scheme, group_size, width):  # noqa: ANN001, ANN201
+    return op.DequantizePacked(qweight, scale, scheme=scheme, group_size=group_size, width=width,
+                               _domain=ONNX_DOMAIN, _outputs=["y"])
+
+
+def _dequantize_packed_check(context, qweight: ir.Value, scale: ir.Value, **_: object) -> bool:  # noqa: ANN001
+    _constant(qweight)
+    _constant(scale)
+    return True
+
+
+def _dequantize_packed_lowered(op, qweight: ir.Value, scale: ir.Value, scheme: ir.Attr, group_size: ir.Attr,  # noqa: ANN001
+                               width: ir.Attr, y: ir.Value) -> ir.Value:
+    """``DequantizeLinear`` of the codes as ``[rows, width]`` (int8; int4 for int4 and ternary)."""
+    codes = unpack(torch.from_numpy(np.array(_constant(qweight))), scheme.value, int(width.value)).numpy()
+    return _Build(op, y.name).dequantized(codes, _constant(scale), scheme.value, int(group_size.value), axis=0)
+
+
 class _Build:
     """The operators for one marker whose output is named ``prefix``; new names start ``graphopt_q.``.
 
@@ -221,16 +245,21 @@ class _Build:
         return getattr(self.op, op_type)(*inputs, _outputs=names, **attrs)
 
     def qdq(self, x: ir.Value, codes: np.ndarray, scale: np.ndarray, scheme: str, group: int) -> ir.Value:
+        return self.op.MatMul(x, self.dequantized(codes.T, scale.T, scheme, group, axis=1))
+
+    def dequantized(self, codes: np.ndarray, scale: np.ndarray, scheme: str, group: int, axis: int) -> ir.Value:
+        """``DequantizeLinear`` of 2-d ``codes`` whose rows (``axis=0``) or columns (``axis=1``) are the layer's
+        output channels, ``scale`` laid out the same way (one group, or a group per block of ``group`` along
+        the other axis). int4 and ternary codes are stored as ONNX int4 (two's complement, element 2i in the
+        low nibble)."""
         import onnx_ir as ir
 
-        wt = codes.T  # [in, out]; ONNX int4 nibbles: two's complement, element 2i in the low nibble
-        w = self.const("w", wt.astype(np.int8), None if scheme == "int8" else ir.DataType.INT4)
+        w = self.const("w", codes.astype(np.int8), None if scheme == "int8" else ir.DataType.INT4)
         if group <= 0:
-            w_float = self.node("DequantizeLinear", w, self.const("scale", scale[:, 0]), outputs="w_float", axis=1)
-        else:  # blocked scales: [groups, out]
-            w_float = self.node("DequantizeLinear", w, self.const("scale", scale.T), outputs="w_float", axis=0,
-                                block_size=group)
-        return self.op.MatMul(x, w_float)
+            per_channel = scale[:, 0] if axis == 0 else scale[0]
+            return self.node("DequantizeLinear", w, self.const("scale", per_channel), outputs="w_float", axis=axis)
+        return self.node("DequantizeLinear", w, self.const("scale", scale), outputs="w_float", axis=1 - axis,
+                         block_size=group)
 
     def matmulnbits(self, x: ir.Value, packed: np.ndarray, scale: np.ndarray, group: int, k: int,
                     accuracy_level: int) -> ir.Value:

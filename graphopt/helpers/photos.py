@@ -4,25 +4,30 @@ Natural photos bundled in installed wheels (decoded with Pillow):
 
 * matplotlib's sample data ``grace_hopper.jpg`` (a portrait in uniform; EfficientNet-Lite0's top 3:
   400 academic gown, 667 mortarboard, 652 military uniform);
-* scikit-learn's sample images ``china.jpg`` (a temple; 698 palace) and ``flower.jpg`` (985 daisy).
+* scikit-learn's sample images ``china.jpg`` (a temple; 698 palace) and ``flower.jpg`` (985 daisy);
+* scikit-image's ``skimage/data`` files, read from the installed wheel without importing scikit-image
+  (installed with ``--no-deps``, as the Makefile does: only its data is used): ``chelsea.png`` (a cat; 282
+  tiger cat), ``coffee.png`` (967 espresso), ``rocket.jpg`` (a launch; 657 missile), ``astronaut.png``,
+  ``motorcycle_left.png`` (665 moped). Its other bundled files are grey, synthetic, microscopy or a
+  near-duplicate (``motorcycle_right.png``), left out.
 
-(scikit-image's wheel bundles more, e.g. ``chelsea.png``, ``coffee.png``, ``astronaut.png``,
-``rocket.jpg``, ``motorcycle_left.png``, but it is not a dependency and is not used here.)
+The splits are disjoint by source photo: **calib** = china, flower, astronaut, motorcycle; **eval** =
+grace_hopper, chelsea, coffee, rocket. Eight photos are few: the eval figure is agreement over many views
+(:func:`photo_views`) of four scenes, so it measures stability under crops and flips, not accuracy over
+ImageNet; a figure of 1.000 there is necessary, not sufficient. Many of those views are near ties between
+two classes (a cat's breed, a gown or a mortarboard), where a small change of the logits flips top-1.
 
-The splits are disjoint by source photo: **calib** = china, flower (scikit-learn), **eval** =
-grace_hopper (matplotlib). Three photos are few: the eval figure is agreement over many views
-(:func:`photo_views`) of one portrait, so it measures stability under crops and flips of one scene,
-not accuracy over ImageNet; a figure of 1.000 there is necessary, not sufficient.
-
-A missing package (matplotlib, scikit-learn) leaves its photos out with a log message;
-:func:`photos` raises when a split ends up empty.
+A missing package leaves its photos out with a log message; :func:`photos` raises when a split ends up
+empty.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -50,11 +55,26 @@ def _sklearn(name: str) -> Callable[[], Image.Image]:
     return load
 
 
+def _skimage(name: str) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        spec = importlib.util.find_spec("skimage")  # its folder, without running its __init__ (dependencies)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("scikit-image is not installed (pip install --no-deps scikit-image)")
+        return Image.open(Path(spec.submodule_search_locations[0]) / "data" / name).convert("RGB")
+
+    return load
+
+
 #: Photo name -> (split, loader).
 SOURCES: dict[str, tuple[str, Callable[[], Image.Image]]] = {
     "china": ("calib", _sklearn("china.jpg")),
     "flower": ("calib", _sklearn("flower.jpg")),
+    "astronaut": ("calib", _skimage("astronaut.png")),
+    "motorcycle": ("calib", _skimage("motorcycle_left.png")),
     "grace_hopper": ("eval", _grace_hopper),
+    "chelsea": ("eval", _skimage("chelsea.png")),
+    "coffee": ("eval", _skimage("coffee.png")),
+    "rocket": ("eval", _skimage("rocket.jpg")),
 }
 
 
@@ -71,7 +91,8 @@ def photos(split: Literal["calib", "eval"]) -> list[tuple[str, Image.Image]]:
         except ImportError as e:
             log.info("photo %s left out: %s", name, e)
     if not out:
-        raise RuntimeError(f"no {split} photos: install matplotlib and scikit-learn, which bundle them")
+        raise RuntimeError(f"no {split} photos: install matplotlib, scikit-learn and scikit-image (--no-deps), "
+                           "which bundle them (make test installs them)")
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..frontend.inputs import OutputMismatch, compare_outputs
-from ..nn.quant import QuantLinear
+from ..nn.quant import PackedLayer
 from ..units import MIB
 from .contract import Pass
 from .metrics import PeakMemory, count_flops, count_params, count_weight_bytes, measure_latencies
@@ -120,10 +120,10 @@ class Latency(Instrument):
         self._original = None  # the copy is only for timing
         if self._original_ms and report.records:  # the original's time in the same conditions as the others
             report.records[0].latency_ms = statistics.median(self._original_ms)
-        if any(isinstance(m, QuantLinear) for m in program.module.modules()):
+        if any(isinstance(m, PackedLayer) for m in program.module.modules()):
             report.notes.append(
                 "latency is PyTorch eager on this machine, where quantized layers run graphopt's reference "
-                "(dequantize, then a float matmul): slower than float; their fast paths are the ONNX export "
+                "(dequantize, then a float matmul or convolution): slower than float; their fast paths are the ONNX export "
                 "(result.export_onnx, onnxruntime's integer kernels) and the Triton kernels on CUDA")
 
 

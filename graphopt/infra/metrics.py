@@ -16,7 +16,7 @@ from torch import nn
 
 from ..frontend.inputs import ExampleInputs
 from ..frontend.kv_cache import caches_off
-from ..nn.quant import QuantEmbedding, QuantLinear
+from ..nn.quant import PackedLayer
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,8 @@ def count_params(module: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     for m in module.modules():
-        if isinstance(m, QuantLinear):
-            total += m.in_features * m.out_features
-        elif isinstance(m, QuantEmbedding):
-            total += m.num_embeddings * m.embedding_dim
+        if isinstance(m, PackedLayer):
+            total += m.weight_count
     return total
 
 

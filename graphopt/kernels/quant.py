@@ -199,35 +199,61 @@ def _backward(ctx: object, grad: Tensor) -> tuple:
 quant_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("graphopt::dequantize_packed", mutates_args=())
+def dequantize_packed(qweight: Tensor, scale: Tensor, scheme: str, group_size: int, width: int) -> Tensor:
+    """The ``[rows, width]`` weights that packed codes and their scales stand for, in ``scale``'s dtype (what
+    :class:`graphopt.nn.quant.QuantConv2d` convolves with). An op, so that ONNX export keeps the codes packed
+    (a ``DequantizeLinear`` of int8 / int4 codes) instead of folding them into float weights."""
+    return dequantize(unpack(qweight, scheme, width), scale, group_size, scale.dtype)
+
+
+@dequantize_packed.register_fake
+def _(qweight: Tensor, scale: Tensor, scheme: str, group_size: int, width: int) -> Tensor:
+    return scale.new_empty((qweight.shape[0], width))
+
+
+#: the attributes of each ``graphopt.quant`` marker, in order (all INT but ``scheme`` and ``activations``)
+MARKER_ATTRIBUTES = {"QuantLinear": ("scheme", "group_size", "in_features", "activations"),
+                     "DequantizePacked": ("scheme", "group_size", "width")}
+
+
 def _onnx_quant_linear(x, qweight, scale, scheme: str, group_size: int, in_features: int, activations: str,
                        backend: str):
     """One ``graphopt.quant::QuantLinear`` node; :mod:`graphopt.emit.onnx_quant` lowers it after export."""
     from onnxscript import values
 
-    marker = values.Op(values.Opset(ONNX_DOMAIN, 1), "QuantLinear", _marker_schema())
+    marker = values.Op(values.Opset(ONNX_DOMAIN, 1), "QuantLinear", _marker_schema("QuantLinear"))
     return marker(x, qweight, scale, scheme=scheme, group_size=group_size, in_features=in_features,
                   activations=activations)
 
 
+def _onnx_dequantize_packed(qweight, scale, scheme: str, group_size: int, width: int):
+    """One ``graphopt.quant::DequantizePacked`` node; :mod:`graphopt.emit.onnx_quant` lowers it after export."""
+    from onnxscript import values
+
+    marker = values.Op(values.Opset(ONNX_DOMAIN, 1), "DequantizePacked", _marker_schema("DequantizePacked"))
+    return marker(qweight, scale, scheme=scheme, group_size=group_size, width=width)
+
+
 @functools.cache
-def _marker_schema():  # noqa: ANN202 - onnx.defs.OpSchema
-    """The schema of the ``graphopt.quant::QuantLinear`` marker (registered with onnx once)."""
+def _marker_schema(name: str):  # noqa: ANN202 - onnx.defs.OpSchema
+    """The schema of the ``graphopt.quant::<name>`` marker (registered with onnx once)."""
     import onnx
 
+    param, attr = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    kind = {"scheme": onnx.defs.OpSchema.AttrType.STRING, "activations": onnx.defs.OpSchema.AttrType.STRING}
+    inputs = [param("qweight", "Q"), param("scale", "T")]
     schema = onnx.defs.OpSchema(
-        "QuantLinear", ONNX_DOMAIN, 1, doc="graphopt's packed quantized linear (lowered after export)",
-        inputs=[onnx.defs.OpSchema.FormalParameter("x", "T"), onnx.defs.OpSchema.FormalParameter("qweight", "Q"),
-                onnx.defs.OpSchema.FormalParameter("scale", "T")],
-        outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
+        name, ONNX_DOMAIN, 1, doc=f"graphopt's packed {name} (lowered after export)",
+        inputs=[param("x", "T"), *inputs] if name == "QuantLinear" else inputs,
+        outputs=[param("y", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(double)"], "float"),
                           ("Q", ["tensor(int8)", "tensor(uint8)"], "packed codes")],
-        attributes=[onnx.defs.OpSchema.Attribute("scheme", onnx.defs.OpSchema.AttrType.STRING, ""),
-                    onnx.defs.OpSchema.Attribute("group_size", onnx.defs.OpSchema.AttrType.INT, ""),
-                    onnx.defs.OpSchema.Attribute("in_features", onnx.defs.OpSchema.AttrType.INT, ""),
-                    onnx.defs.OpSchema.Attribute("activations", onnx.defs.OpSchema.AttrType.STRING, "")])
+        attributes=[attr(a, kind.get(a, onnx.defs.OpSchema.AttrType.INT), "") for a in MARKER_ATTRIBUTES[name]])
     with contextlib.suppress(onnx.defs.SchemaError):  # already registered (by another copy of this module)
         onnx.defs.register_schema(schema)
-    return onnx.defs.get_schema("QuantLinear", 1, ONNX_DOMAIN)
+    return onnx.defs.get_schema(name, 1, ONNX_DOMAIN)
 
 
-ONNX_TRANSLATIONS = {torch.ops.graphopt.quant_linear.default: _onnx_quant_linear}
+ONNX_TRANSLATIONS = {torch.ops.graphopt.quant_linear.default: _onnx_quant_linear,
+                     torch.ops.graphopt.dequantize_packed.default: _onnx_dequantize_packed}

@@ -1,4 +1,6 @@
-"""Quantized linear layers: :class:`QuantLinear` holds packed codes and scales.
+"""Quantized layers: :class:`QuantLinear`, :class:`QuantConv2d` and :class:`QuantEmbedding` hold packed codes
+and scales (the one storage of :class:`PackedLayer`: a ``rows x width`` matrix of codes, one scale per row or per
+group of ``group_size`` along it).
 
 The packed formats (int8, int4 two per byte, ternary four per byte) and the op that runs them live in
 :mod:`graphopt.kernels.quant`. A layer holds ``qweight`` (``int8``/``uint8`` buffer), ``scale``
@@ -32,6 +34,7 @@ from graphopt.kernels.quant import (
     W8A8_ACTIVATIONS,
     W8A8_QMAX,
     dequantize,
+    dequantize_packed,
     grouped,
     n_groups,
     pack,
@@ -48,8 +51,9 @@ def triton_available() -> bool:
 Scheme = Literal["int8", "int4", "ternary"]
 BACKENDS = ("auto", "torch", "int8_mm", "triton")
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_ACTIVATIONS", "W8A8_QMAX", "QuantEmbedding", "QuantLinear", "dequantize", "grouped",
-           "n_groups", "pack", "quantize_weight", "unpack"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_ACTIVATIONS", "W8A8_QMAX",
+           "PackedLayer", "QuantConv2d", "QuantEmbedding", "QuantLinear", "dequantize", "grouped", "n_groups", "pack",
+           "quantize_weight", "unpack"]
 
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | None = None
@@ -105,7 +109,42 @@ def packed_value_problems(qweight: torch.Tensor, scale: torch.Tensor, scheme: st
     return out
 
 
-class QuantLinear(nn.Module):
+class PackedLayer(nn.Module):
+    """A layer whose weights are packed codes (``qweight``, ``[rows, packed width]``) and their scales (``scale``,
+    ``[rows, groups]``): what metrics, load validation and the report read of every quantized layer."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    scheme: str
+    group_size: int
+
+    def _register_packed(self, rows: int, width: int, scheme: str, dtype: torch.dtype, device: Any) -> None:
+        stored = torch.int8 if scheme == "int8" else torch.uint8
+        self.register_buffer("qweight", torch.zeros(rows, math.ceil(width / PER_BYTE[scheme]), dtype=stored,
+                                                    device=device))
+        self.register_buffer("scale", torch.ones(rows, n_groups(width, self.group_size), dtype=dtype, device=device))
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Pack ``codes`` (``[rows, width]`` int8) and store ``scale`` in the layer's device and dtype."""
+        self.qweight = pack(codes.cpu(), self.scheme).to(self.qweight.device)
+        self.scale = scale.to(device=self.scale.device, dtype=self.scale.dtype)
+
+    @property
+    def weight_count(self) -> int:
+        """How many weights the packed codes stand for (what a parameter count counts for this layer)."""
+        raise NotImplementedError
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the codes, scales and any other buffer the packed weights need."""
+        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+
+    def value_problems(self) -> list[str]:
+        """What is wrong with the packed codes and scales (``[]``: nothing)."""
+        raise NotImplementedError
+
+
+class QuantLinear(PackedLayer):
     """A Linear layer with packed low-bit weights (formats: :mod:`graphopt.kernels.quant`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: Scheme = "int8",
@@ -126,11 +165,7 @@ class QuantLinear(nn.Module):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.group_size, self.backend, self.activations = scheme, group_size, backend, activations
-        stored = torch.int8 if scheme == "int8" else torch.uint8
-        self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features / PER_BYTE[scheme]),
-                                                    dtype=stored, device=device))
-        self.register_buffer("scale", torch.ones(out_features, n_groups(in_features, group_size), dtype=dtype,
-                                                 device=device))
+        self._register_packed(out_features, in_features, scheme, dtype, device)
         self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, device=device) if smooth else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
@@ -154,10 +189,6 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         return layer
 
-    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        self.qweight = pack(codes.cpu(), self.scheme).to(self.qweight.device)
-        self.scale = scale.to(device=self.scale.device, dtype=self.scale.dtype)
-
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.scheme, self.in_features)
 
@@ -176,8 +207,8 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight()
 
     @property
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.smooth) if t is not None)
+    def weight_count(self) -> int:
+        return self.in_features * self.out_features
 
     def resolved_backend(self, x: torch.Tensor) -> str:
         """``auto``: ``triton`` on CUDA tensors when Triton is installed, else ``torch``. On the CPUs measured
@@ -212,7 +243,6 @@ class QuantLinear(nn.Module):
                 "dtype": str(self.scale.dtype).removeprefix("torch.")}
 
     def value_problems(self) -> list[str]:
-        """What is wrong with the packed codes, scales and smoothing factors (``[]``: nothing)."""
         qmax = W8A8_QMAX if self.activations in W8A8_ACTIVATIONS else None
         out = packed_value_problems(self.qweight, self.scale, self.scheme, self.out_features, self.in_features,
                                     self.group_size, qmax)
@@ -228,7 +258,94 @@ class QuantLinear(nn.Module):
                 f"scheme={self.scheme}, {group}{acts}{smooth}, backend={self.backend}")
 
 
-class QuantEmbedding(nn.Module):
+class QuantConv2d(PackedLayer):
+    """A Conv2d layer with packed low-bit weights, weight-only: each output channel's ``in / groups x kh x kw``
+    weights are one row of codes (QuantLinear's layout, groups of ``group_size`` along the row), dequantized on
+    each call; activations stay in float. Depthwise layers (rows of ``kh x kw``) take one scale per row."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, *,
+                 scheme: Scheme = "int8", group_size: int = 0, dtype: torch.dtype | str | None = None,
+                 device: Any = None) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+        if group_size < 0:
+            raise ValueError(f"group_size must be >= 0 (0: one scale per output channel), got {group_size}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be multiples of "
+                             f"groups {groups}")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.scheme, self.group_size = scheme, group_size
+        self.width = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        self._register_packed(out_channels, self.width, scheme, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, scheme: Scheme, group_size: int,
+                  codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantConv2d:
+        """A layer for ``conv`` (zero padding) on its device and dtype: round-to-nearest codes of its weight as
+        ``[out, in / groups * kh * kw]`` rows, or the ``(codes, scales)`` given."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d pads with zeros; this layer pads with {conv.padding_mode!r}")
+        w = conv.weight.detach()
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, scheme=scheme, group_size=group_size, dtype=w.dtype,
+                    device=w.device)
+        layer.set_codes(*(codes if codes is not None else quantize_weight(w.reshape(w.shape[0], -1), scheme,
+                                                                          group_size)))
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.detach())
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the layer applies, ``[out, in / groups, kh, kw]``."""
+        w = dequantize_packed(self.qweight, self.scale.to(dtype or self.scale.dtype), self.scheme, self.group_size,
+                              self.width)
+        return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, built on each read (for code that reads a convolution's weight). Read-only."""
+        return self.dequantized_weight()
+
+    @property
+    def weight_count(self) -> int:
+        return self.out_channels * self.width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.conv2d(x, self.dequantized_weight(x.dtype), bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change
+    graphopt_spec_version: ClassVar[int] = 1
+
+    def graphopt_spec(self) -> dict[str, Any]:
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": padding,
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "scheme": self.scheme, "group_size": self.group_size,
+                "dtype": str(self.scale.dtype).removeprefix("torch.")}
+
+    def value_problems(self) -> list[str]:
+        return packed_value_problems(self.qweight, self.scale, self.scheme, self.out_channels, self.width,
+                                     self.group_size)
+
+    def extra_repr(self) -> str:
+        group = f"group_size={self.group_size}" if self.group_size > 0 else "per channel"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, "
+                f"scheme={self.scheme}, {group}")
+
+
+class QuantEmbedding(PackedLayer):
     """An embedding table stored as packed int8 / int4 rows with per-row (or per-row-group) scales.
 
     A lookup gathers the packed rows of the ids, then unpacks and scales only those rows, so the
@@ -247,20 +364,14 @@ class QuantEmbedding(nn.Module):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.scheme, self.group_size = scheme, group_size
-        stored = torch.int8 if scheme == "int8" else torch.uint8
-        self.register_buffer("qweight", torch.zeros(num_embeddings, math.ceil(embedding_dim / PER_BYTE[scheme]),
-                                                    dtype=stored, device=device))
-        self.register_buffer("scale", torch.ones(num_embeddings, n_groups(embedding_dim, group_size), dtype=dtype,
-                                                 device=device))
+        self._register_packed(num_embeddings, embedding_dim, scheme, dtype, device)
 
     @classmethod
     def from_embedding(cls, table: nn.Embedding, *, scheme: Scheme, group_size: int) -> QuantEmbedding:
         w = table.weight.detach()
         layer = cls(table.num_embeddings, table.embedding_dim, table.padding_idx, scheme=scheme,
                     group_size=group_size, dtype=w.dtype, device=w.device)
-        codes, scale = quantize_weight(w, scheme, group_size)
-        layer.qweight = pack(codes.cpu(), scheme).to(w.device)
-        layer.scale = scale.to(device=w.device, dtype=w.dtype)
+        layer.set_codes(*quantize_weight(w, scheme, group_size))
         return layer
 
     @property
@@ -269,8 +380,8 @@ class QuantEmbedding(nn.Module):
                           self.scale.dtype)
 
     @property
-    def weight_bytes(self) -> int:
-        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()
+    def weight_count(self) -> int:
+        return self.num_embeddings * self.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8" and self.group_size <= 0:  # one scale per row: two lookups, a cast, a product
@@ -281,7 +392,6 @@ class QuantEmbedding(nn.Module):
         return values.reshape(*ids.shape, self.embedding_dim)
 
     def value_problems(self) -> list[str]:
-        """What is wrong with the packed rows and their scales (``[]``: nothing)."""
         return packed_value_problems(self.qweight, self.scale, self.scheme, self.num_embeddings,
                                      self.embedding_dim, self.group_size)
 

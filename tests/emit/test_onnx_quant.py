@@ -2,6 +2,7 @@
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -214,3 +215,24 @@ def test_a_weight_only_qdq_file_reports_what_a_plain_session_computes(tmp_path):
     assert any("plain onnxruntime.InferenceSession" in n for n in report.notes)
     weight_only_int8 = go.export_onnx(_layer(scheme="int8", group_size=0), torch.randn(2, 37), tmp_path / "w8.onnx")
     assert weight_only_int8.plain_session_error is not None  # every weight-only QDQ file gets the figure
+
+
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 16), ("ternary", 0)])
+def test_quantized_convolutions_keep_packed_weights_in_onnx(tmp_path, scheme, group):
+    from graphopt.nn.quant import QuantConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantConv2d.from_conv(nn.Conv2d(16, 24, 3, 2, 1), scheme=scheme, group_size=group),
+                          nn.ReLU(), QuantConv2d.from_conv(nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False),
+                                                           scheme=scheme, group_size=0))
+    report = go.export_onnx(model, torch.randn(2, 16, 12, 12), tmp_path / "c.onnx", atol=1e-5)
+    onnx_model, ops = _ops(tmp_path / "c.onnx")
+    assert report.verified and ops["DequantizeLinear"] == 2 and ops["Conv"] == 2 and "DequantizePacked" not in ops
+    dq = [n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear"]
+    init = {t.name: t for t in onnx_model.graph.initializer}
+    codes = [init[n.input[0]] for n in dq]
+    assert [list(t.dims) for t in codes] == [[24, 16 * 9], [24, 9]]  # [out, in / groups * kh * kw]
+    assert {t.data_type for t in codes} == {onnx.TensorProto.INT8 if scheme == "int8" else onnx.TensorProto.INT4}
+    largest_float = max(int(np.prod(t.dims)) for t in init.values() if t.data_type == onnx.TensorProto.FLOAT)
+    assert largest_float <= 24 * 9  # scales and a bias: no float weights
+    assert [{a.name: a.i for a in n.attribute}.get("block_size", 0) for n in dq] == [group, 0]

@@ -25,10 +25,12 @@ from graphopt.helpers.models import ModelSpecError  # noqa: E402
 from graphopt.helpers.photos import center_view, photo_views, photos  # noqa: E402
 
 #: ImageNet classes checked in issue 27 (center view: shorter side 256, center crop 224).
-CHECKED = {"grace_hopper": (400, 667, 652), "china": (698,), "flower": (985,)}
+CHECKED = {"grace_hopper": (400, 667, 652), "china": (698,), "flower": (985,), "chelsea": (282, 285),
+           "coffee": (967,), "rocket": (657,), "motorcycle": (665,)}
 #: The top-1 probabilities measured here (a regression check: BatchNorm eps 1e-5 instead of 1e-3 moves
 #: them by up to 0.08 without changing a top-1 class).
-TOP1_PROBABILITY = {"grace_hopper": 0.257, "china": 0.382, "flower": 0.324}
+TOP1_PROBABILITY = {"grace_hopper": 0.257, "china": 0.382, "flower": 0.324, "chelsea": 0.383, "coffee": 0.957,
+                    "rocket": 0.381, "motorcycle": 0.499}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_calib_and_eval_photos_are_disjoint_by_source(all_photos):
     calib, held = photos("calib"), photos("eval")
     assert calib and held and not {n for n, _ in calib} & {n for n, _ in held}
     digest = {n: hashlib.sha256(im.tobytes()).hexdigest() for n, im in calib + held}
-    assert len(set(digest.values())) == len(all_photos) == 3
+    assert len(set(digest.values())) == len(all_photos) == 8
     with pytest.raises(ValueError, match="split"):
         photos("train")  # type: ignore[arg-type]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from graphopt.nn.quant import QuantLinear, dequantize, pack, quantize_weight, unpack
+from graphopt.nn.quant import QuantConv2d, QuantLinear, dequantize, pack, quantize_weight, unpack
 from graphopt.nn.spec import build_module, module_spec
 
 CODE_RANGE = {"int8": (-127, 127), "int4": (-8, 7), "ternary": (-1, 1)}
@@ -185,3 +185,36 @@ def test_quant_embedding_looks_up_packed_rows(scheme, group):
     rebuilt = build_module(module_spec(packed))
     rebuilt.load_state_dict(packed.state_dict())
     assert rebuilt.padding_idx == 0 and torch.equal(rebuilt(ids), packed(ids))
+
+
+@pytest.mark.parametrize("conv", [dict(in_channels=6, out_channels=4, kernel_size=3, padding="same", dilation=2),
+                                  dict(in_channels=6, out_channels=6, kernel_size=(3, 5), stride=2, groups=6),
+                                  dict(in_channels=6, out_channels=8, kernel_size=1, groups=2, bias=False)])
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 4), ("ternary", 0)])
+def test_quant_conv2d_convolves_with_its_dequantized_weight_and_rebuilds_from_its_spec(conv, scheme, group):
+    torch.manual_seed(0)
+    float_conv = torch.nn.Conv2d(**conv)
+    layer = QuantConv2d.from_conv(float_conv, scheme=scheme, group_size=group)
+    w = float_conv.weight.detach()
+    codes, scale = quantize_weight(w.reshape(w.shape[0], -1), scheme, group)
+    assert torch.equal(layer.weight, dequantize(codes, scale, group).reshape(w.shape))
+    x = torch.randn(2, 6, 11, 9)
+    expected = torch.nn.functional.conv2d(x, layer.weight, float_conv.bias, float_conv.stride, float_conv.padding,
+                                          float_conv.dilation, float_conv.groups)
+    assert torch.equal(layer(x), expected) and layer.value_problems() == []
+    per_byte = {"int8": 1, "int4": 2, "ternary": 4}[scheme]
+    assert layer.weight_count == w.numel() and layer.qweight.shape == (w.shape[0], -(-codes.shape[1] // per_byte))
+    assert layer.weight_bytes == layer.qweight.numel() + 4 * layer.scale.numel()
+    rebuilt = build_module(module_spec(layer))
+    rebuilt.load_state_dict(layer.state_dict())
+    assert torch.equal(rebuilt(x), layer(x))
+
+
+def test_quant_conv2d_names_bad_codes_and_unsupported_padding():
+    layer = QuantConv2d.from_conv(torch.nn.Conv2d(4, 4, 3), scheme="int4", group_size=0)
+    layer.qweight[0, 0] = 0xFF  # both nibbles code 7: in range; then a scale that no quantizer writes
+    layer.scale[1, 0] = 0.0
+    assert layer.value_problems() == ["1 scale(s) not finite and positive"]
+    with pytest.raises(ValueError, match="pads with zeros; this layer pads with 'circular'"):
+        QuantConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), scheme="int8",
+                              group_size=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import graphopt as go
-from graphopt.helpers.effnet import load_effnet_lite0, top_k_agreement, view_batches
+from graphopt.helpers.effnet import load_effnet_lite0, mean_kl, top_k_agreement, view_batches
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_thread")]
 
@@ -38,3 +38,22 @@ def test_prune_runs_keeps_the_classes_and_exports(effnet, tmp_path):
         assert res.model(held)["logits"].shape == (8, 1000)
     report = res.export_onnx(tmp_path / "effnet.onnx")
     assert report.verified and report.outputs["logits"][-1] == 1000
+
+
+def test_int8_with_bias_correction_keeps_the_held_out_predictions(effnet):
+    """Issue 27's target, int8 top-1 agreement >= 0.99 on held-out photos: rounding alone shifts the mean output
+    of the depthwise convolutions, which BatchNorm amplifies; bias correction removes the shift."""
+    model, inputs, _ = effnet
+    held, calib = torch.cat(view_batches("eval", 64, 32)), view_batches("calib", 16, 8)
+    with torch.no_grad():
+        ref = model(held)["logits"]
+    got = {}
+    for option in ("false", "true"):
+        res = go.optimize(model, inputs, f"quantize(scheme=int8,bias_correction={option})", calib=calib,
+                          measure=False, on_error="raise")
+        assert res.report.records[-1].stats["layers"] == 50  # 49 convolutions and the classifier
+        with torch.no_grad():
+            got[option] = res.model(held)["logits"]
+    assert top_k_agreement(ref, got["true"]) >= 0.99 > top_k_agreement(ref, got["false"])
+    assert top_k_agreement(ref, got["true"], 5) == 1.0
+    assert mean_kl(ref, got["true"]) < 0.25 * mean_kl(ref, got["false"])

@@ -12,6 +12,7 @@ extra bit until the budget is spent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.program import swapped_modules
-from graphopt.nn.quant import BITS, QuantLinear, n_groups
+from graphopt.nn.quant import BITS, n_groups
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,10 @@ def _plan_same(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int 
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+def layer_sensitivity(model: nn.Module, names: list[str], packed: Callable[[str, LayerPlan], nn.Module],
                       plans: dict[str, LayerPlan], batches: list) -> dict[str, float]:
-    """Relative output error of ``model`` on ``batches`` with each layer alone quantized by its plan."""
+    """Relative output error of ``model`` on ``batches`` with each layer of ``names`` alone replaced by
+    ``packed(name, plan)`` (the layer quantized by its plan)."""
     def outputs() -> list[torch.Tensor]:
         out = []
         for b in batches:
@@ -165,10 +167,8 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, tuple[torch.Tensor, to
     reference = outputs()
     energy = sum(float(r.pow(2).sum()) for r in reference) or 1.0
     scores: dict[str, float] = {}
-    for name, (weight, bias) in layers.items():
-        plan = plans[name]
-        with swapped_modules(model, {name: QuantLinear.from_linear(weight, bias, scheme=plan.scheme,
-                                                                    group_size=plan.group_size)}):
+    for name in names:
+        with swapped_modules(model, {name: packed(name, plans[name])}):
             err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs(), reference))
         scores[name] = err / energy
     return scores

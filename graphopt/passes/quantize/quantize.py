@@ -1,7 +1,9 @@
-"""quantize: int8 / int4 / ternary weights, or w8a8 (int8 weights and activations), of Linear layers.
+"""quantize: int8 / int4 / ternary weights, or w8a8 (int8 weights and activations), of Linear and Conv2d layers.
 
 Every ``nn.Linear`` and HuggingFace ``Conv1D`` (GPT-2's transposed linear) in scope becomes a
-:class:`graphopt.nn.quant.QuantLinear` holding packed codes and per-channel or per-group scales.
+:class:`graphopt.nn.quant.QuantLinear` holding packed codes and per-channel or per-group scales; every
+``nn.Conv2d`` a weight-only :class:`graphopt.nn.quant.QuantConv2d` (each output channel's ``in x kh x kw``
+weights are one row of codes; w8a8 and GPTQ apply to Linear layers, convolutions under them are noted).
 Left alone, each with a diagnostic: the vocabulary projection (the LM head: HF's output embeddings,
 or a layer tied to an embedding table; the most sensitive layer; ``lm_head=true`` quantizes it),
 embedding tables (``embeddings=true`` packs them as int8 / int4 rows), layers outside ``where`` or
@@ -10,6 +12,9 @@ inside ``skip``, and non-float weights.
 - ``method=gptq`` rounds with the inputs' Hessian (:mod:`.gptq`), one group of layers at a time in
   forward order, on the activations of the already-quantized model, one block at a time
   (:mod:`.sequential`).
+- ``bias_correction=true`` (round to nearest): the mean shift each layer's rounding gives its outputs on the
+  calibration data is subtracted from its bias (:mod:`.bias_correction`); what makes int8 CNNs with
+  depthwise convolutions and BatchNorm keep their predictions.
 - ``budget_bits=4.5`` (with ``scheme=int4``): mixed precision, the most sensitive layers kept at int8
   so that the average bits per weight meet the budget (:mod:`.plan`).
 - ``scheme=w8a8``: int8 weights per channel (7-bit codes, see ``W8A8_QMAX``) and int8 activations
@@ -41,11 +46,12 @@ from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.progressive import heal_each
 from graphopt.infra.registry import register_pass
-from graphopt.nn.quant import BACKENDS, QuantEmbedding, QuantLinear, weight_scales
+from graphopt.nn.quant import BACKENDS, PackedLayer, QuantConv2d, QuantEmbedding, QuantLinear, weight_scales
 from graphopt.progress import track
 from graphopt.units import MIB
 
-from .algorithms import LayerGroup, QuantAlgorithm, SmoothQuant, qmax_of, rounding
+from .algorithms import LayerGroup, QuantAlgorithm, RoundToNearest, SmoothQuant, qmax_of, rounding
+from .bias_correction import output_shifts, subtract_from_bias
 from .plan import LayerPlan, LayerScheme, layer_sensitivity, mixed_precision, plan_layers
 from .sequential import sequential_by_block
 
@@ -65,6 +71,14 @@ def output_embeddings(model: nn.Module) -> set[int]:
     return heads
 
 
+def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight as [out, in], bias)`` of a layer quantize packs: a Linear or Conv1D, or a Conv2d (its weight as
+    rows of ``in / groups x kh x kw``, the layout of :class:`QuantConv2d`); else ``None``."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight.reshape(module.weight.shape[0], -1), module.bias
+    return linear_weight(module)
+
+
 def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
     """Whether the layer's scales, stored in the weight's dtype, would be subnormal (fp16 weights of ~1e-5)."""
     if weight.dtype not in (torch.float16,):
@@ -75,7 +89,7 @@ def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
 
 @register_pass("quantize", tolerance=None, change="quantize")
 class Quantize(Pass):
-    """Quantize Linear weights to int8 / int4 / ternary, or weights and activations to int8 (w8a8)."""
+    """Quantize Linear and Conv2d weights to int8 / int4 / ternary, or Linear weights and activations to int8 (w8a8)."""
 
     decisive = ("scheme", "method", "group_size")
 
@@ -99,6 +113,7 @@ class Quantize(Pass):
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)
     by_block: bool = True  # GPTQ: one transformer block at a time (false: a forward of the model per group)
     progressive: Annotated[int, Range(0)] = 0  # heal steps after each block is quantized (0: all at once, no heal)
+    bias_correction: bool = False  # rtn: subtract each layer's mean output shift on calibration data from its bias
 
     renamed: ClassVar[dict[str, str]] = {
         "act_scales": "w8a8's activation mode is now activations=per_tensor|per_token (act_scales=token is "
@@ -107,7 +122,8 @@ class Quantize(Pass):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         smoothing = self._any_w8a8() and (self.alpha is None or self.alpha > 0)
-        return self.method == "gptq" or self.budget_bits is not None or smoothing or self.progressive > 0
+        return (self.method == "gptq" or self.budget_bits is not None or smoothing or self.progressive > 0
+                or self.bias_correction)
 
     @property
     def needs_original(self) -> bool:  # type: ignore[override]
@@ -129,9 +145,9 @@ class Quantize(Pass):
                 result.note("", f"layers: {pattern!r} matches no module name (names look like {names[-1]!r})",
                             "warning")
         if not targets and not tables:
-            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
+            result.note("", "no layer was quantized (see the diagnostics for each one left alone)", "warning")
             return result
-        weights = {n: linear_weight(program.get_submodule(n)) for n in targets}
+        weights = {n: weight_matrix(program.get_submodule(n)) for n in targets}
         shapes = {n: tuple(w.shape) for n, (w, _) in weights.items()}
         plans, notes = plan_layers(shapes, {n: self._chosen(n)[0] for n in shapes}, self.uneven_groups)
         for name, message in notes:
@@ -143,7 +159,7 @@ class Quantize(Pass):
             targets.remove(name)
             del weights[name], shapes[name], plans[name]
         if not targets and not tables:
-            result.note("", "no Linear layer was quantized (see the diagnostics for each one left alone)", "warning")
+            result.note("", "no layer was quantized (see the diagnostics for each one left alone)", "warning")
             return result
         if self.budget_bits is not None:
             plans = self._mixed(program, weights, plans, shapes, result)
@@ -154,25 +170,34 @@ class Quantize(Pass):
         folds = self._fold_plan(program, am, groups, smooth, plans, result) if smooth else {}
         sizes = {"before": 0, "after": 0, "weights": 0}
         algorithm = rounding(self.method, damp=self.damp, act_order=self.act_order)
+        pending: dict[str, PackedLayer] = {}  # bias correction: built, replaced once their shifts are measured
 
-        def quantize_group(names: list[str], stats: dict[str, Any]) -> None:
+        def quantize_group(names: list[str], stats: dict[str, Any], chosen: QuantAlgorithm = algorithm) -> None:
             group = self._group(program, names, plans, stats)
             group.smooth = [smooth.get(n) for n in names]
-            result.diagnostics += algorithm.apply(group)
+            result.diagnostics += chosen.apply(group)
             for name, weight, plan, s, codes in zip(names, group.weights, group.plans, group.smooth, group.codes):
-                bias = linear_weight(program.get_submodule(name))[1]
-                layer = QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size,
-                                                backend=self.backend, codes=codes, activations=plan.activations,
-                                                smooth=s)
-                program.replace_module(name, layer)
+                layer = self._packed(program, name, plan, codes, s)
+                if self.bias_correction:
+                    pending[name] = layer
+                else:
+                    program.replace_module(name, layer)
                 sizes["before"] += weight.numel() * weight.element_size()
                 sizes["after"] += layer.weight_bytes
                 sizes["weights"] += weight.numel()
 
+        convs = [n for n in targets if isinstance(program.get_submodule(n), nn.Conv2d)]
+        if algorithm.sequential and convs:
+            result.note(convs[0] if len(convs) == 1 else f"{convs[0]} (+{len(convs) - 1})",
+                        f"{len(convs)} convolution(s) rounded to nearest: {algorithm.name} reads the inputs of "
+                        "Linear layers (a convolution's would need unfolding into patches)", "warning")
+            for name in convs:
+                quantize_group([name], {}, RoundToNearest())
         if algorithm.sequential:
             batches = self._batches(program)
-            rest = sequential_by_block(model, targets, batches, algorithm.statistic, quantize_group) \
-                if self.by_block else targets
+            linears = [n for n in targets if n not in convs]
+            rest = sequential_by_block(model, linears, batches, algorithm.statistic, quantize_group) \
+                if self.by_block else linears
             for names in track(self._sequential_groups(am, rest) if rest else [], f"quantize: {algorithm.name}",
                                unit="layer group"):
                 quantize_group(names, layer_input_stats(model, {n: program.get_submodule(n) for n in names},
@@ -180,6 +205,8 @@ class Quantize(Pass):
         else:
             for name in targets:
                 quantize_group([name], {})
+        if pending:
+            self._correct_biases(program, pending, result)
         before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
         for consumer, producer in folds.items():
             self._fold(program, consumer, producer, result)
@@ -219,6 +246,9 @@ class Quantize(Pass):
         if self.layers and self.budget_bits is not None:
             raise ValueError("quantize: budget_bits chooses every layer's scheme itself; give it or a layers map, not "
                              "both (the report of a budget_bits run gives its choice as a layers map)")
+        if self.bias_correction and self.method != "rtn":
+            raise ValueError(f"quantize(bias_correction=true) corrects round to nearest; method={self.method} "
+                             "compensates its rounding error itself (drop bias_correction)")
         if self.alpha is not None and not self._any_w8a8():
             raise ValueError(f"quantize(alpha={self.alpha:g}) is SmoothQuant's strength, which moves activation "
                              f"outliers into w8a8's weights; scheme={self.scheme} keeps activations in float (drop alpha)")
@@ -247,11 +277,11 @@ class Quantize(Pass):
                   and isinstance(getattr(m, "weight", None), torch.Tensor)}  # and their weights (tied tables)
         targets, tables = [], []
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
-                 and fnmatch.fnmatchcase(n, self.where)]
+                 and not isinstance(m, nn.Conv2d) and fnmatch.fnmatchcase(n, self.where)]
         if convs:
             result.note(convs[0] if len(convs) == 1 else f"{convs[0]} (+{len(convs) - 1})",
-                        f"{len(convs)} convolution layer(s) stay in float: quantize rounds Linear layers (and GPT-2's "
-                        "Conv1D) only; a CNN keeps its convolutions' weights", "warning")
+                        f"{len(convs)} convolution layer(s) stay in float: quantize packs Conv2d, Linear and GPT-2's "
+                        "Conv1D layers (not 1-d, 3-d or transposed convolutions)", "warning")
         for name, module in model.named_modules():
             if isinstance(module, nn.Embedding):
                 why = self._why_not_table(name, module, heads)
@@ -260,7 +290,7 @@ class Quantize(Pass):
                 else:
                     tables.append(name)
                 continue
-            found = linear_weight(module)
+            found = weight_matrix(module)
             if found is None or not name:
                 continue
             why = self._why_not(name, module, found[0], heads)
@@ -283,10 +313,38 @@ class Quantize(Pass):
         return why_not_plain(table, nn.Embedding)
 
     # --- per-layer quantization ---------------------------------------------------------------------
+    def _packed(self, program: Program, name: str, plan: LayerPlan,
+                codes: tuple[torch.Tensor, torch.Tensor] | None = None, smooth: torch.Tensor | None = None
+                ) -> PackedLayer:
+        """The packed layer that replaces ``name`` under ``plan``: its round-to-nearest codes, or ``codes``."""
+        module = program.get_submodule(name)
+        if isinstance(module, nn.Conv2d):
+            return QuantConv2d.from_conv(module, scheme=plan.scheme, group_size=plan.group_size, codes=codes)
+        weight, bias = linear_weight(module)
+        return QuantLinear.from_linear(weight, bias, scheme=plan.scheme, group_size=plan.group_size,
+                                       backend=self.backend, codes=codes, activations=plan.activations, smooth=smooth)
+
+    def _correct_biases(self, program: Program, layers: dict[str, PackedLayer], result: PassResult) -> None:
+        """Measure each packed layer's mean output shift on the float model's inputs, subtract it from the
+        layer's bias, then put the layers in (:mod:`.bias_correction`)."""
+        shifts = output_shifts(program.module, {n: (program.get_submodule(n), q) for n, q in layers.items()},
+                               self._batches(program))
+        worst, worst_name = 0.0, ""
+        for name, layer in layers.items():
+            subtract_from_bias(layer, shifts[name])
+            program.replace_module(name, layer)
+            size = float(shifts[name].abs().max())
+            if size > worst:
+                worst, worst_name = size, name
+        result.stats["bias_corrected"] = len(layers)
+        result.note(worst_name or "", f"bias correction: {len(layers)} layers' biases moved by their mean output "
+                                      f"shift on the calibration data (largest {worst:.3g}, in {worst_name})")
+
     def _mixed(self, program: Program, weights: dict, plans: dict[str, LayerPlan], shapes: dict,
                result: PassResult) -> dict[str, LayerPlan]:
         batches = self._batches(program)[:4]
-        scores = layer_sensitivity(program.module, weights, plans, batches)
+        scores = layer_sensitivity(program.module, list(weights), lambda n, plan: self._packed(program, n, plan),
+                                   plans, batches)
         chosen, reached = mixed_precision(plans, shapes, scores, self.budget_bits)
         ranked = sorted(scores, key=scores.get, reverse=True)
         for rank, name in enumerate(ranked, 1):
@@ -302,7 +360,7 @@ class Quantize(Pass):
     @staticmethod
     def _group(program: Program, names: list[str], plans: dict[str, LayerPlan], stats: dict[str, Any]
                ) -> LayerGroup:
-        weights = [linear_weight(program.get_submodule(n))[0] for n in names]
+        weights = [weight_matrix(program.get_submodule(n))[0] for n in names]
         return LayerGroup(names, weights, [plans[n] for n in names], [stats.get(n) for n in names])
 
     def _transformed(self, program: Program, algorithm: QuantAlgorithm, groups: list[list[str]],
@@ -396,9 +454,16 @@ class Quantize(Pass):
             return f"in skip ({matched!r})"
         if not weight.is_floating_point():
             return f"weight is {weight.dtype}, not floating point"
-        plain = why_not_plain(module, nn.Linear if isinstance(module, nn.Linear) else type(module))
+        plain = why_not_plain(module, nn.Linear if isinstance(module, nn.Linear) else
+                              nn.Conv2d if isinstance(module, nn.Conv2d) else type(module))
         if plain:
             return plain
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                return f"a convolution padding with {module.padding_mode!r} (QuantConv2d pads with zeros)"
+            if chosen.scheme == "w8a8":
+                return ("a convolution: w8a8's integer kernels are Linear ones, so it stays in float (give it int8 "
+                        f"weights with layers={{{name!r}: int8}}, or a glob)")
         if not self.lm_head and id(module) in heads:
             return ("the vocabulary projection (LM head): the most sensitive layer stays in float; "
                     "quantize(lm_head=true) quantizes it")

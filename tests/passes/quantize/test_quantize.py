@@ -372,14 +372,3 @@ def test_fp16_layers_whose_scales_would_be_subnormal_stay_in_float_and_say_why()
     assert "below torch.float16's normal range" in why["1"]
     with torch.no_grad():
         assert go.compare_outputs(res.model(x), model(x)).max_rel < 0.02
-
-
-def test_convolutions_left_in_float_are_named_not_skipped_silently():
-    """A CNN's convolutions are not quantized (Linear layers only): the pass says so, with the count."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 4))
-    res = go.optimize(model.eval(), torch.randn(2, 3, 8, 8), "quantize", measure=False, on_error="raise")
-    rec = res.report.records[-1]
-    assert rec.stats["layers"] == 1 and isinstance(res.model[4], QuantLinear)
-    notes = [d for d in rec.diagnostics if "convolution" in d.message]
-    assert len(notes) == 1 and notes[0].level == "warning" and notes[0].target == "0 (+1)"
-    assert notes[0].message.startswith("2 convolution layer(s) stay in float")
