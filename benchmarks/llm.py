@@ -1,7 +1,8 @@
 """What graphopt's passes do to a real LLM: SmolLM2-135M-Instruct (``load_model_spec("smollm2")``).
 
-    .venv/bin/python benchmarks/llm.py                          # every row
+    .venv/bin/python benchmarks/llm.py                          # every graphopt row
     .venv/bin/python benchmarks/llm.py --rows int8,int4-g64 --windows 8
+    make peers && .venv-peers/bin/python benchmarks/llm.py --rows int8,int4-g64-gptq,torchao-int8,nncf-int4-awq
 
 Each row optimizes the original model with one pipeline and is measured against it on held-out text:
 standard-library docstrings of the evaluation split (never the calibration split), concatenated and
@@ -18,15 +19,23 @@ CPU, medians of interleaved runs: quantized layers run graphopt's torch referenc
 
 SmolLM2's Linear weights were stored as Q4_1 (blocks of 32 along the input): int4 at group 32 aligned to
 them is nearly lossless and proves little, so the int4 rows use group 64 and per channel.
-Peers (torchao, NNCF, optimum-quanto, llm-compressor) are not in this table yet.
+
+Peer rows (where they install: ``make peers`` puts them in ``.venv-peers``), each with its documented
+settings at the same group size: torchao ``quantize_`` with ``Int8WeightOnlyConfig`` and
+``Int4WeightOnlyConfig(group_size=64)``; NNCF ``compress_weights`` (INT8_ASYM; INT4_SYM group 64, data-free and
+with its data-aware AWQ + scale estimation on the calibration batches); optimum-quanto ``quantize`` + ``freeze``
+(qint8, qint4 weights). A peer that fails on this model or this CPU is a row saying so. llm-compressor's GPTQ
+``oneshot`` is not here: its dependencies (vLLM's stack) do not install on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +60,51 @@ ROWS = {
     "w8a8-token-gptq": "quantize(scheme=w8a8,activations=per_token,method=gptq)",
     "drop3": "drop_blocks(n=3)",
     "replace3": "replace_blocks(n=3)",
+}
+
+
+def torchao_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:
+    def run(model: nn.Module, calib: list) -> nn.Module:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        config = Int8WeightOnlyConfig() if bits == 8 else Int4WeightOnlyConfig(group_size=64)
+        quantize_(model, config)
+        return model
+    return run
+
+
+def nncf_row(mode: str, data_aware: bool = False) -> Callable[[nn.Module, list], nn.Module]:
+    def run(model: nn.Module, calib: list) -> nn.Module:
+        import nncf
+
+        logging.getLogger("nncf").setLevel(logging.ERROR)
+        kwargs: dict[str, Any] = {} if mode == "INT8_ASYM" else {"group_size": 64, "ratio": 1.0}
+        if data_aware:
+            kwargs.update(awq=True, scale_estimation=True)
+        data = nncf.Dataset([dict(b) for b in (calib if data_aware else calib[:1])])
+        return nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, mode), dataset=data, **kwargs)
+    return run
+
+
+def quanto_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:
+    def run(model: nn.Module, calib: list) -> nn.Module:
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        quantize(model, weights=qint8 if bits == 8 else qint4)
+        freeze(model)
+        return model
+    return run
+
+
+#: peer rows: name -> (what it runs, function of a copy of the model and the calibration batches)
+PEERS: dict[str, tuple[str, Callable[[nn.Module, list], nn.Module]]] = {
+    "torchao-int8": ("torchao Int8WeightOnlyConfig", torchao_row(8)),
+    "torchao-int4-g64": ("torchao Int4WeightOnlyConfig(group_size=64)", torchao_row(4)),
+    "nncf-int8": ("NNCF compress_weights INT8_ASYM", nncf_row("INT8_ASYM")),
+    "nncf-int4-g64": ("NNCF compress_weights INT4_SYM g64", nncf_row("INT4_SYM")),
+    "nncf-int4-g64-awq": ("NNCF INT4_SYM g64, AWQ + scale estimation", nncf_row("INT4_SYM", data_aware=True)),
+    "quanto-int8": ("optimum-quanto qint8 weights", quanto_row(8)),
+    "quanto-int4": ("optimum-quanto qint4 weights", quanto_row(4)),
 }
 
 
@@ -86,7 +140,8 @@ def quality(model: nn.Module, reference: list, held: list) -> tuple[float, float
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"comma-separated rows of {', '.join(ROWS)}; peers: {', '.join(PEERS)}")
     ap.add_argument("--windows", type=int, default=16, help="held-out windows")
     ap.add_argument("--window", type=int, default=128, help="tokens per window")
     ap.add_argument("--calib-texts", type=int, default=256, help="calibration docstrings (GPTQ, SmoothQuant, depth)")
@@ -95,9 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-runs", type=int, default=5)
     args = ap.parse_args(argv)
-    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    unknown = [r for r in args.rows.split(",") if r not in ROWS and r not in PEERS]
     if unknown:
-        ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        ap.error(f"unknown rows {unknown}; choose from {', '.join([*ROWS, *PEERS])}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -113,10 +168,20 @@ def main(argv: list[str] | None = None) -> None:
     base_ppl = float(torch.cat([r.nll for r in reference]).double().mean().exp())
 
     models: dict[str, tuple[str, nn.Module, float]] = {"original": ("", model, 0.0)}
+    failed: list[list[str]] = []
     for row in args.rows.split(","):
         start = time.perf_counter()
-        res = go.optimize(model, loaded.example_inputs, ROWS[row], calib=calib, measure=False, on_error="raise")
-        models[row] = (ROWS[row], res.model, time.perf_counter() - start)
+        if row in ROWS:
+            res = go.optimize(model, loaded.example_inputs, ROWS[row], calib=calib, measure=False, on_error="raise")
+            models[row] = (ROWS[row], res.model, time.perf_counter() - start)
+        else:
+            label, run = PEERS[row]
+            try:
+                models[row] = (label, run(copy.deepcopy(model), calib[:16]), time.perf_counter() - start)
+            except Exception as e:  # noqa: BLE001 - a peer's failure is a row of the table, not the end of the run
+                failed.append([row, label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"])
+                print(f"{row}: {failed[-1][2]}", flush=True)
+                continue
         print(f"{row}: optimized in {models[row][2]:.0f} s", flush=True)
 
     prefill = {"input_ids": held[0]["input_ids"][:1], "attention_mask": held[0]["attention_mask"][:1]}
@@ -140,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nSmolLM2-135M-Instruct; {args.windows} held-out windows of {args.window} tokens (original perplexity "
           f"{base_ppl:.3f}); {args.prompts} prompts x {args.new_tokens} greedy tokens; {args.calib_texts} "
           f"calibration docstrings; {args.threads} threads\n")
+    table += [[row, label, why, *["-"] * 7] for row, label, why in failed]
     print(markdown_table(["row", "pipeline", "perplexity", "ppl ratio", "next-token agree", "generations same",
                           "weights MiB", "decode tok/s", "prefill ms", "time s"], table))
 

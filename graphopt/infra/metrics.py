@@ -44,8 +44,18 @@ def count_weight_bytes(module: nn.Module) -> int:
     for t in [*module.parameters(), *(b for _, b in module.named_buffers())]:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += tensor_bytes(t)
     return total
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's and optimum-quanto's quantized weights) counts the
+    tensors it is made of (``__tensor_flatten__``), not ``numel * element_size`` of the dtype it presents."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(t, name)) for name in names)
 
 
 def count_flops(module: nn.Module, inputs: ExampleInputs) -> int | None:

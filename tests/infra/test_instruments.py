@@ -99,3 +99,32 @@ def test_pass_memory_sees_what_a_pass_allocates():
     idle, busy = (r.measures["peak MiB"] for r in res.report.passes)
     assert busy > 200 and idle < 64, (idle, busy)
     assert "peak MiB" not in res.report.records[0].measures  # the original's row ran no pass
+
+
+class _Packed(torch.Tensor):
+    """A weight presented as float32 and held as int8 codes and per-row scales (how torchao's and
+    optimum-quanto's quantized weights are built)."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32)
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
+def test_weight_bytes_count_what_a_tensor_subclass_holds():
+    from graphopt.infra.metrics import count_weight_bytes
+
+    layer = torch.nn.Linear(64, 32, bias=False)
+    assert count_weight_bytes(layer) == 64 * 32 * 4
+    del layer.weight
+    layer.register_buffer("weight", _Packed(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32, 1)))
+    assert count_weight_bytes(layer) == 64 * 32 + 32 * 4  # the codes and the scales, not 32 x 64 float32

@@ -40,6 +40,7 @@ def test_prune_runs_keeps_the_classes_and_exports(effnet, tmp_path):
     assert report.verified and report.outputs["logits"][-1] == 1000
 
 
+@pytest.mark.slow
 def test_int8_with_bias_correction_keeps_the_held_out_predictions(effnet):
     """Issue 27's target, int8 top-1 agreement >= 0.99 on held-out photos: rounding alone shifts the mean output
     of the depthwise convolutions, which BatchNorm amplifies; bias correction removes the shift."""
