@@ -202,8 +202,8 @@ quant_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("graphopt::dequantize_packed", mutates_args=())
 def dequantize_packed(qweight: Tensor, scale: Tensor, scheme: str, group_size: int, width: int) -> Tensor:
     """The ``[rows, width]`` weights that packed codes and their scales stand for, in ``scale``'s dtype (what
-    :class:`graphopt.nn.quant.QuantConv2d` convolves with). An op, so that ONNX export keeps the codes packed
-    (a ``DequantizeLinear`` of int8 / int4 codes) instead of folding them into float weights."""
+    :class:`graphopt.nn.quant.QuantConv2d` convolves with). An op, so that ONNX export keeps the int8 / int4
+    codes in the file (:mod:`graphopt.emit.onnx_quant`) instead of folding them into float weights."""
     return dequantize(unpack(qweight, scheme, width), scale, group_size, scale.dtype)
 
 
