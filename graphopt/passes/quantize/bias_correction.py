@@ -20,13 +20,13 @@ from graphopt.analysis.hooked import run_hooked
 class OutputShift:
     """Running mean, per output channel, of ``packed(x) - original(x)`` over the inputs a layer receives."""
 
-    def __init__(self, original: nn.Module, packed: nn.Module, channel_dim: int) -> None:
-        self.original, self.packed, self.channel_dim = original, packed, channel_dim
+    def __init__(self, packed: nn.Module, channel_dim: int) -> None:
+        self.packed, self.channel_dim = packed, channel_dim
         self.total: torch.Tensor | None = None
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        diff = (self.packed(x) - self.original.forward(x)).float().movedim(self.channel_dim, -1)  # (no hooks)
+    def add(self, x: torch.Tensor, original_out: torch.Tensor) -> None:
+        diff = (self.packed(x) - original_out).float().movedim(self.channel_dim, -1)
         rows = diff.reshape(-1, diff.shape[-1])
         self.total = rows.sum(0) if self.total is None else self.total + rows.sum(0)
         self.count += rows.shape[0]
@@ -41,15 +41,15 @@ def output_shifts(model: nn.Module, layers: dict[str, tuple[nn.Module, nn.Module
                   ) -> dict[str, torch.Tensor]:
     """``{name: mean output shift per channel}`` of each ``(original, packed)`` pair of ``layers`` (the original
     still in ``model``), on the inputs the float model gives it over ``batches`` (one run)."""
-    shifts = {name: OutputShift(original, packed, 1 if isinstance(original, nn.Conv2d) else -1)
+    shifts = {name: OutputShift(packed, 1 if isinstance(original, nn.Conv2d) else -1)
               for name, (original, packed) in layers.items()}
 
     def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            shifts[name].add(args[0])
+        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            shifts[name].add(args[0], out)  # the original's output, computed once by the forward itself
         return record
 
-    run_hooked(model, batches, [original.register_forward_pre_hook(hook(name))
+    run_hooked(model, batches, [original.register_forward_hook(hook(name))
                                 for name, (original, _) in layers.items()])
     return {name: shift.mean() for name, shift in shifts.items()}
 
