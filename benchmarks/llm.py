@@ -15,7 +15,12 @@ position; greedy generation agreement: the share of ``--prompts`` prompts (first
 docstrings) whose ``--new-tokens`` greedy tokens are all the original's; MiB of all weights as held;
 decode tokens/s at batch 1 and prefill latency of one ``--window``-token prompt (PyTorch eager on this
 CPU, medians of interleaved runs: quantized layers run graphopt's torch reference here, see README
-"Quantization" for the fast paths); and the wall time of the optimization.
+"Quantization" for the fast paths); the wall time of the optimization; and the process's peak resident
+memory after the row (it only grows: a row's own peak shows where it raised it, so give the heal rows last).
+
+The heal rows (``*-heal``, left out of the default run: about 20 minutes each on 2 cores) run the
+language-model recipe heal picks by itself (KL on next-token distributions; docs/healing.md); run them at
+a small and the full calibration set: ``--calib-texts 256`` and ``--calib-texts 0``.
 
 SmolLM2's Linear weights were stored as Q4_1 (blocks of 32 along the input): int4 at group 32 aligned to
 them is nearly lossless and proves little, so the int4 rows use group 64 and per channel.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -50,6 +56,10 @@ from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
 from graphopt.units import MIB
 
+#: 20% of the parameters, from the MLPs only (SwiGLU channels, Taylor importance on calibration data): cutting the
+#: hidden size or a third of the 3 key/value head groups costs far more (see benchmarks/README.md)
+PRUNE20 = "prune(target_params=0.8,where=*.mlp.*,importance=taylor,reloadable=true)"
+
 ROWS = {
     "int8": "quantize",
     "int4-g64": "quantize(scheme=int4,group_size=64)",
@@ -60,7 +70,16 @@ ROWS = {
     "w8a8-token-gptq": "quantize(scheme=w8a8,activations=per_token,method=gptq)",
     "drop3": "drop_blocks(n=3)",
     "replace3": "replace_blocks(n=3)",
+    "drop3-heal": "drop_blocks(n=3),heal",
+    "replace3-heal": "replace_blocks(n=3),heal",
+    "prune20": PRUNE20,
+    "prune20-heal": f"{PRUNE20},heal",
+    "dyt": "dyt",
+    "dyt-heal": "dyt,heal",
 }
+
+#: rows that run for minutes each (heal: 200 end-to-end steps of the 135M model): left out of the default run
+SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "dyt-heal")
 
 
 def torchao_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:
@@ -108,6 +127,11 @@ PEERS: dict[str, tuple[str, Callable[[nn.Module, list], nn.Module]]] = {
 }
 
 
+def peak_gib() -> float:
+    """The process's peak resident memory so far, GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def windows(tokenizer: Any, n: int, length: int) -> list[dict[str, torch.Tensor]]:
     """``n`` windows of ``length`` tokens of held-out text, one per batch row of batches of 4."""
     ids = tokenizer("\n\n".join(stdlib_texts(split="eval")), return_tensors="pt")["input_ids"][0]
@@ -140,11 +164,13 @@ def quality(model: nn.Module, reference: list, held: list) -> tuple[float, float
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS),
-                    help=f"comma-separated rows of {', '.join(ROWS)}; peers: {', '.join(PEERS)}")
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in SLOW_ROWS),
+                    help=f"comma-separated rows of {', '.join(ROWS)} (default: all but {', '.join(SLOW_ROWS)}); "
+                         f"peers: {', '.join(PEERS)}")
     ap.add_argument("--windows", type=int, default=16, help="held-out windows")
     ap.add_argument("--window", type=int, default=128, help="tokens per window")
-    ap.add_argument("--calib-texts", type=int, default=256, help="calibration docstrings (GPTQ, SmoothQuant, depth)")
+    ap.add_argument("--calib-texts", type=int, default=256,
+                    help="calibration docstrings (GPTQ, SmoothQuant, depth, heal); 0: the whole split (1928)")
     ap.add_argument("--prompts", type=int, default=16, help="generation prompts")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
     ap.add_argument("--threads", type=int, default=2)
@@ -160,24 +186,25 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model_spec("smollm2")
     model, tok = loaded.model, loaded.tokenizer
     held = windows(tok, args.windows, args.window)
-    calib = list(text_batches(tok, stdlib_texts(args.calib_texts, split="calib"), batch_size=8, max_length=128))
+    calib = list(text_batches(tok, stdlib_texts(args.calib_texts or None, split="calib"), batch_size=8, max_length=128))
     asks = prompts(tok, args.prompts)
     with torch.no_grad():
         reference = [summarize(model(**b), ExampleInputs((), b)) for b in held]
     answers = [greedy(model, p, args.new_tokens) for p in asks]
     base_ppl = float(torch.cat([r.nll for r in reference]).double().mean().exp())
 
-    models: dict[str, tuple[str, nn.Module, float]] = {"original": ("", model, 0.0)}
+    models: dict[str, tuple[str, nn.Module, float, float]] = {"original": ("", model, 0.0, peak_gib())}
     failed: list[list[str]] = []
     for row in args.rows.split(","):
         start = time.perf_counter()
         if row in ROWS:
             res = go.optimize(model, loaded.example_inputs, ROWS[row], calib=calib, measure=False, on_error="raise")
-            models[row] = (ROWS[row], res.model, time.perf_counter() - start)
+            models[row] = (ROWS[row], res.model, time.perf_counter() - start, peak_gib())
         else:
             label, run = PEERS[row]
             try:
-                models[row] = (label, run(copy.deepcopy(model), calib[:16]), time.perf_counter() - start)
+                models[row] = (label, run(copy.deepcopy(model), calib[:16]), time.perf_counter() - start,
+                               peak_gib())
             except Exception as e:  # noqa: BLE001 - a peer's failure is a row of the table, not the end of the run
                 failed.append([row, label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"])
                 print(f"{row}: {failed[-1][2]}", flush=True)
@@ -193,21 +220,21 @@ def main(argv: list[str] | None = None) -> None:
         return lambda: greedy(m, asks[0], args.new_tokens)
 
     with torch.no_grad():
-        pre = interleaved_medians([prefill_run(m) for _, m, _ in models.values()], args.latency_runs)
-        dec = interleaved_medians([decode_run(m) for _, m, _ in models.values()], args.latency_runs)
+        pre = interleaved_medians([prefill_run(m) for _, m, *_ in models.values()], args.latency_runs)
+        dec = interleaved_medians([decode_run(m) for _, m, *_ in models.values()], args.latency_runs)
     table = []
-    for (name, (pipeline, m, seconds)), p, d in zip(models.items(), pre, dec):
+    for (name, (pipeline, m, seconds, peak)), p, d in zip(models.items(), pre, dec):
         ppl, agree, ratio = quality(m, reference, held)
         same = sum(torch.equal(greedy(m, q, args.new_tokens), a) for q, a in zip(asks, answers)) / len(asks)
         table.append([name, pipeline or "-", f"{ppl:.3f}", f"{ratio:.4f}", f"{agree:.4f}", f"{same:.3f}",
                       f"{count_weight_bytes(m) / MIB:.1f}", f"{args.new_tokens / d:.1f}", f"{1000 * p:.0f}",
-                      f"{seconds:.0f}" if pipeline else "-"])
+                      f"{seconds:.0f}" if pipeline else "-", f"{peak:.1f}"])
     print(f"\nSmolLM2-135M-Instruct; {args.windows} held-out windows of {args.window} tokens (original perplexity "
           f"{base_ppl:.3f}); {args.prompts} prompts x {args.new_tokens} greedy tokens; {args.calib_texts} "
           f"calibration docstrings; {args.threads} threads\n")
-    table += [[row, label, why, *["-"] * 7] for row, label, why in failed]
+    table += [[row, label, why, *["-"] * 8] for row, label, why in failed]
     print(markdown_table(["row", "pipeline", "perplexity", "ppl ratio", "next-token agree", "generations same",
-                          "weights MiB", "decode tok/s", "prefill ms", "time s"], table))
+                          "weights MiB", "decode tok/s", "prefill ms", "time s", "peak RSS GiB"], table))
 
 
 if __name__ == "__main__":

@@ -121,3 +121,31 @@ def test_every_pass_on_real_layers_generates_and_saves(pipeline, small, tmp_path
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**held[0]).logits, out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_language_model_recipe_heals_a_cut_on_text_it_never_saw(smollm2):
+    """drop_blocks on SmolLM2's first 4 layers, then heal with nothing but its recipe: next-token agreement with
+    the uncut model on held-out docstrings (the eval split; heal trains on the calib split) goes up. (A truncated
+    LM's perplexity means little; agreement with it is what heal distils.)"""
+    from graphopt.infra.quality import summarize, task_quality
+
+    tok = smollm2.tokenizer
+    model = first_layers(smollm2.model, 4)
+    calib = list(text_batches(tok, stdlib_texts(96, split="calib"), batch_size=8, max_length=48))
+    held = list(text_batches(tok, stdlib_texts(32, split="eval"), batch_size=8, max_length=48))
+
+    def agreement(m):
+        with torch.no_grad():
+            return task_quality([(summarize(m(**b), go.ExampleInputs((), b)),
+                                  summarize(model(**b), go.ExampleInputs((), b))) for b in held]).value
+
+    cut = go.optimize(model, smollm2.example_inputs, "drop_blocks(n=1)", calib=calib, measure=False,
+                      on_error="raise")
+    healed = go.optimize(model, smollm2.example_inputs, "drop_blocks(n=1),heal(steps=40,eval_every=10)",
+                         calib=calib, measure=False, on_error="raise")
+    rec = healed.report.records[-1]
+    assert rec.status == "ok" and rec.diagnostics[0].message.startswith("recipe for depth: lr=2e-05, loss='kl'")
+    assert any("recipes for language models" in d.message for d in rec.diagnostics)
+    before, after = agreement(cut.model), agreement(healed.model)
+    assert before < 0.9 and after > before + 0.02, (before, after)

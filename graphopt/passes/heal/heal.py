@@ -20,7 +20,8 @@ trained on the calibration data to reproduce the teacher's outputs:
 
 Options left unset (``None``: ``steps``, ``lr``, ``loss``, ``freeze``, ``blockwise``, ``features``,
 ``new_lr_scale``) come from the recipe for the change earlier passes made (:mod:`.recipes`;
-``recipe=`` picks one by name). An option given explicitly always wins, and ``steps`` and ``blockwise``
+``recipe=`` picks one by name), among the language-model recipes where the model's outputs hold a
+distribution at every position. An option given explicitly always wins, and ``steps`` and ``blockwise``
 are one schedule: give either and the other is 0 (``heal(steps=10)`` after ``prune`` runs 10 steps, not
 the recipe's block-wise stage too). On a model no earlier pass changed, heal does nothing and says so.
 A share ``holdout`` of the calibration batches (at most ``eval_batches``) is never trained on: it
@@ -55,7 +56,7 @@ from graphopt.infra.registry import register_pass
 from .blockwise import heal_blocks
 from .lora import LoRA
 from .losses import Features, cosine_distance, kl_logits, nmse
-from .recipes import FILLED, RECIPES, change_kind
+from .recipes import FILLED, LM_RECIPES, RECIPES, change_kind, is_language_model
 from .run import HealRun
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,17 @@ def new_parameter_names(program: Program) -> list[str]:
     names = [n for n, _ in program.module.named_parameters()]
     out = [n for target, whole in touched for n in names if (n.startswith(f"{target}.") if whole else n == target)]
     return list(dict.fromkeys(out))
+
+
+def _eval_outputs(program: Program) -> dict[str, torch.Tensor]:
+    """The model's outputs on the example inputs, run in eval mode (no running statistic moves)."""
+    training = program.module.training
+    program.module.eval()
+    try:
+        with torch.no_grad():
+            return flatten_outputs(program.run())
+    finally:
+        program.module.train(training)
 
 
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
@@ -139,18 +151,19 @@ class Heal(Pass):
         """This pass with the options left unset filled from the recipe for the change ``program`` went through,
         and a note when the recipe had to be adapted to the model ("" otherwise)."""
         kind = change_kind(program) if self.recipe == "auto" else self.recipe
-        recipe = RECIPES[kind]
+        language_model = is_language_model(_eval_outputs(program))
+        recipe = (LM_RECIPES if language_model else RECIPES)[kind]
         unset = {name: getattr(recipe, name) for name in FILLED if getattr(self, name) is None}
         if ("steps" in unset) != ("blockwise" in unset):  # the schedule is the recipe's whole, or the user's
             unset["steps" if "steps" in unset else "blockwise"] = 0
         if self.lora:  # adapters: end-to-end only, with larger steps
             unset.update({k: v for k, v in (("lr", recipe.lora_lr), ("blockwise", 0),
                                             ("steps", max(recipe.steps, 200))) if k in unset})
-        note = ""
+        note = "the recipes for language models (KL on next-token distributions)" if language_model else ""
         if unset.get("blockwise"):  # the recipe's block-wise stage needs blocks that match one to one
             names, why = program.analyses.get("matching_blocks")
             if not names:
-                note = f"no block-wise stage ({why}); end-to-end only"
+                note = "; ".join(filter(None, (note, f"no block-wise stage ({why}); end-to-end only")))
                 unset.update(blockwise=0, steps=max(recipe.steps, 200) if "steps" in unset else self.steps)
         return dataclasses.replace(self, recipe=kind, **unset), note
 

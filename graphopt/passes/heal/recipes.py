@@ -7,11 +7,18 @@ of change were made, the recipe of the one that needs the most healing is used (
 ``quantize`` > ``dyt``); a kind without a recipe gets ``other``. Each recipe is the best one measured on
 all-MiniLM-L6-v2 with disjoint calibration and held-out texts (``benchmarks/heal.py``); options given
 explicitly to ``heal`` always win over the recipe.
+
+Language models (an output ``*logits`` with a distribution at every position) have their own recipes
+(:data:`LM_RECIPES`), measured on SmolLM2-135M-Instruct (``benchmarks/llm.py``): the objective is KL
+on the next-token distributions, and a pretrained LM's weights take a 10x smaller learning rate than
+the encoder's before its held-out loss rises.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from graphopt.infra.program import Program
 
@@ -45,6 +52,25 @@ RECIPES: dict[str, Recipe] = {
     "dyt": Recipe(steps=1200, lr=2e-4, loss="cosine", freeze="", blockwise=0, features=1.0, new_lr_scale=10.0),
     "other": Recipe(steps=200, lr=1e-4, loss="auto", freeze="", blockwise=0),
 }
+
+
+#: the recipes for language models (see the module docstring; numbers in docs/healing.md)
+LM_RECIPES: dict[str, Recipe] = {
+    # blocks are gone: every other weight relearns end to end on the next-token distributions
+    "depth": Recipe(steps=150, lr=2e-5, loss="kl", freeze="*embed*", blockwise=0),
+    # narrower MLPs / fewer heads: the same, at a larger lr (the damage is larger)
+    "prune": Recipe(steps=150, lr=5e-5, loss="kl", freeze="*embed*", blockwise=0),
+    # not measured on an LM yet: the encoder's schedule at the LM learning rate
+    "quantize": Recipe(steps=100, lr=2e-5, loss="kl", freeze="", blockwise=100),
+    # the encoder's DyT recipe (feature terms, new layers at 10x) at the LM learning rate
+    "dyt": Recipe(steps=150, lr=2e-5, loss="kl", freeze="*embed*", blockwise=0, features=1.0, new_lr_scale=10.0),
+    "other": Recipe(steps=150, lr=2e-5, loss="kl", freeze="", blockwise=0),
+}
+
+
+def is_language_model(outputs: dict[str, torch.Tensor]) -> bool:
+    """The outputs hold logits with a distribution at every position (``(batch, positions, vocabulary)``)."""
+    return any(k.rsplit(".", 1)[-1].endswith("logits") and v.dim() == 3 for k, v in outputs.items())
 
 
 #: heal's options a recipe fills in when they are left unset (None)

@@ -7,6 +7,8 @@ import graphopt as go
 from graphopt.helpers.zoo import hf_model
 from graphopt.nn.dyt import DyT
 
+from .heal_data import token_batches
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -176,14 +178,18 @@ def test_the_callers_model_runs_as_the_teacher_and_comes_back_untouched():
 
 
 def test_after_a_prune_narrowed_the_hidden_size_block_outputs_are_not_compared():
-    """prune (not reloadable) narrows a causal LM's hidden size; the block-wise stage and the per-block feature
-    terms compare block outputs, so the recipe heals on the logits and says why (it once crashed on the shapes)."""
-    model, inputs = hf_model("llama_causal_lm")
-    res = go.optimize(model, inputs, "prune,heal", calib=_calib(), measure=False, on_error="raise")
-    assert res.model.model.embed_tokens.embedding_dim < model.model.embed_tokens.embedding_dim
+    """prune (not reloadable) narrows the hidden size; the block-wise stage and the per-block feature terms
+    compare block outputs, so the recipe heals on the outputs and says why (it once crashed on the shapes;
+    a language model's recipes have no block-wise stage, so a classifier shows the fallback)."""
+    model, inputs = hf_model("bert_sequence_classification")
+    res = go.optimize(model, inputs, "prune,heal(lr=1e-3,patience=0)", calib=token_batches(model, 10, 0), measure=False,
+                      on_error="raise")
+    width = res.model.bert.embeddings.word_embeddings.embedding_dim
+    assert width < model.bert.embeddings.word_embeddings.embedding_dim
     heal = _heal_record(res)
     assert heal.status == "ok" and heal.stats["steps"] > 0
     assert any("no block-wise stage" in d.message and "a prune narrowed the hidden size" in d.message
                for d in heal.diagnostics)
+    model, inputs = hf_model("llama_causal_lm")
     with pytest.raises(go.PassFailedError, match="a prune narrowed the hidden size"):  # asked for: refused
         go.optimize(model, inputs, "prune,heal(steps=1,blockwise=2)", calib=_calib(), measure=False, on_error="raise")

@@ -5,7 +5,7 @@ import torch
 
 import graphopt as go
 from graphopt.helpers.zoo import hf_model
-from graphopt.passes.heal.recipes import RECIPES, change_kind
+from graphopt.passes.heal.recipes import LM_RECIPES, RECIPES, change_kind, is_language_model
 from graphopt.passes.heal.run import HealRun
 
 from .heal_data import token_batches
@@ -99,6 +99,25 @@ def test_the_recipe_follows_the_change_and_given_options_win():
     assert RECIPES["depth"].freeze == "*embeddings*"
     embeddings = sum(p.numel() for n, p in res.model.named_parameters() if "embeddings" in n)
     assert _record(res).stats["trained_params"] == sum(p.numel() for p in res.model.parameters()) - embeddings
+
+
+def test_a_language_model_gets_the_language_model_recipes():
+    """KL on next-token distributions at a 10x smaller lr (measured on SmolLM2); an encoder keeps its own."""
+    assert LM_RECIPES["depth"].loss == "kl" and LM_RECIPES["depth"].lr < RECIPES["depth"].lr
+    for name, recipes, family_note in (("llama_causal_lm", LM_RECIPES, True), ("bert", RECIPES, False)):
+        model, inputs = hf_model(name)
+        rec = _record(go.optimize(model, inputs, "drop_blocks(n=1),heal(steps=2)", calib=_calib(model),
+                                  measure=False, on_error="raise"))
+        recipe = recipes["depth"]
+        assert rec.diagnostics[0].message.startswith(f"recipe for depth: lr={recipe.lr!r}, loss={recipe.loss!r}")
+        assert any("recipes for language models" in d.message for d in rec.diagnostics) == family_note
+
+
+def test_only_a_distribution_at_every_position_makes_a_language_model():
+    assert is_language_model({"logits": torch.zeros(2, 5, 11)})
+    assert is_language_model({"out.logits": torch.zeros(2, 5, 11), "hidden": torch.zeros(2, 5, 3)})
+    assert not is_language_model({"logits": torch.zeros(2, 11)})  # a classifier
+    assert not is_language_model({"last_hidden_state": torch.zeros(2, 5, 11)})
 
 
 def test_steps_and_blockwise_are_one_schedule_an_explicit_one_wins_over_the_recipes():
