@@ -18,7 +18,7 @@ CPU, medians of interleaved runs: quantized layers run graphopt's torch referenc
 "Quantization" for the fast paths); the wall time of the optimization; and the process's peak resident
 memory after the row (it only grows: a row's own peak shows where it raised it, so give the heal rows last).
 
-The heal rows (``*-heal``, left out of the default run: about 20 minutes each on 2 cores) run the
+The heal rows (``*-heal``, left out of the default run: about 15 minutes each on 2 cores) run the
 language-model recipe heal picks by itself (KL on next-token distributions; docs/healing.md); run them at
 a small and the full calibration set: ``--calib-texts 256`` and ``--calib-texts 0``.
 
@@ -57,7 +57,7 @@ from graphopt.models import load_model_spec
 from graphopt.units import MIB
 
 #: 20% of the parameters, from the MLPs only (SwiGLU channels, Taylor importance on calibration data): cutting the
-#: hidden size or a third of the 3 key/value head groups costs far more (see benchmarks/README.md)
+#: hidden size or a third of the 3 key/value head groups costs far more (docs/pruning.md)
 PRUNE20 = "prune(target_params=0.8,where=*.mlp.*,importance=taylor,reloadable=true)"
 
 ROWS = {
@@ -78,7 +78,7 @@ ROWS = {
     "dyt-heal": "dyt,heal",
 }
 
-#: rows that run for minutes each (heal: 200 end-to-end steps of the 135M model): left out of the default run
+#: rows that run for minutes each (heal: 150 end-to-end steps of the 135M model): left out of the default run
 SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "dyt-heal")
 
 
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model_spec("smollm2")
     model, tok = loaded.model, loaded.tokenizer
     held = windows(tok, args.windows, args.window)
-    calib = list(text_batches(tok, stdlib_texts(args.calib_texts or None, split="calib"), batch_size=8, max_length=128))
+    texts = stdlib_texts(args.calib_texts or None, split="calib")
+    calib = list(text_batches(tok, texts, batch_size=8, max_length=128))
     asks = prompts(tok, args.prompts)
     with torch.no_grad():
         reference = [summarize(model(**b), ExampleInputs((), b)) for b in held]
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{count_weight_bytes(m) / MIB:.1f}", f"{args.new_tokens / d:.1f}", f"{1000 * p:.0f}",
                       f"{seconds:.0f}" if pipeline else "-", f"{peak:.1f}"])
     print(f"\nSmolLM2-135M-Instruct; {args.windows} held-out windows of {args.window} tokens (original perplexity "
-          f"{base_ppl:.3f}); {args.prompts} prompts x {args.new_tokens} greedy tokens; {args.calib_texts} "
+          f"{base_ppl:.3f}); {args.prompts} prompts x {args.new_tokens} greedy tokens; {len(texts)} "
           f"calibration docstrings; {args.threads} threads\n")
     table += [[row, label, why, *["-"] * 8] for row, label, why in failed]
     print(markdown_table(["row", "pipeline", "perplexity", "ppl ratio", "next-token agree", "generations same",
