@@ -96,8 +96,7 @@ def _eval_outputs(program: Program) -> dict[str, torch.Tensor]:
     training = program.module.training
     program.module.eval()
     try:
-        with torch.no_grad():
-            return flatten_outputs(program.run())
+        return flatten_outputs(program.run())  # (Program.run runs without autograd)
     finally:
         program.module.train(training)
 
