@@ -119,7 +119,7 @@ def kernel_table(args: argparse.Namespace, device: torch.device, dtype: torch.dt
                     err = float((layer(x).float() - want).abs().max() / want.abs().max().clamp_min(1e-12))
                     rows.append([f"{n}x{k}", str(m), label, f"{ms * 1e3:.1f}", f"{base / ms:.2f}",
                                  *bandwidth(layer.weight_bytes + io, ms, peak), f"{err:.1e}"])
-            print(f"  {n}x{k} M={m} done", flush=True)
+            print(f"  {n}x{k} M={m}: " + ", ".join(f"{r[2]} {r[3]} us" for r in rows[-len(layers) - 1:]), flush=True)
     print(f"\nkernel time (us, median), speed-up over {rows[0][2]}, bandwidth achieved; peak {peak:.0f} GB/s "
           f"from {source}; error: max |kernel - torch reference| / max |reference|\n")
     print(markdown_table(["N x K", "M", "weights", "time us", "speed-up", "GB/s", "% of peak", "rel. error"], rows))
@@ -160,12 +160,16 @@ def quantize_linears(model: nn.Module, scheme: str, group: int) -> nn.Module:
 
 
 def torchao_int4(model: nn.Module) -> nn.Module | str:
+    """torchao's int4 weight-only on its tinygemm kernel (``aten._weight_int4pack_mm``, bfloat16 only): its
+    default packing needs the separate fbgemm-gpu-genai package."""
     try:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
     except ImportError as e:
         return f"torchao not installed ({e.name})"
+    if next(model.parameters()).dtype != torch.bfloat16:
+        return "torchao's tinygemm int4 kernel takes bfloat16 only: run with --dtype bfloat16"
     try:
-        quantize_(model, Int4WeightOnlyConfig(group_size=128),
+        quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
                   filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head")
     except Exception as e:  # noqa: BLE001 - the peer's failure is a row of the table, not the end of the run
         return f"torchao int4 failed: {type(e).__name__}: {str(e)[:120]}"

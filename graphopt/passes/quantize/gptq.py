@@ -50,12 +50,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
                          "calibration inputs do not span every input feature); give damp > 0 (default 0.01) or "
                          "more varied calibration data") from None
     codes = torch.zeros(out, k, dtype=dtype, device=device)
+    order = perm.tolist()  # read on the host once: an int() of a CUDA element per column would sync each time
     for start in range(0, k, block):
         end = min(start + block, k)
         w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out, end - start, dtype=dtype, device=device), \
             hinv[start:end, start:end]
         for i in range(end - start):
-            col = int(perm[start + i])
+            col = order[start + i]
             group = col // g
             if not static and col % g == 0:  # a new group: its scale from the weights as updated so far
                 span = min(g, k - col)
