@@ -76,10 +76,12 @@ ROWS = {
     "prune20-heal": f"{PRUNE20},heal",
     "dyt": "dyt",
     "dyt-heal": "dyt,heal",
+    "int4-g64-gptq-heal": "quantize(scheme=int4,group_size=64,method=gptq),heal",
+    "w8a8-token-gptq-heal": "quantize(scheme=w8a8,activations=per_token,method=gptq),heal",
 }
 
 #: rows that run for minutes each (heal: 150 end-to-end steps of the 135M model): left out of the default run
-SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "dyt-heal")
+SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "dyt-heal", "int4-g64-gptq-heal", "w8a8-token-gptq-heal")
 
 
 def torchao_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:

@@ -48,7 +48,8 @@ from .infra import (
     register_preset,
 )
 from .nn.spec import ModuleSpecError, register_module_spec
-from .optimize import OptimizeResult, optimize
+from .optimize import OptimizeResult, optimize, optimize_for
+from .search import Goal, GoalError, SearchResult
 from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -77,9 +78,9 @@ def load(directory, base_model, **kwargs):
 
 __all__ = [
     "PRESERVE_ALL", "AnalysisManager", "CaptureError", "DependencyGraph", "Group", "analyze", "Diagnostic", "Edit", "EditError", "ExampleInputs",
-    "ExportReport", "InputError", "Instrument", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager", "PassMemory",
-    "PassRecord", "PassResult", "PassRolledBackWarning", "Pipeline", "PipelineError", "Program", "Range", "Report", "VerificationError",
+    "ExportReport", "Goal", "GoalError", "InputError", "Instrument", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager", "PassMemory",
+    "PassRecord", "PassResult", "PassRolledBackWarning", "Pipeline", "PipelineError", "Program", "Range", "Report", "SearchResult", "VerificationError",
     "__version__", "as_example_inputs", "capture", "compare_outputs", "export_onnx", "get_pass", "list_analyses",
-    "list_passes", "list_presets", "load", "optimize", "parse_pipeline", "register_analysis",
+    "list_passes", "list_presets", "load", "optimize", "optimize_for", "parse_pipeline", "register_analysis",
     "register_module_spec", "register_pass", "register_preset", "save",
 ]

@@ -22,6 +22,7 @@ from .infra.manager import Measure, PassManager
 from .infra.pipeline import Pipeline, as_pipeline
 from .infra.program import Program
 from .infra.report import Report
+from .search import Goal, GoalError, SearchResult, search_goal
 
 if TYPE_CHECKING:
     from .emit.onnx_export import ExportReport
@@ -39,6 +40,8 @@ class OptimizeResult:
     program: Program
     pipeline: Pipeline
     report: Report
+    #: with ``optimize(goal=...)``: every point measured, the front, and why this pipeline was chosen
+    search: SearchResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -106,8 +109,10 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
              *, calib: Iterable[Any] | None = None, inplace: bool = False, verify: bool = True,
              measure: Measure | bool = True, on_error: Literal["rollback", "raise"] = "rollback",
              progress: bool | None = None, model_spec: str = "MODEL",
-             eval_data: Iterable[Any] | None = None, instruments: Sequence[Instrument] = ()) -> OptimizeResult:
-    """Run ``pipeline`` on a copy of ``model`` (or on ``model`` itself with ``inplace=True``).
+             eval_data: Iterable[Any] | None = None, instruments: Sequence[Instrument] = (),
+             goal: Goal | str | None = None) -> OptimizeResult:
+    """Run ``pipeline`` on a copy of ``model`` (or on ``model`` itself with ``inplace=True``), or, with
+    ``goal=``, search for the pipeline that best meets the goal (:func:`optimize_for`).
 
     Args:
         model: the model to optimise; put in eval mode (on the copy unless ``inplace``).
@@ -121,9 +126,16 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
             without them the figure is computed on the example inputs.
         instruments: more measurements around each pass (:class:`~graphopt.infra.instruments.Instrument`,
             e.g. ``go.PassMemory()`` for each pass's peak memory); each adds a column to the report.
+        goal: a :class:`~graphopt.Goal` or its text (``"quality>=0.99,speedup>=2"``): search instead of
+            running ``pipeline`` (which must then be left out).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
+    if goal is not None:
+        if not (isinstance(pipeline, str) and pipeline == DEFAULT_PIPELINE):
+            raise GoalError("optimize(): give pipeline= or goal=, not both (the search picks the pipeline)")
+        return optimize_for(model, example_inputs, goal, calib=calib, inplace=inplace, eval_data=eval_data,
+                            model_spec=model_spec, instruments=instruments)
     passes = as_pipeline(pipeline)  # parse first: a typo costs nothing
     _check_flags(inplace=inplace, verify=verify, measure=measure, on_error=on_error, progress=progress,
                  model_spec=model_spec)
@@ -154,3 +166,33 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
     if problems:
         report.notes.append(refusal(program.module, problems))
     return OptimizeResult(program.module, program, passes, report)
+
+
+def optimize_for(model: nn.Module, example_inputs: Any, goal: Goal | str, *, calib: Iterable[Any] | None = None,
+                 eval_data: Iterable[Any] | None = None, inplace: bool = False, model_spec: str = "MODEL",
+                 instruments: Sequence[Instrument] = (), cache: str | Path | bool = True) -> OptimizeResult:
+    """Search the passes' declared choices for ``goal`` (docs/search.md) and return the best model found.
+
+    Every candidate is built by :func:`optimize` with its pipeline text, so ``result.pipeline`` rebuilds the
+    model; ``result.search`` holds every measured point, the Pareto front and its table and plot. When no
+    point meets the goal the original (with the exact clean-ups) is returned and ``result.search.binding``
+    says which constraint stops it. ``cache``: where measured points are kept (True: graphopt's cache
+    directory; False: nowhere), so an interrupted search resumes.
+    """
+    batches, held_out = _materialise(calib), _materialise(eval_data)
+    batches = list(batches) if batches is not None else None
+    held_out = list(held_out) if held_out is not None else None
+
+    def build(pipeline: Pipeline, **kw: Any) -> OptimizeResult:
+        options: dict[str, Any] = {"measure": False, "progress": False, **kw}
+        return optimize(model, example_inputs, pipeline, calib=batches, eval_data=held_out, model_spec=model_spec,
+                        **options)
+
+    found = search_goal(model, example_inputs, goal, build, calib=batches, eval_data=held_out, cache=cache)
+    chosen = found.best.pipeline if found.best is not None else "default"
+    result = build(as_pipeline(chosen), inplace=inplace, instruments=instruments, measure=True, progress=None)
+    result.search = found
+    if found.best is None:
+        result.report.notes.append(f"optimize(goal=...): {found.binding}; the model is the original with the "
+                                   "exact clean-ups")
+    return result

@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 # Triton runs kernels on CPU tensors only under its interpreter, which has to be on when triton is first
 # imported (its standard library, tl.zeros and the like, is jitted then): before anything imports it, so
@@ -38,3 +39,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT with the real MiniLM tokenizer, saved as a HuggingFace directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from graphopt.models import embedded_directory
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_directory("minilm")))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

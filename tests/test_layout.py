@@ -25,6 +25,7 @@ PACKAGE_DIRS = {"graphopt": ROOT / "graphopt"}
 LAYERS = [
     ["graphopt", "graphopt.cli", "graphopt.models", "graphopt.data", "graphopt.helpers"],
     ["graphopt.optimize"],
+    ["graphopt.search"],
     ["graphopt.emit"],
     ["graphopt.passes"],
     ["graphopt.infra"],

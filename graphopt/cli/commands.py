@@ -201,6 +201,27 @@ def _held_out(args: argparse.Namespace, loaded: Any) -> list[Any] | None:
 
 # --- graphopt optimize -----------------------------------------------------------------------------
 
+def _goal(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """``--goal`` parsed, and the passes its search may run (to know whether calibration data is needed)."""
+    from ..infra.text import PipelineError
+    from ..search import GoalError, as_goal
+    from ..search.space import declared_space
+
+    if not args.goal:
+        if args.front:
+            raise UsageError("--front draws a search: give --goal too")
+        return None, []
+    if args.pipeline != "default":
+        raise UsageError("give --pipeline or --goal, not both (the search picks the pipeline)")
+    try:
+        goal = as_goal(args.goal)
+        goal.check_runtime()
+        slots, _ = declared_space(goal.passes, calibrated=True)
+    except (GoalError, PipelineError) as e:
+        raise UsageError(f"--goal: {e}") from e
+    return goal, [p for slot in slots for p in slot.choices]
+
+
 def _check_plot_available(path: str | None) -> None:
     if path and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'graphopt[plot]'")
@@ -226,7 +247,8 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
     if args.batch_size < 1 or args.max_length < 2:
         raise UsageError("--batch-size must be at least 1 and --max-length at least 2")
     pipeline = _parse_pipeline(args.pipeline)  # a typo costs nothing: checked before the model loads
-    _check_plot_available(args.plot)
+    goal, searched = _goal(args)
+    _check_plot_available(args.plot or args.front)
     if args.onnx:
         _check_onnx_available()
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -235,15 +257,22 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
         raise UsageError(f"--calib {args.calib}: no such file; give 'docstrings' or a text file with one "
                          f"sample per line")
     loaded = _load(args.model, _resolve(args.model), con)
-    calib = _calibration(args, loaded, pipeline, con)
-    with con.step(f"optimizing ({len(pipeline)} pass{'' if len(pipeline) == 1 else 'es'})", done="optimized"), warnings.catch_warnings():
+    calib = _calibration(args, loaded, searched or pipeline, con)
+    doing = f"searching for {goal}" if goal else f"optimizing ({len(pipeline)} pass{'' if len(pipeline) == 1 else 'es'})"
+    with con.step(doing, done="optimized"), warnings.catch_warnings():
         warnings.simplefilter("ignore", PassRolledBackWarning)  # the CLI says so itself, below the report
-        result = optimize(loaded.model, loaded.example_inputs, pipeline, calib=calib, inplace=args.inplace,
+        result = optimize(loaded.model, loaded.example_inputs, "default" if goal else pipeline, calib=calib,
+                          inplace=args.inplace,
                           verify=not args.no_verify, measure=not args.no_measure,
                           progress=False if con.quiet else None, model_spec=args.model,
-                          eval_data=_held_out(args, loaded))
+                          eval_data=_held_out(args, loaded), goal=goal)
     con.print(f"model: {loaded.description}")
-    con.print(f"pipeline: {pipeline}")
+    if result.search is not None:
+        con.print(str(result.search) + "\n")
+        if args.front:
+            result.search.plot(args.front)
+            con.print(f"points and front drawn to {args.front}\n")
+    con.print(f"pipeline: {result.pipeline}")
     if calib is not None:
         samples = sum(as_example_inputs(b).batch_size for b in calib)
         con.print(f"calibration: {samples} samples in {len(calib)} batches "

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="minilm | HF model directory | module.path:factory")
     p.add_argument("-p", "--pipeline", default="default",
                    help="pipeline text or preset name (default: %(default)s); see 'graphopt passes'")
+    p.add_argument("--goal", metavar="GOAL",
+                   help="search for the pipeline instead of giving it, e.g. 'quality>=0.99,speedup>=2,"
+                        "runtime=onnxruntime' (docs/search.md); prints every point measured and the front")
+    p.add_argument("--front", metavar="FRONT.png", help="--goal: also draw the points and the Pareto front")
     p.add_argument("--calib", metavar="docstrings|FILE.txt",
                    help="calibration text: 'docstrings' (Python standard library docstrings) or a UTF-8 "
                         "file with one text per line; defaults to docstrings when a pass needs calibration")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .onnx_inputs import CallLayout, describe_inputs, grown_case
+from ..frontend.inputs import ExampleInputs
+from .onnx_inputs import CallLayout, call_layout, describe_inputs, grown_case
 from .onnx_report import OnnxExportError, OnnxVerificationError, VerifiedRun, first_lines
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,13 @@ def check_dynamic_dims(path: Path, shapes: dict[str, tuple[int | str, ...]],
                           "reshape on it): make the code shape-generic, or drop the axis from dynamic_axes")
 
 
-def _session(path: Path, config: dict[str, str] | None = None) -> Any:
+def _session(path: Path, config: dict[str, str] | None = None, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:  # timing: this many threads for one op, one op at a time
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -165,6 +168,24 @@ def verify_file(path: Path, model: nn.Module, layout: CallLayout, out_names: lis
         runs.append(VerifiedRun(described, worst))
         log.info("onnxruntime matches torch on %s (max abs error %.2e)", described, worst)
     return runs, notes
+
+
+def ort_runner(path: str | Path, model: nn.Module, inputs: ExampleInputs, threads: int) -> Callable[[], None]:
+    """One call of the ONNX file at ``path`` in onnxruntime on ``inputs`` (laid out as ``model``'s call, as
+    export_onnx named them), with ``threads`` intra-op threads: what timing on that runtime runs."""
+    session = _session(Path(path), threads=threads)
+    layout = call_layout(model, inputs)
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(layout.names, layout.tensors) if n in wanted}
+    missing = wanted - set(feed)
+    if missing:
+        raise OnnxExportError(f"the ONNX graph expects inputs {sorted(missing)} that the model call does not have "
+                              f"(tensor inputs: {layout.names})")
+
+    def run() -> None:
+        session.run(None, feed)
+
+    return run
 
 
 def default_session_error(path: Path, layout: CallLayout, reference: list[torch.Tensor]) -> float:

@@ -45,6 +45,18 @@ class ExampleInputs:
         first = next((t for t in [*self.args, *self.kwargs.values()] if isinstance(t, torch.Tensor) and t.dim()), None)
         return int(first.shape[0]) if first is not None else 1
 
+    def with_batch(self, batch: int) -> ExampleInputs:
+        """These inputs at batch size ``batch``: every tensor whose leading size is this batch's, its first sample
+        repeated (what timing at another batch size feeds)."""
+        size = self.batch_size
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 0 or t.shape[0] != size:
+                return t
+            return t[:1].expand(batch, *t.shape[1:]).contiguous()
+
+        return ExampleInputs(_map_tensors(self.args, one), _map_tensors(self.kwargs, one))
+
     def describe(self) -> str:
         parts = [describe_value(a) for a in self.args]
         parts += [f"{k}={describe_value(v)}" for k, v in self.kwargs.items()]

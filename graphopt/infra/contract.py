@@ -58,6 +58,11 @@ class Pass:
     - ``change``: the kind of change its edits make (``"dyt"``, ``"prune"``, ``"depth"``, ``"quantize"``,
       or a kind of its own; ``""`` for an exact rewrite). Each edit records it, and ``heal`` picks its
       recipe from it, so a new lossy pass needs no edit in heal.
+    - ``choices``, ``slot``, ``stage``: what the pass offers ``optimize(goal=...)``'s search
+      (:mod:`graphopt.search`): the option sets to try, mildest first (``None``: not searched; ``({},)``:
+      on or off with its defaults); passes of one ``slot`` are alternatives (``drop_blocks`` or
+      ``replace_blocks``: slot ``"depth"``; ``""``: the pass's own name); ``stage`` orders a searched
+      pipeline, lower first (depth 10, prune 20, dyt 30, merge 40, heal 80, quantize 90: quantize last).
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +73,9 @@ class Pass:
     needs_original: ClassVar[bool] = False
     change: ClassVar[str] = ""
     renamed: ClassVar[dict[str, str]] = {}
+    choices: ClassVar[tuple[dict[str, Any], ...] | None] = None
+    slot: ClassVar[str] = ""
+    stage: ClassVar[int] = 50
 
     def __post_init__(self) -> None:
         check_options(self)  # declared types and ranges, for passes built in Python as from text

@@ -83,7 +83,7 @@ def parse_pipeline(text: str) -> Pipeline:
                             f"{type(text).__name__}")
     load_builtin_passes()  # built-in passes and presets register on import
     passes: list[Pass] = []
-    for item in _split_top(text, ","):
+    for item in split_top(text, ","):
         item = item.strip()
         if not item:
             if text.strip():
@@ -134,7 +134,7 @@ def build_pass(name: str, positional: list[Any], options: dict[str, Any]) -> Pas
     return cls(**checked)  # the pass checks its declared ranges (Pass.__post_init__)
 
 
-def _split_top(text: str, sep: str) -> list[str]:
+def split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets and quotes."""
     parts, depth, quote, buf = [], 0, "", []
     for ch in text:
@@ -162,7 +162,7 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 def _partition_top(text: str, sep: str) -> tuple[str, str, str]:
     """``str.partition`` on the first ``sep`` outside brackets and quotes."""
-    parts = _split_top(text, sep)
+    parts = split_top(text, sep)
     return (parts[0], sep, sep.join(parts[1:])) if len(parts) > 1 else (text, "", "")
 
 
@@ -170,20 +170,20 @@ def _parse_args(name: str, text: str) -> tuple[list[Any], dict[str, Any]]:
     positional, options = [], {}
     if not text.strip():
         return positional, options
-    for arg in _split_top(text, ","):
+    for arg in split_top(text, ","):
         key, eq, raw = arg.partition("=")
         if eq and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", key):
             if key.strip() in options:
                 raise PipelineError(f"{name}: option {key.strip()!r} given twice")
-            options[key.strip()] = _parse_value(raw.strip())
+            options[key.strip()] = parse_value(raw.strip())
         else:
             if options:
                 raise PipelineError(f"{name}: positional value {arg.strip()!r} after keyword options")
-            positional.append(_parse_value(arg.strip()))
+            positional.append(parse_value(arg.strip()))
     return positional, options
 
 
-def _parse_value(raw: str, depth: int = 0) -> Any:
+def parse_value(raw: str, depth: int = 0) -> Any:
     if not raw:
         raise PipelineError("empty option value")
     if depth > MAX_DEPTH:
@@ -196,23 +196,23 @@ def _parse_value(raw: str, depth: int = 0) -> Any:
     if raw[0] == "[":
         if raw[-1] != "]":
             raise PipelineError(f"unclosed list {raw!r}")
-        return [_parse_value(v.strip(), depth + 1) for v in _split_top(raw[1:-1], ",") if v.strip()]
+        return [parse_value(v.strip(), depth + 1) for v in split_top(raw[1:-1], ",") if v.strip()]
     if raw[0] == "{":
         if raw[-1] != "}":
             raise PipelineError(f"unclosed map {raw!r}")
         out: dict[str, Any] = {}
-        for item in (v.strip() for v in _split_top(raw[1:-1], ",")):
+        for item in (v.strip() for v in split_top(raw[1:-1], ",")):
             if not item:
                 continue
             key, colon, value = (s.strip() for s in _partition_top(item, ":"))
             if not colon or not key:
                 raise PipelineError(f"map entry {item!r} is not key: value")
-            key = _parse_value(key, depth + 1)
+            key = parse_value(key, depth + 1)
             if not isinstance(key, str):
                 raise PipelineError(f"map keys are names or quoted strings, got {key!r} in {raw!r}")
             if key in out:
                 raise PipelineError(f"map key {key!r} given twice in {raw!r}")
-            out[key] = _parse_value(value, depth + 1)
+            out[key] = parse_value(value, depth + 1)
         return out
     if raw[0] in "'\"":
         try:

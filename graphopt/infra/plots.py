@@ -113,3 +113,36 @@ def plot_groups(graph: Any, path: str | Path, *, most: int = 40) -> Path:
     more = f" (first {most} of {len(graph.groups)})" if len(graph.groups) > most else ""
     ax.set_title(f"{len(graph.groups)} coupled groups{more}", fontsize=10)
     return _save(plt, fig, path)
+
+
+def plot_front(points: list[tuple[str, float | None, float | None, float]], front: list[str], best: str | None,
+               path: str | Path, *, quality_name: str = "quality") -> Path:
+    """Write ``path``: a search's measured points, ``(label, quality, speed-up, size)`` each, quality
+    against speed-up and against size; the front joined, the best ringed."""
+    plt = _pyplot()
+    if not points:
+        raise ValueError("no measured point to plot")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    on_front = set(front)
+    for ax, index, xlabel in ((axes[0], 2, "speed-up over the original (worst timed shape)"),
+                              (axes[1], 3, "weight bytes, ratio to the original")):
+        shown = [(p[index], p[1], p[0]) for p in points if p[index] is not None and p[1] is not None]
+        if not shown:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xlabel(xlabel)
+            continue
+        ax.scatter([x for x, _, _ in shown], [q for _, q, _ in shown], s=22, color="tab:gray", zorder=2)
+        line = sorted((x, q) for x, q, name in shown if name in on_front)
+        ax.plot([x for x, _ in line], [q for _, q in line], "-o", color="tab:blue", zorder=3, label="front")
+        for x, q, name in shown:
+            if name == best:
+                ax.scatter([x], [q], s=140, facecolors="none", edgecolors="tab:green", linewidths=2, zorder=4,
+                           label="best meeting the goal")
+            if name in on_front:
+                ax.annotate(_short(name, 40), (x, q),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{quality_name} vs the original")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +28,18 @@ class PassRegistrationError(ValueError):
 
 
 def register_pass(name: str, *, tolerance: float | None | object = ..., needs_calibration: bool | None = None,
-                  change: str | None = None, replace: bool = False) -> Callable[[Any], Any]:
-    """Register a pass class, or turn ``fn(program, am, *, opt=default, ...)`` into one, under ``name``."""
+                  change: str | None = None, replace: bool = False,
+                  choices: Iterable[dict[str, Any]] | None = None, slot: str | None = None,
+                  stage: int | None = None) -> Callable[[Any], Any]:
+    """Register a pass class, or turn ``fn(program, am, *, opt=default, ...)`` into one, under ``name``.
+
+    ``choices`` (option sets, mildest first), ``slot`` and ``stage`` put the pass in the search space of
+    ``optimize(goal=...)`` (see :class:`~graphopt.infra.contract.Pass`)."""
     if not name.isidentifier():
         raise PassRegistrationError(f"pass name {name!r} must be an identifier (letters, digits, _)")
+    options = None if choices is None else tuple(dict(c) for c in choices)
+    if options is not None and not all(all(isinstance(k, str) for k in c) for c in options):
+        raise PassRegistrationError(f"{name}: choices= takes option dicts keyed by option name, got {choices!r}")
 
     def deco(obj: Any) -> Any:
         if name in _REGISTRY and not replace and _REGISTRY[name].__qualname__ != getattr(obj, "__qualname__", ""):
@@ -50,10 +58,32 @@ def register_pass(name: str, *, tolerance: float | None | object = ..., needs_ca
             cls.needs_calibration = needs_calibration
         if change is not None:
             cls.change = change
+        if options is not None:
+            _check_choices(name, cls, options)
+            cls.choices = options
+        if slot is not None:
+            cls.slot = slot
+        if stage is not None:
+            cls.stage = stage
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def _check_choices(name: str, cls: type[Pass], choices: tuple[dict[str, Any], ...]) -> None:
+    """Every declared choice must name the pass's own options with values it accepts: found at registration,
+    not in the middle of a search."""
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for choice in choices:
+        unknown = [k for k in choice if k not in fields]
+        if unknown:
+            raise PassRegistrationError(f"{name}: choice {choice!r} names no option {unknown[0]!r}"
+                                        f"{suggest(unknown[0], fields)}")
+        try:
+            cls(**choice)
+        except (TypeError, ValueError) as e:
+            raise PassRegistrationError(f"{name}: choice {choice!r} is not a valid configuration: {e}") from None
 
 
 def _class_from_function(name: str, fn: Callable[..., Any]) -> type[Pass]:

@@ -180,7 +180,7 @@ def _cat(per_batch: list[list[torch.Tensor]]) -> torch.Tensor | None:
     return torch.cat(rows) if rows else None
 
 
-@register_pass("dyt", tolerance=None, change="dyt")
+@register_pass("dyt", tolerance=None, change="dyt", stage=30)
 class DyTPass(Pass):
     """Replace LayerNorm/RMSNorm layers with elementwise DyT (or ELN) layers; follow with heal."""
 

@@ -77,23 +77,6 @@ def factory_module(factory_file: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "cli_models"
 
 
-@pytest.fixture(scope="module")
-def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny BERT with the real MiniLM tokenizer, saved as a HuggingFace directory."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from graphopt.models import embedded_directory
-
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_directory("minilm")))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
-    directory = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Passes registered by a test disappear after it."""

@@ -144,7 +144,8 @@ class _Depth(Pass):
         return result
 
 
-@register_pass("drop_blocks", tolerance=None, change="depth")
+@register_pass("drop_blocks", tolerance=None, change="depth", slot="depth", stage=10,
+               choices=({"n": 1}, {"n": 2}))
 class DropBlocks(_Depth):
     """Remove n consecutive blocks (the span of least angular distance, or the one at start)."""
 
@@ -161,7 +162,8 @@ class DropBlocks(_Depth):
         return self._finish(program, blocks, result)
 
 
-@register_pass("replace_blocks", tolerance=None, change="depth")
+@register_pass("replace_blocks", tolerance=None, change="depth", slot="depth", stage=10,
+               choices=({"n": 1}, {"n": 2}))
 class ReplaceBlocks(_Depth):
     """Replace n consecutive blocks by a linear map fitted on calibration data (ReplaceMe)."""
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 64
 
 
-@register_pass("merge_layers", change="depth")
+@register_pass("merge_layers", change="depth", stage=40, choices=({},))
 class MergeLayers(Pass):
     """Merge consecutive linear layers exactly; with latency=, remove activations by LayerMerge's DP."""
 

@@ -54,7 +54,7 @@ class Plan:
 AUTO_ROUND, AUTO_ROUND_MIN_UNITS = 8, 256
 
 
-@register_pass("prune", tolerance=None, change="prune")
+@register_pass("prune", tolerance=None, change="prune", stage=20, choices=({"ratio": 0.1}, {"ratio": 0.2}, {"ratio": 0.3}))
 class Prune(Pass):
     """Remove the least important channels/heads of every coupled group (zero configuration)."""
 

@@ -87,7 +87,8 @@ def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
     return bool((scales < torch.finfo(weight.dtype).tiny).any())
 
 
-@register_pass("quantize", tolerance=None, change="quantize")
+@register_pass("quantize", tolerance=None, change="quantize", stage=90,
+               choices=({"scheme": "int8"}, {"scheme": "w8a8", "method": "gptq"}, {"scheme": "int4", "method": "gptq"}))
 class Quantize(Pass):
     """Quantize Linear and Conv2d weights to int8 / int4 / ternary, or Linear weights and activations to int8 (w8a8)."""
 

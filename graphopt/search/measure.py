@@ -1,0 +1,239 @@
+"""What the search measures of one candidate: quality, perplexity ratio, size and speed-up on the goal's runtime.
+
+A candidate is built by its pipeline text (the same call ``optimize(model, inputs, <text>)`` makes, so the
+text reproduces it); its quality figure is the report's (on ``eval_data`` when given), its size the weight
+bytes relative to the original's, and its speed-up the original's time over its own at every batch size x
+thread count of the goal, the two timed in turns (:func:`~graphopt.infra.metrics.interleaved_medians`). On
+``runtime="onnxruntime"`` both are exported (``export_onnx``, verified in onnxruntime) and the files are timed.
+Every measured point goes to a JSON cache keyed by the model, the inputs and the goal's measuring settings,
+so an interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..frontend.inputs import ExampleInputs
+from ..infra.metrics import count_weight_bytes, interleaved_medians
+from ..infra.pipeline import Pipeline
+from .goal import Goal
+
+log = logging.getLogger(__name__)
+
+#: builds a candidate from its pipeline, returning optimize()'s OptimizeResult (optimize hands itself in:
+#: the search never builds another way, and this layer does not import the one above it)
+Build = Callable[[Pipeline], Any]
+
+
+@dataclass
+class Point:
+    """One candidate's figures (``predicted``: estimated from single changes, not measured)."""
+
+    pipeline: str
+    quality: float | None = None
+    quality_name: str = ""
+    ppl: float | None = None
+    size: float = 1.0
+    speedups: dict[str, float] = field(default_factory=dict)  # "batch 1, 2 threads" -> original / this
+    seconds: float = 0.0  # to build and measure it
+    error: str = ""
+    predicted: bool = False
+    unchanged: list[str] = field(default_factory=list)  # its passes that changed nothing on this model
+
+    @property
+    def speedup(self) -> float | None:
+        """The worst speed-up over the timed settings (None: not timed)."""
+        return min(self.speedups.values()) if self.speedups else None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    def meets(self, goal: Goal) -> list[str]:
+        """The constraints this point misses, in words (empty: it meets the goal)."""
+        if self.failed:
+            return [self.error]
+        missed = []
+        if goal.quality is not None and (self.quality is None or self.quality < goal.quality):
+            missed.append(f"quality {_fmt(self.quality)} < {goal.quality:g}")
+        if goal.ppl is not None and (self.ppl is None or self.ppl > goal.ppl):
+            missed.append(f"ppl ratio {_fmt(self.ppl)} > {goal.ppl:g}")
+        if goal.speedup is not None and (self.speedup is None or self.speedup < goal.speedup):
+            missed.append(f"speed-up {_fmt(self.speedup)} < {goal.speedup:g}")
+        if goal.size is not None and self.size > goal.size:
+            missed.append(f"size {self.size:.3f} > {goal.size:g}")
+        return missed
+
+    def shortfall(self, goal: Goal) -> float:
+        """How far it is from the goal: the relative gaps of the constraints it misses, summed (0: it meets it)."""
+        if self.failed:
+            return float("inf")
+        gaps = []
+        if goal.quality is not None:
+            gaps.append((goal.quality - (self.quality or 0.0)) / goal.quality)
+        if goal.ppl is not None:
+            gaps.append(((self.ppl or float("inf")) - goal.ppl) / goal.ppl)
+        if goal.speedup is not None:
+            gaps.append((goal.speedup - (self.speedup or 0.0)) / goal.speedup)
+        if goal.size is not None:
+            gaps.append((self.size - goal.size) / goal.size)
+        return sum(max(g, 0.0) for g in gaps)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Point:
+        return cls(**data)
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
+class PointCache:
+    """Measured points by pipeline text in one JSON file (written after each point: a search resumes)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.points: dict[str, Point] = {}
+        if path is not None and path.exists():
+            try:
+                self.points = {k: Point.from_json(v) for k, v in json.loads(path.read_text()).items()}
+            except (ValueError, TypeError) as e:
+                log.warning("search cache %s is unreadable (%s): starting afresh", path, e)
+
+    def get(self, pipeline: str) -> Point | None:
+        return self.points.get(pipeline)
+
+    def put(self, point: Point) -> None:
+        self.points[point.pipeline] = point
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({k: v.to_json() for k, v in self.points.items()}, indent=1))
+            tmp.replace(self.path)
+
+
+def fingerprint(model: nn.Module, goal: Goal, data: list[ExampleInputs]) -> str:
+    """What decides a measurement: the weights, the inputs and data (example, held-out, calibration) and the
+    goal's timing settings."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        _update(h, t)
+    for batch in data:
+        h.update(batch.describe().encode())
+        for t in [*batch.args, *batch.kwargs.values()]:
+            if isinstance(t, torch.Tensor):
+                _update(h, t)
+    h.update(json.dumps([goal.runtime, list(goal.batches), list(goal.thread_counts())]).encode())
+    return h.hexdigest()[:16]
+
+
+def _update(h: Any, t: torch.Tensor) -> None:
+    if t.numel():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Evaluator:
+    """Builds and measures candidates against ``model`` (never changed), caching every point."""
+
+    def __init__(self, model: nn.Module, inputs: ExampleInputs, goal: Goal, build: Build, cache: PointCache,
+                 repeat: int = 10) -> None:
+        self.model, self.inputs, self.goal, self.build, self.cache, self.repeat = \
+            model, inputs, goal, build, cache, repeat
+        self.base_bytes = count_weight_bytes(model)
+        self.settings = [(b, t) for b in goal.batches for t in goal.thread_counts()]
+        self._dir = tempfile.TemporaryDirectory(prefix="graphopt-search-") if goal.runtime == "onnxruntime" else None
+        self._base_runs: dict[tuple[int, int], Callable[[], None]] = {}
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+
+    def measure(self, pipeline: Pipeline) -> Point:
+        """The point of ``pipeline`` from the cache, else built and measured now (a failure is a point too)."""
+        text = str(pipeline)
+        cached = self.cache.get(text)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        point = Point(text)
+        try:
+            result = self.build(pipeline)
+            if not result.ok:
+                failed = result.report.failed[0]
+                point.error = f"{failed.text} was rolled back: {failed.reason}"
+            else:
+                self._figures(point, result)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot be built or timed is a failed point, said
+            point.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.info("search: %s failed: %s", text, point.error)
+        point.seconds = time.perf_counter() - start
+        self.cache.put(point)
+        return point
+
+    def _figures(self, point: Point, result: Any) -> None:
+        point.unchanged = [r.text for r in result.report.passes if r.status == "unchanged"]
+        last = result.report.records[-1]
+        point.quality, point.quality_name = last.quality, last.quality_name
+        point.ppl = last.measures.get("ppl ratio")
+        point.size = count_weight_bytes(result.model) / self.base_bytes
+        if self.goal.needs_latency:
+            point.speedups = self._speedups(result.model)
+
+    def _speedups(self, candidate: nn.Module) -> dict[str, float]:
+        out = {}
+        runs = self._runners(candidate)
+        for (batch, threads), run in runs.items():
+            with _threads(threads), torch.no_grad():
+                base, new = interleaved_medians([self._base_runs[(batch, threads)], run], self.repeat, warmup=2)
+            out[f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
+        return out
+
+    def _runners(self, candidate: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
+        if self.goal.runtime == "torch":
+            if not self._base_runs:
+                self._base_runs = self._torch_runs(self.model)
+            return self._torch_runs(candidate)
+        if not self._base_runs:
+            self._base_runs = self._ort_runs(self.model, "original")
+        return self._ort_runs(candidate, "candidate")
+
+    def _torch_runs(self, module: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
+        def runner(x: ExampleInputs) -> Callable[[], None]:
+            return lambda: x.call(module)
+
+        return {(b, t): runner(self.inputs.with_batch(b)) for b, t in self.settings}
+
+    def _ort_runs(self, module: nn.Module, name: str) -> dict[tuple[int, int], Callable[[], None]]:
+        from ..emit.onnx_export import export_onnx
+        from ..emit.onnx_verify import ort_runner
+
+        assert self._dir is not None
+        path = Path(self._dir.name) / f"{name}.onnx"
+        export_onnx(module, self.inputs, path, dynamic_axes="auto")
+        return {(b, t): ort_runner(path, module, self.inputs.with_batch(b), t) for b, t in self.settings}

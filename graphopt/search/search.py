@@ -1,0 +1,252 @@
+"""``optimize(model, inputs, goal=...)``'s search: the best pipeline of the declared space for a goal.
+
+1. **One change at a time.** Every choice of every slot (:mod:`.space`) is built and measured on its own,
+   mildest first; a choice that misses the quality floor alone ends its pass's stronger choices (a stronger
+   cut of the same kind loses more: the assumption behind the floor's pruning, said in the result).
+2. **Every combination, predicted.** Each combination of the single changes that met the floor is estimated
+   from them: speed-ups and size ratios multiply, quality losses (``1 - figure``) add, perplexity ratios
+   multiply. The space is a product of a few slots with a few choices each (hundreds of combinations), so it
+   is enumerated exhaustively rather than sampled: no combination is left out, and the estimate of each costs
+   nothing. This is the knapsack of the issue solved by enumeration at pass level; the per-layer choices
+   (which layers get int4, which groups lose units) are made inside the passes (``budget_bits``, global
+   pruning), not by this search yet.
+3. **The best predictions, measured.** The combinations predicted to meet the goal, best objective first,
+   are built and measured end to end (``goal.trials`` of them, within ``goal.max_time``); the search never
+   stops at the first that meets the goal, and the answer is always a measured point: predictions only decide
+   what to measure.
+
+The result holds every measured point, the Pareto front (quality against speed-up and size), the best point
+meeting the goal, or, when none does, the nearest points and which constraint binds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..infra.text import markdown_table
+from ..progress import Progress
+from .goal import Goal, GoalError
+from .measure import Evaluator, Point
+from .space import Combination, Slot, combinations, pipeline_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    """What the search measured, its front, and its answer (``best``: None when no point meets the goal)."""
+
+    goal: Goal
+    points: list[Point]
+    best: Point | None
+    seconds: float
+    predicted: int = 0  # combinations estimated
+    left_out: list[str] = field(default_factory=list)  # choices not searched, with why
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def front(self) -> list[Point]:
+        """The measured points no other measured point beats on every figure (quality, speed-up, size)."""
+        ok = [p for p in self.points if not p.failed]
+        return [p for p in ok if not any(_dominates(q, p) for q in ok)]
+
+    @property
+    def nearest(self) -> list[Point]:
+        """When no point meets the goal: the three with the smallest relative shortfall (:meth:`Point.shortfall`)."""
+        return sorted((p for p in self.points if not p.failed), key=lambda p: p.shortfall(self.goal))[:3]
+
+    @property
+    def binding(self) -> str:
+        """Which constraint stops the goal (empty when a point meets it)."""
+        if self.best is not None:
+            return ""
+        near = self.nearest
+        if not near:
+            return "no candidate could be built: " + "; ".join(sorted({p.error for p in self.points}))[:500]
+        return f"no measured point meets {self.goal}; the nearest, {near[0].pipeline}, misses: " + \
+            "; ".join(near[0].meets(self.goal))
+
+    def table(self) -> str:
+        """Every measured point as a Markdown table: the best marked ``*``, the front ``f``."""
+        front = {id(p) for p in self.front}
+        name = next((p.quality_name for p in self.points if p.quality_name), "quality")
+        has_ppl = any(p.ppl is not None for p in self.points)
+        rows = []
+        for p in sorted(self.points, key=lambda p: (p.failed, -objective(p, self.goal))):
+            mark = "*" if p is self.best else ("f" if id(p) in front else "")
+            missed = p.meets(self.goal)
+            rows.append([mark, p.pipeline, _num(p.quality), *([_num(p.ppl)] if has_ppl else []),
+                         _num(p.speedup, 2), f"{p.size:.3f}", f"{p.seconds:.0f}",
+                         "yes" if not missed else "; ".join(missed)[:80]])
+        header = ["", "pipeline", name, *(["ppl ratio"] if has_ppl else []), "speed-up (worst)", "size",
+                  "time s", "meets goal"]
+        return markdown_table(header, rows)
+
+    def __str__(self) -> str:
+        lines = [f"search for {self.goal}: {len(self.points)} points measured, {self.predicted} combinations "
+                 f"predicted, {self.seconds:.0f} s", self.table()]
+        lines.append(f"best: {self.best.pipeline}" if self.best else self.binding)
+        lines += [f"not searched: {w}" for w in self.left_out] + self.notes
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write ``path``: quality against speed-up and against size, the front joined, the best ringed."""
+        from ..infra.plots import plot_front
+
+        ok = [p for p in self.points if not p.failed]
+        return plot_front([(label(p), p.quality, p.speedup, p.size) for p in ok], [label(p) for p in self.front],
+                          label(self.best) if self.best else None, path,
+                          quality_name=next((p.quality_name for p in ok if p.quality_name), "quality"))
+
+
+def label(p: Point) -> str:
+    """A point's own passes: its pipeline without the clean-ups every candidate starts with."""
+    return p.pipeline.removeprefix(str(pipeline_of(()))).lstrip(",") or "original"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def objective(p: Point, goal: Goal) -> float:
+    """The figure the goal maximises (size negated); -inf for a failed point or one not timed."""
+    if p.failed:
+        return float("-inf")
+    if goal.objective == "size":
+        return -p.size
+    if goal.objective == "quality":
+        return p.quality if p.quality is not None else float("-inf")
+    return p.speedup if p.speedup is not None else float("-inf")
+
+
+def _dominates(a: Point, b: Point) -> bool:
+    def figures(p: Point) -> list[float]:
+        return [p.quality if p.quality is not None else float("-inf"), -(p.ppl or 1.0),
+                p.speedup if p.speedup is not None else 0.0, -p.size]
+
+    fa, fb = figures(a), figures(b)
+    return all(x >= y for x, y in zip(fa, fb)) and any(x > y for x, y in zip(fa, fb))
+
+
+def meets_floor(p: Point, goal: Goal) -> bool:
+    """Quality and perplexity within the goal (the constraints a further change can only make worse)."""
+    if p.failed:
+        return False
+    if goal.quality is not None and (p.quality is None or p.quality < goal.quality):
+        return False
+    return not (goal.ppl is not None and (p.ppl is None or p.ppl > goal.ppl))
+
+
+def predict(combo: Combination, singles: dict[int, Point], base: Point) -> Point:
+    """A combination's figures from its single changes' (see the module docstring)."""
+    parts = [singles[id(p)] for p in combo]
+    point = Point(str(pipeline_of(combo)), predicted=True, quality_name=base.quality_name)
+    if all(s.quality is not None for s in parts):
+        point.quality = 1.0 - sum(1.0 - s.quality for s in parts)  # type: ignore[operator]
+    if all(s.ppl is not None for s in parts):
+        point.ppl = 1.0
+        for s in parts:
+            point.ppl *= s.ppl  # type: ignore[operator]
+    for s in parts:
+        point.size *= s.size
+    for key in base.speedups:
+        point.speedups[key] = 1.0
+        for s in parts:
+            point.speedups[key] *= s.speedups.get(key, 1.0)
+    return point
+
+
+class Search:
+    """One search: the evaluator that builds and measures, the slots, the goal and its clock."""
+
+    def __init__(self, evaluator: Evaluator, slots: Sequence[Slot], goal: Goal) -> None:
+        self.evaluator, self.slots, self.goal = evaluator, list(slots), goal
+        self.start = time.perf_counter()
+        self.points: list[Point] = []
+        self.notes: list[str] = []
+
+    def _out_of_time(self) -> bool:
+        return time.perf_counter() - self.start > self.goal.max_time
+
+    def _measure(self, combo: Combination, progress: Progress) -> Point:
+        point = self.evaluator.measure(pipeline_of(combo))
+        if all(point.pipeline != p.pipeline for p in self.points):
+            self.points.append(point)
+        best = self.best()
+        progress.update(best=best.pipeline if best else "none yet")
+        return point
+
+    def best(self) -> Point | None:
+        feasible = [p for p in self.points if not p.meets(self.goal)]
+        return max(feasible, key=lambda p: (objective(p, self.goal), p.quality or 0.0), default=None)
+
+    def run(self) -> tuple[list[Point], int]:
+        """Measure singles, predict every combination, measure the best predictions; (points, predicted)."""
+        n_singles = sum(len(s.choices) for s in self.slots)
+        with Progress("search", total=1 + n_singles + self.goal.trials, unit="candidate") as progress:
+            base = self._measure((), progress)
+            if base.failed:
+                raise GoalError(f"the original model (pipeline {base.pipeline!r}) could not be measured: {base.error}")
+            singles = self._singles(progress)
+            ranked = self._ranked(singles, base)
+            for measured, (combo, _) in enumerate(ranked[:self.goal.trials]):
+                if self._out_of_time():
+                    self.notes.append(f"stopped at max_time={self.goal.max_time:g} s with {measured} of "
+                                      f"{min(self.goal.trials, len(ranked))} combinations measured")
+                    break
+                self._measure(combo, progress)
+        return self.points, len(ranked)
+
+    def _singles(self, progress: Progress) -> dict[int, Point]:
+        singles: dict[int, Point] = {}
+        for slot in self.slots:
+            dropped: dict[type, str] = {}  # pass class -> the milder choice that missed the floor
+            for choice in slot.choices:
+                if type(choice) in dropped:
+                    self.notes.append(f"{choice.label()} not measured: {dropped[type(choice)]}")
+                    progress.update()
+                    continue
+                if self._out_of_time():
+                    self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {choice.label()}")
+                    return singles
+                point = self._measure((choice,), progress)
+                if str(choice) in point.unchanged:  # nothing to do on this model: no combination needs it
+                    self.notes.append(f"{choice.label()} changed nothing on this model: left out of the combinations")
+                    dropped[type(choice)] = f"{choice.label()} changed nothing on this model"
+                    continue
+                singles[id(choice)] = point
+                if not point.failed and not meets_floor(point, self.goal):
+                    dropped[type(choice)] = f"the milder {choice.label()} already misses the quality floor"
+        return singles
+
+    def _ranked(self, singles: dict[int, Point], base: Point) -> list[tuple[Combination, Point]]:
+        """Combinations of two or more single changes that met the floor, predicted, best objective first;
+        those predicted to meet the whole goal come before the others."""
+        usable = [Slot(s.name, s.stage, tuple(c for c in s.choices
+                                               if id(c) in singles and meets_floor(singles[id(c)], self.goal)))
+                  for s in self.slots]
+        out = []
+        for combo in combinations([s for s in usable if s.choices]):
+            if len(combo) < 2:
+                continue
+            out.append((combo, predict(combo, singles, base)))
+        out.sort(key=lambda cp: (bool(cp[1].meets(self.goal)), -objective(cp[1], self.goal)))
+        return out
+
+
+def run_search(evaluator: Evaluator, slots: Sequence[Slot], goal: Goal, left_out: list[str]) -> SearchResult:
+    """Run the search and gather its result (the evaluator is closed afterwards)."""
+    search = Search(evaluator, slots, goal)
+    try:
+        points, predicted = search.run()
+    finally:
+        evaluator.close()
+    result = SearchResult(goal, points, search.best(), time.perf_counter() - search.start, predicted, left_out,
+                          search.notes)
+    log.info("%s", result)
+    return result
+

@@ -1,0 +1,71 @@
+"""The search space, as the passes declare it: slots of alternative choices, and the pipelines they make.
+
+Each registered pass with ``choices`` (:class:`~graphopt.infra.contract.Pass`) offers its option sets; the
+passes that share a ``slot`` are alternatives (``drop_blocks(n=1)`` or ``replace_blocks(n=2)``, never both);
+a candidate takes at most one choice per slot, and its pipeline puts them in ``stage`` order after the exact
+clean-ups of the ``default`` preset. A user's pass registered with ``choices=`` joins the space as it is.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ..infra.contract import Pass
+from ..infra.pipeline import Pipeline, parse_pipeline
+from ..infra.registry import get_pass, list_passes
+from .goal import GoalError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Alternative configured passes, one of which (or none) a candidate takes."""
+
+    name: str
+    stage: int
+    choices: tuple[Pass, ...]
+
+
+#: a candidate: the chosen pass of each slot that takes one, in slot order
+Combination = tuple[Pass, ...]
+
+
+def declared_space(passes: Sequence[str] = (), *, calibrated: bool) -> tuple[list[Slot], list[str]]:
+    """The slots of every pass that declares choices (or of ``passes`` only), and what was left out and why.
+
+    Choices that read calibration data are left out when there is none (said in the second list)."""
+    registry = list_passes()
+    if passes:
+        for name in passes:
+            cls = get_pass(name)  # an unknown name raises with the closest one
+            if cls.choices is None:
+                searchable = sorted(n for n, c in registry.items() if c.choices is not None)
+                raise GoalError(f"passes=[{name}]: {name} declares no choices to search; searchable passes: "
+                                f"{', '.join(searchable)} (register_pass(..., choices=...) adds one)")
+    chosen = [registry[n] for n in passes] if passes else [c for c in registry.values() if c.choices is not None]
+    slots: dict[str, list[Pass]] = {}
+    stages: dict[str, int] = {}
+    left_out: list[str] = []
+    for cls in chosen:
+        slot = cls.slot or cls.name
+        for options in cls.choices or ():
+            p = cls(**options)
+            if p.needs_calibration and not calibrated:
+                left_out.append(f"{p.label()} (reads calibration data: give calib=)")
+                continue
+            slots.setdefault(slot, []).append(p)
+            stages[slot] = min(stages.get(slot, cls.stage), cls.stage)
+    ordered = sorted(slots, key=lambda s: (stages[s], s))
+    return [Slot(s, stages[s], tuple(slots[s])) for s in ordered], left_out
+
+
+def combinations(slots: Sequence[Slot]) -> Iterator[Combination]:
+    """Every candidate: none or one choice per slot (the empty one, the original, first)."""
+    for picks in itertools.product(*[(None, *slot.choices) for slot in slots]):
+        yield tuple(p for p in picks if p is not None)
+
+
+def pipeline_of(combo: Combination) -> Pipeline:
+    """The pipeline that builds a candidate: the ``default`` clean-ups, then its passes by stage."""
+    return Pipeline([*parse_pipeline("default"), *sorted(combo, key=lambda p: type(p).stage)])

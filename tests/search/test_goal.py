@@ -1,0 +1,69 @@
+"""Goal: its text round-trips, and a goal that cannot be searched fails before any work, saying why."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt as go
+from graphopt.search.goal import Goal, GoalError
+from graphopt.search.measure import Evaluator
+
+
+def test_goal_text_round_trips_and_parses_lists():
+    goal = Goal.parse("quality>=0.99, speedup>=3, runtime=onnxruntime, batches=[1,32], threads=[1,2], max_time=600")
+    assert goal == Goal(quality=0.99, speedup=3, runtime="onnxruntime", batches=(1, 32), threads=(1, 2), max_time=600)
+    assert Goal.parse(str(goal)) == goal
+    assert str(Goal(ppl=1.05, objective="size")) == "ppl<=1.05,objective=size"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("quality<=0.99", "write quality>=0.99"),
+    ("speedup=3", "write speedup>=3"),
+    ("qualty>=0.9", "did you mean 'quality'"),
+    ("quality>=1.5", "must be in (0, 1]"),
+    ("quality>=0.9,quality>=0.95", "given twice"),
+    ("speedup>=2", "needs a quality= (or ppl=) floor"),
+    ("quality>=0.9,objective=quality", "drop one"),
+    ("quality>=0.9,runtime=tensorrt", "choose torch or onnxruntime"),
+    ("quality>=0.9,batches=[0]", "batch sizes >= 1"),
+    ("", "an empty goal"),
+    ("fast please", "write name>=value"),
+])
+def test_a_goal_that_cannot_be_searched_says_what_to_write(text, says):
+    with pytest.raises(GoalError) as e:
+        Goal.parse(text)
+    assert says in str(e.value)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def test_optimize_refuses_bad_goals_before_building_anything(monkeypatch):
+    model, x = _mlp(), torch.randn(2, 8)
+    built = []
+    monkeypatch.setattr(Evaluator, "measure", lambda self, pipeline: built.append(pipeline))
+    with pytest.raises(GoalError, match="give pipeline= or goal=, not both"):
+        go.optimize(model, x, "quantize", goal="quality>=0.9,objective=size")
+    with pytest.raises(GoalError, match="needs eval_data="):
+        go.optimize(model, x, goal="quality>=0.9,objective=size")
+    with pytest.raises(GoalError, match="ppl= needs a language model's eval_data with input_ids"):
+        go.optimize(model, x, goal="ppl<=1.05,objective=size", eval_data=[torch.randn(2, 8)])
+    with pytest.raises(go.PipelineError, match="unknown pass 'prnue'"):
+        go.optimize(model, x, goal="quality>=0.9,objective=size,passes=[prnue]", eval_data=[x])
+    with pytest.raises(GoalError, match="fold_bn declares no choices to search; searchable passes: .*prune"):
+        go.optimize(model, x, goal="quality>=0.9,objective=size,passes=[fold_bn]", eval_data=[x])
+    with pytest.raises(GoalError, match=r"nothing to search: replace_blocks\(n=1,method=lstsq\) \(reads calibration data: "
+                                        r"give calib=\)"):
+        go.optimize(model, x, goal=Goal(quality=0.9, objective="size", passes=("replace_blocks",)), eval_data=[x])
+    assert built == []
+
+
+def test_a_runtime_that_is_not_installed_is_named_with_the_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(GoalError, match=r"runtime=onnxruntime needs onnxruntime: pip install 'graphopt\[onnx\]'"):
+        go.optimize(_mlp(), torch.randn(2, 8), goal="quality>=0.9,runtime=onnxruntime", eval_data=[torch.randn(2, 8)])

@@ -1,0 +1,177 @@
+"""optimize(goal=...): the search finds what exhaustive search finds, searches a user's pass, reproduces its
+answer from the pipeline text, honours max_time, resumes from its cache and explains an infeasible goal."""
+
+import itertools
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt as go
+from graphopt.infra import registry
+from graphopt.infra.metrics import count_weight_bytes
+from graphopt.infra.registry import PassRegistrationError
+from graphopt.search import search_goal
+from graphopt.search.goal import Goal
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 64, generator=g)
+    calib = [torch.randn(8, 64, generator=g) for _ in range(4)]
+    held_out = [torch.randn(8, 64, generator=g) for _ in range(4)]
+    return model, x, calib, held_out
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Passes registered by a test stay in that test."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_the_search_finds_the_optimum_that_exhaustive_search_finds():
+    model, x, calib, held_out = _mlp()
+    goal = Goal(quality=0.85, objective="size", passes=("prune", "quantize"), trials=2)
+    base = count_weight_bytes(model)
+    prune = [None, *(go.get_pass("prune")(**c) for c in go.get_pass("prune").choices)]
+    quant = [None, *(go.get_pass("quantize")(**c) for c in go.get_pass("quantize").choices)]
+    exhaustive = {}
+    for p, q in itertools.product(prune, quant):  # every pipeline of the space, built and measured
+        pipeline = [go.parse_pipeline("default"), *[[c] for c in (p, q) if c is not None]]
+        res = go.optimize(model, x, [s for part in pipeline for s in part], calib=calib, eval_data=held_out,
+                          measure=False, progress=False)
+        exhaustive[str(res.pipeline)] = (res.report.records[-1].quality, count_weight_bytes(res.model) / base)
+    feasible = {k: v for k, v in exhaustive.items() if v[0] >= goal.quality}
+    truth = min(feasible, key=lambda k: (feasible[k][1], -feasible[k][0]))
+    assert len(go.parse_pipeline(truth)) == 4  # the optimum is a combination of two changes, not one
+
+    res = go.optimize_for(model, x, goal, calib=calib, eval_data=held_out, cache=False)
+    found = res.search
+    assert found.best is not None and found.best.pipeline == truth
+    assert str(res.pipeline) == truth
+    combos_measured = [p for p in found.points if len(go.parse_pipeline(p.pipeline)) >= 4]
+    assert len(combos_measured) <= goal.trials < found.predicted  # it measured fewer than it could have
+    assert found.best.quality == pytest.approx(exhaustive[truth][0], abs=1e-6)
+
+
+def test_a_stronger_choice_is_not_measured_once_a_milder_one_misses_the_floor():
+    model, x, calib, held_out = _mlp()
+    found = go.optimize_for(model, x, "quality>=0.95,objective=size,passes=[prune]", calib=calib,
+                            eval_data=held_out, cache=False).search
+    assert [p.pipeline for p in found.points] == ["remove_dropout,fold_bn", "remove_dropout,fold_bn,prune(ratio=0.1)"]
+    assert found.points[1].quality < 0.95
+    assert "prune(ratio=0.2,importance=l2) not measured: the milder prune(ratio=0.1,importance=l2) already misses " \
+           "the quality floor" in found.notes
+    assert found.best.pipeline == "remove_dropout,fold_bn"  # nothing smaller meets the floor: the original
+
+
+def test_the_answer_is_rebuilt_by_its_pipeline_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path))
+    model, x, calib, held_out = _mlp()
+    res = go.optimize(model, x, goal="quality>=0.98,objective=size,passes=[quantize]", calib=calib,
+                      eval_data=held_out)
+    assert len(list((tmp_path / "search").glob("*.json"))) == 1  # the points, kept for a resumed search
+    again = go.optimize(model, x, str(res.pipeline), calib=calib, measure=False)
+    assert "quantize" in str(res.pipeline)
+    mine, theirs = res.model.state_dict(), again.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert "remove_dropout,fold_bn" in str(res.pipeline) and res.report.records[-1].latency_ms is not None
+    assert res.search.table().count("\n") == len(res.search.points) + 1
+
+
+class _Sleepy(nn.Module):
+    """A layer whose time is a sleep: what the search's timing must see."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return x
+
+
+def _sleepy_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), _Sleepy(), nn.Linear(16, 16), _Sleepy()).eval()
+
+
+def _register_wake(scale_noise: bool = False):
+    @go.register_pass("wake", tolerance=None, change="wake", stage=30, choices=({"n": 1}, {"n": 2}))
+    def wake(program, am, *, n: int = 1):
+        """Replace the first n sleeping layers by identities (the second one also nudges the output)."""
+        result = go.PassResult(modified=False)
+        sleepy = [name for name, m in program.module.named_modules() if isinstance(m, _Sleepy)][:n]
+        for name in sleepy:
+            program.replace_module(name, nn.Identity())
+            result.modified = True
+        if n == 2 and scale_noise:
+            last = program.module[2]
+            program.set_tensor("2.weight", last.weight.detach() + 0.5 * torch.randn_like(last.weight))
+        return result
+
+    return wake
+
+
+def test_a_user_pass_with_choices_joins_the_search_and_the_speedup_is_measured(own_registry):
+    _register_wake()
+    model = _sleepy_model()
+    x, held_out = torch.randn(2, 16), [torch.randn(4, 16)]
+    res = go.optimize_for(model, x, "quality>=0.99,passes=[wake],batches=[1,4],threads=[1]", eval_data=held_out,
+                          cache=False)
+    pipelines = [p.pipeline for p in res.search.points]
+    assert "remove_dropout,fold_bn,wake" in pipelines and "remove_dropout,fold_bn,wake(n=2)" in pipelines
+    assert str(res.pipeline) == "remove_dropout,fold_bn,wake(n=2)"
+    best = res.search.best
+    assert set(best.speedups) == {"batch 1, 1 thread", "batch 4, 1 thread"}
+    assert best.speedup > 5  # both 20 ms sleeps gone: what is left is two tiny matmuls
+    one = next(p for p in res.search.points if p.pipeline.endswith(",wake"))
+    assert 1.5 < one.speedup < 2.5  # one of two sleeps gone: about twice as fast
+
+
+def test_a_speedup_goal_that_costs_too_much_quality_says_which_constraint_binds(own_registry):
+    _register_wake(scale_noise=True)
+    model = _sleepy_model()
+    x, held_out = torch.randn(2, 16), [torch.randn(4, 16)]
+    res = go.optimize_for(model, x, "quality>=0.99,speedup>=3,passes=[wake],batches=[1],threads=[1]",
+                          eval_data=held_out, cache=False)
+    found = res.search
+    assert found.best is None
+    assert "the nearest, remove_dropout,fold_bn,wake, misses: speed-up" in found.binding
+    assert str(res.pipeline) == "default" or str(res.pipeline) == "remove_dropout,fold_bn"
+    assert any("optimize(goal=...): no measured point meets" in n for n in res.report.notes)
+    noisy = next(p for p in found.points if p.pipeline.endswith("wake(n=2)"))
+    assert noisy.quality < 0.99 and noisy.speedup > 3  # fast enough, but not good enough
+
+
+def test_registering_choices_that_are_not_options_fails_at_registration(own_registry):
+    with pytest.raises(PassRegistrationError, match=r"choice \{'m': 1\} names no option 'm'; valid names: n"):
+        @go.register_pass("bad_choices", choices=({"m": 1},))
+        def bad(program, am, *, n: int = 1):
+            return go.PassResult(modified=False)
+    with pytest.raises(PassRegistrationError, match=r"choice \{'ratio': 2\} is not a valid configuration"):
+        go.register_pass("prune2", choices=({"ratio": 2},))(type("Prune2", (go.get_pass("prune"),), {}))
+
+
+def test_max_time_is_honoured_and_the_cache_resumes_without_building_again(tmp_path):
+    model, x, calib, held_out = _mlp()
+    built = []
+
+    def build(pipeline, **kw):
+        built.append(str(pipeline))
+        return go.optimize(model, x, pipeline, calib=calib, eval_data=held_out, measure=False, progress=False)
+
+    goal = Goal(quality=0.85, objective="size", passes=("quantize",), max_time=1e-3)
+    hurried = search_goal(model, x, goal, build, calib=calib, eval_data=held_out, cache=tmp_path)
+    assert len(built) == 1 and any("stopped at max_time=0.001 s" in n for n in hurried.notes)
+
+    goal = Goal(quality=0.85, objective="size", passes=("quantize",))
+    first = search_goal(model, x, goal, build, calib=calib, eval_data=held_out, cache=tmp_path)
+    assert len(built) == 1 + 3  # the original came from the cache: only the three quantize choices were built
+    built.clear()
+    second = search_goal(model, x, goal, build, calib=calib, eval_data=held_out, cache=tmp_path)
+    assert built == []  # every point read back
+    assert second.best.pipeline == first.best.pipeline
+    assert [p.quality for p in second.points] == [p.quality for p in first.points]
+    other = search_goal(model, x, goal, build, calib=calib[:2], eval_data=held_out, cache=tmp_path)
+    assert len(built) == 4 and other.best is not None  # other calibration data: another cache entry
