@@ -184,13 +184,14 @@ def optimize_for(model: nn.Module, example_inputs: Any, goal: Goal | str, *, cal
     held_out = list(held_out) if held_out is not None else None
 
     def build(pipeline: Pipeline, **kw: Any) -> OptimizeResult:
-        options: dict[str, Any] = {"measure": False, "progress": False, **kw}
-        return optimize(model, example_inputs, pipeline, calib=batches, eval_data=held_out, model_spec=model_spec,
-                        **options)
+        """A candidate as optimize() makes it (the search measures its quality itself: no held-out data here)."""
+        options: dict[str, Any] = {"measure": False, "progress": False, "eval_data": None, **kw}
+        return optimize(model, example_inputs, pipeline, calib=batches, model_spec=model_spec, **options)
 
     found = search_goal(model, example_inputs, goal, build, calib=batches, eval_data=held_out, cache=cache)
     chosen = found.best.pipeline if found.best is not None else "default"
-    result = build(as_pipeline(chosen), inplace=inplace, instruments=instruments, measure=True, progress=None)
+    result = build(as_pipeline(chosen), inplace=inplace, instruments=instruments, measure=True, progress=None,
+                   eval_data=held_out)
     result.search = found
     if found.best is None:
         result.report.notes.append(f"optimize(goal=...): {found.binding}; the model is the original with the "

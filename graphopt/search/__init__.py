@@ -47,7 +47,7 @@ def search_goal(model: nn.Module, example_inputs: Any, goal: Goal | str, build: 
         raise GoalError("nothing to search: " + ("; ".join(left_out) if left_out else
                                                   "no registered pass declares choices"))
     store = PointCache(_cache_path(cache, model, inputs, goal, held_out, calib))
-    evaluator = Evaluator(model, inputs, goal, build, store)
+    evaluator = Evaluator(model, inputs, goal, build, store, held_out or [])
     return run_search(evaluator, slots, goal, left_out)
 
 

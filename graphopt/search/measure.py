@@ -1,7 +1,8 @@
 """What the search measures of one candidate: quality, perplexity ratio, size and speed-up on the goal's runtime.
 
 A candidate is built by its pipeline text (the same call ``optimize(model, inputs, <text>)`` makes, so the
-text reproduces it); its quality figure is the report's (on ``eval_data`` when given), its size the weight
+text reproduces it); its quality figure is the report's, on ``eval_data`` (computed once for the built model,
+not after each of its passes as the report's rows are), its size the weight
 bytes relative to the original's, and its speed-up the original's time over its own at every batch size x
 thread count of the goal, the two timed in turns (:func:`~graphopt.infra.metrics.interleaved_medians`). On
 ``runtime="onnxruntime"`` both are exported (``export_onnx``, verified in onnxruntime) and the files are timed.
@@ -28,6 +29,7 @@ from torch import nn
 from ..frontend.inputs import ExampleInputs
 from ..infra.metrics import count_weight_bytes, interleaved_medians
 from ..infra.pipeline import Pipeline
+from ..infra.quality import Quality, Summary, summarize, task_quality
 from .goal import Goal
 
 log = logging.getLogger(__name__)
@@ -162,9 +164,11 @@ class Evaluator:
     """Builds and measures candidates against ``model`` (never changed), caching every point."""
 
     def __init__(self, model: nn.Module, inputs: ExampleInputs, goal: Goal, build: Build, cache: PointCache,
-                 repeat: int = 10) -> None:
+                 eval_data: list[ExampleInputs], repeat: int = 10) -> None:
         self.model, self.inputs, self.goal, self.build, self.cache, self.repeat = \
             model, inputs, goal, build, cache, repeat
+        self.eval_data = eval_data or [inputs]
+        self._reference: list[Summary | None] = []  # the original's, per held-out batch
         self.base_bytes = count_weight_bytes(model)
         self.settings = [(b, t) for b in goal.batches for t in goal.thread_counts()]
         self._dir = tempfile.TemporaryDirectory(prefix="graphopt-search-") if goal.runtime == "onnxruntime" else None
@@ -198,12 +202,21 @@ class Evaluator:
 
     def _figures(self, point: Point, result: Any) -> None:
         point.unchanged = [r.text for r in result.report.passes if r.status == "unchanged"]
-        last = result.report.records[-1]
-        point.quality, point.quality_name = last.quality, last.quality_name
-        point.ppl = last.measures.get("ppl ratio")
+        figure = self._quality(result.model)
+        if figure is not None:
+            point.quality, point.quality_name, point.ppl = figure.value, figure.name, figure.extra.get("ppl ratio")
         point.size = count_weight_bytes(result.model) / self.base_bytes
         if self.goal.needs_latency:
             point.speedups = self._speedups(result.model)
+
+    def _quality(self, candidate: nn.Module) -> Quality | None:
+        """The report's figure (:mod:`graphopt.infra.quality`) on the held-out batches: measured here once per
+        candidate, not after each of its passes as a report does."""
+        with torch.no_grad():
+            if not self._reference:
+                self._reference = [summarize(b.call(self.model), b) for b in self.eval_data]
+            now = [summarize(b.call(candidate), b) for b in self.eval_data]
+        return task_quality(list(zip(now, self._reference)))
 
     def _speedups(self, candidate: nn.Module) -> dict[str, float]:
         out = {}
@@ -235,5 +248,5 @@ class Evaluator:
 
         assert self._dir is not None
         path = Path(self._dir.name) / f"{name}.onnx"
-        export_onnx(module, self.inputs, path, dynamic_axes="auto")
+        export_onnx(module, self.inputs.with_batch(2), path, dynamic_axes="auto")  # at batch 2: a dynamic batch axis
         return {(b, t): ort_runner(path, module, self.inputs.with_batch(b), t) for b, t in self.settings}

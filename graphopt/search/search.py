@@ -177,7 +177,7 @@ class Search:
         if all(point.pipeline != p.pipeline for p in self.points):
             self.points.append(point)
         best = self.best()
-        progress.update(best=best.pipeline if best else "none yet")
+        progress.update(best=label(best) if best else "none yet")
         return point
 
     def best(self) -> Point | None:

@@ -47,6 +47,9 @@ for i, block in enumerate(json.load(open(sys.argv[1]))):
         sys.exit(f"README block {i + 1} failed: {type(e).__name__}: {e}\\n{block}")
     if "swap_gelu" in block:  # the custom pass does what the README says on the README's model
         assert namespace["res"].report.passes[1].stats == {"replaced": 6}, namespace["res"].report.passes[1].stats
+    if "goal=" in block:  # the search found a model that meets the goal, and its text rebuilds it
+        res = namespace["res"]
+        assert res.search.best is not None and "quantize" in str(res.pipeline), str(res.search)
     if "merge_layers(latency" in block:  # LayerMerge removed activations, and heal kept the result
         res = namespace["res"]
         assert res.ok and res.report.passes[0].stats["activations_removed"] >= 1, str(res.report)

@@ -1,0 +1,108 @@
+"""``optimize(model, goal=...)`` on all-MiniLM-L6-v2: the points, the front, the wall time, and the peer's best.
+
+    .venv/bin/python benchmarks/search.py                 # both goals of issue 28 on onnxruntime, ~20 min on 2 cores
+    .venv/bin/python benchmarks/search.py --goals "quality>=0.99,objective=size" --calib 64 --eval 64
+
+For each goal, the search (docs/search.md) over every pass that declares choices, on calibration and held-out
+docstrings (disjoint splits, 64 tokens): every measured point, the best, the search's wall time. The goals
+share one cache of measured points (a temporary folder), so the second reuses the single changes the first
+measured. Timing: the example inputs are one docstring padded to 64 tokens, at batch 1 and 32, each on 1 and 2
+threads (the worst of the four is the speed-up). Side by side in the same run, the peer a user would pick:
+onnxruntime's ``quantize_dynamic`` (int8 weights per channel, activations at run time; MatMul and Gather) on
+graphopt's fp32 export (the search's baseline, opset 23), its embedding cosine on the same held-out docstrings and its speed-up at the same four settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import graphopt as go
+from graphopt.data import stdlib_texts, text_batches
+from graphopt.emit.onnx_verify import ort_runner
+from graphopt.frontend.inputs import as_example_inputs
+from graphopt.helpers.quality import sentence_embeddings
+from graphopt.infra.metrics import interleaved_medians
+from graphopt.infra.text import markdown_table
+from graphopt.models import load_model_spec
+
+GOALS = ("quality>=0.99,speedup>=3,runtime=onnxruntime,batches=[1,32],threads=[1,2]",
+         "quality>=0.98,speedup>=4,runtime=onnxruntime,batches=[1,32],threads=[1,2]")
+
+
+def padded(tokenizer, text: str, tokens: int) -> dict[str, torch.Tensor]:
+    return dict(tokenizer([text], truncation=True, max_length=tokens, padding="max_length", return_tensors="pt"))
+
+
+def peer_row(model, example, held, goal: go.Goal, folder: Path) -> list[str]:
+    """onnxruntime quantize_dynamic per channel on graphopt's fp32 export: cosine and worst speed-up."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quant import ort_embeddings, ort_session
+
+    fp32, q8 = folder / "fp32.onnx", folder / "q8.onnx"
+    go.export_onnx(model, as_example_inputs(example).with_batch(2), fp32, dynamic_axes="auto")
+    # MatMul and Gather only: quantize_dynamic turns opset 23's Attention into a QAttention onnxruntime refuses
+    quantize_dynamic(fp32, q8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    with torch.no_grad():
+        reference = sentence_embeddings(model, held)
+    got = ort_embeddings(ort_session(str(q8), 2), held)
+    cosine = float(torch.nn.functional.cosine_similarity(got, reference, dim=-1).mean())
+    inputs, speedups = as_example_inputs(example), []
+    for batch in goal.batches:
+        for threads in goal.thread_counts():
+            runs = [ort_runner(path, model, inputs.with_batch(batch), threads) for path in (fp32, q8)]
+            base, new = interleaved_medians(runs, 10, warmup=2)
+            speedups.append(base / new)
+    return ["onnxruntime quantize_dynamic int8 per channel", f"{cosine:.4f}", f"{min(speedups):.2f}",
+            " / ".join(f"{s:.2f}" for s in speedups)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--goals", nargs="+", default=list(GOALS))
+    ap.add_argument("--calib", type=int, default=128, help="calibration docstrings")
+    ap.add_argument("--eval", type=int, default=128, help="held-out docstrings")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("graphopt.progress").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")
+
+    loaded = load_model_spec("minilm")
+    tok = loaded.tokenizer
+    calib = list(text_batches(tok, stdlib_texts(args.calib, split="calib"), batch_size=16, max_length=args.tokens))
+    held = list(text_batches(tok, stdlib_texts(args.eval, split="eval"), batch_size=32, max_length=args.tokens))
+    example = padded(tok, stdlib_texts(1, split="eval")[0], args.tokens)
+    with tempfile.TemporaryDirectory() as folder:
+        summary = []
+        for text in args.goals:
+            start = time.perf_counter()
+            res = go.optimize_for(loaded.model, example, text, calib=calib, eval_data=held, cache=Path(folder))
+            found = res.search
+            print(f"\n{found}\n", flush=True)
+            best = found.best
+            summary.append([text, best.pipeline if best else f"none: {found.binding}",
+                            f"{best.quality:.4f}" if best else "-", f"{best.speedup:.2f}" if best else "-",
+                            " / ".join(f"{s:.2f}" for s in best.speedups.values()) if best else "-",
+                            f"{time.perf_counter() - start:.0f}"])
+        print(markdown_table(["goal", "best pipeline", "cosine", "speed-up (worst)",
+                              "b1 1t / b1 2t / b32 1t / b32 2t", "search s"], summary))
+        if args.peer:
+            goal = go.Goal.parse(args.goals[0])
+            print("\npeer, same held-out docstrings and settings:\n")
+            print(markdown_table(["peer", "cosine", "speed-up (worst)", "b1 1t / b1 2t / b32 1t / b32 2t"],
+                                 [peer_row(loaded.model, example, held, goal, Path(folder))]))
+
+
+if __name__ == "__main__":
+    main()
