@@ -54,7 +54,7 @@ DEMO_GOAL ?= quality>=0.99,speedup>=1.5,runtime=onnxruntime,batches=[1,8],thread
 DEMO_PIPELINE ?=
 demo: $(STAMP)
 	$(BIN)/graphopt optimize minilm $(if $(DEMO_PIPELINE),--pipeline '$(DEMO_PIPELINE)',--goal '$(DEMO_GOAL)' \
-		--front $(OUT)/minilm-front.png) --out $(OUT)/minilm --onnx $(OUT)/minilm.onnx --dynamic \
+		--front $(OUT)/minilm-front.png --calib-size 128 --eval-size 128 --max-length 64) --out $(OUT)/minilm --onnx $(OUT)/minilm.onnx --dynamic \
 		--json $(OUT)/minilm-report.json --plot $(OUT)/minilm-report.png
 
 test: $(STAMP)
