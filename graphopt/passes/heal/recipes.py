@@ -60,7 +60,7 @@ LM_RECIPES: dict[str, Recipe] = {
     "depth": Recipe(steps=150, lr=2e-5, loss="kl", freeze="*embed*", blockwise=0),
     # narrower MLPs / fewer heads: the same, at a larger lr (the damage is larger)
     "prune": Recipe(steps=150, lr=5e-5, loss="kl", freeze="*embed*", blockwise=0),
-    # not measured on an LM yet: the encoder's schedule at the LM learning rate
+    # the encoder's schedule at the LM learning rate: SmolLM2 w8a8 per token x1.0155 -> x1.0077, int4 g64 x1.118 -> x1.083
     "quantize": Recipe(steps=100, lr=2e-5, loss="kl", freeze="", blockwise=100),
     # the encoder's DyT recipe (feature terms, new layers at 10x) at the LM learning rate
     "dyt": Recipe(steps=150, lr=2e-5, loss="kl", freeze="*embed*", blockwise=0, features=1.0, new_lr_scale=10.0),
