@@ -4,7 +4,8 @@ A candidate is built by its pipeline text (the same call ``optimize(model, input
 text reproduces it); its quality figure is the report's, on ``eval_data`` (computed once for the built model,
 not after each of its passes as the report's rows are), its size the weight
 bytes relative to the original's, and its speed-up the original's time over its own at every batch size x
-thread count of the goal, the two timed in turns (:func:`~graphopt.infra.metrics.interleaved_medians`). On
+thread count of the goal, the two timed in turns (:func:`~graphopt.infra.metrics.interleaved_medians`, for
+about 2 seconds a setting: at least 10 rounds, at most 200). On
 ``runtime="onnxruntime"`` both are exported (``export_onnx``, verified in onnxruntime) and the files are timed.
 Every measured point goes to a JSON cache keyed by the model, the inputs and the goal's measuring settings,
 so an interrupted search resumes where it stopped.
@@ -164,9 +165,9 @@ class Evaluator:
     """Builds and measures candidates against ``model`` (never changed), caching every point."""
 
     def __init__(self, model: nn.Module, inputs: ExampleInputs, goal: Goal, build: Build, cache: PointCache,
-                 eval_data: list[ExampleInputs], repeat: int = 10) -> None:
-        self.model, self.inputs, self.goal, self.build, self.cache, self.repeat = \
-            model, inputs, goal, build, cache, repeat
+                 eval_data: list[ExampleInputs], repeat: int = 10, seconds: float = 2.0) -> None:
+        self.model, self.inputs, self.goal, self.build, self.cache = model, inputs, goal, build, cache
+        self.repeat, self.seconds = repeat, seconds  # timing rounds per setting: at least, and seconds to aim for
         self.eval_data = eval_data or [inputs]
         self._reference: list[Summary | None] = []  # the original's, per held-out batch
         self.base_bytes = count_weight_bytes(model)
@@ -222,10 +223,20 @@ class Evaluator:
         out = {}
         runs = self._runners(candidate)
         for (batch, threads), run in runs.items():
+            pair = [self._base_runs[(batch, threads)], run]
             with _threads(threads), torch.no_grad():
-                base, new = interleaved_medians([self._base_runs[(batch, threads)], run], self.repeat, warmup=2)
+                base, new = interleaved_medians(pair, self._rounds(pair), warmup=2)
             out[f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
         return out
+
+    def _rounds(self, pair: list[Callable[[], None]]) -> int:
+        """Rounds for about ``seconds`` of timing (at least ``repeat``, at most 200): a millisecond call needs
+        hundreds of rounds for a median that holds still, a slow one ten."""
+        start = time.perf_counter()
+        for run in pair:
+            run()
+        once = max(time.perf_counter() - start, 1e-6)
+        return int(min(200, max(self.repeat, self.seconds / once)))
 
     def _runners(self, candidate: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
         if self.goal.runtime == "torch":

@@ -75,15 +75,18 @@ class SearchResult:
         front = {id(p) for p in self.front}
         name = next((p.quality_name for p in self.points if p.quality_name), "quality")
         has_ppl = any(p.ppl is not None for p in self.points)
+        keys = next((list(p.speedups) for p in self.points if len(p.speedups) > 1), [])
+        several = bool(keys)
         rows = []
         for p in sorted(self.points, key=lambda p: (p.failed, -objective(p, self.goal))):
             mark = "*" if p is self.best else ("f" if id(p) in front else "")
             missed = p.meets(self.goal)
+            settings = " / ".join(f"{v:.2f}" for v in p.speedups.values()) if len(p.speedups) > 1 else ""
             rows.append([mark, p.pipeline, _num(p.quality), *([_num(p.ppl)] if has_ppl else []),
-                         _num(p.speedup, 2), f"{p.size:.3f}", f"{p.seconds:.0f}",
+                         _num(p.speedup, 2), *([settings] if several else []), f"{p.size:.3f}", f"{p.seconds:.0f}",
                          "yes" if not missed else "; ".join(missed)[:80]])
-        header = ["", "pipeline", name, *(["ppl ratio"] if has_ppl else []), "speed-up (worst)", "size",
-                  "time s", "meets goal"]
+        header = ["", "pipeline", name, *(["ppl ratio"] if has_ppl else []), "speed-up (worst)",
+                  *([" / ".join(keys)] if several else []), "size", "time s", "meets goal"]
         return markdown_table(header, rows)
 
     def __str__(self) -> str:
