@@ -183,8 +183,8 @@ class Evaluator:
         """The point of ``pipeline`` from the cache, else built and measured now (a failure is a point too)."""
         text = str(pipeline)
         cached = self.cache.get(text)
-        if cached is not None:
-            return cached
+        if cached is not None and (cached.failed or cached.speedups or not self.goal.needs_latency):
+            return cached  # (a point cached by a goal that timed nothing is measured again when this one times)
         start = time.perf_counter()
         point = Point(text)
         try:

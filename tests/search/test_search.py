@@ -184,3 +184,15 @@ def test_on_onnxruntime_every_candidate_is_exported_and_timed_at_each_batch_size
     assert len(found.points) == 4 and not [p.error for p in found.points if p.failed]
     assert all(set(p.speedups) == {"batch 1, 1 thread", "batch 16, 1 thread"} for p in found.points)
     assert all(0.05 < s < 20 for p in found.points for s in p.speedups.values())
+
+
+def test_a_point_cached_without_timing_is_timed_when_a_later_goal_needs_speed(tmp_path):
+    model, x, calib, held_out = _mlp()
+    sized = go.optimize_for(model, x, "quality>=0.9,objective=size,passes=[quantize],batches=[1],threads=[1]",
+                            calib=calib, eval_data=held_out, cache=tmp_path).search
+    assert all(p.speedups == {} for p in sized.points)
+    timed = go.optimize_for(model, x, "quality>=0.9,passes=[quantize],batches=[1],threads=[1]", calib=calib,
+                            eval_data=held_out, cache=tmp_path).search
+    assert all(set(p.speedups) == {"batch 1, 1 thread"} for p in timed.points)
+    assert timed.best is not None and timed.best.speedup is not None
+
