@@ -1,15 +1,20 @@
-"""``optimize(model, goal=...)`` on all-MiniLM-L6-v2: the points, the front, the wall time, and the peer's best.
+"""``optimize(model, goal=...)`` on MiniLM, EfficientNet-Lite0 or SmolLM2: the points, the front, the wall time, the peer.
 
-    .venv/bin/python benchmarks/search.py                 # both goals of issue 28 on onnxruntime, ~20 min on 2 cores
+    .venv/bin/python benchmarks/search.py                          # MiniLM, both goals of issue 28, ~6 min on 2 cores
+    .venv/bin/python benchmarks/search.py --model effnet-lite0     # 2x on torch at top-1 agreement 0.98, ~4 min
+    .venv/bin/python benchmarks/search.py --model smollm2 --calib 64 --eval 32   # smallest at ppl +5%, ~17 min
     .venv/bin/python benchmarks/search.py --goals "quality>=0.99,objective=size" --calib 64 --eval 64
 
-For each goal, the search (docs/search.md) over every pass that declares choices, on calibration and held-out
-docstrings (disjoint splits, 64 tokens): every measured point, the best, the search's wall time. The goals
-share one cache of measured points (a temporary folder), so the second reuses the single changes the first
-measured. Timing: the example inputs are one docstring padded to 64 tokens, at batch 1 and 32, each on 1 and 2
-threads (the worst of the four is the speed-up). Side by side in the same run, the peer a user would pick:
-onnxruntime's ``quantize_dynamic`` (int8 weights per channel, activations at run time; MatMul and Gather) on
-graphopt's fp32 export (the search's baseline, opset 23), its embedding cosine on the same held-out docstrings and its speed-up at the same four settings.
+For each goal (default: the issue's for ``--model``), the search (docs/search.md) over every pass that declares
+choices, with heal as its repair step, on calibration and held-out data that never overlap (MiniLM: docstrings
+of 64 tokens; EfficientNet-Lite0: views of the calibration photos and of four other photos; SmolLM2:
+docstrings of 128 tokens, and windows of 128 held-out tokens for perplexity): every measured point, the best,
+the search's wall time. The goals of one run share a cache of measured points (a temporary folder). MiniLM is
+timed in onnxruntime on one docstring padded to 64 tokens at batch 1 and 32 on 1 and 2 threads, and beside it
+runs the peer a user would pick: onnxruntime's ``quantize_dynamic`` (int8 weights per channel, activations at
+run time; MatMul and Gather) on graphopt's fp32 export (the search's baseline, opset 23), its embedding cosine
+on the same held-out docstrings and its speed-up at the same four settings. EfficientNet-Lite0's peers are
+``vision.py``'s rows (same photos).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,42 +73,82 @@ def peer_row(model, example, held, goal: go.Goal, folder: Path) -> list[str]:
             " / ".join(f"{s:.2f}" for s in speedups)]
 
 
+def minilm(args: argparse.Namespace) -> tuple[Any, Any, list, list]:
+    """MiniLM, its calibration and held-out docstrings (64 tokens), and one docstring padded as the example."""
+    loaded = load_model_spec("minilm")
+    tok = loaded.tokenizer
+    calib = list(text_batches(tok, stdlib_texts(args.calib, split="calib"), batch_size=16, max_length=args.tokens))
+    held = list(text_batches(tok, stdlib_texts(args.eval, split="eval"), batch_size=32, max_length=args.tokens))
+    return loaded.model, padded(tok, stdlib_texts(1, split="eval")[0], args.tokens), calib, held
+
+
+def effnet(args: argparse.Namespace) -> tuple[Any, Any, list, list]:
+    """EfficientNet-Lite0, views of the calibration photos and of the other, held-out photos."""
+    loaded = load_model_spec("effnet-lite0")
+    calib = loaded.batches("calib", args.calib, 16)
+    held = loaded.batches("eval", args.eval, 32)
+    return loaded.model, loaded.example_inputs[:1], calib, held
+
+
+def smollm2(args: argparse.Namespace) -> tuple[Any, Any, list, list]:
+    """SmolLM2-135M, calibration docstrings (128 tokens) and windows of 128 held-out tokens for perplexity."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llm import windows
+
+    loaded = load_model_spec("smollm2")
+    tok = loaded.tokenizer
+    calib = list(text_batches(tok, stdlib_texts(args.calib, split="calib"), batch_size=8, max_length=128))
+    return loaded.model, loaded.example_inputs, calib, windows(tok, args.eval, 128)
+
+
+#: model spec -> (its setup, the issue's goals for it)
+MODELS: dict[str, tuple[Callable[[argparse.Namespace], tuple[Any, Any, list, list]], tuple[str, ...]]] = {
+    "minilm": (minilm, GOALS),
+    "effnet-lite0": (effnet, ("quality>=0.98,speedup>=2,runtime=torch,batches=[1,32],threads=[2]",)),
+    "smollm2": (smollm2, ("ppl<=1.05,objective=size,heal=1,max_time=1500",)),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--goals", nargs="+", default=list(GOALS))
-    ap.add_argument("--calib", type=int, default=128, help="calibration docstrings")
-    ap.add_argument("--eval", type=int, default=128, help="held-out docstrings")
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", choices=list(MODELS), default="minilm")
+    ap.add_argument("--goals", nargs="+", help="goal texts (default: the issue's for --model)")
+    ap.add_argument("--calib", type=int, default=128, help="calibration docstrings or photo views")
+    ap.add_argument("--eval", type=int, default=128, help="held-out docstrings, photo views, or LM windows")
+    ap.add_argument("--tokens", type=int, default=64, help="MiniLM's tokens per text")
     ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("graphopt.progress").setLevel(logging.INFO)
     warnings.filterwarnings("ignore")
 
-    loaded = load_model_spec("minilm")
-    tok = loaded.tokenizer
-    calib = list(text_batches(tok, stdlib_texts(args.calib, split="calib"), batch_size=16, max_length=args.tokens))
-    held = list(text_batches(tok, stdlib_texts(args.eval, split="eval"), batch_size=32, max_length=args.tokens))
-    example = padded(tok, stdlib_texts(1, split="eval")[0], args.tokens)
+    setup, goals = MODELS[args.model]
+    goals = args.goals or list(goals)
+    model, example, calib, held = setup(args)
     with tempfile.TemporaryDirectory() as folder:
         summary = []
-        for text in args.goals:
+        for text in goals:
             start = time.perf_counter()
-            res = go.optimize_for(loaded.model, example, text, calib=calib, eval_data=held, cache=Path(folder))
+            res = go.optimize_for(model, example, text, calib=calib, eval_data=held, cache=Path(folder))
             found = res.search
             print(f"\n{found}\n", flush=True)
             best = found.best
             summary.append([text, best.pipeline if best else f"none: {found.binding}",
-                            f"{best.quality:.4f}" if best else "-", f"{best.speedup:.2f}" if best else "-",
+                            f"{best.quality:.4f}" if best else "-", _num(best.ppl if best else None),
+                            f"{best.speedup:.2f}" if best and best.speedup else "-",
                             " / ".join(f"{s:.2f}" for s in best.speedups.values()) if best else "-",
-                            f"{time.perf_counter() - start:.0f}"])
-        print(markdown_table(["goal", "best pipeline", "cosine", "speed-up (worst)",
-                              "b1 1t / b1 2t / b32 1t / b32 2t", "search s"], summary))
-        if args.peer:
-            goal = go.Goal.parse(args.goals[0])
+                            f"{best.size:.3f}" if best else "-", f"{time.perf_counter() - start:.0f}"])
+        print(markdown_table(["goal", "best pipeline", "quality", "ppl ratio", "speed-up (worst)",
+                              "per setting", "size", "search s"], summary))
+        if args.peer and args.model == "minilm":
+            goal = go.Goal.parse(goals[0])
             print("\npeer, same held-out docstrings and settings:\n")
             print(markdown_table(["peer", "cosine", "speed-up (worst)", "b1 1t / b1 2t / b32 1t / b32 2t"],
-                                 [peer_row(loaded.model, example, held, goal, Path(folder))]))
+                                 [peer_row(model, example, held, goal, Path(folder))]))
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .infra.manager import Measure, PassManager
 from .infra.pipeline import Pipeline, as_pipeline
 from .infra.program import Program
 from .infra.report import Report
-from .search import Goal, GoalError, SearchResult, search_goal
+from .search import Goal, GoalError, Metric, SearchResult, search_goal
 
 if TYPE_CHECKING:
     from .emit.onnx_export import ExportReport
@@ -110,7 +110,7 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
              measure: Measure | bool = True, on_error: Literal["rollback", "raise"] = "rollback",
              progress: bool | None = None, model_spec: str = "MODEL",
              eval_data: Iterable[Any] | None = None, instruments: Sequence[Instrument] = (),
-             goal: Goal | str | None = None) -> OptimizeResult:
+             goal: Goal | str | None = None, metric: Metric | None = None) -> OptimizeResult:
     """Run ``pipeline`` on a copy of ``model`` (or on ``model`` itself with ``inplace=True``), or, with
     ``goal=``, search for the pipeline that best meets the goal (:func:`optimize_for`).
 
@@ -128,6 +128,8 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
             e.g. ``go.PassMemory()`` for each pass's peak memory); each adds a column to the report.
         goal: a :class:`~graphopt.Goal` or its text (``"quality>=0.99,speedup>=2"``): search instead of
             running ``pipeline`` (which must then be left out).
+        metric: with ``goal=``, your own quality figure ``metric(model) -> float`` (higher is better, e.g.
+            accuracy on your data): a candidate's quality is its metric over the original's.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
@@ -135,7 +137,10 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
         if not (isinstance(pipeline, str) and pipeline == DEFAULT_PIPELINE):
             raise GoalError("optimize(): give pipeline= or goal=, not both (the search picks the pipeline)")
         return optimize_for(model, example_inputs, goal, calib=calib, inplace=inplace, eval_data=eval_data,
-                            model_spec=model_spec, instruments=instruments)
+                            model_spec=model_spec, instruments=instruments, metric=metric)
+    if metric is not None:
+        raise GoalError("optimize(): metric= ranks the candidates of a goal search: give goal= too (a pipeline's "
+                        "report measures the model against the original on eval_data=)")
     passes = as_pipeline(pipeline)  # parse first: a typo costs nothing
     _check_flags(inplace=inplace, verify=verify, measure=measure, on_error=on_error, progress=progress,
                  model_spec=model_spec)
@@ -170,14 +175,16 @@ def optimize(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | I
 
 def optimize_for(model: nn.Module, example_inputs: Any, goal: Goal | str, *, calib: Iterable[Any] | None = None,
                  eval_data: Iterable[Any] | None = None, inplace: bool = False, model_spec: str = "MODEL",
-                 instruments: Sequence[Instrument] = (), cache: str | Path | bool = True) -> OptimizeResult:
+                 instruments: Sequence[Instrument] = (), cache: str | Path | bool = True,
+                 metric: Metric | None = None) -> OptimizeResult:
     """Search the passes' declared choices for ``goal`` (docs/search.md) and return the best model found.
 
     Every candidate is built by :func:`optimize` with its pipeline text, so ``result.pipeline`` rebuilds the
     model; ``result.search`` holds every measured point, the Pareto front and its table and plot. When no
     point meets the goal the original (with the exact clean-ups) is returned and ``result.search.binding``
     says which constraint stops it. ``cache``: where measured points are kept (True: graphopt's cache
-    directory; False: nowhere), so an interrupted search resumes.
+    directory; False: nowhere), so an interrupted search resumes. ``metric(model) -> float``: the quality
+    figure instead of the report's (a candidate's quality is its metric over the original's).
     """
     batches, held_out = _materialise(calib), _materialise(eval_data)
     batches = list(batches) if batches is not None else None
@@ -188,7 +195,8 @@ def optimize_for(model: nn.Module, example_inputs: Any, goal: Goal | str, *, cal
         options: dict[str, Any] = {"measure": False, "progress": False, "eval_data": None, **kw}
         return optimize(model, example_inputs, pipeline, calib=batches, model_spec=model_spec, **options)
 
-    found = search_goal(model, example_inputs, goal, build, calib=batches, eval_data=held_out, cache=cache)
+    found = search_goal(model, example_inputs, goal, build, calib=batches, eval_data=held_out, cache=cache,
+                        metric=metric)
     chosen = found.best.pipeline if found.best is not None else "default"
     result = build(as_pipeline(chosen), inplace=inplace, instruments=instruments, measure=True, progress=None,
                    eval_data=held_out)

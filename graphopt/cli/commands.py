@@ -216,10 +216,10 @@ def _goal(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     try:
         goal = as_goal(args.goal)
         goal.check_runtime()
-        slots, _ = declared_space(goal.passes, calibrated=True)
+        space = declared_space(goal.passes, calibrated=True)
     except (GoalError, PipelineError) as e:
         raise UsageError(f"--goal: {e}") from e
-    return goal, [p for slot in slots for p in slot.choices]
+    return goal, [p for slot in space.slots for p in slot.choices] + (space.repairs if goal.heal else [])
 
 
 def _check_plot_available(path: str | None) -> None:

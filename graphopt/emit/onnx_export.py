@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from ..frontend.inputs import ExampleInputs, InputError, as_example_inputs, flatten_outputs, missing_inputs
 from ..frontend.kv_cache import caches_off
+from ..frontend.preserve import preserved
 from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
 from .onnx_quant import (
     QUANT_FORMATS,
@@ -132,38 +133,6 @@ def _output_names(output: Any, input_names: Sequence[str]) -> tuple[list[torch.T
     names = [re.sub(r"\[(\d+)\]", r"_\1", key.removeprefix("output.")) for key in flat]
     names = [f"output.{n}" if n in input_names else n for n in names]
     return leaves, names if len(set(names)) == len(names) else None
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
-
-
-@contextlib.contextmanager
-def _preserved(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; afterwards every module's training flag, hooks and attributes are as before.
-
-    Running a model can leave state behind (e.g. transformers installs output-capturing hooks on the
-    first call with ``output_hidden_states``); hooks and attributes added meanwhile are removed, so the
-    caller's model is exactly as it was (the library re-creates them lazily when needed).
-    """
-    before = [(m, m.training, {h: set(getattr(m, h, None) or ()) for h in _HOOK_DICTS}, set(vars(m)))
-              for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        removed = 0
-        for m, training, hooks, attrs in before:
-            m.training = training
-            for h, keys in hooks.items():
-                table = getattr(m, h, None)
-                for key in [k for k in (table or ()) if k not in keys]:
-                    del table[key]
-                    removed += h in _HOOK_DICTS[:4]
-            for attr in set(vars(m)) - attrs:
-                del vars(m)[attr]
-        if removed:
-            log.debug("removed %d hooks that running %s installed", removed, type(model).__name__)
 
 
 def _export_error(exc: BaseException, model: nn.Module, inputs: ExampleInputs,
@@ -275,7 +244,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     if model.training:
         log.info("exporting %s in eval mode (its training mode is restored afterwards)", type(model).__name__)
-    with _preserved(model), caches_off(model):  # graphopt's runs and the exported graph: no KV cache
+    with preserved(model), caches_off(model):  # graphopt's runs and the exported graph: no KV cache
         output = _reference_run(model, inputs)
         reference, names = _output_names(output, layout.names)
         flat = bool(axes) and not layout.simple

@@ -63,6 +63,8 @@ class Pass:
       on or off with its defaults); passes of one ``slot`` are alternatives (``drop_blocks`` or
       ``replace_blocks``: slot ``"depth"``; ``""``: the pass's own name); ``stage`` orders a searched
       pipeline, lower first (depth 10, prune 20, dyt 30, merge 40, heal 80, quantize 90: quantize last).
+    - ``repairs``: the pass recovers what earlier lossy passes lost (``heal``): it is not a choice of its
+      own; the search adds it to the measured candidates whose quality floor binds (``Goal.heal``).
     """
 
     name: ClassVar[str] = ""
@@ -76,6 +78,7 @@ class Pass:
     choices: ClassVar[tuple[dict[str, Any], ...] | None] = None
     slot: ClassVar[str] = ""
     stage: ClassVar[int] = 50
+    repairs: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_options(self)  # declared types and ranges, for passes built in Python as from text

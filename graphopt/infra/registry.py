@@ -30,11 +30,11 @@ class PassRegistrationError(ValueError):
 def register_pass(name: str, *, tolerance: float | None | object = ..., needs_calibration: bool | None = None,
                   change: str | None = None, replace: bool = False,
                   choices: Iterable[dict[str, Any]] | None = None, slot: str | None = None,
-                  stage: int | None = None) -> Callable[[Any], Any]:
+                  stage: int | None = None, repairs: bool | None = None) -> Callable[[Any], Any]:
     """Register a pass class, or turn ``fn(program, am, *, opt=default, ...)`` into one, under ``name``.
 
     ``choices`` (option sets, mildest first), ``slot`` and ``stage`` put the pass in the search space of
-    ``optimize(goal=...)`` (see :class:`~graphopt.infra.contract.Pass`)."""
+    ``optimize(goal=...)``, ``repairs`` makes it the search's repair step (see :class:`~graphopt.infra.contract.Pass`)."""
     if not name.isidentifier():
         raise PassRegistrationError(f"pass name {name!r} must be an identifier (letters, digits, _)")
     options = None if choices is None else tuple(dict(c) for c in choices)
@@ -65,6 +65,11 @@ def register_pass(name: str, *, tolerance: float | None | object = ..., needs_ca
             cls.slot = slot
         if stage is not None:
             cls.stage = stage
+        if repairs is not None:
+            if repairs and cls.choices:
+                raise PassRegistrationError(f"{name}: a repairing pass has no choices (the search adds it to "
+                                            "candidates); register it with choices= or repairs=True, not both")
+            cls.repairs = repairs
         _REGISTRY[name] = cls
         return cls
 

@@ -46,7 +46,8 @@ class Goal:
     threads: tuple[int, ...] = ()  # thread counts timed (empty: torch's current count)
     max_time: float = 1800.0  # seconds; the search keeps its best so far and stops
     trials: int = 8  # combinations measured end to end after the single changes
-    passes: tuple[str, ...] = ()  # the passes searched (empty: every pass that declares choices)
+    passes: tuple[str, ...] = ()  # the passes searched (empty: every pass that declares choices, and heal)
+    heal: int = 2  # measured candidates whose quality floor binds measured again with the repairing pass
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batches", tuple(int(b) for b in _as_tuple(self.batches)))
@@ -69,8 +70,8 @@ class Goal:
             problems.append(f"batches={list(self.batches)}: give one or more batch sizes >= 1")
         if any(t < 1 for t in self.threads):
             problems.append(f"threads={list(self.threads)}: thread counts are >= 1")
-        if self.max_time <= 0 or self.trials < 0:
-            problems.append("max_time must be > 0 seconds and trials >= 0")
+        if self.max_time <= 0 or self.trials < 0 or self.heal < 0:
+            problems.append("max_time must be > 0 seconds, trials and heal >= 0")
         if self.objective == "quality" and self.quality is not None:
             problems.append("objective=quality with a quality constraint: drop one (the search maximises quality)")
         if self.objective == "quality" and self.ppl is None and not (self.speedup or self.size):

@@ -31,13 +31,15 @@ from ..frontend.inputs import ExampleInputs
 from ..infra.metrics import count_weight_bytes, interleaved_medians
 from ..infra.pipeline import Pipeline
 from ..infra.quality import Quality, Summary, summarize, task_quality
-from .goal import Goal
+from .goal import Goal, GoalError
 
 log = logging.getLogger(__name__)
 
 #: builds a candidate from its pipeline, returning optimize()'s OptimizeResult (optimize hands itself in:
 #: the search never builds another way, and this layer does not import the one above it)
 Build = Callable[[Pipeline], Any]
+#: the user's own quality figure of a model (higher is better); a candidate's quality is its value over the original's
+Metric = Callable[[nn.Module], float]
 
 
 @dataclass
@@ -102,6 +104,35 @@ class Point:
         return cls(**data)
 
 
+def metric_of_original(metric: Metric, model: nn.Module) -> float:
+    """``metric(model)``, checked: a finite positive float (candidates are compared by their ratio to it)."""
+    if not callable(metric):
+        raise GoalError(f"metric= takes a function model -> float (higher is better), got {type(metric).__name__}")
+    try:
+        with torch.no_grad():
+            base = _as_figure(metric(model), "the original")
+    except (TypeError, ValueError) as e:
+        raise GoalError(str(e)) from None
+    if not base > 0:
+        raise GoalError(f"metric(original) = {base}: the metric must be higher-is-better and positive on the "
+                        "original (e.g. accuracy, or exp(-loss)), as candidates are compared by their ratio to it")
+    return base
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _as_figure(value: Any, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric({what}) returned {type(value).__name__}: it must return a float") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValueError(f"metric({what}) returned {out}: it must return a finite float")
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.4f}"
 
@@ -130,10 +161,10 @@ class PointCache:
             tmp.replace(self.path)
 
 
-def fingerprint(model: nn.Module, goal: Goal, data: list[ExampleInputs]) -> str:
-    """What decides a measurement: the weights, the inputs and data (example, held-out, calibration) and the
-    goal's timing settings."""
-    h = hashlib.sha256()
+def fingerprint(model: nn.Module, goal: Goal, data: list[ExampleInputs], metric: str = "") -> str:
+    """What decides a measurement: the weights, the inputs and data (example, held-out, calibration), the
+    goal's timing settings and the name of the user's metric."""
+    h = hashlib.sha256(metric.encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         _update(h, t)
@@ -165,15 +196,18 @@ class Evaluator:
     """Builds and measures candidates against ``model`` (never changed), caching every point."""
 
     def __init__(self, model: nn.Module, inputs: ExampleInputs, goal: Goal, build: Build, cache: PointCache,
-                 eval_data: list[ExampleInputs], repeat: int = 10, seconds: float = 2.0) -> None:
+                 eval_data: list[ExampleInputs], repeat: int = 10, seconds: float = 2.0,
+                 metric: Metric | None = None, base_metric: float | None = None) -> None:
         self.model, self.inputs, self.goal, self.build, self.cache = model, inputs, goal, build, cache
         self.repeat, self.seconds = repeat, seconds  # timing rounds per setting: at least, and seconds to aim for
-        self.eval_data = eval_data or [inputs]
+        self.metric, self._base_metric = metric, base_metric  # the user's figure, and its value on the original
+        self.eval_data = eval_data or ([] if metric is not None else [inputs])
         self._reference: list[Summary | None] = []  # the original's, per held-out batch
         self.base_bytes = count_weight_bytes(model)
         self.settings = [(b, t) for b in goal.batches for t in goal.thread_counts()]
         self._dir = tempfile.TemporaryDirectory(prefix="graphopt-search-") if goal.runtime == "onnxruntime" else None
         self._base_runs: dict[tuple[int, int], Callable[[], None]] = {}
+        self._built: dict[tuple[str, ...], Point] = {}  # the passes that changed a build -> its point
 
     def close(self) -> None:
         if self._dir is not None:
@@ -203,12 +237,21 @@ class Evaluator:
 
     def _figures(self, point: Point, result: Any) -> None:
         point.unchanged = [r.text for r in result.report.passes if r.status == "unchanged"]
-        figure = self._quality(result.model)
+        changed = tuple(r.text for r in result.report.passes if r.status != "unchanged")
+        same = self._built.get(changed)
+        if same is not None:  # its other passes changed nothing: the model is one measured before
+            point.quality, point.quality_name, point.ppl = same.quality, same.quality_name, same.ppl
+            point.size, point.speedups = same.size, dict(same.speedups)
+            return
+        figure = self._quality(result.model) if self.eval_data else None
         if figure is not None:
             point.quality, point.quality_name, point.ppl = figure.value, figure.name, figure.extra.get("ppl ratio")
+        if self.metric is not None:
+            point.quality, point.quality_name = self._metric(result.model), f"{_name(self.metric)} / original"
         point.size = count_weight_bytes(result.model) / self.base_bytes
         if self.goal.needs_latency:
             point.speedups = self._speedups(result.model)
+        self._built[changed] = point
 
     def _quality(self, candidate: nn.Module) -> Quality | None:
         """The report's figure (:mod:`graphopt.infra.quality`) on the held-out batches: measured here once per
@@ -218,6 +261,12 @@ class Evaluator:
                 self._reference = [summarize(b.call(self.model), b) for b in self.eval_data]
             now = [summarize(b.call(candidate), b) for b in self.eval_data]
         return task_quality(list(zip(now, self._reference)))
+
+    def _metric(self, candidate: nn.Module) -> float:
+        """The user's figure of ``candidate`` over the original's."""
+        assert self.metric is not None and self._base_metric is not None
+        with torch.no_grad():
+            return _as_figure(self.metric(candidate), "a candidate") / self._base_metric
 
     def _speedups(self, candidate: nn.Module) -> dict[str, float]:
         out = {}

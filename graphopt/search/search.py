@@ -1,8 +1,9 @@
 """``optimize(model, inputs, goal=...)``'s search: the best pipeline of the declared space for a goal.
 
 1. **One change at a time.** Every choice of every slot (:mod:`.space`) is built and measured on its own,
-   mildest first; a choice that misses the quality floor alone ends its pass's stronger choices (a stronger
-   cut of the same kind loses more: the assumption behind the floor's pruning, said in the result).
+   mildest first; a choice that misses the quality floor alone ends its pass's stronger choices of the same
+   :func:`family` (a stronger cut of the same kind loses more: the assumption behind the floor's pruning,
+   said in the result).
 2. **Every combination, predicted.** Each combination of the single changes that met the floor is estimated
    from them: speed-ups and size ratios multiply, quality losses (``1 - figure``) add, perplexity ratios
    multiply. The space is a product of a few slots with a few choices each (hundreds of combinations), so it
@@ -14,6 +15,10 @@
    are built and measured end to end (``goal.trials`` of them, within ``goal.max_time``); the search never
    stops at the first that meets the goal, and the answer is always a measured point: predictions only decide
    what to measure.
+4. **Repaired near the front.** The ``goal.heal`` measured candidates nearest the floor whose quality
+   floor is all they miss (and that hold a lossy change before the repairing pass's stage) are built again
+   with the repairing pass (``heal``: distillation from the original) and measured: healing is too slow to
+   try on every candidate, and only changes the quality of the few whose quality binds.
 
 The result holds every measured point, the Pareto front (quality against speed-up and size), the best point
 meeting the goal, or, when none does, the nearest points and which constraint binds.
@@ -21,17 +26,20 @@ meeting the goal, or, when none does, the nearest points and which constraint bi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ..infra.contract import Pass
 from ..infra.text import markdown_table
 from ..progress import Progress
 from .goal import Goal, GoalError
 from .measure import Evaluator, Point
-from .space import Combination, Slot, combinations, pipeline_of
+from .space import Combination, Slot, Space, combinations, pipeline_of
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +152,24 @@ def meets_floor(p: Point, goal: Goal) -> bool:
     return not (goal.ppl is not None and (p.ppl is None or p.ppl > goal.ppl))
 
 
+def family(choice: Pass) -> tuple[Any, ...]:
+    """Choices of one pass that differ only in numbers, set or not (``prune`` ratios, blocks dropped, an int4
+    bits budget): listed mildest first, each is a stronger cut of the one before. Choices that differ in anything else (``quantize``'s
+    ``int8`` weight-only and ``w8a8``) are not ordered by strength, and one missing the floor says nothing
+    of the other."""
+    fixed = [(f.name, repr(getattr(choice, f.name))) for f in dataclasses.fields(choice)
+             if isinstance(getattr(choice, f.name), bool)
+             or not isinstance(getattr(choice, f.name), (int, float, type(None)))]  # (None: a number left unset)
+    return (type(choice), *fixed)
+
+
+def meets_budget(p: Point, goal: Goal) -> bool:
+    """Speed-up and size within the goal (the constraints a repair such as heal does not change)."""
+    if goal.speedup is not None and (p.speedup is None or p.speedup < goal.speedup):
+        return False
+    return not (goal.size is not None and p.size > goal.size)
+
+
 def predict(combo: Combination, singles: dict[int, Point], base: Point) -> Point:
     """A combination's figures from its single changes' (see the module docstring)."""
     parts = [singles[id(p)] for p in combo]
@@ -166,10 +192,12 @@ def predict(combo: Combination, singles: dict[int, Point], base: Point) -> Point
 class Search:
     """One search: the evaluator that builds and measures, the slots, the goal and its clock."""
 
-    def __init__(self, evaluator: Evaluator, slots: Sequence[Slot], goal: Goal) -> None:
+    def __init__(self, evaluator: Evaluator, slots: Sequence[Slot], goal: Goal, repairs: Sequence[Pass] = ()) -> None:
         self.evaluator, self.slots, self.goal = evaluator, list(slots), goal
+        self.repairs = list(repairs) if goal.heal else []
         self.start = time.perf_counter()
         self.points: list[Point] = []
+        self.combos: dict[str, Combination] = {}  # pipeline text -> the choices that made it
         self.notes: list[str] = []
 
     def _out_of_time(self) -> bool:
@@ -179,6 +207,7 @@ class Search:
         point = self.evaluator.measure(pipeline_of(combo))
         if all(point.pipeline != p.pipeline for p in self.points):
             self.points.append(point)
+            self.combos[point.pipeline] = combo
         best = self.best()
         progress.update(best=label(best) if best else "none yet")
         return point
@@ -190,7 +219,8 @@ class Search:
     def run(self) -> tuple[list[Point], int]:
         """Measure singles, predict every combination, measure the best predictions; (points, predicted)."""
         n_singles = sum(len(s.choices) for s in self.slots)
-        with Progress("search", total=1 + n_singles + self.goal.trials, unit="candidate") as progress:
+        n_repaired = self.goal.heal * len(self.repairs)
+        with Progress("search", total=1 + n_singles + self.goal.trials + n_repaired, unit="candidate") as progress:
             base = self._measure((), progress)
             if base.failed:
                 raise GoalError(f"the original model (pipeline {base.pipeline!r}) could not be measured: {base.error}")
@@ -202,28 +232,62 @@ class Search:
                                       f"{min(self.goal.trials, len(ranked))} combinations measured")
                     break
                 self._measure(combo, progress)
+            else:
+                self._repair(progress)
         return self.points, len(ranked)
+
+    def _repair(self, progress: Progress) -> None:
+        """Measure the candidates :meth:`repairable` names again with each repairing pass."""
+        for repair in self.repairs:
+            chosen = self.repairable(repair)[:self.goal.heal]
+            if not chosen:
+                self.notes.append(f"{repair.label()}: no measured candidate misses only the quality floor with a "
+                                  "lossy change it can repair")
+            for combo in chosen:
+                if self._out_of_time():
+                    self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {repair.label()} of "
+                                      f"{str(pipeline_of(combo))!r}")
+                    return
+                self._measure((*combo, repair), progress)
+
+    def repairable(self, repair: Pass) -> list[Combination]:
+        """The measured candidates ``repair`` may lift over the goal, nearest the floor first (then best
+        objective): those that miss the quality floor (or, when quality is the objective, any) but meet the
+        speed and size constraints, with a change before ``repair``'s stage that is lossy (declares a
+        ``change``) and changed the model. (A heal recovers part of a loss: SmolLM2 pruned 10%, perplexity
+        x1008, healed x20.7; one block dropped, x1.13, is the nearer candidate.)"""
+        out = []
+        for p in self.points:
+            combo = self.combos[p.pipeline]
+            lossy = [c for c in combo if type(c).stage < type(repair).stage and type(c).change
+                     and c.label() not in p.unchanged]
+            if p.failed or not lossy or any(type(c) is type(repair) for c in combo):
+                continue
+            if meets_budget(p, self.goal) and (self.goal.objective == "quality" or not meets_floor(p, self.goal)):
+                out.append(p)
+        out.sort(key=lambda p: (p.shortfall(self.goal), -objective(p, self.goal)))
+        return [self.combos[p.pipeline] for p in out]
 
     def _singles(self, progress: Progress) -> dict[int, Point]:
         singles: dict[int, Point] = {}
         for slot in self.slots:
-            dropped: dict[type, str] = {}  # pass class -> the milder choice that missed the floor
+            dropped: dict[tuple, str] = {}  # family -> why its stronger choices are not measured
             for choice in slot.choices:
-                if type(choice) in dropped:
-                    self.notes.append(f"{choice.label()} not measured: {dropped[type(choice)]}")
+                if family(choice) in dropped:
+                    self.notes.append(f"{choice.label()} not measured: {dropped[family(choice)]}")
                     progress.update()
                     continue
                 if self._out_of_time():
                     self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {choice.label()}")
                     return singles
                 point = self._measure((choice,), progress)
-                if str(choice) in point.unchanged:  # nothing to do on this model: no combination needs it
+                if choice.label() in point.unchanged:  # nothing to do on this model: no combination needs it
                     self.notes.append(f"{choice.label()} changed nothing on this model: left out of the combinations")
-                    dropped[type(choice)] = f"{choice.label()} changed nothing on this model"
+                    dropped[family(choice)] = f"{choice.label()} changed nothing on this model"
                     continue
                 singles[id(choice)] = point
                 if not point.failed and not meets_floor(point, self.goal):
-                    dropped[type(choice)] = f"the milder {choice.label()} already misses the quality floor"
+                    dropped[family(choice)] = f"the milder {choice.label()} already misses the quality floor"
         return singles
 
     def _ranked(self, singles: dict[int, Point], base: Point) -> list[tuple[Combination, Point]]:
@@ -241,15 +305,15 @@ class Search:
         return out
 
 
-def run_search(evaluator: Evaluator, slots: Sequence[Slot], goal: Goal, left_out: list[str]) -> SearchResult:
+def run_search(evaluator: Evaluator, space: Space, goal: Goal) -> SearchResult:
     """Run the search and gather its result (the evaluator is closed afterwards)."""
-    search = Search(evaluator, slots, goal)
+    search = Search(evaluator, space.slots, goal, space.repairs)
     try:
         points, predicted = search.run()
     finally:
         evaluator.close()
-    result = SearchResult(goal, points, search.best(), time.perf_counter() - search.start, predicted, left_out,
-                          search.notes)
+    result = SearchResult(goal, points, search.best(), time.perf_counter() - search.start, predicted,
+                          space.left_out, search.notes)
     log.info("%s", result)
     return result
 

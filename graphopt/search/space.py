@@ -4,6 +4,8 @@ Each registered pass with ``choices`` (:class:`~graphopt.infra.contract.Pass`) o
 passes that share a ``slot`` are alternatives (``drop_blocks(n=1)`` or ``replace_blocks(n=2)``, never both);
 a candidate takes at most one choice per slot, and its pipeline puts them in ``stage`` order after the exact
 clean-ups of the ``default`` preset. A user's pass registered with ``choices=`` joins the space as it is.
+A pass registered with ``repairs=True`` (``heal``) is no choice: the search adds it, in its stage, to the
+measured candidates whose quality floor binds.
 """
 
 from __future__ import annotations
@@ -31,22 +33,38 @@ class Slot:
 Combination = tuple[Pass, ...]
 
 
-def declared_space(passes: Sequence[str] = (), *, calibrated: bool) -> tuple[list[Slot], list[str]]:
-    """The slots of every pass that declares choices (or of ``passes`` only), and what was left out and why.
+@dataclass(frozen=True)
+class Space:
+    """What a goal searches: the slots, the repairing passes (``heal``) and what was left out, with why."""
 
-    Choices that read calibration data are left out when there is none (said in the second list)."""
+    slots: list[Slot]
+    repairs: list[Pass]
+    left_out: list[str]
+
+
+def declared_space(passes: Sequence[str] = (), *, calibrated: bool) -> Space:
+    """The slots of every pass that declares choices and the repairing passes (or those of ``passes`` only).
+
+    Passes that read calibration data are left out when there is none (said in ``left_out``)."""
     registry = list_passes()
     if passes:
         for name in passes:
             cls = get_pass(name)  # an unknown name raises with the closest one
-            if cls.choices is None:
-                searchable = sorted(n for n, c in registry.items() if c.choices is not None)
+            if cls.choices is None and not cls.repairs:
+                searchable = sorted(n for n, c in registry.items() if c.choices is not None or c.repairs)
                 raise GoalError(f"passes=[{name}]: {name} declares no choices to search; searchable passes: "
                                 f"{', '.join(searchable)} (register_pass(..., choices=...) adds one)")
-    chosen = [registry[n] for n in passes] if passes else [c for c in registry.values() if c.choices is not None]
+    chosen = [registry[n] for n in passes] if passes else list(registry.values())
+    repairs: list[Pass] = []
+    left_out: list[str] = []
+    for cls in sorted((c for c in chosen if c.repairs), key=lambda c: c.stage):
+        if cls.needs_calibration and not calibrated:
+            left_out.append(f"{cls.name} (reads calibration data: give calib=)")
+        else:
+            repairs.append(cls())
+    chosen = [c for c in chosen if c.choices is not None]
     slots: dict[str, list[Pass]] = {}
     stages: dict[str, int] = {}
-    left_out: list[str] = []
     for cls in chosen:
         slot = cls.slot or cls.name
         for options in cls.choices or ():
@@ -57,7 +75,7 @@ def declared_space(passes: Sequence[str] = (), *, calibrated: bool) -> tuple[lis
             slots.setdefault(slot, []).append(p)
             stages[slot] = min(stages.get(slot, cls.stage), cls.stage)
     ordered = sorted(slots, key=lambda s: (stages[s], s))
-    return [Slot(s, stages[s], tuple(slots[s])) for s in ordered], left_out
+    return Space([Slot(s, stages[s], tuple(slots[s])) for s in ordered], repairs, left_out)
 
 
 def combinations(slots: Sequence[Slot]) -> Iterator[Combination]:

@@ -11,7 +11,7 @@ from torch import nn
 import graphopt as go
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.helpers.zoo import hf_model
-from graphopt.infra.metrics import measure_latencies
+from graphopt.infra.metrics import interleaved_medians, measure_latencies
 from graphopt.infra.quality import summarize, task_quality
 
 
@@ -219,3 +219,18 @@ def test_a_classifier_row_gives_top5_agreement():
     x = ExampleInputs((torch.zeros(4, 3),), {})
     q = task_quality([(summarize({"logits": new}, x), summarize({"logits": ref}, x))])
     assert (q.name, q.value, q.extra) == ("top-1 agreement", 0.25, {"top-5": 0.5})
+
+
+def test_interleaved_timings_alternate_the_order_and_keep_each_callables_median():
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+
+    medians = interleaved_medians([slow, fast], repeat=4, warmup=1)
+    assert calls == ["slow", "fast", "slow", "fast", "fast", "slow", "slow", "fast", "fast", "slow"]
+    assert medians[0] > 0.003 > medians[1]  # in the order the callables were given, whatever order they ran in

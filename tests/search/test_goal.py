@@ -16,6 +16,7 @@ def test_goal_text_round_trips_and_parses_lists():
     assert goal == Goal(quality=0.99, speedup=3, runtime="onnxruntime", batches=(1, 32), threads=(1, 2), max_time=600)
     assert Goal.parse(str(goal)) == goal
     assert str(Goal(ppl=1.05, objective="size")) == "ppl<=1.05,objective=size"
+    assert Goal.parse("ppl<=1.05,objective=size,heal=0").heal == 0 and Goal(ppl=1.05).heal == 2
 
 
 @pytest.mark.parametrize("text, says", [
@@ -28,6 +29,7 @@ def test_goal_text_round_trips_and_parses_lists():
     ("quality>=0.9,objective=quality", "drop one"),
     ("quality>=0.9,runtime=tensorrt", "choose torch or onnxruntime"),
     ("quality>=0.9,batches=[0]", "batch sizes >= 1"),
+    ("quality>=0.9,heal=-1", "trials and heal >= 0"),
     ("", "an empty goal"),
     ("fast please", "write name>=value"),
 ])

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import graphopt as go
-from graphopt.infra import registry
 from graphopt.infra.metrics import count_weight_bytes
 from graphopt.infra.registry import PassRegistrationError
 from graphopt.search import search_goal
@@ -24,12 +23,6 @@ def _mlp() -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tens
     calib = [torch.randn(8, 64, generator=g) for _ in range(4)]
     held_out = [torch.randn(8, 64, generator=g) for _ in range(4)]
     return model, x, calib, held_out
-
-
-@pytest.fixture
-def own_registry(monkeypatch):
-    """Passes registered by a test stay in that test."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def test_the_search_finds_the_optimum_that_exhaustive_search_finds():
@@ -196,3 +189,39 @@ def test_a_point_cached_without_timing_is_timed_when_a_later_goal_needs_speed(tm
     assert all(set(p.speedups) == {"batch 1, 1 thread"} for p in timed.points)
     assert timed.best is not None and timed.best.speedup is not None
 
+
+
+def test_a_candidate_whose_own_passes_changed_nothing_reuses_the_figures_of_the_same_model(monkeypatch):
+    from graphopt.search.measure import Evaluator
+
+    timed = []
+    speedups = Evaluator._speedups
+    monkeypatch.setattr(Evaluator, "_speedups", lambda self, m: timed.append(m) or speedups(self, m))
+    model, x, calib, held_out = _mlp()
+    found = go.optimize_for(model, x, "quality>=0.9,passes=[drop_blocks,quantize],batches=[1],threads=[1]",
+                            calib=calib, eval_data=held_out, cache=False).search
+    base, dropped = found.points[0], next(p for p in found.points if "drop_blocks" in p.pipeline)
+    assert dropped.unchanged[-1].startswith("drop_blocks")  # an MLP has no blocks to drop
+    assert dropped.speedups == base.speedups and dropped.quality == base.quality
+    assert len(timed) == len(found.points) - 1  # drop_blocks was built but not timed: the original was
+    assert "drop_blocks(n=1) changed nothing on this model: left out of the combinations" in found.notes
+    assert "drop_blocks(n=2) not measured: drop_blocks(n=1) changed nothing on this model" in found.notes
+    assert not any("drop_blocks" in p.pipeline and "quantize" in p.pipeline for p in found.points)
+
+
+def test_a_choice_that_misses_the_floor_ends_only_the_stronger_choices_of_its_own_family(own_registry):
+    @go.register_pass("jitter", tolerance=None, change="jitter", stage=30,
+                      choices=({"where": "0", "scale": 1.0}, {"where": "0", "scale": 2.0}, {"where": "4", "scale": 0.0}))
+    def jitter(program, am, *, where: str = "0", scale: float = 1.0):
+        """Add scaled noise to the weight of layer ``where`` (scale 0: leave it, but say it changed)."""
+        w = program.module.get_submodule(where).weight
+        program.set_tensor(f"{where}.weight", w.detach() + scale * torch.randn_like(w))
+        return go.PassResult(modified=True)
+
+    model, x, calib, held_out = _mlp()
+    found = go.optimize_for(model, x, "quality>=0.99,objective=size,passes=[jitter]",
+                            eval_data=held_out, cache=False).search
+    measured = [p.pipeline.removeprefix("remove_dropout,fold_bn,") for p in found.points]
+    assert "jitter" in measured and "jitter(where='4',scale=0.0)" in measured  # another family: measured
+    assert not any("scale=2.0" in p for p in measured)  # a stronger cut of the one that missed: not measured
+    assert any("jitter(scale=2.0) not measured: the milder jitter already misses" in n for n in found.notes)

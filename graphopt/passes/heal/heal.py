@@ -108,7 +108,7 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
         sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@register_pass("heal", tolerance=None, stage=80)
+@register_pass("heal", tolerance=None, stage=80, repairs=True)
 class Heal(Pass):
     """Distil the original model into the current one on calibration data; options left none: its recipe.
 

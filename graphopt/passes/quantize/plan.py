@@ -21,6 +21,7 @@ from torch import nn
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.program import swapped_modules
 from graphopt.nn.quant import BITS, n_groups
+from graphopt.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def layer_sensitivity(model: nn.Module, names: list[str], packed: Callable[[str,
     reference = outputs()
     energy = sum(float(r.pow(2).sum()) for r in reference) or 1.0
     scores: dict[str, float] = {}
-    for name in names:
+    for name in track(names, "quantize: sensitivity of each layer", unit="layer"):
         with swapped_modules(model, {name: packed(name, plans[name])}):
             err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs(), reference))
         scores[name] = err / energy
