@@ -108,9 +108,10 @@ def metric_of_original(metric: Metric, model: nn.Module) -> float:
     """``metric(model)``, checked: a finite positive float (candidates are compared by their ratio to it)."""
     if not callable(metric):
         raise GoalError(f"metric= takes a function model -> float (higher is better), got {type(metric).__name__}")
+    with torch.no_grad():
+        value = metric(model)  # (an error inside the user's metric is raised as it is)
     try:
-        with torch.no_grad():
-            base = _as_figure(metric(model), "the original")
+        base = _as_figure(value, "the original")
     except (TypeError, ValueError) as e:
         raise GoalError(str(e)) from None
     if not base > 0:
@@ -243,7 +244,8 @@ class Evaluator:
             point.quality, point.quality_name, point.ppl = same.quality, same.quality_name, same.ppl
             point.size, point.speedups = same.size, dict(same.speedups)
             return
-        figure = self._quality(result.model) if self.eval_data else None
+        wanted = self.metric is None or self.goal.ppl is not None  # (with a metric, only ppl is read from it)
+        figure = self._quality(result.model) if self.eval_data and wanted else None
         if figure is not None:
             point.quality, point.quality_name, point.ppl = figure.value, figure.name, figure.extra.get("ppl ratio")
         if self.metric is not None:
