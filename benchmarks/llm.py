@@ -59,6 +59,8 @@ from graphopt.units import MIB
 #: 20% of the parameters, from the MLPs only (SwiGLU channels, Taylor importance on calibration data): cutting the
 #: hidden size or a third of the 3 key/value head groups costs far more (docs/pruning.md)
 PRUNE20 = "prune(target_params=0.8,where=*.mlp.*,importance=taylor,reloadable=true)"
+#: the same cut, each down_proj refit by least squares on 32 calibration batches (ranked on them too)
+PRUNE20_REC = "prune(target_params=0.8,where=*.mlp.*,importance=taylor,reloadable=true,reconstruct=true,calib_batches=32)"
 
 ROWS = {
     "int8": "quantize",
@@ -74,6 +76,8 @@ ROWS = {
     "replace3-heal": "replace_blocks(n=3),heal",
     "prune20": PRUNE20,
     "prune20-heal": f"{PRUNE20},heal",
+    "prune20-rec": PRUNE20_REC,
+    "prune20-rec-heal": f"{PRUNE20_REC},heal",
     "dyt": "dyt",
     "dyt-heal": "dyt,heal",
     "int4-g64-gptq-heal": "quantize(scheme=int4,group_size=64,method=gptq),heal",
@@ -81,7 +85,7 @@ ROWS = {
 }
 
 #: rows that run for minutes each (heal: 150 end-to-end steps of the 135M model): left out of the default run
-SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "dyt-heal", "int4-g64-gptq-heal", "w8a8-token-gptq-heal")
+SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "prune20-rec-heal", "dyt-heal", "int4-g64-gptq-heal", "w8a8-token-gptq-heal")
 
 
 def torchao_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:

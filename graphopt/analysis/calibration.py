@@ -27,10 +27,11 @@ Acc = TypeVar("Acc", bound=Accumulator)
 
 
 class GramAccumulator:
-    """Running ``Σ xᵀx`` (float64) and the number of rows, for one layer's inputs."""
+    """Running ``Σ xᵀx`` and ``Σ x`` (float64) and the number of rows, for one layer's inputs."""
 
     def __init__(self, features: int) -> None:
         self.gram = torch.zeros(features, features, dtype=torch.float64)
+        self.total = torch.zeros(features, dtype=torch.float64)
         self.rows = 0
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -40,6 +41,7 @@ class GramAccumulator:
             rows = rows[mask.reshape(-1).bool()]
         rows = rows.to(device="cpu", dtype=torch.float64)
         self.gram += rows.T @ rows
+        self.total += rows.sum(dim=0)
         self.rows += rows.shape[0]
 
     def mean(self) -> torch.Tensor:
@@ -58,7 +60,8 @@ def mask_of(inputs: Any) -> torch.Tensor | None:
 def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any],
                       accumulator: Callable[[int], Acc], masks: Sequence[torch.Tensor | None] | None = None
                       ) -> dict[str, Acc]:
-    """One ``accumulator(in_features)`` per layer, fed the layer's first input of each batch.
+    """One ``accumulator(in_features)`` per layer, fed the layer's first input of each batch (a convolution's
+    input with its channels moved last, one row per position).
 
     ``model`` may be a part of a model (one block) and ``batches`` its inputs; ``masks`` then gives
     each batch's padding mask (default: each batch's ``attention_mask``). The model runs without
@@ -72,7 +75,8 @@ def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: I
     def hook(name: str):
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             if name not in seen:
-                grams[name].add(args[0], mask[0])
+                x = args[0]
+                grams[name].add(x.movedim(1, -1) if isinstance(module, nn.Conv2d) else x, mask[0])
                 seen.add(name)
             if len(seen) == len(layers):
                 raise Stop
@@ -88,6 +92,8 @@ def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: I
 
 
 def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return int(module.in_channels)
     if hasattr(module, "in_features"):
         return int(module.in_features)
     weight = getattr(module, "weight", None)

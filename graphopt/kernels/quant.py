@@ -7,7 +7,8 @@ is one scale per output channel):
 - ``int8``: one signed byte per weight, codes in [-127, 127], ``scale = max|w| / 127``.
 - ``int4``: codes in [-8, 7], stored offset by +8 as unsigned nibbles, two per byte: column ``2j``
   in the low nibble of byte ``j``, column ``2j + 1`` in the high one (the layout of onnxruntime's
-  ``MatMulNBits`` with its default zero point 8); ``scale = max|w| / 7``.
+  ``MatMulNBits`` with its default zero point 8); ``scale`` at most ``8/7 · max|w| / 7``, chosen per group to
+  round it best (:func:`graphopt.nn.quant.weight_scales`).
 - ``ternary``: codes in {-1, 0, 1} (BitNet b1.58's absmean rounding: ``scale = mean|w|``), stored
   offset by +1 in 2 bits, four per byte: column ``4j + i`` at bits ``2i`` of byte ``j``.
 

@@ -71,15 +71,43 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int 
     return codes.reshape(w.shape[0], -1)[:, :k].to(torch.int8), scale
 
 
-def weight_scales(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | None = None) -> torch.Tensor:
+#: int4 scales are searched over these fractions of ``max|w| / qmax``: 1 clips nothing, 8/7 puts the largest
+#: negative weight on code -8, below 1 clips the extremes to round the rest more finely (the MSE clipping of
+#: llama.cpp's k-quants and AWQ's clip search; Lin et al. 2024)
+CLIP_FRACTIONS = tuple(0.5 + 0.025 * i for i in range(21)) + (1.0625, 8 / 7)
+
+
+def weight_scales(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | None = None, *,
+                  importance: torch.Tensor | None = None) -> torch.Tensor:
     """The scale of each group of each row of ``w`` (``[out, groups]``, ``w``'s dtype): ``max|w| / qmax`` for
-    int8 / int4, the mean ``|w|`` over the group's real columns for ternary (the zero padding of a short last
-    group does not count). Round to nearest and GPTQ both take their scales from here."""
+    int8; for int4 the one of :data:`CLIP_FRACTIONS` of it whose rounding error over the group is least
+    (weighted by ``importance``, ``[in]``, e.g. a Hessian's diagonal: GPTQ's); the mean ``|w|`` over the group's
+    real columns for ternary (the zero padding of a short last group does not count). Round to nearest and GPTQ
+    both take their scales from here."""
     wg = grouped(w, group_size)
     if scheme == "ternary":
         valid = grouped(torch.ones_like(w), group_size).sum(-1)
         return (wg.abs().sum(-1) / valid).clamp_min(1e-8)
-    return (wg.abs().amax(-1) / (qmax or QMAX[scheme])).clamp_min(1e-8)
+    top = (wg.abs().amax(-1) / (qmax or QMAX[scheme])).clamp_min(1e-8)
+    if scheme != "int4":
+        return top
+    if importance is None:
+        weight = torch.ones_like(w[:1])
+    else:  # a floor, so that inputs never seen (dead columns) still count a little
+        weight = importance.to(w).clamp_min(0)[None]
+        weight = weight + 1e-3 * weight.mean().clamp_min(1e-30)
+    weight = grouped(weight, group_size)
+
+    def error(scale: torch.Tensor) -> torch.Tensor:
+        return ((wg - round_codes(wg, scale[..., None], scheme, qmax) * scale[..., None]).square() * weight).sum(-1)
+
+    best, least = top, error(top)  # ties keep the unclipped scale
+    for fraction in CLIP_FRACTIONS:
+        scale = top * fraction
+        candidate = error(scale)
+        better = candidate < least
+        best, least = torch.where(better, scale, best), torch.where(better, candidate, least)
+    return best
 
 
 def round_codes(w: torch.Tensor, scale: torch.Tensor, scheme: Scheme, qmax: int | None = None) -> torch.Tensor:

@@ -78,15 +78,8 @@ def apply_keep(program: Program, groups: list[Group], keep: dict[int, np.ndarray
     ``fixed``: sizes used elsewhere in the same module that do not change (an attribute holding one
     of those must keep its value).
     """
-    masks: dict[tuple[str, int], np.ndarray] = {}
+    masks = kept_masks(program, groups, keep)
     old_shapes: dict[str, tuple[int, ...]] = {}
-    canonical: dict[int, str] = {}  # tied tensors may appear under several names: resize once
-    for g in groups:
-        for m in g.members:
-            tensor = program.tensor(m.fqn)
-            fqn = canonical.setdefault(id(tensor), m.fqn)
-            mask = masks.setdefault((fqn, m.dim), np.ones(tensor.shape[m.dim], dtype=bool))
-            mask &= (m.positions < 0) | np.isin(m.positions, keep[g.id])
     for (fqn, dim), mask in masks.items():
         old_shapes.setdefault(fqn, tuple(program.tensor(fqn).shape))
         for alias in program.aliases(fqn):
@@ -101,6 +94,22 @@ def apply_keep(program: Program, groups: list[Group], keep: dict[int, np.ndarray
         result.note(g.modules[0], f"group {g.id}: {g.units} -> {len(keep[g.id])} {g.unit}s "
                     f"({len(g.members)} members)", "info")
     return suspects
+
+
+def kept_masks(program: Program, groups: list[Group], keep: dict[int, np.ndarray]
+               ) -> dict[tuple[str, int], np.ndarray]:
+    """``(tensor, dim) -> mask`` of the indices kept along that dim when ``groups`` keep the units ``keep`` (a
+    tensor in several groups keeps what all of them keep; tied tensors appear once, under their first name). The
+    masks are over the sizes before the cut, so they can be computed after it too."""
+    masks: dict[tuple[str, int], np.ndarray] = {}
+    canonical: dict[int, str] = {}
+    for g in groups:
+        for m in g.members:
+            tensor = program.tensor(m.fqn)
+            fqn = canonical.setdefault(id(tensor), m.fqn)
+            mask = masks.setdefault((fqn, m.dim), np.ones(len(m.positions), dtype=bool))
+            mask &= (m.positions < 0) | np.isin(m.positions, keep[g.id])
+    return masks
 
 
 def _size_changes(groups: list[Group], keep: dict[int, np.ndarray]) -> dict[int, int]:

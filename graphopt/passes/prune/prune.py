@@ -34,9 +34,10 @@ from graphopt.infra.program import Program
 from graphopt.infra.progressive import heal_each
 from graphopt.infra.registry import register_pass
 
-from .apply import SIZE_ATTRS, apply_keep, apply_plan, fixed_sizes, register_size_attrs, run_error
+from .apply import SIZE_ATTRS, apply_keep, apply_plan, fixed_sizes, kept_masks, register_size_attrs, run_error
 from .check import structure_error
 from .hf_sync import describable_groups, sync_hf_config
+from .reconstruct import apply_refits, input_grams, readers
 
 __all__ = ["SIZE_ATTRS", "Plan", "Prune", "apply_plan", "register_size_attrs"]
 
@@ -67,7 +68,8 @@ class Prune(Pass):
     round_to: Annotated[int, Range(1)] | None = None  # units kept per group are a multiple of this (None: 8 for channel groups of 256 or more, what quantization groups and kernel tiles divide; 1 for heads and small groups)
     outputs: bool = False  # let the model's output dims shrink too (changes its outputs)
     min_units: Annotated[int, Range(1)] = 1  # the fewest units a group keeps
-    calib_batches: Annotated[int, Range(1)] = 8  # importance=taylor: calibration batches read
+    calib_batches: Annotated[int, Range(1)] = 8  # importance=taylor, reconstruct: calibration batches read
+    reconstruct: bool = False  # refit the Linear / 1x1 Conv2d layers that read pruned channels by least squares on calibration inputs
     reloadable: bool = False  # prune only what a HF config describes (the same sizes in every layer)
     progressive: Annotated[int, Range(0)] = 0  # heal steps after each of `rounds` rounds (0: one shot, no heal)
     rounds: Annotated[int, Range(1)] = 3  # progressive: the target is reached in this many equal rounds
@@ -80,7 +82,7 @@ class Prune(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]  # only Taylor (and healing) reads calibration
-        return self.importance == "taylor" or self.progressive > 0
+        return self.importance == "taylor" or self.reconstruct or self.progressive > 0
 
     @property
     def needs_original(self) -> bool:  # type: ignore[override]
@@ -117,6 +119,9 @@ class Prune(Pass):
                    "nothing to prune at this ratio (groups too small for min_units/round_to)")
             result.note("", why, "warning")
             return result
+        if self.reconstruct:
+            found = readers(program, kept_masks(program, changed, keep), result)
+            grams = input_grams(program, found, program.calib_batches(self.calib_batches))
         attrs_before = numeric_attrs(program.module)
         before = am.get("exported")  # restoring a snapshot clears the analyses
         n_before = len(result.diagnostics)
@@ -142,6 +147,9 @@ class Prune(Pass):
             changed = self._same_graph(program, before, graph, changed, keep, snapshot, result, n_before)
         if not changed:
             return result
+        if self.reconstruct:
+            result.stats["layers_refit"] = apply_refits(program, found, grams, kept_masks(program, changed, keep),
+                                                        result)
         if not sync_hf_config(program, attrs_before, result) and self.reloadable:
             raise RuntimeError("reloadable=true: the HF config cannot describe the pruned model: "
                                + next(d.message for d in result.diagnostics if d.target == "<config>"))
@@ -378,23 +386,15 @@ def _top(score: np.ndarray, n: int) -> np.ndarray:
 
 def _params_kept_fraction(program: Program, groups: list[Group], keep: dict[int, np.ndarray]) -> float:
     """Fraction of all model parameters kept if the groups keep ``keep`` units."""
-    kept_sizes: dict[tuple[str, int], int] = {}
-    masks: dict[tuple[str, int], np.ndarray] = {}
-    for g in groups:
-        for m in g.members:
-            if m.is_buffer:
-                continue
-            mask = masks.setdefault((m.fqn, m.dim), np.ones(len(m.positions), dtype=bool))
-            mask &= (m.positions < 0) | np.isin(m.positions, keep[g.id])
-    for key, mask in masks.items():
-        kept_sizes[key] = int(mask.sum())
+    kept_sizes = {(id(program.tensor(fqn)), dim): int(mask.sum())
+                  for (fqn, dim), mask in kept_masks(program, groups, keep).items()}
     total = removed = 0
     seen: set[int] = set()
-    for name, p in program.module.named_parameters():
+    for p in program.module.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
-        shape = [kept_sizes.get((name, d), s) for d, s in enumerate(p.shape)]
+        shape = [kept_sizes.get((id(p), d), s) for d, s in enumerate(p.shape)]
         removed += p.numel() - int(np.prod(shape))
     return (total - removed) / max(total, 1)

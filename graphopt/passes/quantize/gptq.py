@@ -32,7 +32,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
         damp = max(damp, 0.01)
     w = weight.detach().to(device=device, dtype=dtype).clone()
     h = hessian.to(device=device, dtype=dtype).clone()
-    dead = torch.diag(h) == 0
+    importance = torch.diag(h).clone()  # each input's E[x²]: what an error in its column costs
+    dead = importance == 0
     h[dead, dead] = 1.0  # no correlation with the others: the column is rounded on its own
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=dtype, device=device)
     g = k if group_size <= 0 else group_size
@@ -40,7 +41,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
     scales = torch.zeros(out, n_groups, dtype=dtype, device=device)
     static = act_order or group_size <= 0
     if static:  # fixed from the original weights: needed when columns are visited out of order
-        scales[:] = weight_scales(w, scheme, group_size, qmax)
+        scales[:] = weight_scales(w, scheme, group_size, qmax, importance=importance)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=device)
     w, h = w[:, perm], h[perm][:, perm]
     try:
@@ -60,7 +61,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
             group = col // g
             if not static and col % g == 0:  # a new group: its scale from the weights as updated so far
                 span = min(g, k - col)
-                scales[:, group] = weight_scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme, 0, qmax)[:, 0]
+                scales[:, group] = weight_scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme, 0, qmax,
+                                                 importance=importance[col:col + span])[:, 0]
             q = round_codes(w1[:, i], scales[:, group], scheme, qmax)
             codes[:, start + i] = q
             err = (w1[:, i] - q * scales[:, group]) / hinv1[i, i]

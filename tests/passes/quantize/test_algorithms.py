@@ -28,7 +28,9 @@ def _identity_gram(features):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_on_uncorrelated_inputs_rounds_as_rtn_through_the_interface(plan, act_order):
     """Every scheme, a short last group (16 does not divide 40), w8a8's 7-bit codes and a smoothing factor."""
-    smooth = torch.linspace(0.5, 2.0, 40)
+    # int4's scale search weighs each column by the Hessian's diagonal (GPTQ) or evenly (RTN): the same only while
+    # the smoothed Hessian s H s stays the identity
+    smooth = torch.linspace(0.5, 2.0, 40) if plan.scheme != "int4" else torch.ones(40)
     rtn, gptq = _group([plan]), _group([plan], [_identity_gram(40)])
     for group in (rtn, gptq):
         group.smooth = [smooth]

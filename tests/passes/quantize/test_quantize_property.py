@@ -24,11 +24,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphopt as go
-from graphopt.nn.quant import QuantLinear
+from graphopt.nn.quant import CODE_RANGE, QuantLinear
 
 WIDTHS = [8, 12, 16, 24]
 KINDS = ["plain", "plain", "same_subclass", "own_forward", "hook", "pre_hook", "tiny"]
-QMAX = {"int8": 127, "int4": 7}
 
 
 class SameSubclass(nn.Linear):
@@ -75,13 +74,16 @@ def _kept(kind: str, dtype: torch.dtype) -> bool:
     return kind in ("own_forward", "hook", "pre_hook") or (kind == "tiny" and dtype == torch.float16)
 
 
-def _rtn_step(weight: torch.Tensor, scheme: str, group: int) -> torch.Tensor:
-    """Half a rounding step per weight, from the scheme's definition (absmax over the row or group)."""
+def _rtn_bound(weight: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """What round to nearest may move each weight, from the stored scales: half a step inside the codes' range,
+    and beyond it (int4's scales clip the extremes when that rounds the group better) the excess."""
     w = weight.detach().float()
     out_f, in_f = w.shape
-    g = group or in_f
-    absmax = w.abs().view(out_f, in_f // g, g).amax(-1, keepdim=True)
-    return (absmax / QMAX[scheme] / 2).expand(out_f, in_f // g, g).reshape(out_f, in_f)
+    g = layer.group_size or in_f
+    step = layer.scale.float().repeat_interleave(g, dim=1)[:, :in_f]
+    lo, hi = CODE_RANGE[layer.scheme]
+    excess = torch.maximum(w - hi * step, lo * step - w).clamp_min(0)
+    return torch.maximum(step / 2, excess)
 
 
 model_spec = st.fixed_dictionaries({
@@ -142,7 +144,7 @@ def test_quantize_replaces_only_what_it_reproduces_and_rounds_within_half_a_step
             continue
         w = model.get_submodule(name).weight.detach().float()
         err = (got.weight.float() - w).abs()
-        bound = _rtn_step(w, scheme, got.group_size) * (1 + 1e-3) + 1e-7
+        bound = _rtn_bound(w, got) * (1 + 1e-3) + 1e-7
         if dtype == torch.float16:  # scales and dequantized weights stored in fp16: a few of its ulps more
             bound = bound + w.abs() * 2**-9
         rows = slice(None)
