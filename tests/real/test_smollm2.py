@@ -123,22 +123,24 @@ def test_every_pass_on_real_layers_generates_and_saves(pipeline, small, tmp_path
         torch.testing.assert_close(again(**held[0]).logits, out, rtol=1e-3, atol=1e-3)
 
 
+def _agreement(model, reference, held) -> float:
+    """Next-token top-1 agreement of ``model`` with ``reference`` on the batches ``held``."""
+    from graphopt.infra.quality import summarize, task_quality
+
+    with torch.no_grad():
+        return task_quality([(summarize(model(**b), go.ExampleInputs((), b)),
+                              summarize(reference(**b), go.ExampleInputs((), b))) for b in held]).value
+
+
 @pytest.mark.slow
 def test_the_language_model_recipe_heals_a_cut_on_text_it_never_saw(smollm2):
     """drop_blocks on SmolLM2's first 4 layers, then heal with nothing but its recipe: next-token agreement with
     the uncut model on held-out docstrings (the eval split; heal trains on the calib split) goes up. (A truncated
     LM's perplexity means little; agreement with it is what heal distils.)"""
-    from graphopt.infra.quality import summarize, task_quality
-
     tok = smollm2.tokenizer
     model = first_layers(smollm2.model, 4)
     calib = list(text_batches(tok, stdlib_texts(96, split="calib"), batch_size=8, max_length=48))
     held = list(text_batches(tok, stdlib_texts(32, split="eval"), batch_size=8, max_length=48))
-
-    def agreement(m):
-        with torch.no_grad():
-            return task_quality([(summarize(m(**b), go.ExampleInputs((), b)),
-                                  summarize(model(**b), go.ExampleInputs((), b))) for b in held]).value
 
     cut = go.optimize(model, smollm2.example_inputs, "drop_blocks(n=1)", calib=calib, measure=False,
                       on_error="raise")
@@ -147,7 +149,7 @@ def test_the_language_model_recipe_heals_a_cut_on_text_it_never_saw(smollm2):
     rec = healed.report.records[-1]
     assert rec.status == "ok" and rec.diagnostics[0].message.startswith("recipe for depth: lr=2e-05, loss='kl'")
     assert any("recipes for language models" in d.message for d in rec.diagnostics)
-    before, after = agreement(cut.model), agreement(healed.model)
+    before, after = _agreement(cut.model, model, held), _agreement(healed.model, model, held)
     assert before < 0.9 and after > before + 0.02, (before, after)
 
 
@@ -156,22 +158,15 @@ def test_refitting_the_down_projections_keeps_more_of_a_pruned_llm(smollm2):
     """prune(reconstruct=true) on SmolLM2's first 4 layers (30% of the MLP channels, L2 importance): each
     down_proj refit on 16k calibration tokens agrees more with the uncut model on held-out docstrings than the
     plain cut of the same channels."""
-    from graphopt.infra.quality import summarize, task_quality
-
     tok = smollm2.tokenizer
     model = first_layers(smollm2.model, 4)
     calib = list(text_batches(tok, stdlib_texts(256, split="calib"), batch_size=8, max_length=64))
     held = list(text_batches(tok, stdlib_texts(32, split="eval"), batch_size=8, max_length=48))
-
-    def agreement(m):
-        with torch.no_grad():
-            return task_quality([(summarize(m(**b), go.ExampleInputs((), b)),
-                                  summarize(model(**b), go.ExampleInputs((), b))) for b in held]).value
 
     cut = "prune(ratio=0.3,where=*.mlp.*,reloadable=true,calib_batches=32"
     plain, refit = (go.optimize(model, smollm2.example_inputs, f"{cut}{extra})", calib=calib, measure=False,
                                 on_error="raise") for extra in ("", ",reconstruct=true"))
     assert refit.report.records[-1].stats["layers_refit"] == 4
     assert [p.shape for p in plain.model.parameters()] == [p.shape for p in refit.model.parameters()]
-    before, after = agreement(plain.model), agreement(refit.model)
+    before, after = _agreement(plain.model, model, held), _agreement(refit.model, model, held)
     assert after > before + 0.2, (before, after)
