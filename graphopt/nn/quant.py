@@ -71,10 +71,10 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int 
     return codes.reshape(w.shape[0], -1)[:, :k].to(torch.int8), scale
 
 
-#: int4 scales are searched over these fractions of ``max|w| / qmax``: 1 clips nothing, 8/7 puts the largest
-#: negative weight on code -8, below 1 clips the extremes to round the rest more finely (the MSE clipping of
-#: llama.cpp's k-quants and AWQ's clip search; Lin et al. 2024)
-CLIP_FRACTIONS = tuple(0.5 + 0.025 * i for i in range(21)) + (1.0625, 8 / 7)
+#: int4 scales are searched over these fractions of ``max|w| / qmax`` besides 1 (which clips nothing): 8/7 puts
+#: the largest negative weight on code -8, below 1 clips the extremes to round the rest more finely (the MSE
+#: clipping of llama.cpp's k-quants and AWQ's clip search; Lin et al. 2024)
+CLIP_FRACTIONS = tuple(0.5 + 0.025 * i for i in range(20)) + (1.0625, 8 / 7)
 
 
 def weight_scales(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | None = None, *,

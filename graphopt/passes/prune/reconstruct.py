@@ -16,7 +16,6 @@ when the layers producing them are only cut (their other channels unchanged), wh
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +25,6 @@ from torch import nn
 from graphopt.analysis.calibration import GramAccumulator, layer_input_stats
 from graphopt.infra.contract import PassResult
 from graphopt.infra.program import Program
-
-log = logging.getLogger(__name__)
 
 #: ridge of the refit towards the plain cut: this fraction of each input's own E[x²] added to G[T, T]'s diagonal
 #: (per input, as LLM activations span orders of magnitude between channels). On SmolLM2's down_proj (25% of
@@ -52,12 +49,13 @@ def readers(program: Program, masks: dict[tuple[str, int], np.ndarray], result: 
     for (canonical, dim), mask in masks.items():
         if mask.all() or dim != 1:
             continue
-        for fqn in [canonical, *program.aliases(canonical)]:  # a tied weight: a reader under another name
+        names = [canonical, *program.aliases(canonical)]  # a tied weight: a reader under another name
+        for fqn in names:
             name, _, attr = fqn.rpartition(".")
             module = program.get_submodule(name) if name else program.module
             if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
-            why = _not_refittable(program, fqn, module)
+            why = _not_refittable(module, [n for n in names if n != fqn])
             if why:
                 result.note(name, f"not refit after pruning its inputs: {why}", "info")
                 continue
@@ -67,11 +65,11 @@ def readers(program: Program, masks: dict[tuple[str, int], np.ndarray], result: 
     return found
 
 
-def _not_refittable(program: Program, fqn: str, module: nn.Module) -> str:
+def _not_refittable(module: nn.Module, tied_to: list[str]) -> str:
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or tuple(module.kernel_size) != (1, 1)):
         return "a convolution other than 1x1 with groups=1 (its inputs would be patches)"
-    if program.aliases(fqn):
-        return f"its weight is tied to {program.aliases(fqn)[0]}"
+    if tied_to:
+        return f"its weight is tied to {tied_to[0]}"
     if not module.weight.is_floating_point():
         return "its weight is not floating point"
     return ""
