@@ -67,6 +67,10 @@ ROWS = {
     "int4-g64": "quantize(scheme=int4,group_size=64)",
     "int4-g64-gptq": "quantize(scheme=int4,group_size=64,method=gptq)",
     "int4-g0-gptq": "quantize(scheme=int4,group_size=0,method=gptq)",
+    # mixed precision: the layers ranked by the probed-gradient estimate (default) or by measuring each one
+    "int4-g64-gptq-b5": "quantize(scheme=int4,group_size=64,method=gptq,budget_bits=5)",
+    "int4-g64-gptq-b6": "quantize(scheme=int4,group_size=64,method=gptq,budget_bits=6)",
+    "int4-g64-gptq-b6-measured": "quantize(scheme=int4,group_size=64,method=gptq,budget_bits=6,sensitivity=measured)",
     "int4-default": "quantize(scheme=int4)",
     "w8a8": "quantize(scheme=w8a8)",
     "w8a8-token-gptq": "quantize(scheme=w8a8,activations=per_token,method=gptq)",
@@ -78,6 +82,7 @@ ROWS = {
     "prune20-heal": f"{PRUNE20},heal",
     "prune20-rec": PRUNE20_REC,
     "prune20-rec-heal": f"{PRUNE20_REC},heal",
+    "prune20-rec-heal300": f"{PRUNE20_REC},heal(steps=300)",
     "dyt": "dyt",
     "dyt-heal": "dyt,heal",
     "int4-g64-gptq-heal": "quantize(scheme=int4,group_size=64,method=gptq),heal",
@@ -85,7 +90,8 @@ ROWS = {
 }
 
 #: rows that run for minutes each (heal: 150 end-to-end steps of the 135M model): left out of the default run
-SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "prune20-rec-heal", "dyt-heal", "int4-g64-gptq-heal", "w8a8-token-gptq-heal")
+SLOW_ROWS = ("drop3-heal", "replace3-heal", "prune20-heal", "prune20-rec-heal", "prune20-rec-heal300", "dyt-heal",
+             "int4-g64-gptq-heal", "w8a8-token-gptq-heal", "int4-g64-gptq-b6-measured")
 
 
 def torchao_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:

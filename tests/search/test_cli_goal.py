@@ -23,7 +23,7 @@ def test_a_goal_search_prints_its_points_and_front_and_the_chosen_pipeline(capsy
                              "quality>=0.99,objective=size,passes=[quantize],max_time=600", "--calib-size", "16",
                              "--eval-size", "16", "--front", str(front), "-q")
     assert code == 0, err
-    assert "search for quality>=0.99,objective=size,max_time=600,passes=[quantize]: 4 points measured" in out
-    assert "| * | remove_dropout,fold_bn,quantize(scheme=int4,method=gptq) " in out  # the smallest of the four
+    assert "search for quality>=0.99,objective=size,max_time=600,passes=[quantize]: 5 points measured" in out
+    assert "| * | remove_dropout,fold_bn,quantize(scheme=int4,method=gptq) " in out  # the smallest of the five
     assert "pipeline: remove_dropout,fold_bn,quantize(scheme=int4,method=gptq)\n" in out
     assert front.stat().st_size > 10_000

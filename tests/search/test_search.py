@@ -14,6 +14,9 @@ from graphopt.infra.registry import PassRegistrationError
 from graphopt.search import search_goal
 from graphopt.search.goal import Goal
 
+#: the calibrated prune choices: Taylor ranking across groups, readers refit
+REFIT = "importance=taylor,allocation=global,reconstruct=true"
+
 
 def _mlp() -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     torch.manual_seed(0)
@@ -52,13 +55,17 @@ def test_the_search_finds_the_optimum_that_exhaustive_search_finds():
 
 def test_a_stronger_choice_is_not_measured_once_a_milder_one_misses_the_floor():
     model, x, calib, held_out = _mlp()
-    found = go.optimize_for(model, x, "quality>=0.95,objective=size,passes=[prune]", calib=calib,
+    found = go.optimize_for(model, x, "quality>=0.96,objective=size,passes=[prune]", calib=calib,
                             eval_data=held_out, cache=False).search
-    assert [p.pipeline for p in found.points] == ["remove_dropout,fold_bn", "remove_dropout,fold_bn,prune(ratio=0.1)"]
-    assert found.points[1].quality < 0.95
+    base = "remove_dropout,fold_bn"
+    assert [p.pipeline for p in found.points] == [base, f"{base},prune(ratio=0.1)", f"{base},prune(ratio=0.1,{REFIT})",
+                                                  f"{base},prune(ratio=0.2,{REFIT})"]
+    assert found.points[1].quality < 0.96 <= found.points[2].quality and found.points[3].quality < 0.96
     assert "prune(ratio=0.2,importance=l2) not measured: the milder prune(ratio=0.1,importance=l2) already misses " \
            "the quality floor" in found.notes
-    assert found.best.pipeline == "remove_dropout,fold_bn"  # nothing smaller meets the floor: the original
+    assert f"prune(ratio=0.3,{REFIT}) not measured: the milder prune(ratio=0.2,{REFIT}) already misses the quality " \
+           "floor" in found.notes  # each family of choices stops at its own first miss
+    assert found.best is found.points[2]
 
 
 def test_the_answer_is_rebuilt_by_its_pipeline_text(tmp_path, monkeypatch):
@@ -160,21 +167,21 @@ def test_max_time_is_honoured_and_the_cache_resumes_without_building_again(tmp_p
 
     goal = Goal(quality=0.85, objective="size", passes=("quantize",))
     first = search_goal(model, x, goal, build, calib=calib, eval_data=held_out, cache=tmp_path)
-    assert len(built) == 1 + 3  # the original came from the cache: only the three quantize choices were built
+    assert len(built) == 1 + 4  # the original came from the cache: only the four quantize choices were built
     built.clear()
     second = search_goal(model, x, goal, build, calib=calib, eval_data=held_out, cache=tmp_path)
     assert built == []  # every point read back
     assert second.best.pipeline == first.best.pipeline
     assert [p.quality for p in second.points] == [p.quality for p in first.points]
     other = search_goal(model, x, goal, build, calib=calib[:2], eval_data=held_out, cache=tmp_path)
-    assert len(built) == 4 and other.best is not None  # other calibration data: another cache entry
+    assert len(built) == 5 and other.best is not None  # other calibration data: another cache entry
 
 
 def test_on_onnxruntime_every_candidate_is_exported_and_timed_at_each_batch_size():
     model, x, calib, held_out = _mlp()
     found = go.optimize_for(model, x[:1], "quality>=0.9,runtime=onnxruntime,batches=[1,16],threads=[1],"
                             "passes=[quantize],trials=0", calib=calib, eval_data=held_out, cache=False).search
-    assert len(found.points) == 4 and not [p.error for p in found.points if p.failed]
+    assert len(found.points) == 5 and not [p.error for p in found.points if p.failed]
     assert all(set(p.speedups) == {"batch 1, 1 thread", "batch 16, 1 thread"} for p in found.points)
     assert all(0.05 < s < 20 for p in found.points for s in p.speedups.values())
 

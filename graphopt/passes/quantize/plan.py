@@ -2,11 +2,14 @@
 
 :func:`plan_layers` gives every target layer its :class:`LayerPlan` from the pass options, handling
 group sizes that do not divide a layer's input width (``uneven_groups``). :func:`mixed_precision`
-keeps the most sensitive layers at int8 so that the average bits per weight meet a budget:
-sensitivity is measured end to end (each layer alone rounded to the low scheme, the relative output
-error of the whole model on calibration batches), as in the layer-wise sensitivity studies of
-"Layer-Wise Quantization" (Dumitru et al., 2024); layers are promoted greedily by sensitivity per
-extra bit until the budget is spent.
+keeps the most sensitive layers at int8 so that the average bits per weight meet a budget. A layer's
+sensitivity is the relative output error of the whole model with that layer alone rounded to the low
+scheme: estimated by default from one probed backward pass per calibration batch
+(:func:`gradient_sensitivity`: each layer's rounding error weighed by the diagonal of the output's
+Gauss-Newton matrix), or measured (:func:`layer_sensitivity`: a forward of the model per layer, as in
+"Layer-Wise Quantization", Dumitru et al., 2024; about 15 minutes for SmolLM2's 210 layers on 2 cores,
+against 15 s for the estimate, which picks a plan of the same quality there). Layers are promoted
+greedily by sensitivity per extra bit until the budget is spent.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from graphopt.analysis.probes import probe_gradients
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.program import swapped_modules
 from graphopt.nn.quant import BITS, n_groups
@@ -173,6 +177,28 @@ def layer_sensitivity(model: nn.Module, names: list[str], packed: Callable[[str,
             err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs(), reference))
         scores[name] = err / energy
     return scores
+
+
+def gradient_sensitivity(model: nn.Module, params: dict[str, torch.Tensor], error: Callable[[str], torch.Tensor],
+                         rows: Callable[[str, torch.Tensor], torch.Tensor], batches: list) -> dict[str, float]:
+    """:func:`layer_sensitivity`'s figure estimated to second order from one probed backward pass per batch.
+
+    ``params``: each layer's weight as its module holds it; ``error(name)``: its rounding error (the weight minus
+    the dequantized one) laid out as ``rows(name, t)`` lays out a tensor shaped like the weight, asked for one
+    layer at a time after the backward passes. The score of a layer is ``Σ diag(JᵀJ) ⊙ Δw² / Σ|f|²`` over the
+    batches (:mod:`graphopt.analysis.probes`): the squared output change its rounding causes alone, relative to
+    the outputs' energy, with the Gauss-Newton matrix taken diagonal as in HAWQ-V2's and ModelOpt's per-layer
+    scores."""
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in params.items()}
+    energy = 0.0
+    for batch_energy in track(probe_gradients(model, batches, list(params.values()), who="quantize(budget_bits=...)"),
+                              "quantize: sensitivity of every layer (probed gradients)", total=len(batches),
+                              unit="batch"):
+        energy += batch_energy
+        for name, weight in params.items():
+            if weight.grad is not None:
+                fisher[name] += weight.grad.detach().float().pow(2)
+    return {n: float((rows(n, fisher.pop(n)) * error(n).float().pow(2)).sum()) / (energy or 1.0) for n in params}
 
 
 def mixed_precision(plans: dict[str, LayerPlan], shapes: dict[str, tuple[int, int]], scores: dict[str, float],

@@ -39,7 +39,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import layer_input_stats
 from graphopt.analysis.channel_scale import producers_of, scale_path
-from graphopt.analysis.layers import linear_weight, why_not_plain
+from graphopt.analysis.layers import is_conv1d, linear_weight, why_not_plain
 from graphopt.frontend.errors import CaptureError
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
@@ -52,7 +52,14 @@ from graphopt.units import MIB
 
 from .algorithms import LayerGroup, QuantAlgorithm, RoundToNearest, SmoothQuant, qmax_of, rounding
 from .bias_correction import output_shifts, subtract_from_bias
-from .plan import LayerPlan, LayerScheme, layer_sensitivity, mixed_precision, plan_layers
+from .plan import (
+    LayerPlan,
+    LayerScheme,
+    gradient_sensitivity,
+    layer_sensitivity,
+    mixed_precision,
+    plan_layers,
+)
 from .sequential import sequential_by_block
 
 log = logging.getLogger(__name__)
@@ -75,8 +82,15 @@ def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     """``(weight as [out, in], bias)`` of a layer quantize packs: a Linear or Conv1D, or a Conv2d (its weight as
     rows of ``in / groups x kh x kw``, the layout of :class:`QuantConv2d`); else ``None``."""
     if isinstance(module, nn.Conv2d):
-        return module.weight.reshape(module.weight.shape[0], -1), module.bias
+        return weight_rows(module, module.weight), module.bias
     return linear_weight(module)
+
+
+def weight_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t``, shaped like ``module.weight`` (a gradient, say), laid out as :func:`weight_matrix` lays out the weight."""
+    if isinstance(module, nn.Conv2d):
+        return t.reshape(t.shape[0], -1)
+    return t.t() if is_conv1d(module) else t
 
 
 def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
@@ -88,7 +102,8 @@ def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
 
 
 @register_pass("quantize", tolerance=None, change="quantize", stage=90,
-               choices=({"scheme": "int8"}, {"scheme": "w8a8", "method": "gptq"}, {"scheme": "int4", "method": "gptq"}))
+               choices=({"scheme": "int8"}, {"scheme": "w8a8", "method": "gptq"},
+                        {"scheme": "int4", "method": "gptq", "budget_bits": 6}, {"scheme": "int4", "method": "gptq"}))
 class Quantize(Pass):
     """Quantize Linear and Conv2d weights to int8 / int4 / ternary, or Linear weights and activations to int8 (w8a8)."""
 
@@ -105,6 +120,7 @@ class Quantize(Pass):
     lm_head: bool = False  # quantize the output projection too (kept in float by default)
     embeddings: bool = False  # pack embedding tables too (int4 rows in groups for int4, int8 rows otherwise)
     budget_bits: float | None = None  # mixed precision: average bits per weight, int8 for the most sensitive
+    sensitivity: Literal["gradient", "measured"] = "gradient"  # budget_bits: rank layers by a probed gradient (one backward per batch) or by measuring each layer alone rounded (a forward per layer)
     alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
     activations: Literal["per_tensor", "per_token"] | None = None  # w8a8: one activation scale per tensor (None: this, onnxruntime's) or per token
     uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
@@ -236,6 +252,9 @@ class Quantize(Pass):
         if self.budget_bits is not None and self.scheme != "int4":
             raise ValueError(f"quantize(budget_bits=...) mixes int4 and int8 layers; it needs scheme=int4, "
                              f"not {self.scheme}")
+        if self.sensitivity != "gradient" and self.budget_bits is None:
+            raise ValueError(f"quantize(sensitivity={self.sensitivity}) ranks layers for mixed precision; give "
+                             "budget_bits= too (e.g. budget_bits=6)")
         if self.budget_bits is not None and not 4 <= self.budget_bits <= 8:
             raise ValueError(f"quantize(budget_bits={self.budget_bits:g}): the average bits of int4 / int8 layers lie "
                              "in [4, 8] (4: every layer int4, 8: every layer int8)")
@@ -343,9 +362,18 @@ class Quantize(Pass):
 
     def _mixed(self, program: Program, weights: dict, plans: dict[str, LayerPlan], shapes: dict,
                result: PassResult) -> dict[str, LayerPlan]:
-        batches = self._batches(program)[:4]
-        scores = layer_sensitivity(program.module, list(weights), lambda n, plan: self._packed(program, n, plan),
-                                   plans, batches)
+        if self.sensitivity == "measured":
+            scores = layer_sensitivity(program.module, list(weights), lambda n, plan: self._packed(program, n, plan),
+                                       plans, self._batches(program)[:4])
+        else:
+            modules = {n: program.get_submodule(n) for n in weights}
+
+            def error(n: str) -> torch.Tensor:
+                rounded = self._packed(program, n, plans[n]).dequantized_weight(torch.float32).reshape(shapes[n])
+                return weights[n][0].detach().float() - rounded
+
+            scores = gradient_sensitivity(program.module, {n: m.weight for n, m in modules.items()}, error,
+                                          lambda n, t: weight_rows(modules[n], t), self._batches(program)[:8])
         chosen, reached = mixed_precision(plans, shapes, scores, self.budget_bits)
         ranked = sorted(scores, key=scores.get, reverse=True)
         for rank, name in enumerate(ranked, 1):

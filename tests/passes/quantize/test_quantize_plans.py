@@ -284,6 +284,7 @@ def test_input_groups_do_not_confuse_a_freed_input_with_a_new_one():
     ("quantize(scheme=int4,budget_bits=5,layers={'1': int8})", r"budget_bits chooses every layer's scheme"),
     ("quantize(scheme=int4,group_size=16,budget_bits=9)", r"budget_bits=9\).*\[4, 8\]"),
     ("quantize(scheme=int4,group_size=16,budget_bits=3)", r"budget_bits=3\).*\[4, 8\]"),
+    ("quantize(scheme=int4,group_size=16,sensitivity=measured)", r"sensitivity=measured\) ranks .*give budget_bits"),
 ])
 def test_options_that_would_be_ignored_are_refused(pipeline, match):
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8)).eval()
