@@ -16,8 +16,8 @@ PIPELINE = "quantize(scheme=int4,group_size=0,budget_bits=6,sensitivity={})"
 
 def _sensitivities(model, inputs, how: str) -> dict[str, float]:
     res = go.optimize(model, inputs, PIPELINE.format(how), calib=[inputs] * 8, measure=False, on_error="raise")
-    found = (re.search(r"\(sensitivity ([0-9.e+-]+),", d.message) for d in res.report.records[-1].diagnostics)
-    notes = {d.target: float(m.group(1)) for d, m in zip(res.report.records[-1].diagnostics, found) if m}
+    notes = {d.target: float(m.group(1)) for d in res.report.records[-1].diagnostics
+             if (m := re.search(r"\(sensitivity ([0-9.e+-]+),", d.message))}
     assert notes, "the report names no layer's sensitivity"
     return notes
 
