@@ -29,7 +29,9 @@ Peer rows (where they install: ``make peers`` puts them in ``.venv-peers``), eac
 settings at the same group size: torchao ``quantize_`` with ``Int8WeightOnlyConfig`` and
 ``Int4WeightOnlyConfig(group_size=64)``; NNCF ``compress_weights`` (INT8_ASYM; INT4_SYM group 64, data-free and
 with its data-aware AWQ + scale estimation on the calibration batches); optimum-quanto ``quantize`` + ``freeze``
-(qint8, qint4 weights). A peer that fails on this model or this CPU is a row saying so. llm-compressor's GPTQ
+(qint8, qint4 weights). A peer that fails on this model or this CPU is a row saying so. Two reference rows
+need no peer: ``bf16`` and ``fp64``, the original cast to bfloat16 / float64 (how many greedy continuations a
+change of precision alone keeps). llm-compressor's GPTQ
 ``oneshot`` is not here: its dependencies (vLLM's stack) do not install on this machine.
 """
 
@@ -64,6 +66,7 @@ PRUNE20_REC = "prune(target_params=0.8,where=*.mlp.*,importance=taylor,reloadabl
 
 ROWS = {
     "int8": "quantize",
+    "int8-gptq": "quantize(scheme=int8,method=gptq)",
     "int4-g64": "quantize(scheme=int4,group_size=64)",
     "int4-g64-gptq": "quantize(scheme=int4,group_size=64,method=gptq)",
     "int4-g0-gptq": "quantize(scheme=int4,group_size=0,method=gptq)",
@@ -129,6 +132,10 @@ def quanto_row(bits: int) -> Callable[[nn.Module, list], nn.Module]:
 
 #: peer rows: name -> (what it runs, function of a copy of the model and the calibration batches)
 PEERS: dict[str, tuple[str, Callable[[nn.Module, list], nn.Module]]] = {
+    # not peers: the floor of "generations same". A bfloat16 copy of the weights, which users deploy as lossless,
+    # already changes some greedy continuations of these prompts; float64 shows the float32 original's are stable
+    "bf16": ("torch .to(torch.bfloat16), for reference", lambda model, calib: model.to(torch.bfloat16)),
+    "fp64": ("torch .to(torch.float64), for reference", lambda model, calib: model.to(torch.float64)),
     "torchao-int8": ("torchao Int8WeightOnlyConfig", torchao_row(8)),
     "torchao-int4-g64": ("torchao Int4WeightOnlyConfig(group_size=64)", torchao_row(4)),
     "nncf-int8": ("NNCF compress_weights INT8_ASYM", nncf_row("INT8_ASYM")),
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=128, help="tokens per window")
     ap.add_argument("--calib-texts", type=int, default=256,
                     help="calibration docstrings (GPTQ, SmoothQuant, depth, heal); 0: the whole split (1928)")
-    ap.add_argument("--prompts", type=int, default=16, help="generation prompts")
+    ap.add_argument("--prompts", type=int, default=32, help="generation prompts")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-runs", type=int, default=5)

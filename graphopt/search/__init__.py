@@ -38,6 +38,7 @@ def search_goal(model: nn.Module, example_inputs: Any, goal: Goal | str, build: 
     (:class:`GoalError`) before anything is built."""
     goal = as_goal(goal)
     goal.check_runtime()
+    goal.check_model(model)
     inputs = as_example_inputs(example_inputs)
     held_out = [as_example_inputs(b) for b in eval_data] if eval_data is not None else None
     if (goal.quality is not None or goal.objective == "quality") and not held_out and metric is None:

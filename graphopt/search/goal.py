@@ -6,7 +6,8 @@
 
 Constraints: ``quality`` (the report's figure against the original, at least: embedding cosine, top-1 or
 next-token agreement), ``ppl`` (the perplexity ratio, at most; language models), ``speedup`` (over the original
-on ``runtime``, at least; the worst over ``batches`` x ``threads``), ``size`` (weight bytes relative to the
+on ``runtime``, at least; the worst over ``batches`` x ``threads``; of greedy ``generate()`` with ``decode=N``),
+``size`` (weight bytes relative to the
 original, at most). The objective is the figure the search maximises (``speedup``, ``quality``) or minimises
 (``size``) among the candidates that meet every constraint.
 """
@@ -48,6 +49,8 @@ class Goal:
     trials: int = 8  # combinations measured end to end after the single changes
     passes: tuple[str, ...] = ()  # the passes searched (empty: every pass that declares choices, and heal)
     heal: int = 2  # measured candidates whose quality floor binds measured again with the repairing pass
+    tie: float = 0.02  # speed-ups, or size reductions, within this fraction of the best are equal: the higher quality wins
+    decode: int = 0  # runtime=torch: time greedy generate() of this many new tokens from the example (0: one forward)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batches", tuple(int(b) for b in _as_tuple(self.batches)))
@@ -72,6 +75,14 @@ class Goal:
             problems.append(f"threads={list(self.threads)}: thread counts are >= 1")
         if self.max_time <= 0 or self.trials < 0 or self.heal < 0:
             problems.append("max_time must be > 0 seconds, trials and heal >= 0")
+        if self.decode < 0:
+            problems.append(f"decode={self.decode}: the new tokens a timed generate() makes, >= 1 (0: time a forward)")
+        if self.decode and self.runtime != "torch":
+            problems.append("decode= times generate(), which only runtime=torch has: drop runtime= or decode=")
+        if self.decode and not self.needs_latency:
+            problems.append("decode= times generate(): give speedup>= or objective=speedup with it")
+        if not 0 <= self.tie < 1:
+            problems.append(f"tie={self.tie} must be in [0, 1): the fraction of the best objective that counts as equal")
         if self.objective == "quality" and self.quality is not None:
             problems.append("objective=quality with a quality constraint: drop one (the search maximises quality)")
         if self.objective == "quality" and self.ppl is None and not (self.speedup or self.size):
@@ -88,6 +99,12 @@ class Goal:
 
     def thread_counts(self) -> tuple[int, ...]:
         return self.threads or (torch.get_num_threads(),)
+
+    def check_model(self, model: Any) -> None:
+        """What the goal times must exist on ``model`` before any work: ``generate()`` for ``decode=``."""
+        if self.decode and not callable(getattr(model, "generate", None)):
+            raise GoalError(f"decode={self.decode} times generate(), which {type(model).__name__} does not have (a "
+                            "transformers causal LM does): drop decode= to time one forward of the example")
 
     def check_runtime(self) -> None:
         """The runtime must be installed before any work: one clear error with the command."""

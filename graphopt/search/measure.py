@@ -174,7 +174,8 @@ def fingerprint(model: nn.Module, goal: Goal, data: list[ExampleInputs], metric:
         for t in [*batch.args, *batch.kwargs.values()]:
             if isinstance(t, torch.Tensor):
                 _update(h, t)
-    h.update(json.dumps([goal.runtime, list(goal.batches), list(goal.thread_counts())]).encode())
+    timing = [goal.runtime, list(goal.batches), list(goal.thread_counts())]
+    h.update(json.dumps(timing + ([goal.decode] if goal.decode else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -277,7 +278,8 @@ class Evaluator:
             pair = [self._base_runs[(batch, threads)], run]
             with _threads(threads), torch.no_grad():
                 base, new = interleaved_medians(pair, self._rounds(pair), warmup=2)
-            out[f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
+            decode = f"decode {self.goal.decode}, " if self.goal.decode else ""
+            out[f"{decode}batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
         return out
 
     def _rounds(self, pair: list[Callable[[], None]]) -> int:
@@ -299,7 +301,12 @@ class Evaluator:
         return self._ort_runs(candidate, "candidate")
 
     def _torch_runs(self, module: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
+        n = self.goal.decode
+
         def runner(x: ExampleInputs) -> Callable[[], None]:
+            if n:  # greedy decoding of n tokens after the example's prompt (its prefill included)
+                return lambda: module.generate(*x.args, **x.kwargs, max_new_tokens=n, min_new_tokens=n,
+                                               do_sample=False)
             return lambda: x.call(module)
 
         return {(b, t): runner(self.inputs.with_batch(b)) for b, t in self.settings}

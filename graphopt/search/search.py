@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,24 @@ def objective(p: Point, goal: Goal) -> float:
     return p.speedup if p.speedup is not None else float("-inf")
 
 
+def best_of(points: list[Point], goal: Goal) -> Point | None:
+    """The point with the best objective, where those within ``goal.tie`` of it count as equal and the higher
+    quality of them wins; None if empty. The margin is a fraction of the best speed-up (a speed-up 1% higher on a
+    noisy machine is not worth a worse model) or of the best size reduction (0.59 of the bytes ties with 0.594,
+    not 0.99 with 1.0); quality as the objective has no margin."""
+    if not points:
+        return None
+    top = max(objective(p, goal) for p in points)
+    if goal.objective == "quality" or not math.isfinite(top):
+        floor = top
+    elif goal.objective == "size":  # objective is -size: tie on the reduction 1 - size
+        floor = top - goal.tie * max(1.0 + top, 0.0)
+    else:
+        floor = top - goal.tie * abs(top)
+    tied = [p for p in points if objective(p, goal) >= floor]
+    return max(tied, key=lambda p: (p.quality or 0.0, objective(p, goal)))
+
+
 def _dominates(a: Point, b: Point) -> bool:
     def figures(p: Point) -> list[float]:
         return [p.quality if p.quality is not None else float("-inf"), -(p.ppl or 1.0),
@@ -213,8 +232,7 @@ class Search:
         return point
 
     def best(self) -> Point | None:
-        feasible = [p for p in self.points if not p.meets(self.goal)]
-        return max(feasible, key=lambda p: (objective(p, self.goal), p.quality or 0.0), default=None)
+        return best_of([p for p in self.points if not p.meets(self.goal)], self.goal)
 
     def run(self) -> tuple[list[Point], int]:
         """Measure singles, predict every combination, measure the best predictions; (points, predicted)."""
@@ -291,8 +309,9 @@ class Search:
         return singles
 
     def _ranked(self, singles: dict[int, Point], base: Point) -> list[tuple[Combination, Point]]:
-        """Combinations of two or more single changes that met the floor, predicted, best objective first;
-        those predicted to meet the whole goal come before the others."""
+        """Combinations of two or more single changes that met the floor, predicted; those predicted to meet the
+        whole goal first, in the order :func:`best_of` would pick them (ties within ``goal.tie`` to the higher
+        predicted quality), then the others, best objective first."""
         usable = [Slot(s.name, s.stage, tuple(c for c in s.choices
                                                if id(c) in singles and meets_floor(singles[id(c)], self.goal)))
                   for s in self.slots]
@@ -301,8 +320,14 @@ class Search:
             if len(combo) < 2:
                 continue
             out.append((combo, predict(combo, singles, base)))
-        out.sort(key=lambda cp: (bool(cp[1].meets(self.goal)), -objective(cp[1], self.goal)))
-        return out
+        out.sort(key=lambda cp: -objective(cp[1], self.goal))
+        meeting = [cp for cp in out if not cp[1].meets(self.goal)]
+        ordered = []
+        while meeting:  # quadratic in the predictions, a few hundred: nothing next to one build
+            pick = best_of([p for _, p in meeting], self.goal)
+            ordered.append(next(cp for cp in meeting if cp[1] is pick))
+            meeting = [cp for cp in meeting if cp[1] is not pick]
+        return ordered + [cp for cp in out if cp[1].meets(self.goal)]
 
 
 def run_search(evaluator: Evaluator, space: Space, goal: Goal) -> SearchResult:

@@ -1,4 +1,5 @@
-"""Goal: its text round-trips, and a goal that cannot be searched fails before any work, saying why."""
+"""Goal: its text round-trips, a goal that cannot be searched fails before any work, saying why, and a decode goal
+times generate()."""
 
 import importlib.util
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 import graphopt as go
+from graphopt.helpers.zoo import hf_model
 from graphopt.search.goal import Goal, GoalError
 from graphopt.search.measure import Evaluator
 
@@ -69,3 +71,40 @@ def test_a_runtime_that_is_not_installed_is_named_with_the_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(GoalError, match=r"runtime=onnxruntime needs onnxruntime: pip install 'graphopt\[onnx\]'"):
         go.optimize(_mlp(), torch.randn(2, 8), goal="quality>=0.9,runtime=onnxruntime", eval_data=[torch.randn(2, 8)])
+
+
+@pytest.mark.parametrize("text, says", [
+    ("ppl<=1.05,objective=speedup,decode=8,runtime=onnxruntime", "only runtime=torch has"),
+    ("ppl<=1.05,objective=size,decode=8", "give speedup>= or objective=speedup"),
+    ("ppl<=1.05,speedup>=1,decode=-1", "decode=-1"),
+])
+def test_a_decode_goal_that_cannot_be_timed_says_why(text, says):
+    with pytest.raises(GoalError, match=says):
+        Goal.parse(text)
+
+
+def test_a_decode_goal_on_a_model_without_generate_is_refused_before_building(monkeypatch):
+    built = []
+    monkeypatch.setattr(Evaluator, "measure", lambda self, pipeline: built.append(pipeline))
+    with pytest.raises(GoalError, match="decode=4 times generate\\(\\), which Sequential does not have"):
+        go.optimize(_mlp(), torch.randn(2, 8), goal="quality>=0.9,speedup>=1,decode=4", eval_data=[torch.randn(2, 8)])
+    assert built == []
+
+
+def test_a_decode_goal_times_greedy_generation(monkeypatch):
+    model, inputs = hf_model("llama_causal_lm")
+    calls = []
+    original = type(model).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["max_new_tokens"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", counting)
+    res = go.optimize_for(model, inputs, "ppl<=100,objective=speedup,decode=3,passes=[drop_blocks],batches=[1],"
+                          "threads=[1],heal=0", calib=[inputs] * 2, eval_data=[inputs], cache=False)
+    points = [p for p in res.search.points if not p.failed]  # (drop_blocks(n=2) of 2 blocks is refused)
+    assert len(points) == 2 and all(set(p.speedups) == {"decode 3, batch 1, 1 thread"} for p in points)
+    assert calls and set(calls) == {3}  # generate(), 3 new tokens, is what was timed
+    dropped = next(p for p in points if p.pipeline.endswith("drop_blocks"))
+    assert dropped.speedup > 1.0  # one of the 2 blocks gone: each decoding step does less (1.26x measured)

@@ -1,6 +1,7 @@
 """optimize(goal=...): the search finds what exhaustive search finds, searches a user's pass, reproduces its
 answer from the pipeline text, honours max_time, resumes from its cache and explains an infeasible goal."""
 
+import dataclasses
 import itertools
 import time
 
@@ -13,9 +14,11 @@ from graphopt.infra.metrics import count_weight_bytes
 from graphopt.infra.registry import PassRegistrationError
 from graphopt.search import search_goal
 from graphopt.search.goal import Goal
+from graphopt.search.measure import Point
+from graphopt.search.search import best_of
 
-#: the calibrated prune choices: Taylor ranking across groups, readers refit
-REFIT = "importance=taylor,allocation=global,reconstruct=true"
+#: the calibrated prune choices: Taylor importance per FLOP a unit costs, readers refit
+REFIT = "importance=taylor,allocation=knapsack,reconstruct=true"
 
 
 def _mlp() -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -41,7 +44,9 @@ def test_the_search_finds_the_optimum_that_exhaustive_search_finds():
                           measure=False, progress=False)
         exhaustive[str(res.pipeline)] = (res.report.records[-1].quality, count_weight_bytes(res.model) / base)
     feasible = {k: v for k, v in exhaustive.items() if v[0] >= goal.quality}
-    truth = min(feasible, key=lambda k: (feasible[k][1], -feasible[k][0]))
+    smallest = min(size for _, size in feasible.values())  # sizes that cut within goal.tie of the most are equal
+    tied = [k for k, (_, size) in feasible.items() if 1 - size >= (1 - goal.tie) * (1 - smallest)]
+    truth = max(tied, key=lambda k: feasible[k][0])
     assert len(go.parse_pipeline(truth)) == 4  # the optimum is a combination of two changes, not one
 
     res = go.optimize_for(model, x, goal, calib=calib, eval_data=held_out, cache=False)
@@ -53,18 +58,35 @@ def test_the_search_finds_the_optimum_that_exhaustive_search_finds():
     assert found.best.quality == pytest.approx(exhaustive[truth][0], abs=1e-6)
 
 
+@pytest.mark.parametrize("objective, figures, tied, strict", [
+    # (quality, speed-up): 1.97x is within 2% of 2.00x, so the better model wins; with tie=0 the faster
+    ("speedup", [(0.991, 2.00), (0.998, 1.97), (0.999, 1.90)], 1, 0),
+    # (quality, size): a 0.406 cut ties with 0.410 (within 2% of it); 0.99 of the bytes does not tie with 1.0
+    ("size", [(0.990, 0.590), (0.995, 0.594), (0.999, 0.620)], 1, 0),
+    ("size", [(0.995, 0.992), (1.000, 1.000)], 0, 0),
+])
+def test_objectives_within_the_tie_go_to_the_better_model(objective, figures, tied, strict):
+    points = [Point(f"p{i}", quality=q, size=v if objective == "size" else 1.0,
+                    speedups={"b1": v} if objective == "speedup" else {}) for i, (q, v) in enumerate(figures)]
+    goal = Goal(quality=0.98, objective=objective)
+    assert best_of(points, goal) is points[tied]
+    assert best_of(points, dataclasses.replace(goal, tie=0.0)) is points[strict]
+    assert best_of([], goal) is None
+
+
 def test_a_stronger_choice_is_not_measured_once_a_milder_one_misses_the_floor():
     model, x, calib, held_out = _mlp()
-    found = go.optimize_for(model, x, "quality>=0.96,objective=size,passes=[prune]", calib=calib,
+    found = go.optimize_for(model, x, "quality>=0.98,objective=size,passes=[prune]", calib=calib,
                             eval_data=held_out, cache=False).search
     base = "remove_dropout,fold_bn"
-    assert [p.pipeline for p in found.points] == [base, f"{base},prune(ratio=0.1)", f"{base},prune(ratio=0.1,{REFIT})",
-                                                  f"{base},prune(ratio=0.2,{REFIT})"]
-    assert found.points[1].quality < 0.96 <= found.points[2].quality and found.points[3].quality < 0.96
-    assert "prune(ratio=0.2,importance=l2) not measured: the milder prune(ratio=0.1,importance=l2) already misses " \
-           "the quality floor" in found.notes
-    assert f"prune(ratio=0.3,{REFIT}) not measured: the milder prune(ratio=0.2,{REFIT}) already misses the quality " \
-           "floor" in found.notes  # each family of choices stops at its own first miss
+    assert [p.pipeline for p in found.points] == [base, f"{base},prune(target_flops=0.9)",
+                                                  f"{base},prune(target_flops=0.9,{REFIT})",
+                                                  f"{base},prune(target_flops=0.8,{REFIT})"]
+    assert found.points[1].quality < 0.98 <= found.points[2].quality and found.points[3].quality < 0.98
+    assert "prune(target_flops=0.8,importance=l2) not measured: the milder prune(target_flops=0.9,importance=l2) " \
+           "already misses the quality floor" in found.notes
+    assert f"prune(target_flops=0.7,{REFIT}) not measured: the milder prune(target_flops=0.8,{REFIT}) already " \
+           "misses the quality floor" in found.notes  # each family of choices stops at its own first miss
     assert found.best is found.points[2]
 
 

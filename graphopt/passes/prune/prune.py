@@ -2,8 +2,10 @@
 
 Each prunable :class:`~graphopt.analysis.depgraph.Group` is ranked by the sum of its members' importance
 per unit (a channel, a head, a key/value-head group); the lowest units go, from every member at
-once. Allocation is ``uniform`` (the same fraction of every group) or ``global`` (one ranking across
-groups after normalising each group's scores, in the spirit of LAMP, Lee et al. 2021). Targets: a
+once. Allocation is ``uniform`` (the same fraction of every group), ``global`` (one ranking across
+groups after normalising each group's scores, in the spirit of LAMP, Lee et al. 2021) or ``knapsack`` (one
+ranking of Taylor scores per parameter or FLOP a unit costs: the greedy solution of the knapsack that spends
+the target where it loses least). Targets: a
 fraction of units (``ratio``), of parameters kept (``target_params``) or of FLOPs kept
 (``target_flops``, measured on the example inputs). Sizes held in module
 attributes (``in_features``, ``num_heads``, view/split sizes baked into the graph) follow.
@@ -55,10 +57,11 @@ class Plan:
 AUTO_ROUND, AUTO_ROUND_MIN_UNITS = 8, 256
 
 
-#: what a goal search tries: weight norms (no data needed), and Taylor importance across groups with the readers
-#: refit (calibrated; on SmolLM2 at ratio 0.1: perplexity x1.29 against x1008 for the norms, docs/search.md)
-SEARCHED = tuple({"ratio": r} for r in (0.1, 0.2, 0.3)) + tuple(
-    {"ratio": r, "importance": "taylor", "allocation": "global", "reconstruct": True} for r in (0.1, 0.2, 0.3))
+#: what a goal search tries, mildest first: 10/20/30% of the FLOPs on the example inputs (a fraction of units would
+#: cut 3% of MiniLM's weights at 10%: its FFN channels are cheap), by weight norms in every group alike (no data
+#: needed), and by Taylor importance per FLOP a unit costs with the readers refit (calibrated; docs/search.md)
+SEARCHED = tuple({"target_flops": f} for f in (0.9, 0.8, 0.7)) + tuple(
+    {"target_flops": f, "importance": "taylor", "allocation": "knapsack", "reconstruct": True} for f in (0.9, 0.8, 0.7))
 
 
 @register_pass("prune", tolerance=None, change="prune", stage=20, choices=SEARCHED)
@@ -69,7 +72,7 @@ class Prune(Pass):
     target_params: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # fraction of parameters kept
     target_flops: Annotated[float, Range(0, 1, lo_open=True)] | None = None  # fraction of FLOPs kept
     importance: Literal["l1", "l2", "taylor"] = "l2"  # unit ranking: weight norms, or Taylor (needs calibration)
-    allocation: Literal["uniform", "global"] = "uniform"  # the same fraction of every group, or one ranking across groups
+    allocation: Literal["uniform", "global", "knapsack"] = "uniform"  # the same fraction of every group; one ranking across groups; or by score per cost (taylor, with a target)
     where: str = "*"  # glob on module names: only groups all of whose layers match are pruned
     round_to: Annotated[int, Range(1)] | None = None  # units kept per group are a multiple of this (None: 8 for channel groups of 256 or more, what quantization groups and kernel tiles divide; 1 for heads and small groups)
     outputs: bool = False  # let the model's output dims shrink too (changes its outputs)
@@ -203,6 +206,10 @@ class Prune(Pass):
             raise ValueError("prune: give target_params or target_flops, not both")
         if self.reloadable and self.allocation != "uniform":
             raise ValueError("prune(reloadable=true) keeps the same count in every layer: it needs allocation=uniform")
+        if self.allocation == "knapsack" and (self.importance != "taylor" or self._target is None):
+            raise ValueError("prune(allocation=knapsack) compares Taylor scores (output change) across groups per "
+                             "parameter or FLOP a unit costs: give importance=taylor and target_params or "
+                             "target_flops (or use allocation=global)")
 
     def _rounds(self, program: Program, am: AnalysisManager) -> list[tuple[str, Callable[[], PassResult]]]:
         """One-shot prunes that together reach the target: round r leaves r/rounds of the cut made."""
@@ -321,14 +328,36 @@ class Prune(Pass):
                 hi = mid
         return hi
 
+    def _unit_costs(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]) -> dict[int, float]:
+        """What one unit of each group costs, as a fraction of the model's parameters (or, with target_flops, of
+        its FLOPs on the example inputs): the fraction that cutting one step of the group's weakest units saves,
+        per unit, measured as the target is (so shared and coupled tensors count as they will)."""
+        full = {g.id: np.arange(g.units) for g in groups}
+        costs = {}
+        for g in groups:
+            step = min(self._multiple(g), g.units - 1)
+            if step < 1:
+                costs[g.id] = float("inf")
+                continue
+            keep = {**full, g.id: _top(scores[g.id], g.units - step)}
+            costs[g.id] = max(1.0 - self._kept_fraction(program, groups, keep), 0.0) / step
+        return costs
+
     def _allocate_global(self, program: Program, groups: list[Group], scores: dict[int, np.ndarray]
                          ) -> dict[int, np.ndarray]:
-        """Rank all units together by score / mean score of their group; drop the lowest first."""
+        """Rank all units together and drop the lowest first: by score / mean score of their group (global), or
+        by score / what the unit costs (knapsack: the greedy order of the knapsack that keeps the most score
+        within the target's parameters or FLOPs; Taylor scores are output changes, comparable across groups)."""
         entries = []
+        costs = self._unit_costs(program, groups, scores) if self.allocation == "knapsack" else {}
         for g in groups:
             s = scores[g.id]
-            norm = s / (s.mean() + 1e-12)
-            entries += [(float(norm[u]), g.id, u) for u in range(g.units)]
+            if self.allocation == "knapsack":  # a group that saves nothing when cut goes last
+                cost = costs[g.id]
+                rank = s / cost if cost > 0 else np.full(g.units, np.inf)
+            else:
+                rank = s / (s.mean() + 1e-12)
+            entries += [(float(rank[u]), g.id, u) for u in range(g.units)]
         entries.sort()
         by_id = {g.id: g for g in groups}
 
