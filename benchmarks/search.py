@@ -15,7 +15,8 @@ timed in onnxruntime on one docstring padded to 64 tokens at batch 1 and 32 on 1
 runs the peer a user would pick: onnxruntime's ``quantize_dynamic`` (int8 weights per channel, activations at
 run time; MatMul and Gather) on graphopt's fp32 export (the search's baseline, opset 23), its embedding cosine
 on the same held-out docstrings and its speed-up at the same four settings. EfficientNet-Lite0's peers are
-``vision.py``'s rows (same photos).
+``vision.py``'s rows (same photos); SmolLM2's are ``llm.py``'s (torchao, NNCF, optimum-quanto: run with
+``.venv-peers/bin/python``; a peer that is not installed is a row saying so), measured on the same windows.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ import torch
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.emit.onnx_verify import ort_runner
-from graphopt.frontend.inputs import as_example_inputs
+from graphopt.frontend.inputs import ExampleInputs, as_example_inputs
 from graphopt.helpers.quality import sentence_embeddings
-from graphopt.infra.metrics import interleaved_medians
+from graphopt.infra.metrics import count_weight_bytes, interleaved_medians
+from graphopt.infra.quality import summarize
 from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
 
@@ -72,6 +74,30 @@ def peer_row(model, example, held, goal: go.Goal, folder: Path) -> list[str]:
             speedups.append(base / new)
     return ["onnxruntime quantize_dynamic int8 per channel", f"{cosine:.4f}", f"{min(speedups):.2f}",
             " / ".join(f"{s:.2f}" for s in speedups)]
+
+
+def llm_peer_rows(model, calib: list, held: list) -> list[list[str]]:
+    """``llm.py``'s peer rows where they install (``make peers``): each peer's documented single configuration on
+    a copy of SmolLM2, measured on the search's held-out windows: next-token agreement, perplexity ratio, size."""
+    import copy
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llm import PEERS, quality
+
+    with torch.no_grad():
+        reference = [summarize(model(**b), ExampleInputs((), b)) for b in held]
+    base, rows = count_weight_bytes(model), []
+    for name, (label, run) in PEERS.items():
+        if name in ("bf16", "fp64"):  # references, not peers
+            continue
+        try:
+            peer = run(copy.deepcopy(model), calib[:16])
+        except Exception as e:  # noqa: BLE001 - a peer that does not install or run here is a row saying so
+            rows.append([label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", "-", "-"])
+            continue
+        _, agree, ratio = quality(peer, reference, held)
+        rows.append([label, f"{agree:.4f}", f"{ratio:.4f}", f"{count_weight_bytes(peer) / base:.3f}"])
+    return rows
 
 
 def minilm(args: argparse.Namespace) -> tuple[Any, Any, list, list]:
@@ -142,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                             f"{best.size:.3f}" if best else "-", f"{time.perf_counter() - start:.0f}"])
         print(markdown_table(["goal", "best pipeline", "quality", "ppl ratio", "speed-up (worst)",
                               "per setting", "size", "search s"], summary))
+        if args.peer and args.model == "smollm2":
+            print("\npeers (llm.py's rows where they install), same held-out windows:\n")
+            print(markdown_table(["peer", "next-token agreement", "ppl ratio", "size"],
+                                 llm_peer_rows(model, calib, held)))
         if args.peer and args.model == "minilm":
             goal = go.Goal.parse(goals[0])
             print("\npeer, same held-out docstrings and settings:\n")
