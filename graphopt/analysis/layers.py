@@ -13,11 +13,17 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight [out, in], bias)`` of a Linear or Conv1D, else ``None``."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if is_conv1d(module):
-        return module.weight.t(), module.bias
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return weight_rows(module, module.weight), module.bias
     return None
+
+
+def weight_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t``, shaped like ``module.weight`` (the weight, a gradient), as one row per output: a Conv1D's transposed,
+    a Conv2d's ``[out, in / groups x kh x kw]`` (the layout of quantized convolutions), a Linear's as it is."""
+    if isinstance(module, nn.Conv2d):
+        return t.reshape(t.shape[0], -1)
+    return t.t() if is_conv1d(module) else t
 
 
 def why_not_plain(module: nn.Module, base: type[nn.Module]) -> str:

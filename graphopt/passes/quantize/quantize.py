@@ -39,7 +39,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import layer_input_stats
 from graphopt.analysis.channel_scale import producers_of, scale_path
-from graphopt.analysis.layers import is_conv1d, linear_weight, why_not_plain
+from graphopt.analysis.layers import linear_weight, weight_rows, why_not_plain
 from graphopt.frontend.errors import CaptureError
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
@@ -84,13 +84,6 @@ def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     if isinstance(module, nn.Conv2d):
         return weight_rows(module, module.weight), module.bias
     return linear_weight(module)
-
-
-def weight_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """``t``, shaped like ``module.weight`` (a gradient, say), laid out as :func:`weight_matrix` lays out the weight."""
-    if isinstance(module, nn.Conv2d):
-        return t.reshape(t.shape[0], -1)
-    return t.t() if is_conv1d(module) else t
 
 
 def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
