@@ -67,6 +67,10 @@ PRUNE20_REC = "prune(target_params=0.8,where=*.mlp.*,importance=taylor,reloadabl
 ROWS = {
     "int8": "quantize",
     "int8-gptq": "quantize(scheme=int8,method=gptq)",
+    # the vocabulary projection too: SmolLM2's is tied to its embedding table, packed once and read by both
+    "int8-head": "quantize(lm_head=true)",
+    "int8-gptq-head": "quantize(scheme=int8,method=gptq,lm_head=true)",
+    "int4-g64-gptq-b6-head": "quantize(scheme=int4,group_size=64,method=gptq,budget_bits=6,lm_head=true)",
     "int4-g64": "quantize(scheme=int4,group_size=64)",
     "int4-g64-gptq": "quantize(scheme=int4,group_size=64,method=gptq)",
     "int4-g0-gptq": "quantize(scheme=int4,group_size=0,method=gptq)",

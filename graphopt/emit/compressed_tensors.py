@@ -53,8 +53,9 @@ def compressed_tensors_problems(model: nn.Module) -> list[str]:
     problems = []
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):
-            problems.append(f"{name}: packed embedding tables have no compressed-tensors form here "
-                            "(quantize without embeddings=true)")
+            problems.append(f"{name}: packed embedding tables have no compressed-tensors form here (quantize "
+                            "without embeddings=true, and without lm_head=true where the head is tied to the "
+                            "table; or save with graphopt.save)")
         if isinstance(m, QuantConv2d):
             problems.append(f"{name}: quantized convolutions have no compressed-tensors form here (it writes "
                             "Linear layers; keep convolutions in float with quantize(skip=[...]), or save with "

@@ -16,6 +16,8 @@ from .options import check_options
 from .text import format_pass
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..analysis.manager import AnalysisManager
     from .program import Program
 
@@ -96,6 +98,11 @@ class Pass:
             if all or value != default:
                 out[f.name] = value
         return out
+
+    def moot(self, model: nn.Module) -> dict[str, str]:
+        """Options set here that change nothing on ``model``, each with why (``quantize(lm_head=true)`` on a model
+        without an LM head): the search measures such a choice once, as the choice without them."""
+        return {}
 
     def __str__(self) -> str:
         return format_pass(self)

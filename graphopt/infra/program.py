@@ -232,12 +232,17 @@ class Program:
         index = torch.as_tensor(keep, dtype=torch.long, device=tensor.device)
         aliases = self.aliases(fqn)
         self.set_tensor(fqn, tensor.detach().index_select(dim, index))
-        new = self.tensor(fqn)
         for other in aliases:
-            owner_name, name = _split(other)
-            owner = self.get_submodule(owner_name)
-            (owner._parameters if name in owner._parameters else owner._buffers)[name] = new
-            self._log("tie", other, {"to": fqn})
+            self.tie(other, fqn)
+
+    def tie(self, fqn: str, to: str) -> None:
+        """Make the parameter or buffer ``fqn`` the very tensor object ``to`` (tied weights: one copy)."""
+        owner_name, name = _split(fqn)
+        owner = self.get_submodule(owner_name)
+        if name not in owner._parameters and name not in owner._buffers:
+            raise EditError(f"{fqn!r} is neither a parameter nor a buffer")
+        (owner._parameters if name in owner._parameters else owner._buffers)[name] = self.tensor(to)
+        self._log("tie", fqn, {"to": to})
 
     def aliases(self, fqn: str) -> list[str]:
         """Other names of the same tensor object (tied weights), not including ``fqn``."""

@@ -49,6 +49,7 @@ class Goal:
     trials: int = 8  # combinations measured end to end after the single changes
     passes: tuple[str, ...] = ()  # the passes searched (empty: every pass that declares choices, and heal)
     heal: int = 2  # measured candidates whose quality floor binds measured again with the repairing pass
+    refine: int = 1  # choices measured between a family's last that meets the quality floor and first that misses
     tie: float = 0.02  # speed-ups, or size reductions, within this fraction of the best are equal: the higher quality wins
     decode: int = 0  # runtime=torch: time greedy generate() of this many new tokens from the example (0: one forward)
 
@@ -73,8 +74,8 @@ class Goal:
             problems.append(f"batches={list(self.batches)}: give one or more batch sizes >= 1")
         if any(t < 1 for t in self.threads):
             problems.append(f"threads={list(self.threads)}: thread counts are >= 1")
-        if self.max_time <= 0 or self.trials < 0 or self.heal < 0:
-            problems.append("max_time must be > 0 seconds, trials and heal >= 0")
+        if self.max_time <= 0 or self.trials < 0 or self.heal < 0 or self.refine < 0:
+            problems.append("max_time must be > 0 seconds, trials, heal and refine >= 0")
         if self.decode < 0:
             problems.append(f"decode={self.decode}: the new tokens a timed generate() makes, >= 1 (0: time a forward)")
         if self.decode and self.runtime != "torch":

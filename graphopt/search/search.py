@@ -18,7 +18,8 @@
 4. **Repaired near the front.** The ``goal.heal`` measured candidates nearest the floor whose quality
    floor is all they miss (and that hold a lossy change before the repairing pass's stage) are built again
    with the repairing pass (``heal``: distillation from the original) and measured: healing is too slow to
-   try on every candidate, and only changes the quality of the few whose quality binds.
+   try on every candidate, and only changes the quality of the few whose quality binds. One that meets the
+   floor healed is followed by its family's next stronger choice, healed, which step 1 left out.
 
 The result holds every measured point, the Pareto front (quality against speed-up and size), the best point
 meeting the goal, or, when none does, the nearest points and which constraint binds.
@@ -182,6 +183,38 @@ def family(choice: Pass) -> tuple[Any, ...]:
     return (type(choice), *fixed)
 
 
+def midpoint(mild: Pass, strong: Pass) -> Pass | None:
+    """The choice halfway between two of one :func:`family` (each option that differs averaged, integers rounded
+    down); None when no value lies between them or the pass refuses it."""
+    if family(mild) != family(strong):
+        return None
+    halfway: dict[str, Any] = {}
+    for f in dataclasses.fields(mild):
+        a, b = getattr(mild, f.name), getattr(strong, f.name)
+        if a == b:
+            continue
+        if not (_is_number(a) and _is_number(b)):
+            return None  # (an option set in one and unset in the other: budget_bits=6 against all-int4)
+        mid = (a + b) // 2 if isinstance(a, int) and isinstance(b, int) else round((a + b) / 2, 6)
+        if mid in (a, b):
+            return None
+        halfway[f.name] = mid
+    try:
+        return dataclasses.replace(mild, **halfway) if halfway else None
+    except ValueError:  # out of the option's declared range
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def without(choice: Pass, options: Sequence[str]) -> Pass:
+    """``choice`` with ``options`` back at their defaults."""
+    defaults = type(choice)().options(all=True)
+    return dataclasses.replace(choice, **{name: defaults[name] for name in options})
+
+
 def meets_budget(p: Point, goal: Goal) -> bool:
     """Speed-up and size within the goal (the constraints a repair such as heal does not change)."""
     if goal.speedup is not None and (p.speedup is None or p.speedup < goal.speedup):
@@ -236,7 +269,7 @@ class Search:
 
     def run(self) -> tuple[list[Point], int]:
         """Measure singles, predict every combination, measure the best predictions; (points, predicted)."""
-        n_singles = sum(len(s.choices) for s in self.slots)
+        n_singles = sum(len(s.choices) + self.goal.refine * len({family(c) for c in s.choices}) for s in self.slots)
         n_repaired = self.goal.heal * len(self.repairs)
         with Progress("search", total=1 + n_singles + self.goal.trials + n_repaired, unit="candidate") as progress:
             base = self._measure((), progress)
@@ -255,18 +288,43 @@ class Search:
         return self.points, len(ranked)
 
     def _repair(self, progress: Progress) -> None:
-        """Measure the candidates :meth:`repairable` names again with each repairing pass."""
+        """Measure the candidates :meth:`repairable` names again with each repairing pass, ``goal.heal`` builds
+        per pass. A repaired candidate that meets the quality floor is followed, first, by the next stronger
+        choice of its family that the floor rule left unmeasured (:meth:`stronger`), repaired too: the milder
+        cut missed the floor unrepaired, not repaired."""
         for repair in self.repairs:
-            chosen = self.repairable(repair)[:self.goal.heal]
-            if not chosen:
+            queue = self.repairable(repair)[:self.goal.heal]
+            if not queue:
                 self.notes.append(f"{repair.label()}: no measured candidate misses only the quality floor with a "
                                   "lossy change it can repair")
-            for combo in chosen:
+            for _ in range(self.goal.heal):
+                if not queue:
+                    break
+                combo = queue.pop(0)
                 if self._out_of_time():
                     self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {repair.label()} of "
                                       f"{str(pipeline_of(combo))!r}")
                     return
-                self._measure((*combo, repair), progress)
+                point = self._measure((*combo, repair), progress)
+                stronger = self.stronger(combo) if meets_floor(point, self.goal) else None
+                if stronger is not None:
+                    self.notes.append(f"{label(point)} meets the floor: {repair.label()} tried on "
+                                      f"{label(Point(str(pipeline_of(stronger))))}, which the floor rule left out")
+                    queue.insert(0, stronger)
+
+    def stronger(self, combo: Combination) -> Combination | None:
+        """``combo`` with one of its choices replaced by the next stronger choice of the same :func:`family`, one
+        that was not measured on its own (the floor rule dropped it); None if there is none."""
+        measured = {p.pipeline for p in self.points}
+        for i, choice in enumerate(combo):
+            slot = next((s for s in self.slots if any(c is choice for c in s.choices)), None)
+            if slot is None:
+                continue
+            kin = [c for c in slot.choices if family(c) == family(choice)]
+            at = next(k for k, c in enumerate(kin) if c is choice)
+            if at + 1 < len(kin) and str(pipeline_of((kin[at + 1],))) not in measured:
+                return (*combo[:i], kin[at + 1], *combo[i + 1:])
+        return None
 
     def repairable(self, repair: Pass) -> list[Combination]:
         """The measured candidates ``repair`` may lift over the goal, nearest the floor first (then best
@@ -288,13 +346,21 @@ class Search:
 
     def _singles(self, progress: Progress) -> dict[int, Point]:
         singles: dict[int, Point] = {}
-        for slot in self.slots:
+        measured: set[str] = set()  # labels of the choices measured
+        for at, slot in enumerate(self.slots):
             dropped: dict[tuple, str] = {}  # family -> why its stronger choices are not measured
             for choice in slot.choices:
                 if family(choice) in dropped:
                     self.notes.append(f"{choice.label()} not measured: {dropped[family(choice)]}")
                     progress.update()
                     continue
+                moot = choice.moot(self.evaluator.model)
+                if moot and without(choice, moot).label() in measured:
+                    self.notes.append(f"{choice.label()} not measured: on this model it is "
+                                      f"{without(choice, moot).label()} ({'; '.join(moot.values())})")
+                    progress.update()
+                    continue
+                measured.add(choice.label())
                 if self._out_of_time():
                     self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {choice.label()}")
                     return singles
@@ -306,7 +372,30 @@ class Search:
                 singles[id(choice)] = point
                 if not point.failed and not meets_floor(point, self.goal):
                     dropped[family(choice)] = f"the milder {choice.label()} already misses the quality floor"
+            self.slots[at] = self._refine(slot, singles, progress)
         return singles
+
+    def _refine(self, slot: Slot, singles: dict[int, Point], progress: Progress) -> Slot:
+        """``slot`` with up to ``goal.refine`` choices per family measured by bisection between the family's last
+        measured choice that meets the quality floor and the next, which misses it (:func:`midpoint`): the cut
+        the floor allows, not only the listed ones. A refined choice joins the combinations like any other."""
+        choices = list(slot.choices)
+        for kind in dict.fromkeys(family(c) for c in choices):
+            for _ in range(self.goal.refine):
+                kin = [c for c in choices if family(c) == kind and id(c) in singles and not singles[id(c)].failed]
+                pair = next(((a, b) for a, b in zip(kin, kin[1:]) if meets_floor(singles[id(a)], self.goal)
+                             and not meets_floor(singles[id(b)], self.goal)), None)
+                mid = midpoint(*pair) if pair else None
+                if mid is None or self._out_of_time():
+                    break
+                point = self._measure((mid,), progress)
+                self.notes.append(f"{mid.label()} measured between {pair[0].label()}, which meets the quality floor, "
+                                  f"and {pair[1].label()}, which misses it")
+                if point.failed:
+                    break
+                singles[id(mid)] = point
+                choices.insert(next(i for i, c in enumerate(choices) if c is pair[1]), mid)
+        return Slot(slot.name, slot.stage, tuple(choices))
 
     def _ranked(self, singles: dict[int, Point], base: Point) -> list[tuple[Combination, Point]]:
         """Combinations of two or more single changes that met the floor, predicted; those predicted to meet the

@@ -31,7 +31,8 @@ def test_goal_text_round_trips_and_parses_lists():
     ("quality>=0.9,objective=quality", "drop one"),
     ("quality>=0.9,runtime=tensorrt", "choose torch or onnxruntime"),
     ("quality>=0.9,batches=[0]", "batch sizes >= 1"),
-    ("quality>=0.9,heal=-1", "trials and heal >= 0"),
+    ("quality>=0.9,heal=-1", "trials, heal and refine >= 0"),
+    ("quality>=0.9,refine=-1", "trials, heal and refine >= 0"),
     ("", "an empty goal"),
     ("fast please", "write name>=value"),
 ])

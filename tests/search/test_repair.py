@@ -28,6 +28,20 @@ def test_heal_lifts_a_pruned_model_over_the_floor_that_pruning_alone_misses():
     assert without.best.pipeline == refit.pipeline
 
 
+def test_a_healed_cut_that_meets_the_floor_leads_to_its_stronger_cut_healed():
+    model, x, calib, held_out = _mlp()
+    goal = "quality>=0.9,objective=size,passes=[prune,heal],heal=2"
+    found = go.optimize_for(model, x, goal, calib=calib, eval_data=held_out, cache=False).search
+    base = "remove_dropout,fold_bn"
+    assert f"{base},prune(target_flops=0.7)" not in [p.pipeline for p in found.points]  # the floor rule's cut
+    milder = next(p for p in found.points if p.pipeline == f"{base},prune(target_flops=0.8),heal")
+    stronger = next(p for p in found.points if p.pipeline == f"{base},prune(target_flops=0.7),heal")
+    assert milder.quality >= 0.9 and stronger.quality >= 0.9 and stronger.size < milder.size
+    assert found.best is stronger  # smaller than the refit 0.7 cut, the answer without the climb
+    assert "prune(target_flops=0.8),heal meets the floor: heal(recipe=auto) tried on prune(target_flops=0.7), " \
+           "which the floor rule left out" in found.notes
+
+
 def test_a_searched_pass_list_without_heal_heals_nothing():
     model, x, calib, held_out = _mlp()
     found = go.optimize_for(model, x, "quality>=0.955,objective=size,passes=[prune]", calib=calib,

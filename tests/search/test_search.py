@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 import graphopt as go
+from graphopt.helpers.zoo import hf_model
 from graphopt.infra.metrics import count_weight_bytes
 from graphopt.infra.registry import PassRegistrationError
 from graphopt.search import search_goal
 from graphopt.search.goal import Goal
 from graphopt.search.measure import Point
-from graphopt.search.search import best_of
+from graphopt.search.search import best_of, label
 
 #: the calibrated prune choices: Taylor importance per FLOP a unit costs, readers refit
 REFIT = "importance=taylor,allocation=knapsack,reconstruct=true"
@@ -33,7 +34,7 @@ def _mlp() -> tuple[nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tens
 
 def test_the_search_finds_the_optimum_that_exhaustive_search_finds():
     model, x, calib, held_out = _mlp()
-    goal = Goal(quality=0.85, objective="size", passes=("prune", "quantize"), trials=2)
+    goal = Goal(quality=0.85, objective="size", passes=("prune", "quantize"), trials=2, refine=0)  # the listed choices
     base = count_weight_bytes(model)
     prune = [None, *(go.get_pass("prune")(**c) for c in go.get_pass("prune").choices)]
     quant = [None, *(go.get_pass("quantize")(**c) for c in go.get_pass("quantize").choices)]
@@ -76,8 +77,8 @@ def test_objectives_within_the_tie_go_to_the_better_model(objective, figures, ti
 
 def test_a_stronger_choice_is_not_measured_once_a_milder_one_misses_the_floor():
     model, x, calib, held_out = _mlp()
-    found = go.optimize_for(model, x, "quality>=0.98,objective=size,passes=[prune]", calib=calib,
-                            eval_data=held_out, cache=False).search
+    found = go.optimize_for(model, x, "quality>=0.98,objective=size,passes=[prune],refine=0", calib=calib,
+                            eval_data=held_out, cache=False).search  # (refine: tests/search/test_refine.py)
     base = "remove_dropout,fold_bn"
     assert [p.pipeline for p in found.points] == [base, f"{base},prune(target_flops=0.9)",
                                                   f"{base},prune(target_flops=0.9,{REFIT})",
@@ -88,6 +89,24 @@ def test_a_stronger_choice_is_not_measured_once_a_milder_one_misses_the_floor():
     assert f"prune(target_flops=0.7,{REFIT}) not measured: the milder prune(target_flops=0.8,{REFIT}) already " \
            "misses the quality floor" in found.notes  # each family of choices stops at its own first miss
     assert found.best is found.points[2]
+
+
+def test_a_choice_whose_options_change_nothing_on_the_model_is_not_measured_twice():
+    model, x, calib, held_out = _mlp()  # no LM head: quantize(lm_head=true) builds what quantize builds
+    found = go.optimize_for(model, x, "quality>=0.9,objective=size,passes=[quantize]", calib=calib,
+                            eval_data=held_out, cache=False).search
+    assert len(found.points) == 5 and not any("lm_head" in p.pipeline for p in found.points)
+    assert "quantize(scheme=int8,method=rtn,lm_head=true) not measured: on this model it is " \
+           "quantize(scheme=int8,method=rtn) (the model has no vocabulary projection (LM head))" in found.notes
+    lm, inputs = hf_model("llama_causal_lm")  # an LM whose head is tied to its table, as SmolLM2's is
+    lm.config.tie_word_embeddings, lm.lm_head.weight = True, lm.model.embed_tokens.weight
+    g = torch.Generator().manual_seed(3)
+    ids = [{"input_ids": torch.randint(0, lm.config.vocab_size, (2, 16), generator=g)} for _ in range(6)]
+    found = go.optimize_for(lm, {"input_ids": inputs["input_ids"]}, "quality>=0.9,objective=size,passes=[quantize]",
+                            calib=ids[:4], eval_data=ids[4:], cache=False).search
+    size = {label(p): p.size for p in found.points}
+    assert size["quantize(lm_head=true)"] < size["quantize"] - 0.1  # the tied table packed once, with the head
+    assert found.best is not None and "lm_head=true" in found.best.pipeline
 
 
 def test_the_answer_is_rebuilt_by_its_pipeline_text(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ import dataclasses
 import fnmatch
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -61,21 +61,9 @@ from .plan import (
     plan_layers,
 )
 from .sequential import sequential_by_block
+from .tables import SHAREABLE, output_embeddings, share_tied_table, tied_tables
 
 log = logging.getLogger(__name__)
-
-
-def output_embeddings(model: nn.Module) -> set[int]:
-    """Ids of the vocabulary projections: HF's ``get_output_embeddings()``, and any layer tied to an embedding."""
-    heads: set[int] = set()
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if isinstance(head, nn.Module):
-        heads.add(id(head))
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads |= {id(m) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-              and not isinstance(m, nn.Embedding) and id(m.weight) in tables}
-    return heads
 
 
 def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -96,7 +84,9 @@ def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
 
 @register_pass("quantize", tolerance=None, change="quantize", stage=90,
                choices=({"scheme": "int8"}, {"scheme": "w8a8", "method": "gptq"},
-                        {"scheme": "int4", "method": "gptq", "budget_bits": 6}, {"scheme": "int4", "method": "gptq"}))
+                        {"scheme": "int4", "method": "gptq", "budget_bits": 6}, {"scheme": "int4", "method": "gptq"},
+                        {"scheme": "int8", "lm_head": True},
+                        {"scheme": "int4", "method": "gptq", "budget_bits": 6, "lm_head": True}))
 class Quantize(Pass):
     """Quantize Linear and Conv2d weights to int8 / int4 / ternary, or Linear weights and activations to int8 (w8a8)."""
 
@@ -139,6 +129,10 @@ class Quantize(Pass):
     def needs_original(self) -> bool:  # type: ignore[override]
         return self.progressive > 0
 
+    def moot(self, model: nn.Module) -> dict[str, str]:
+        return {"lm_head": "the model has no vocabulary projection (LM head)"} \
+            if self.lm_head and not output_embeddings(model) else {}
+
     def run(self, program: Program, am: AnalysisManager) -> PassResult:
         self._check_options(program)
         if self.progressive:
@@ -148,7 +142,7 @@ class Quantize(Pass):
             return result
         result = PassResult(modified=False)
         model = program.module
-        targets, tables = self._targets(model, result)
+        targets, tables, tied = self._targets(model, result)
         names = [n for n, _ in model.named_modules()]
         for pattern in self.layers:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -217,6 +211,7 @@ class Quantize(Pass):
                 quantize_group([name], {})
         if pending:
             self._correct_biases(program, pending, result)
+        shared = [t for t, head in tied.items() if share_tied_table(program, t, head, result)]
         before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
         for consumer, producer in folds.items():
             self._fold(program, consumer, producer, result)
@@ -236,6 +231,8 @@ class Quantize(Pass):
                              "weight_bytes": after})
         if tables:
             result.stats["embedding_tables"] = len(tables)
+        if shared:
+            result.stats["tied_tables"] = len(shared)
         return result
 
     # --- options and scope ----------------------------------------------------------------------------
@@ -284,11 +281,13 @@ class Quantize(Pass):
         units.append(("the rest", dataclasses.replace(self, progressive=0)))
         return [(label, functools.partial(step.run, program, am)) for label, step in units]
 
-    def _targets(self, model: nn.Module, result: PassResult) -> tuple[list[str], list[str]]:
+    def _targets(self, model: nn.Module, result: PassResult) -> tuple[list[str], list[str], dict[str, str]]:
+        """The layers to pack, the embedding tables to pack, and the tied tables packed with their head."""
         heads = output_embeddings(model)
         heads |= {id(m.weight) for m in model.modules() if id(m) in heads and isinstance(m, nn.Module)
                   and isinstance(getattr(m, "weight", None), torch.Tensor)}  # and their weights (tied tables)
-        targets, tables = [], []
+        ties = tied_tables(model) if self.lm_head else {}
+        targets, tables, tied = [], [], {}
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
                  and not isinstance(m, nn.Conv2d) and fnmatch.fnmatchcase(n, self.where)]
         if convs:
@@ -296,6 +295,9 @@ class Quantize(Pass):
                         f"{len(convs)} convolution layer(s) stay in float: quantize packs Conv2d, Linear and GPT-2's "
                         "Conv1D layers (not 1-d, 3-d or transposed convolutions)", "warning")
         for name, module in model.named_modules():
+            if name in ties:  # packed with its head, which it reads (decided once the head is)
+                tied[name] = ties[name]
+                continue
             if isinstance(module, nn.Embedding):
                 why = self._why_not_table(name, module, heads)
                 if why:
@@ -306,18 +308,20 @@ class Quantize(Pass):
             found = weight_matrix(module)
             if found is None or not name:
                 continue
-            why = self._why_not(name, module, found[0], heads)
+            why = self._why_not(name, module, found[0], heads, set(ties.values()))
             if why:
                 result.skip(name, why)
             else:
                 targets.append(name)
-        return targets, tables
+        for table in [t for t, head in tied.items() if head not in targets]:
+            result.skip(table, f"tied to {tied.pop(table)}, which stays in float")
+        return targets, tables, tied
 
     def _why_not_table(self, name: str, table: nn.Embedding, heads: set[int]) -> str:
         if not self.embeddings:
             return "embedding table: stays in float (quantize(embeddings=true) packs its rows)"
         if id(table.weight) in heads and not self.lm_head:
-            return "embedding table tied to the LM head, which stays in float"
+            return "embedding table tied to the LM head, which stays in float (lm_head=true packs both, one copy)"
         if not fnmatch.fnmatchcase(name, self.where) or any(fnmatch.fnmatchcase(name, g) for g in self.skip):
             return "outside where / inside skip"
         if table.max_norm is not None:
@@ -465,7 +469,8 @@ class Quantize(Pass):
             return LayerScheme.parse(self.layers[pattern]), pattern
         return LayerScheme(self.scheme, self.group_size, self.activations), None
 
-    def _why_not(self, name: str, module: nn.Module, weight: torch.Tensor, heads: set[int]) -> str:
+    def _why_not(self, name: str, module: nn.Module, weight: torch.Tensor, heads: set[int],
+                 tied_heads: Collection[str] = ()) -> str:
         if not fnmatch.fnmatchcase(name, self.where):
             return f"outside where={self.where!r}"
         chosen, pattern = self._chosen(name)
@@ -489,5 +494,8 @@ class Quantize(Pass):
         if not self.lm_head and id(module) in heads:
             return ("the vocabulary projection (LM head): the most sensitive layer stays in float; "
                     "quantize(lm_head=true) quantizes it")
+        if name in tied_heads and chosen.scheme not in SHAREABLE:
+            return (f"tied to an embedding table, which reads int8 / int4 rows only: a {chosen.scheme} head would "
+                    f"untie them (a float table and a packed copy, more bytes); give it layers={{{name!r}: int8}}")
         return ""
 

@@ -1,0 +1,63 @@
+"""The vocabulary projection (LM head) and embedding tables in ``quantize``: which layers they are, and
+tied ones kept tied.
+
+Most language models tie the LM head to the input embedding table (one ``[vocab, hidden]`` tensor read by
+both: SmolLM2's is a fifth of its weights). Quantizing the head alone would untie them: a float table plus a
+packed copy, more bytes than before. So ``quantize(lm_head=true)`` quantizes a tied pair once: the head is
+packed like any Linear layer, and the table becomes a :class:`QuantEmbedding` whose codes and scales are the
+head's own tensors (a lookup reads rows of the head's packed weight; both layouts are ``[vocab, hidden]``
+with groups along ``hidden``). The tie is logged in the Program's edit log (``tie``), so a saved model
+reloads with one copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...infra.contract import PassResult
+from ...infra.program import Program
+from ...nn.quant import QuantEmbedding, QuantLinear
+
+#: schemes whose packed head a table can read: weight-only rows, as QuantEmbedding stores them
+SHAREABLE = ("int8", "int4")
+
+
+def output_embeddings(model: nn.Module) -> set[int]:
+    """Ids of the vocabulary projections: HF's ``get_output_embeddings()``, and any layer tied to an embedding."""
+    heads: set[int] = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if isinstance(head, nn.Module):
+        heads.add(id(head))
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads |= {id(m) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+              and not isinstance(m, nn.Embedding) and id(m.weight) in tables}
+    return heads
+
+
+def tied_tables(model: nn.Module) -> dict[str, str]:
+    """Embedding tables whose weight is another layer's weight (a tied LM head): table name -> layer name."""
+    by_weight = {id(m.weight): n for n, m in model.named_modules()
+                 if n and not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {n: by_weight[id(m.weight)] for n, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and id(m.weight) in by_weight}
+
+
+def share_tied_table(program: Program, table: str, head: str, result: PassResult) -> bool:
+    """Replace embedding ``table`` by a :class:`QuantEmbedding` reading the packed ``head``'s codes and scales
+    (the same tensors); False, with a warning, when the head is not a weight-only int8 / int4 QuantLinear."""
+    layer, old = program.get_submodule(head), program.get_submodule(table)
+    if not (isinstance(layer, QuantLinear) and layer.scheme in SHAREABLE and layer.activations == "none"
+            and layer.smooth is None and (layer.out_features, layer.in_features) == tuple(old.weight.shape)):
+        result.note(table, f"tied to {head}, which was not packed as int8 / int4 weights: the table keeps the float "
+                           "weight (the tie is broken: both are stored)", "warning")
+        return False
+    with torch.device("meta"):  # its own buffers are never filled: they are the head's
+        packed = QuantEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx, scheme=layer.scheme,
+                                group_size=layer.group_size, dtype=layer.scale.dtype)
+    program.replace_module(table, packed)
+    program.tie(f"{table}.qweight", f"{head}.qweight")
+    program.tie(f"{table}.scale", f"{head}.scale")
+    result.note(table, f"tied to {head}: it reads the head's packed {layer.scheme} rows (one copy)")
+    return True
