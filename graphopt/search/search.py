@@ -116,9 +116,10 @@ class SearchResult:
                           quality_name=next((p.quality_name for p in ok if p.quality_name), "quality"))
 
 
-def label(p: Point) -> str:
-    """A point's own passes: its pipeline without the clean-ups every candidate starts with."""
-    return p.pipeline.removeprefix(str(pipeline_of(()))).lstrip(",") or "original"
+def label(p: Point | Combination) -> str:
+    """A point's (or a candidate's) own passes: its pipeline without the clean-ups every candidate starts with."""
+    text = p.pipeline if isinstance(p, Point) else str(pipeline_of(p))
+    return text.removeprefix(str(pipeline_of(()))).lstrip(",") or "original"
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -309,7 +310,7 @@ class Search:
                 stronger = self.stronger(combo) if meets_floor(point, self.goal) else None
                 if stronger is not None:
                     self.notes.append(f"{label(point)} meets the floor: {repair.label()} tried on "
-                                      f"{label(Point(str(pipeline_of(stronger))))}, which the floor rule left out")
+                                      f"{label(stronger)}, which the floor rule left out")
                     queue.insert(0, stronger)
 
     def stronger(self, combo: Combination) -> Combination | None:
