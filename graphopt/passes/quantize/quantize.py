@@ -61,7 +61,7 @@ from .plan import (
     plan_layers,
 )
 from .sequential import sequential_by_block
-from .tables import SHAREABLE, output_embeddings, share_tied_table, tied_tables
+from .tables import SHAREABLE, output_embeddings, share_tied_table, tied_tables, why_not_table
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,8 @@ class Quantize(Pass):
                 tied[name] = ties[name]
                 continue
             if isinstance(module, nn.Embedding):
-                why = self._why_not_table(name, module, heads)
+                why = why_not_table(name, module, heads, embeddings=self.embeddings, lm_head=self.lm_head,
+                                    where=self.where, skip=self.skip)
                 if why:
                     result.skip(name, why)
                 else:
@@ -316,18 +317,6 @@ class Quantize(Pass):
         for table in [t for t, head in tied.items() if head not in targets]:
             result.skip(table, f"tied to {tied.pop(table)}, which stays in float")
         return targets, tables, tied
-
-    def _why_not_table(self, name: str, table: nn.Embedding, heads: set[int]) -> str:
-        if not self.embeddings:
-            return "embedding table: stays in float (quantize(embeddings=true) packs its rows)"
-        if id(table.weight) in heads and not self.lm_head:
-            return "embedding table tied to the LM head, which stays in float (lm_head=true packs both, one copy)"
-        if not fnmatch.fnmatchcase(name, self.where) or any(fnmatch.fnmatchcase(name, g) for g in self.skip):
-            return "outside where / inside skip"
-        if table.max_norm is not None:
-            return (f"max_norm={table.max_norm}: the table renormalises the rows it looks up, which packed rows "
-                    "cannot; it stays in float")
-        return why_not_plain(table, nn.Embedding)
 
     # --- per-layer quantization ---------------------------------------------------------------------
     def _packed(self, program: Program, name: str, plan: LayerPlan,

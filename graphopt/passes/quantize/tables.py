@@ -12,9 +12,13 @@ reloads with one copy.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from ...analysis.layers import why_not_plain
 from ...infra.contract import PassResult
 from ...infra.program import Program
 from ...nn.quant import QuantEmbedding, QuantLinear
@@ -34,6 +38,21 @@ def output_embeddings(model: nn.Module) -> set[int]:
     heads |= {id(m) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
               and not isinstance(m, nn.Embedding) and id(m.weight) in tables}
     return heads
+
+
+def why_not_table(name: str, table: nn.Embedding, heads: set[int], *, embeddings: bool, lm_head: bool, where: str,
+                  skip: Sequence[str]) -> str:
+    """Why ``quantize`` leaves embedding table ``name`` in float under these options (``""``: it packs it)."""
+    if not embeddings:
+        return "embedding table: stays in float (quantize(embeddings=true) packs its rows)"
+    if id(table.weight) in heads and not lm_head:
+        return "embedding table tied to the LM head, which stays in float (lm_head=true packs both, one copy)"
+    if not fnmatch.fnmatchcase(name, where) or any(fnmatch.fnmatchcase(name, g) for g in skip):
+        return "outside where / inside skip"
+    if table.max_norm is not None:
+        return (f"max_norm={table.max_norm}: the table renormalises the rows it looks up, which packed rows "
+                "cannot; it stays in float")
+    return why_not_plain(table, nn.Embedding)
 
 
 def tied_tables(model: nn.Module) -> dict[str, str]:
