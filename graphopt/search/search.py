@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,8 @@ class Search:
 
     def run(self) -> tuple[list[Point], int]:
         """Measure singles, predict every combination, measure the best predictions; (points, predicted)."""
-        n_singles = sum(len(s.choices) + self.goal.refine * len({family(c) for c in s.choices}) for s in self.slots)
+        kin = Counter(family(c) for s in self.slots for c in s.choices)
+        n_singles = sum(kin.values()) + self.goal.refine * sum(n > 1 for n in kin.values())  # (refinable: 2 or more)
         n_repaired = self.goal.heal * len(self.repairs)
         with Progress("search", total=1 + n_singles + self.goal.trials + n_repaired, unit="candidate") as progress:
             base = self._measure((), progress)
@@ -356,9 +358,10 @@ class Search:
                     progress.update()
                     continue
                 moot = choice.moot(self.evaluator.model)
-                if moot and without(choice, moot).label() in measured:
-                    self.notes.append(f"{choice.label()} not measured: on this model it is "
-                                      f"{without(choice, moot).label()} ({'; '.join(moot.values())})")
+                same = without(choice, moot).label() if moot else ""
+                if same in measured:
+                    self.notes.append(f"{choice.label()} not measured: on this model it is {same} "
+                                      f"({'; '.join(moot.values())})")
                     progress.update()
                     continue
                 measured.add(choice.label())

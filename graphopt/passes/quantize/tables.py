@@ -34,10 +34,7 @@ def output_embeddings(model: nn.Module) -> set[int]:
     head = getter() if callable(getter) else None
     if isinstance(head, nn.Module):
         heads.add(id(head))
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads |= {id(m) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-              and not isinstance(m, nn.Embedding) and id(m.weight) in tables}
-    return heads
+    return heads | {id(model.get_submodule(layer)) for layer in tied_tables(model).values()}
 
 
 def why_not_table(name: str, table: nn.Embedding, heads: set[int], *, embeddings: bool, lm_head: bool, where: str,
