@@ -1,4 +1,5 @@
-"""Linear layers as the passes see them: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), weights as ``[out, in]``."""
+"""Linear layers as the passes see them: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), weights as ``[out, in]``;
+which of them is the vocabulary projection (LM head), and which embedding tables are tied to a layer."""
 
 from __future__ import annotations
 
@@ -39,3 +40,21 @@ def why_not_plain(module: nn.Module, base: type[nn.Module]) -> str:
         return (f"it has a {' and a '.join(hooks)}, which a replacement would not carry, so it stays as it is "
                 "(remove the hook first to rewrite it)")
     return ""
+
+
+def output_embeddings(model: nn.Module) -> set[int]:
+    """Ids of the vocabulary projections: HF's ``get_output_embeddings()``, and any layer tied to an embedding."""
+    heads: set[int] = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if isinstance(head, nn.Module):
+        heads.add(id(head))
+    return heads | {id(model.get_submodule(layer)) for layer in tied_tables(model).values()}
+
+
+def tied_tables(model: nn.Module) -> dict[str, str]:
+    """Embedding tables whose weight is another layer's weight (a tied LM head): table name -> layer name."""
+    by_weight = {id(m.weight): n for n, m in model.named_modules()
+                 if n and not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {n: by_weight[id(m.weight)] for n, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and id(m.weight) in by_weight}

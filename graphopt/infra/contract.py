@@ -64,7 +64,7 @@ class Pass:
       (:mod:`graphopt.search`): the option sets to try, mildest first (``None``: not searched; ``({},)``:
       on or off with its defaults); passes of one ``slot`` are alternatives (``drop_blocks`` or
       ``replace_blocks``: slot ``"depth"``; ``""``: the pass's own name); ``stage`` orders a searched
-      pipeline, lower first (depth 10, prune 20, dyt 30, merge 40, heal 80, quantize 90: quantize last).
+      pipeline, lower first (depth 10, prune 20, dyt 30, merge 40, factorize 50, heal 80, quantize 90: quantize last).
     - ``repairs``: the pass recovers what earlier lossy passes lost (``heal``): it is not a choice of its
       own; the search adds it to the measured candidates whose quality floor binds (``Goal.heal``).
     """

@@ -120,7 +120,7 @@ class Heal(Pass):
 
     decisive = ("recipe",)
 
-    recipe: Literal["auto", "dyt", "prune", "depth", "quantize", "other"] = "auto"  # what unset options default to
+    recipe: Literal["auto", "dyt", "prune", "depth", "factorize", "quantize", "other"] = "auto"  # what unset options default to
     steps: Annotated[int, Range(0)] | None = None  # end-to-end steps (None: the recipe's)
     lr: Annotated[float, Range(0, lo_open=True)] | None = None  # AdamW learning rate (None: the recipe's)
     new_lr_scale: Annotated[float, Range(0, lo_open=True)] | None = None  # lr multiplier of the parameters earlier passes created

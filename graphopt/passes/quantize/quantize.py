@@ -39,7 +39,7 @@ from torch import nn
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import layer_input_stats
 from graphopt.analysis.channel_scale import producers_of, scale_path
-from graphopt.analysis.layers import linear_weight, weight_rows, why_not_plain
+from graphopt.analysis.layers import linear_weight, output_embeddings, tied_tables, weight_rows, why_not_plain
 from graphopt.frontend.errors import CaptureError
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
@@ -61,7 +61,7 @@ from .plan import (
     plan_layers,
 )
 from .sequential import sequential_by_block
-from .tables import SHAREABLE, output_embeddings, share_tied_table, tied_tables, why_not_table
+from .tables import SHAREABLE, share_tied_table, why_not_table
 
 log = logging.getLogger(__name__)
 

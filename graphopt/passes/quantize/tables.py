@@ -1,5 +1,5 @@
-"""The vocabulary projection (LM head) and embedding tables in ``quantize``: which layers they are, and
-tied ones kept tied.
+"""The vocabulary projection (LM head) and embedding tables in ``quantize`` (which layers they are:
+:mod:`graphopt.analysis.layers`), and tied ones kept tied.
 
 Most language models tie the LM head to the input embedding table (one ``[vocab, hidden]`` tensor read by
 both: SmolLM2's is a fifth of its weights). Quantizing the head alone would untie them: a float table plus a
@@ -27,16 +27,6 @@ from ...nn.quant import QuantEmbedding, QuantLinear
 SHAREABLE = ("int8", "int4")
 
 
-def output_embeddings(model: nn.Module) -> set[int]:
-    """Ids of the vocabulary projections: HF's ``get_output_embeddings()``, and any layer tied to an embedding."""
-    heads: set[int] = set()
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if isinstance(head, nn.Module):
-        heads.add(id(head))
-    return heads | {id(model.get_submodule(layer)) for layer in tied_tables(model).values()}
-
-
 def why_not_table(name: str, table: nn.Embedding, heads: set[int], *, embeddings: bool, lm_head: bool, where: str,
                   skip: Sequence[str]) -> str:
     """Why ``quantize`` leaves embedding table ``name`` in float under these options (``""``: it packs it)."""
@@ -50,14 +40,6 @@ def why_not_table(name: str, table: nn.Embedding, heads: set[int], *, embeddings
         return (f"max_norm={table.max_norm}: the table renormalises the rows it looks up, which packed rows "
                 "cannot; it stays in float")
     return why_not_plain(table, nn.Embedding)
-
-
-def tied_tables(model: nn.Module) -> dict[str, str]:
-    """Embedding tables whose weight is another layer's weight (a tied LM head): table name -> layer name."""
-    by_weight = {id(m.weight): n for n, m in model.named_modules()
-                 if n and not isinstance(m, nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
-    return {n: by_weight[id(m.weight)] for n, m in model.named_modules()
-            if isinstance(m, nn.Embedding) and id(m.weight) in by_weight}
 
 
 def share_tied_table(program: Program, table: str, head: str, result: PassResult) -> bool:
