@@ -2,7 +2,8 @@
 with and without heal, whitened factors quantized with GPTQ, and the same budget spent by ``prune``.
 
     .venv/bin/python benchmarks/lowrank.py --model minilm                 # ~15 min on 2 cores
-    .venv/bin/python benchmarks/lowrank.py --model smollm2 --calib 64 --eval 32 --heal whiten-global --no-onnx
+    .venv/bin/python benchmarks/lowrank.py --model smollm2 --calib 64 --eval 32 --heal whiten-global --no-onnx \
+        --quantize int4 --quantize-ratios 0.2 --prune-ratios 0.2
     .venv/bin/python benchmarks/lowrank.py --model minilm --heal all      # every row healed too (long)
     .venv/bin/python benchmarks/lowrank.py --rank-speed                   # why rank_multiple defaults to 8
 
@@ -123,9 +124,9 @@ def rows_to_run(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
                         args.heal == "whiten-global" and method == "whiten" and allocation == "global"):
                     rows.append((f"{text},heal", text, False))
         whitened = f"factorize(ratio={ratio:g},method=whiten,allocation=global)"
-        for scheme in args.quantize:
+        for scheme in args.quantize if ratio in (args.quantize_ratios or args.ratios) else ():
             rows.append((f"{whitened},quantize(scheme={scheme},method=gptq)", "", True))
-        if args.prune:
+        if ratio in (args.prune_ratios if args.prune_ratios is not None else args.ratios):
             cut = f"prune(target_flops={1 - ratio:g},importance=taylor,allocation=knapsack,reconstruct=true)"
             rows.append((cut, cut, True))
             rows.append((f"{cut},heal", cut, False))
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heal", choices=["none", "whiten-global", "whiten", "all"], default="whiten",
                     help="which rows are healed too")
     ap.add_argument("--quantize", nargs="*", default=["int8", "int4"], help="schemes after whitened global rows")
-    ap.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--quantize-ratios", type=float, nargs="+", help="ratios with quantized rows (default: all)")
+    ap.add_argument("--prune-ratios", type=float, nargs="*", help="ratios with a prune row (default: all)")
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="time in onnxruntime too")
     ap.add_argument("--calib", type=int, default=128, help="calibration docstrings")
     ap.add_argument("--eval", type=int, default=128, help="held-out docstrings (MiniLM) or windows (SmolLM2)")
