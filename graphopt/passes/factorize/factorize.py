@@ -42,7 +42,7 @@ DEFAULT_RATIO = 0.2
 
 @register_pass("factorize", tolerance=None, change="factorize", stage=50,
                choices=({"ratio": 0.1, "allocation": "global"}, {"ratio": 0.2, "allocation": "global"},
-                        {"ratio": 0.3, "allocation": "global"}))
+                        {"ratio": 0.3, "allocation": "global"}, {"ratio": 0.1}, {"ratio": 0.2}, {"ratio": 0.3}))
 class Factorize(Pass):
     """Replace Linear layers by two smaller ones, ``W ≈ U·V``, ranks from a ratio of weights removed or given."""
 
@@ -85,9 +85,11 @@ class Factorize(Pass):
             uniform_ranks(shapes, self.share, self.rank_multiple)  # raises before any calibration pass
         grams = self._grams(program, targets)
         for name in [n for n in targets if n in grams and grams[n][1] < shapes[n][1]]:
-            result.skip(name, f"its calibration inputs are {grams[name][1]} rows for {shapes[name][1]} input "
-                              f"features: {self.method} would fit directions it never saw (give more calibration "
-                              "data, or method=svd); it stays dense")
+            rows = grams[name][1]
+            result.skip(name, ("it never ran on the calibration data" if rows == 0 else
+                               f"its calibration inputs are {rows} rows for {shapes[name][1]} input features") +
+                        f": {self.method} would fit directions it never saw (give more calibration data, or "
+                        "method=svd); it stays dense")
             targets.remove(name)
             del shapes[name]
         if not targets:
@@ -181,10 +183,6 @@ class Factorize(Pass):
             raise ValueError(f"factorize(method={self.method}) reads calibration inputs; calib= is empty")
         stats = layer_input_stats(program.module, {n: program.get_submodule(n) for n in targets}, batches,
                                   GramAccumulator)
-        missing = [n for n, acc in stats.items() if acc.rows == 0]
-        if missing:
-            raise ValueError(f"factorize(method={self.method}): {len(missing)} layer(s) never ran on the "
-                             f"calibration data ({', '.join(missing[:3])}); skip= them or use method=svd")
         return {n: (acc.gram, acc.rows) for n, acc in stats.items()}
 
     def _ranks(self, shapes: dict[str, Shape], spectra: dict[str, Spectrum]) -> dict[str, int | None]:

@@ -140,6 +140,22 @@ def test_layers_it_cannot_rebuild_are_skipped_with_the_reason():
     assert isinstance(res.model.model.layers[0].self_attn.k_proj, LowRankLinear)
 
 
+def test_a_layer_the_calibration_data_never_reaches_stays_dense_and_says_so():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.used(x)
+
+    x = torch.randn(64, 16)
+    res = go.optimize(Branchy().eval(), x, "factorize(rank=4)", calib=[x, x + 1], on_error="raise")
+    notes, _ = _notes(res)
+    assert "never ran on the calibration data" in notes["unused"].message and "method=svd" in notes["unused"].message
+    assert isinstance(res.model.used, LowRankLinear) and type(res.model.unused) is nn.Linear
+
+
 def test_a_tied_head_stays_dense_and_an_untied_one_is_factorized_with_lm_head():
     model, inputs = hf_model("llama_causal_lm")
     res = go.optimize(model, inputs, "factorize(rank=4,method=svd,lm_head=true)", on_error="raise")
