@@ -1,9 +1,9 @@
 """``factorize`` on all-MiniLM-L6-v2 and SmolLM2-135M: plain SVD vs ASVD vs whitened SVD, uniform vs global ranks,
 with and without heal, whitened factors quantized with GPTQ, and the same budget spent by ``prune``.
 
-    .venv/bin/python benchmarks/lowrank.py --model minilm                 # ~15 min on 2 cores
+    .venv/bin/python benchmarks/lowrank.py --model minilm --calib 512 --eval 256 --heal whiten-global  # 42 min
     .venv/bin/python benchmarks/lowrank.py --model smollm2 --calib 64 --eval 32 --heal whiten-global --no-onnx \
-        --quantize int4 --quantize-ratios 0.2 --prune-ratios 0.2
+        --heal-ratios 0.2 --quantize int4 --quantize-ratios 0.2 --prune-ratios 0.2 --repeat 10  # 46 min
     .venv/bin/python benchmarks/lowrank.py --model minilm --heal all      # every row healed too (long)
     .venv/bin/python benchmarks/lowrank.py --rank-speed                   # why rank_multiple defaults to 8
 
@@ -120,8 +120,9 @@ def rows_to_run(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
             for method in args.methods:
                 text = f"factorize(ratio={ratio:g},method={method},allocation={allocation})"
                 rows.append((text, text, True))
-                if args.heal == "all" or (args.heal == "whiten" and method == "whiten") or (
-                        args.heal == "whiten-global" and method == "whiten" and allocation == "global"):
+                healed = args.heal == "all" or (args.heal == "whiten" and method == "whiten") or (
+                    args.heal == "whiten-global" and method == "whiten" and allocation == "global")
+                if healed and ratio in (args.heal_ratios or args.ratios):
                     rows.append((f"{text},heal", text, False))
         whitened = f"factorize(ratio={ratio:g},method=whiten,allocation=global)"
         for scheme in args.quantize if ratio in (args.quantize_ratios or args.ratios) else ():
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heal", choices=["none", "whiten-global", "whiten", "all"], default="whiten",
                     help="which rows are healed too")
     ap.add_argument("--quantize", nargs="*", default=["int8", "int4"], help="schemes after whitened global rows")
+    ap.add_argument("--heal-ratios", type=float, nargs="+", help="ratios with healed rows (default: all)")
     ap.add_argument("--quantize-ratios", type=float, nargs="+", help="ratios with quantized rows (default: all)")
     ap.add_argument("--prune-ratios", type=float, nargs="*", help="ratios with a prune row (default: all)")
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="time in onnxruntime too")
