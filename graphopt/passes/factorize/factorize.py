@@ -195,12 +195,11 @@ class Factorize(Pass):
         except AllocationError as e:
             raise ValueError(str(e)) from None
 
-    @staticmethod
-    def _describe(name: str, rank: int, shape: Shape, spec: Spectrum, weight: torch.Tensor, layer: LowRankLinear,
+    def _describe(self, name: str, rank: int, shape: Shape, spec: Spectrum, weight: torch.Tensor, layer: LowRankLinear,
                   grams: dict[str, tuple[torch.Tensor, int]]) -> str:
         text = (f"rank {rank} of {min(shape)}: {stored(None, shape):,} -> {stored(rank, shape):,} weights, "
                 f"truncation loss {spec.relative_loss(rank):.4f}")
-        if name in grams:
+        if name in grams and self.method == "asvd":  # whiten's truncation loss is this error exactly (decompose.py)
             with torch.no_grad():
                 approx = layer.dense_weight()
             text += f", output error {output_error(weight, approx, grams[name][0]):.4f} on calibration"
