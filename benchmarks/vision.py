@@ -62,6 +62,10 @@ GRAPHOPT_ROWS = {
     "prune-0.7-r8-heal": "fold_bn,prune(target_flops=0.7,round_to=8),heal",
     "prune-0.7-rec": REC,
     "prune-0.7-rec-heal": f"{REC},heal",
+    # low-rank 1x1 convolutions (whitened); global spends the cut where the spectra fall fastest
+    "factorize-0.1": "fold_bn,factorize(ratio=0.1)",
+    "factorize-0.2-global": "fold_bn,factorize(ratio=0.2,allocation=global)",
+    "factorize-0.2-global-heal": "fold_bn,factorize(ratio=0.2,allocation=global),heal",
 }
 #: peer rows: name -> what they run
 PEER_ROWS = {

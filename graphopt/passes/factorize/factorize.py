@@ -1,9 +1,12 @@
 """``factorize``: replace Linear layers by rank-``r`` pairs (:class:`graphopt.nn.lowrank.LowRankLinear`).
 
-Chosen layers: every ``nn.Linear`` and HuggingFace ``Conv1D`` in ``where`` and not in ``skip``, except the
+Chosen layers: every ``nn.Linear``, HuggingFace ``Conv1D`` and 1x1 ungrouped ``nn.Conv2d`` (a Linear over
+channels at every position: :class:`graphopt.nn.lowrank.LowRankConv2d`; its calibration rows are its
+input's positions) in ``where`` and not in ``skip``, except the
 vocabulary projection (``lm_head=true`` takes it too, unless it is tied to the embedding table), layers whose
 forward is not the plain one (subclasses, hooks: rebuilt from their weights they would lose what they add)
-and non-float weights; each is skipped with its reason. ``method`` (:mod:`.decompose`): ``whiten`` (default;
+and non-float weights; each is skipped with its reason, as is every other convolution (a k x k or grouped
+kernel is not one matrix over channels). ``method`` (:mod:`.decompose`): ``whiten`` (default;
 optimal for the calibration inputs), ``asvd``, ``svd``. ``ratio`` is the share of the chosen layers' weights
 removed, spread ``uniform`` (each layer its share) or ``global`` (:mod:`.allocate`), ranks rounded down to
 ``rank_multiple``; or ``rank`` fixes every layer's rank. A rank saves weights only under the break-even
@@ -30,7 +33,7 @@ from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
-from graphopt.nn.lowrank import LowRankLinear, break_even_rank
+from graphopt.nn.lowrank import LOW_RANK, LowRankConv2d, LowRankLinear, break_even_rank
 
 from .allocate import AllocationError, Shape, global_ranks, removed_share, stored, uniform_ranks
 from .decompose import Spectrum, output_error, spectrum
@@ -77,7 +80,7 @@ class Factorize(Pass):
         if not targets:
             result.note("", "no layer was factorized (see the diagnostics for each one left alone)", "warning")
             return result
-        weights = {n: linear_weight(program.get_submodule(n)) for n in targets}
+        weights = {n: _matrix(program.get_submodule(n)) for n in targets}
         shapes: dict[str, Shape] = {n: (int(w.shape[0]), int(w.shape[1])) for n, (w, _) in weights.items()}
         if self.rank is not None:
             self._check_rank(shapes)
@@ -104,8 +107,10 @@ class Factorize(Pass):
             if rank is None:
                 result.skip(name, "left dense: global allocation found its rank worth more than its weights")
                 continue
-            up, down = spectra[name].factors(rank, weight.dtype)
-            layer = LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias)
+            up, down = (t.to(weight.device) for t in spectra[name].factors(rank, weight.dtype))
+            dense = program.get_submodule(name)
+            layer = (LowRankConv2d.from_factors(up, down, bias, like=dense) if isinstance(dense, nn.Conv2d) else
+                     LowRankLinear.from_factors(up, down, bias))
             program.replace_module(name, layer)
             result.note(name, self._describe(name, rank, shapes[name], spectra[name], weight, layer, grams))
         result.modified = any(r is not None for r in ranks.values())
@@ -129,17 +134,18 @@ class Factorize(Pass):
         model = program.module
         heads = output_embeddings(model)
         tied = set(tied_tables(model).values())
-        factored = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+        factored = [n for n, m in model.named_modules() if isinstance(m, LOW_RANK)]
         targets, again = [], []
         for name, module in model.named_modules():
-            found = linear_weight(module)
-            if found is None or not name or not fnmatch.fnmatchcase(name, self.where):
+            found = _matrix(module)
+            conv = isinstance(module, nn.Conv2d)
+            if (found is None and not conv) or not name or not fnmatch.fnmatchcase(name, self.where):
                 continue
             owner = name.rpartition(".")[0]
             if owner in factored:
                 again.append(owner)
                 continue
-            why = self._why_not(name, module, found[0], heads, tied)
+            why = _why_not_pointwise(module) if found is None else self._why_not(name, module, found[0], heads, tied)
             if why:
                 result.skip(name, why)
             else:
@@ -162,7 +168,8 @@ class Factorize(Pass):
                     "table and the factors (more weights than before), so it stays dense")
         if not weight.is_floating_point():
             return f"its weight is {weight.dtype}, not float (quantized already?)"
-        return why_not_plain(module, type(module) if is_conv1d(module) else nn.Linear)
+        return why_not_plain(module, (type(module) if is_conv1d(module) else
+                                      nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear))
 
     def _check_rank(self, shapes: dict[str, Shape]) -> None:
         over = {n: break_even_rank(i, o) for n, (o, i) in shapes.items() if self.rank > break_even_rank(i, o)}
@@ -195,7 +202,7 @@ class Factorize(Pass):
         except AllocationError as e:
             raise ValueError(str(e)) from None
 
-    def _describe(self, name: str, rank: int, shape: Shape, spec: Spectrum, weight: torch.Tensor, layer: LowRankLinear,
+    def _describe(self, name: str, rank: int, shape: Shape, spec: Spectrum, weight: torch.Tensor, layer: nn.Module,
                   grams: dict[str, tuple[torch.Tensor, int]]) -> str:
         text = (f"rank {rank} of {min(shape)}: {stored(None, shape):,} -> {stored(rank, shape):,} weights, "
                 f"truncation loss {spec.relative_loss(rank):.4f}")
@@ -204,3 +211,20 @@ class Factorize(Pass):
                 approx = layer.dense_weight()
             text += f", output error {output_error(weight, approx, grams[name][0]):.4f} on calibration"
         return text
+
+
+def _matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [out, in], bias)`` of a Linear, a Conv1D or a 1x1 ungrouped Conv2d, else ``None``."""
+    if isinstance(module, nn.Conv2d):
+        return (module.weight.flatten(1), module.bias) if not _why_not_pointwise(module) else None
+    return linear_weight(module)
+
+
+def _why_not_pointwise(conv: nn.Conv2d) -> str:
+    """``""`` for a 1x1 ungrouped convolution, else why ``factorize`` leaves it alone."""
+    kind = [f"{'x'.join(map(str, conv.kernel_size))} kernel"] if tuple(conv.kernel_size) != (1, 1) else []
+    kind += [f"{conv.groups} groups"] if conv.groups != 1 else []
+    if not kind:
+        return ""
+    return (f"a convolution with {' and '.join(kind)}: factorize takes 1x1 ungrouped convolutions (a k x k or "
+            "grouped kernel is not one matrix over channels), so it stays as it is")
