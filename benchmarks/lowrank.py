@@ -1,5 +1,5 @@
-"""``factorize`` on all-MiniLM-L6-v2 and SmolLM2-135M: plain SVD vs ASVD vs whitened SVD, uniform vs global ranks,
-with and without heal, whitened factors quantized with GPTQ, and the same budget spent by ``prune``.
+"""``factorize`` on all-MiniLM-L6-v2 and SmolLM2-135M: plain SVD vs ASVD vs whitened SVD, uniform vs global vs
+directions ranks, with and without heal, whitened factors quantized with GPTQ, and the same budget spent by ``prune``.
 
     .venv/bin/python benchmarks/lowrank.py --model minilm --calib 512 --eval 256 --heal whiten-global  # 42 min
     .venv/bin/python benchmarks/lowrank.py --model smollm2 --calib 64 --eval 32 --heal whiten-global --no-onnx \
@@ -9,7 +9,7 @@ with and without heal, whitened factors quantized with GPTQ, and the same budget
 
 Rows: ``factorize(ratio=r, method=m, allocation=a)`` for each ratio of the Linear weights removed (the LM head
 stays dense), each with ``heal`` (its factorize recipe) where ``--heal`` says (default: the whitened rows),
-the whitened global rows followed by ``quantize(method=gptq)`` at int8 and int4, and ``prune`` of the same
+the whitened rows of ``--quantize-allocation`` followed by ``quantize(method=gptq)`` at int8 and int4, and ``prune`` of the same
 share of FLOPs (Taylor scores across groups, readers refit) with and without heal. Calibration and held-out
 data never overlap: MiniLM on docstrings of 64 tokens (mean cosine of sentence embeddings, the share of
 held-out sentences whose nearest neighbour is unchanged); SmolLM2 on calibration docstrings of 128 tokens and
@@ -44,6 +44,7 @@ from graphopt.models import load_model_spec
 from graphopt.units import MIB
 
 METHODS = ("svd", "asvd", "whiten")
+ALLOCATIONS = ("uniform", "global", "directions")
 
 
 def minilm(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,10 +122,10 @@ def rows_to_run(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
                 text = f"factorize(ratio={ratio:g},method={method},allocation={allocation})"
                 rows.append((text, text, True))
                 healed = args.heal == "all" or (args.heal == "whiten" and method == "whiten") or (
-                    args.heal == "whiten-global" and method == "whiten" and allocation == "global")
+                    args.heal == f"whiten-{allocation}" and method == "whiten")
                 if healed and ratio in (args.heal_ratios or args.ratios):
                     rows.append((f"{text},heal", text, False))
-        whitened = f"factorize(ratio={ratio:g},method=whiten,allocation=global)"
+        whitened = f"factorize(ratio={ratio:g},method=whiten,allocation={args.quantize_allocation})"
         for scheme in args.quantize if ratio in (args.quantize_ratios or args.ratios) else ():
             rows.append((f"{whitened},quantize(scheme={scheme},method=gptq)", "", True))
         if ratio in (args.prune_ratios if args.prune_ratios is not None else args.ratios):
@@ -157,10 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--allocations", nargs="+", choices=["uniform", "global"], default=["uniform", "global"])
-    ap.add_argument("--heal", choices=["none", "whiten-global", "whiten", "all"], default="whiten",
-                    help="which rows are healed too")
-    ap.add_argument("--quantize", nargs="*", default=["int8", "int4"], help="schemes after whitened global rows")
+    ap.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS))
+    ap.add_argument("--heal", choices=["none", *(f"whiten-{a}" for a in ALLOCATIONS), "whiten", "all"],
+                    default="whiten", help="which rows are healed too (whiten-A: the whitened rows of allocation A)")
+    ap.add_argument("--quantize", nargs="*", default=["int8", "int4"], help="schemes after whitened rows")
+    ap.add_argument("--quantize-allocation", choices=ALLOCATIONS, default="directions",
+                    help="the allocation of the whitened rows quantized")
     ap.add_argument("--heal-ratios", type=float, nargs="+", help="ratios with healed rows (default: all)")
     ap.add_argument("--quantize-ratios", type=float, nargs="+", help="ratios with quantized rows (default: all)")
     ap.add_argument("--prune-ratios", type=float, nargs="*", help="ratios with a prune row (default: all)")

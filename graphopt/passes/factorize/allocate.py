@@ -1,4 +1,5 @@
-"""Ranks per layer for a share of the layers' weights removed: the same share everywhere, or spent globally.
+"""Ranks per layer for a share of the layers' weights removed: the same share everywhere, spent globally, or
+the same share of every layer's directions (:func:`direction_ranks`).
 
 A rank-``r`` pair stores ``r (in + out)`` weights against the dense ``in x out``, so a layer saves nothing
 until its rank falls under the break-even ``in·out / (in + out)`` (half the rank of a square layer): the
@@ -44,6 +45,28 @@ def uniform_ranks(shapes: dict[str, Shape], ratio: float, multiple: int) -> dict
                                   "lower the ratio")
         ranks[name] = rank
     return ranks
+
+
+def direction_ranks(shapes: dict[str, Shape], ratio: float, multiple: int) -> dict[str, int | None]:
+    """Every layer keeps the same share ``f`` of its directions (rank ``f·min(in, out)`` rounded down to
+    ``multiple``, at least ``multiple``), the largest ``f`` that removes ``ratio`` of the weights; a layer
+    whose rank at ``f`` saves nothing stays dense (``None``)."""
+    def at(share: float) -> dict[str, int | None]:
+        ranks: dict[str, int | None] = {}
+        for name, (out, inp) in shapes.items():
+            rank = max(int(share * min(out, inp) // multiple) * multiple, min(multiple, min(out, inp)))
+            ranks[name] = rank if rank <= break_even_rank(inp, out) else None
+        return ranks
+
+    if removed_share(at(0.0), shapes) < ratio:
+        raise AllocationError(f"factorize(ratio={ratio:g}, allocation=directions) cannot remove that much with "
+                              f"rank multiple {multiple}: every layer at rank {multiple} removes "
+                              f"{removed_share(at(0.0), shapes):.1%} (lower the ratio or rank_multiple)")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed_share(at(mid), shapes) >= ratio else (lo, mid)
+    return at(lo)
 
 
 def _candidates(shape: Shape, multiple: int, spec: Spectrum) -> list[int | None]:

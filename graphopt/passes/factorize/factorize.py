@@ -8,7 +8,7 @@ forward is not the plain one (subclasses, hooks: rebuilt from their weights they
 and non-float weights; each is skipped with its reason, as is every other convolution (a k x k or grouped
 kernel is not one matrix over channels). ``method`` (:mod:`.decompose`): ``whiten`` (default;
 optimal for the calibration inputs), ``asvd``, ``svd``. ``ratio`` is the share of the chosen layers' weights
-removed, spread ``uniform`` (each layer its share) or ``global`` (:mod:`.allocate`), ranks rounded down to
+removed, spread ``uniform`` (each layer its share), ``global`` or ``directions`` (:mod:`.allocate`), ranks rounded down to
 ``rank_multiple``; or ``rank`` fixes every layer's rank. A rank saves weights only under the break-even
 ``in·out / (in + out)``: a ``rank`` at or above it for any layer is refused with that number.
 
@@ -35,7 +35,15 @@ from graphopt.infra.program import Program
 from graphopt.infra.registry import register_pass
 from graphopt.nn.lowrank import LOW_RANK, LowRankConv2d, LowRankLinear, break_even_rank
 
-from .allocate import AllocationError, Shape, global_ranks, removed_share, stored, uniform_ranks
+from .allocate import (
+    AllocationError,
+    Shape,
+    direction_ranks,
+    global_ranks,
+    removed_share,
+    stored,
+    uniform_ranks,
+)
 from .decompose import Spectrum, output_error, spectrum
 
 log = logging.getLogger(__name__)
@@ -45,7 +53,8 @@ DEFAULT_RATIO = 0.2
 
 @register_pass("factorize", tolerance=None, change="factorize", stage=50,
                choices=({"ratio": 0.1, "allocation": "global"}, {"ratio": 0.2, "allocation": "global"},
-                        {"ratio": 0.3, "allocation": "global"}, {"ratio": 0.1}, {"ratio": 0.2}, {"ratio": 0.3}))
+                        {"ratio": 0.3, "allocation": "global"}, {"ratio": 0.2}, {"ratio": 0.3},
+                        {"ratio": 0.2, "allocation": "directions"}, {"ratio": 0.3, "allocation": "directions"}))
 class Factorize(Pass):
     """Replace Linear layers by two smaller ones, ``W ≈ U·V``, ranks from a ratio of weights removed or given."""
 
@@ -56,7 +65,7 @@ class Factorize(Pass):
     ratio: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] | None = None  # share of the chosen layers' weights removed (None: 0.2, or rank=)
     rank: Annotated[int, Range(1)] | None = None  # every chosen layer at this rank (instead of ratio)
     method: Literal["whiten", "asvd", "svd"] = "whiten"  # whitened by the calibration Gram, activation-scaled, or plain SVD
-    allocation: Literal["uniform", "global"] = "uniform"  # each layer its share, or ranks by truncation loss across layers
+    allocation: Literal["uniform", "global", "directions"] = "uniform"  # each layer its share, or ranks by truncation loss across layers
     rank_multiple: Annotated[int, Range(1)] = 8  # ranks rounded down to a multiple (8: measured faster, benchmarks/lowrank.py)
     where: str = "*"  # glob on the names of the layers factorized
     skip: list[str] = field(default_factory=list)  # globs of layer names left dense
@@ -84,8 +93,8 @@ class Factorize(Pass):
         shapes: dict[str, Shape] = {n: (int(w.shape[0]), int(w.shape[1])) for n, (w, _) in weights.items()}
         if self.rank is not None:
             self._check_rank(shapes)
-        elif self.allocation == "uniform":
-            uniform_ranks(shapes, self.share, self.rank_multiple)  # raises before any calibration pass
+        elif self.allocation != "global":
+            self._ranks(shapes, {})  # raises before any calibration pass
         grams = self._grams(program, targets)
         for name in [n for n in targets if n in grams and grams[n][1] < shapes[n][1]]:
             rows = grams[name][1]
@@ -105,7 +114,9 @@ class Factorize(Pass):
             weight, bias = weights[name]
             rank = ranks[name]
             if rank is None:
-                result.skip(name, "left dense: global allocation found its rank worth more than its weights")
+                result.skip(name, "left dense: " + (
+                    "global allocation found its rank worth more than its weights" if self.allocation == "global"
+                    else "at the share of directions every layer keeps, its pair would store more weights"))
                 continue
             up, down = (t.to(weight.device) for t in spectra[name].factors(rank, weight.dtype))
             dense = program.get_submodule(name)
@@ -124,8 +135,8 @@ class Factorize(Pass):
     def _check_options(self, program: Program) -> None:
         if self.rank is not None and self.ratio is not None:
             raise ValueError(f"factorize: give ratio= or rank=, not both (ratio={self.ratio:g}, rank={self.rank})")
-        if self.rank is not None and self.allocation == "global":
-            raise ValueError("factorize(allocation=global) spends a ratio across layers; with rank= every layer "
+        if self.rank is not None and self.allocation != "uniform":
+            raise ValueError(f"factorize(allocation={self.allocation}) spends a ratio across layers; with rank= every layer "
                              "takes that rank (drop allocation or rank)")
         if program.device.type == "meta":
             raise ValueError("factorize needs real weights; the model is on the meta device (load its weights first)")
@@ -198,6 +209,8 @@ class Factorize(Pass):
         try:
             if self.allocation == "global":
                 return global_ranks(spectra, shapes, self.share, self.rank_multiple)
+            if self.allocation == "directions":
+                return direction_ranks(shapes, self.share, self.rank_multiple)
             return uniform_ranks(shapes, self.share, self.rank_multiple)
         except AllocationError as e:
             raise ValueError(str(e)) from None

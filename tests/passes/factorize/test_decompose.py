@@ -5,6 +5,7 @@ import torch
 
 from graphopt.passes.factorize.allocate import (
     AllocationError,
+    direction_ranks,
     global_ranks,
     removed_share,
     stored,
@@ -106,9 +107,26 @@ def test_global_allocation_matches_an_exhaustive_search_on_a_small_space():
     assert got == pytest.approx(best[0], rel=1e-9), (ranks, best)
 
 
+BLOCK = {"q": (384, 384), "o": (384, 384), "up": (1536, 384), "down": (384, 1536)}  # a transformer block's shapes
+
+
+def test_direction_allocation_cuts_the_wide_layers_first_and_takes_the_largest_share_that_meets_the_ratio():
+    ranks = direction_ranks(BLOCK, 0.2, multiple=8)
+    assert ranks["q"] is None and ranks["o"] is None  # a square layer saves nothing until half its rank goes
+    assert ranks["up"] == ranks["down"] and ranks["up"] % 8 == 0
+    assert removed_share(ranks, BLOCK) >= 0.2
+    one_more = {**ranks, "up": ranks["up"] + 8, "down": ranks["down"] + 8}
+    assert removed_share(one_more, BLOCK) < 0.2  # the largest share of directions kept that meets the ratio
+    deep = direction_ranks(BLOCK, 0.5, multiple=8)
+    assert len(set(deep.values())) == 1 and deep["q"] is not None  # every layer keeps the same share
+    assert removed_share(deep, BLOCK) >= 0.5
+
+
 def test_a_ratio_the_smallest_ranks_cannot_meet_is_refused():
     spectra, shapes = _spectra()
     with pytest.raises(AllocationError, match="lower the ratio or rank_multiple"):
         global_ranks(spectra, shapes, 0.9, multiple=16)  # rank 16 of a 64x64 layer keeps half its weights
     with pytest.raises(AllocationError, match="less than rank 1"):
         uniform_ranks({"tiny": (2, 2)}, 0.9, 1)
+    with pytest.raises(AllocationError, match="every layer at rank 64 removes"):
+        direction_ranks(BLOCK, 0.8, multiple=64)  # rank 64 everywhere removes 75%

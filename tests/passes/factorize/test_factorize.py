@@ -1,6 +1,8 @@
 """factorize: low-rank pairs on HF models it was not written for; errors before any change; the factors are
 ordinary layers for quantize, heal, save / load and ONNX."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -89,12 +91,26 @@ def test_whitening_beats_plain_svd_on_bert_and_skips_a_layer_calibration_barely_
     assert isinstance(whiten.model.encoder.layer[0].attention.self.query, LowRankLinear)
 
 
+def test_directions_allocation_leaves_the_square_projections_dense_at_a_small_ratio_and_says_why():
+    model, inputs = hf_model("bert")  # hidden 32, intermediate 64: up and down are 32 x 64
+    res = go.optimize(model, inputs, "factorize(ratio=0.1,allocation=directions,rank_multiple=2,skip=[pooler.*])",
+                      calib=_calib(model, inputs, n=12), on_error="raise")
+    layer = res.model.encoder.layer[0]
+    assert isinstance(layer.intermediate.dense, LowRankLinear) and isinstance(layer.output.dense, LowRankLinear)
+    assert type(layer.attention.self.query) is nn.Linear
+    notes, rec = _notes(res)
+    assert "share of directions every layer keeps" in notes["encoder.layer.0.attention.self.query"].message
+    assert rec.stats["removed"] >= 0.1
+
+
 @pytest.mark.parametrize("pipeline,calib_given,message", [
     ("factorize(rank=40)", True, "saves nothing on .* break-even rank"),
     ("factorize", False, "needs calibration data"),
     ("factorize(ratio=0.2,rank=4)", True, "not both"),
     ("factorize(rank=4,allocation=global)", True, "drop allocation or rank"),
     ("factorize(ratio=0.99,allocation=global,rank_multiple=16)", True, "lower the ratio or rank_multiple"),
+    ("factorize(rank=4,allocation=directions)", True, "drop allocation or rank"),
+    ("factorize(ratio=0.99,allocation=directions,rank_multiple=16)", True, "lower the ratio or rank_multiple"),
 ])
 def test_bad_requests_fail_before_any_change(pipeline, calib_given, message):
     model, inputs = hf_model("llama_causal_lm")
@@ -224,9 +240,11 @@ def test_its_ratios_join_the_goal_search_and_the_answer_is_rebuilt_from_its_text
     calib, held_out, x = data(8), data(4), data(1)[0][:4]
     res = go.optimize_for(model, x, "quality>=0.999,objective=size,passes=[factorize],refine=0", calib=calib,
                           eval_data=held_out, cache=False)
-    cuts = {p.pipeline.split("factorize(ratio=")[1][:3]: p for p in res.search.points if "factorize(" in p.pipeline}
-    assert set(cuts) == {"0.1", "0.2", "0.3"}  # the pass's own choices, measured
-    feasible = [p for p in cuts.values() if p.quality >= 0.999]
+    cuts = [p for p in res.search.points if "factorize(" in p.pipeline]
+    assert {p.pipeline.split("factorize(ratio=")[1][:3] for p in cuts} == {"0.1", "0.2", "0.3"}  # its own choices
+    assert {"global", "uniform", "directions"} == {(re.findall(r"allocation=(\w+)", p.pipeline) or ["uniform"])[0]
+                                                   for p in cuts}
+    feasible = [p for p in cuts if p.quality >= 0.999]
     best = res.search.best
     assert best is not None and best.pipeline.endswith("allocation=global)")
     assert best.size == min(p.size for p in feasible) < 0.85  # the first layer's rank-6 inputs cost nothing to cut
