@@ -8,8 +8,8 @@ forward is not the plain one (subclasses, hooks: rebuilt from their weights they
 and non-float weights; each is skipped with its reason, as is every other convolution (a k x k or grouped
 kernel is not one matrix over channels). ``method`` (:mod:`.decompose`): ``whiten`` (default;
 optimal for the calibration inputs), ``asvd``, ``svd``. ``ratio`` is the share of the chosen layers' weights
-removed, spread ``uniform`` (each layer its share), ``global`` or ``directions`` (:mod:`.allocate`), ranks rounded down to
-``rank_multiple``; or ``rank`` fixes every layer's rank. A rank saves weights only under the break-even
+removed, spread ``uniform`` (each layer its share), ``global`` or ``directions`` (:mod:`.allocate`), ranks
+rounded down to ``rank_multiple``; or ``rank`` fixes every layer's rank. A rank saves weights only under the break-even
 ``in·out / (in + out)``: a ``rank`` at or above it for any layer is refused with that number.
 
 The factors are ordinary Linear layers for the passes after it (``quantize`` packs both, ``heal`` trains them
@@ -28,7 +28,14 @@ from torch import nn
 
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import GramAccumulator, layer_input_stats
-from graphopt.analysis.layers import is_conv1d, linear_weight, output_embeddings, tied_tables, why_not_plain
+from graphopt.analysis.layers import (
+    is_conv1d,
+    linear_weight,
+    output_embeddings,
+    tied_tables,
+    weight_rows,
+    why_not_plain,
+)
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
@@ -65,7 +72,7 @@ class Factorize(Pass):
     ratio: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] | None = None  # share of the chosen layers' weights removed (None: 0.2, or rank=)
     rank: Annotated[int, Range(1)] | None = None  # every chosen layer at this rank (instead of ratio)
     method: Literal["whiten", "asvd", "svd"] = "whiten"  # whitened by the calibration Gram, activation-scaled, or plain SVD
-    allocation: Literal["uniform", "global", "directions"] = "uniform"  # each layer its share, or ranks by truncation loss across layers
+    allocation: Literal["uniform", "global", "directions"] = "uniform"  # each layer its share of weights, ranks by truncation loss across layers, or each its share of directions
     rank_multiple: Annotated[int, Range(1)] = 8  # ranks rounded down to a multiple (8: measured faster, benchmarks/lowrank.py)
     where: str = "*"  # glob on the names of the layers factorized
     skip: list[str] = field(default_factory=list)  # globs of layer names left dense
@@ -136,8 +143,8 @@ class Factorize(Pass):
         if self.rank is not None and self.ratio is not None:
             raise ValueError(f"factorize: give ratio= or rank=, not both (ratio={self.ratio:g}, rank={self.rank})")
         if self.rank is not None and self.allocation != "uniform":
-            raise ValueError(f"factorize(allocation={self.allocation}) spends a ratio across layers; with rank= every layer "
-                             "takes that rank (drop allocation or rank)")
+            raise ValueError(f"factorize(allocation={self.allocation}) spends a ratio across layers; with rank= "
+                             "every layer takes that rank (drop allocation or rank)")
         if program.device.type == "meta":
             raise ValueError("factorize needs real weights; the model is on the meta device (load its weights first)")
 
@@ -229,7 +236,7 @@ class Factorize(Pass):
 def _matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight [out, in], bias)`` of a Linear, a Conv1D or a 1x1 ungrouped Conv2d, else ``None``."""
     if isinstance(module, nn.Conv2d):
-        return (module.weight.flatten(1), module.bias) if not _why_not_pointwise(module) else None
+        return (weight_rows(module, module.weight), module.bias) if not _why_not_pointwise(module) else None
     return linear_weight(module)
 
 

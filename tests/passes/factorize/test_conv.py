@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt as go
+from graphopt.emit.hf import NotLoadableError
 from graphopt.helpers.zoo import hf_model
 from graphopt.nn.lowrank import LowRankConv2d
 from graphopt.nn.quant import QuantConv2d
@@ -103,6 +104,8 @@ def test_conv_pairs_save_load_export_and_quantize(tmp_path):
     assert pair.graphopt_spec()["stride"] == [2, 2]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).last_hidden_state, res.model(**inputs).last_hidden_state)
+    with pytest.raises(NotLoadableError, match="go.save"):  # transformers would build dense convolutions
+        res.model.save_pretrained(tmp_path / "hf")
     quant = go.optimize(res.model, inputs, "quantize(scheme=int8,method=gptq)", calib=calib, on_error="raise")
     pairs = [m for m in quant.model.modules() if isinstance(m, LowRankConv2d)]
     assert pairs and all(isinstance(p.down, QuantConv2d) and isinstance(p.up, QuantConv2d) for p in pairs)
