@@ -1,16 +1,21 @@
 """``factorize`` on all-MiniLM-L6-v2 and SmolLM2-135M: plain SVD vs ASVD vs whitened SVD, uniform vs global vs
-directions ranks, with and without heal, whitened factors quantized with GPTQ, and the same budget spent by ``prune``.
+directions ranks, with and without heal, whitened factors quantized with GPTQ, and the same budget spent by
+``prune``.
 
-    .venv/bin/python benchmarks/lowrank.py --model minilm --calib 512 --eval 256 --heal whiten-global  # 42 min
+    .venv/bin/python benchmarks/lowrank.py --model minilm --calib 512 --eval 256 --heal whiten-global \
+        --allocations uniform global --quantize-allocation global  # 42 min
+    .venv/bin/python benchmarks/lowrank.py --model minilm --calib 512 --eval 256 --methods whiten \
+        --allocations directions --heal whiten-directions --quantize int8 int4 --quantize-ratios 0.2 --prune-ratios  # 15 min
     .venv/bin/python benchmarks/lowrank.py --model smollm2 --calib 64 --eval 32 --heal whiten-global --no-onnx \
-        --heal-ratios 0.2 --quantize int4 --quantize-ratios 0.2 --prune-ratios 0.2 --repeat 10  # 46 min
+        --heal-ratios 0.2 --quantize int4 --quantize-ratios 0.2 --prune-ratios 0.2 --repeat 10 \
+        --allocations uniform global --quantize-allocation global  # 46 min
     .venv/bin/python benchmarks/lowrank.py --model minilm --heal all      # every row healed too (long)
     .venv/bin/python benchmarks/lowrank.py --rank-speed                   # why rank_multiple defaults to 8
 
 Rows: ``factorize(ratio=r, method=m, allocation=a)`` for each ratio of the Linear weights removed (the LM head
 stays dense), each with ``heal`` (its factorize recipe) where ``--heal`` says (default: the whitened rows),
-the whitened rows of ``--quantize-allocation`` followed by ``quantize(method=gptq)`` at int8 and int4, and ``prune`` of the same
-share of FLOPs (Taylor scores across groups, readers refit) with and without heal. Calibration and held-out
+the whitened rows of ``--quantize-allocation`` followed by ``quantize(method=gptq)`` at int8 and int4, and
+``prune`` of the same share of FLOPs (Taylor scores across groups, readers refit) with and without heal. Calibration and held-out
 data never overlap: MiniLM on docstrings of 64 tokens (mean cosine of sentence embeddings, the share of
 held-out sentences whose nearest neighbour is unchanged); SmolLM2 on calibration docstrings of 128 tokens and
 windows of 128 held-out tokens (perplexity ratio, next-token agreement). Weight MiB as stored; latency: the
