@@ -58,10 +58,11 @@ def direction_ranks(shapes: dict[str, Shape], ratio: float, multiple: int) -> di
             ranks[name] = rank if rank <= break_even_rank(inp, out) else None
         return ranks
 
-    if removed_share(at(0.0), shapes) < ratio:
+    most = removed_share(at(0.0), shapes)
+    if most < ratio:
         raise AllocationError(f"factorize(ratio={ratio:g}, allocation=directions) cannot remove that much with "
-                              f"rank multiple {multiple}: every layer at rank {multiple} removes "
-                              f"{removed_share(at(0.0), shapes):.1%} (lower the ratio or rank_multiple)")
+                              f"rank multiple {multiple}: every layer at rank {multiple} removes {most:.1%} "
+                              "(lower the ratio or rank_multiple)")
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2

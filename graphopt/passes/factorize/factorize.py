@@ -186,8 +186,8 @@ class Factorize(Pass):
                     "table and the factors (more weights than before), so it stays dense")
         if not weight.is_floating_point():
             return f"its weight is {weight.dtype}, not float (quantized already?)"
-        return why_not_plain(module, (type(module) if is_conv1d(module) else
-                                      nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear))
+        base = type(module) if is_conv1d(module) else nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        return why_not_plain(module, base)
 
     def _check_rank(self, shapes: dict[str, Shape]) -> None:
         over = {n: break_even_rank(i, o) for n, (o, i) in shapes.items() if self.rank > break_even_rank(i, o)}
