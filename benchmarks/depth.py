@@ -32,9 +32,10 @@ from torch import nn
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
-from graphopt.infra.metrics import count_params, interleaved_medians
+from graphopt.infra.metrics import count_params
 from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
+from graphopt.timing import interleaved_medians
 
 
 def runner(model: nn.Module, inputs: dict[str, torch.Tensor]):

@@ -52,10 +52,11 @@ from torch import nn
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.frontend.inputs import ExampleInputs
-from graphopt.infra.metrics import count_weight_bytes, interleaved_medians
+from graphopt.infra.metrics import count_weight_bytes
 from graphopt.infra.quality import summarize, task_quality
 from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
+from graphopt.timing import interleaved_medians
 from graphopt.units import MIB
 
 #: 20% of the parameters, from the MLPs only (SwiGLU channels, Taylor importance on calibration data): cutting the

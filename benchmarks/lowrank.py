@@ -42,10 +42,11 @@ from graphopt.data import stdlib_texts, text_batches
 from graphopt.emit.onnx_verify import ort_runner
 from graphopt.frontend.inputs import ExampleInputs, as_example_inputs
 from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
-from graphopt.infra.metrics import count_weight_bytes, interleaved_medians
+from graphopt.infra.metrics import count_weight_bytes
 from graphopt.infra.quality import summarize
 from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
+from graphopt.timing import interleaved_medians
 from graphopt.units import MIB
 
 METHODS = ("svd", "asvd", "whiten")

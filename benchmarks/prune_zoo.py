@@ -61,8 +61,8 @@ from graphopt.frontend.inputs import flatten_outputs
 from graphopt.helpers.hf_reload import reload_with_transformers, write_for_reload
 from graphopt.helpers.quality import sentence_embeddings
 from graphopt.helpers.zoo import ZOO, hf_model
-from graphopt.infra.metrics import interleaved_medians
 from graphopt.infra.text import markdown_table
+from graphopt.timing import interleaved_medians
 
 ATTENTION_GLOB = "*[aA]tt*"  # every HF attention module name has "att"/"Att" in it (attn, attention, SelfAttention)
 EXACT = 1e-4  # relative output error under which pruning dead heads counts as exact

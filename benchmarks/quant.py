@@ -34,8 +34,9 @@ from torch import nn
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.helpers.quality import embedding_agreement, sentence_embeddings
-from graphopt.infra.metrics import count_weight_bytes, interleaved_medians
+from graphopt.infra.metrics import count_weight_bytes
 from graphopt.models import load_model_spec
+from graphopt.timing import interleaved_medians
 
 ROWS = [("int8 per channel, RTN", "quantize(scheme=int8)"),
         ("int4 g128, RTN", "quantize(scheme=int4,group_size=128)"),

@@ -42,9 +42,10 @@ from torch import nn
 import graphopt as go
 from graphopt.frontend.inputs import as_example_inputs
 from graphopt.helpers.effnet import mean_kl, top_k_agreement, view_batches
-from graphopt.infra.metrics import count_flops, count_params, count_weight_bytes, interleaved_medians
+from graphopt.infra.metrics import count_flops, count_params, count_weight_bytes
 from graphopt.infra.text import markdown_table
 from graphopt.models import load_model_spec
+from graphopt.timing import interleaved_medians
 from graphopt.units import MIB
 
 #: graphopt rows: name -> pipeline

@@ -31,7 +31,8 @@ LAYERS = [
     ["graphopt.infra"],
     ["graphopt.analysis"],
     ["graphopt.frontend", "graphopt.nn"],
-    ["graphopt.kernels", "graphopt.version", "graphopt.progress", "graphopt.units", "graphopt.cache"],
+    ["graphopt.kernels"],
+    ["graphopt.timing", "graphopt.version", "graphopt.progress", "graphopt.units", "graphopt.cache"],
 ]
 
 

@@ -153,23 +153,6 @@ def measure_latencies(module: nn.Module, inputs: ExampleInputs, reference: nn.Mo
                    statistics.median(times[1]) * 1e3)
 
 
-def interleaved_medians(runs: list[Callable[[], object]], repeat: int, warmup: int = 1) -> list[float]:
-    """Median seconds of each callable, all run in turn ``repeat`` times after ``warmup`` rounds (so a
-    change of machine load hits every one alike: what benchmarks compare side by side). Every other round
-    runs them in reverse order, so none always runs right after the same one (caches, clocks)."""
-    for _ in range(warmup):
-        for run in runs:
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    for i in range(repeat):
-        pairs = list(zip(runs, times))
-        for run, out in (pairs if i % 2 == 0 else pairs[::-1]):
-            start = time.perf_counter()
-            run()
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 class PeakMemory:
     """Peak resident memory of this process above its level at entry, sampled by a thread (Linux ``/proc``).
 

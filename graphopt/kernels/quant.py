@@ -35,6 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from graphopt.kernels.quant_cpu import (
+    CPU_BACKENDS,
+    int8pack_linear,
+    int_mm_linear,
+    onednn_linear,
+    runs_on,
+    why_not,
+)
 from graphopt.kernels.quant_triton import int8_matmul, weight_only_matmul
 
 SCHEMES: tuple[str, ...] = ("int8", "int4", "ternary")
@@ -136,19 +144,47 @@ def quant_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, scheme: st
     return F.linear(x, dequantize(codes, scale, group_size, x.dtype))
 
 
+def quant_linear_impl(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
+                      activations: str, backend: str) -> Tensor:
+    """``x @ W.T`` for packed weights ``W`` (see the module docstring); ``backend`` picks the kernel. The body of
+    the op ``graphopt::quant_linear``; layers call it directly where no graph or autograd needs the op
+    (:func:`needs_op`)."""
+    if backend == "triton":
+        return _quant_linear_triton(x, qweight, scale, scheme, group_size, in_features, activations)
+    if backend in CPU_BACKENDS:
+        problem = why_not(backend, scheme, group_size, activations) or runs_on(backend, x)
+        if problem:
+            raise ValueError(problem)
+        if backend == "int8_mm":
+            return int8pack_linear(x, qweight, scale, in_features)
+        if backend == "onednn" and not torch.compiler.is_compiling():  # traced: int_mm's aten ops, same integers
+            return onednn_linear(x, qweight, scale, in_features, activations)
+        return int_mm_linear(x, qweight, scale, in_features, activations)
+    return quant_linear_reference(x, qweight, scale, scheme, group_size, in_features, activations)
+
+
 @torch.library.custom_op("graphopt::quant_linear", mutates_args=())
 def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
                  activations: str, backend: str) -> Tensor:
-    """``x @ W.T`` for packed weights ``W`` (see the module docstring); ``backend`` picks the kernel."""
-    if backend == "triton":
-        return _quant_linear_triton(x, qweight, scale, scheme, group_size, in_features, activations)
-    if backend == "int8_mm":
-        if scheme != "int8" or group_size > 0 or activations != "none":
-            raise ValueError("backend='int8_mm' runs weight-only int8 with one scale per channel only")
-        flat = x.reshape(-1, in_features)
-        y = torch._weight_int8pack_mm(flat, qweight, scale[:, 0].to(x.dtype))
-        return y.reshape(*x.shape[:-1], qweight.shape[0])
-    return quant_linear_reference(x, qweight, scale, scheme, group_size, in_features, activations)
+    """``x @ W.T`` for packed weights ``W`` as one op: what export, ONNX translation, FLOP counting and the
+    straight-through backward see (:func:`quant_linear_impl` computes it)."""
+    return quant_linear_impl(x, qweight, scale, scheme, group_size, in_features, activations, backend)
+
+
+def needs_op(x: Tensor, backend: str) -> bool:
+    """Whether a layer must call the op rather than :func:`quant_linear_impl`: under ``torch.export`` (its
+    graphs keep the one node ONNX translates), under a dispatch mode (FLOP counting, fake tensors), when the
+    input needs a gradient (the op's straight-through backward), and for Triton under ``torch.compile``.
+    Elsewhere the plain function saves the op's dispatch (about 70 us a call in eager mode, as much as a small
+    layer's matmul), and ``torch.compile`` traces the reference and ``int_mm`` paths (``onednn`` as ``int_mm``:
+    its reordered weight is no tensor a graph can hold) as the aten ops they are made of, so inductor fuses the
+    unpacking, dequantization and input quantization into its own kernels."""
+    if torch.compiler.is_exporting() or (torch.is_grad_enabled() and x.requires_grad):
+        return True
+    if torch.compiler.is_compiling():
+        return backend == "triton"
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None or bool(
+        torch.utils._python_dispatch._get_current_dispatch_mode())
 
 
 def _quant_linear_triton(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,

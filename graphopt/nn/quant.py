@@ -8,9 +8,10 @@ The packed formats (int8, int4 two per byte, ternary four per byte) and the op t
 input is multiplied by it first) and ``activations`` (``"none"``: weight-only; ``"per_tensor"``: w8a8,
 the input quantized to uint8 per call, one scale per tensor; ``"per_token"``: w8a8 with one int8 scale
 per row). ``backend`` picks how it runs: ``"torch"`` (the reference: dequantize, then a float matmul),
-``"int8_mm"`` (torch's packed int8 CPU kernel, weight-only int8 per channel) or ``"triton"`` (graphopt's
-kernels, :mod:`graphopt.kernels.quant_triton`: CUDA, or CPU under ``TRITON_INTERPRET=1``); ``"auto"``
-takes Triton on CUDA tensors and the reference elsewhere.
+``"int_mm"`` (torch's integer GEMM on CPU: w8a8 and weight-only int8 per channel), ``"int8_mm"`` (torch's
+packed int8 CPU kernel, weight-only int8 per channel; :mod:`graphopt.kernels.quant_cpu`) or ``"triton"``
+(graphopt's kernels, :mod:`graphopt.kernels.quant_triton`: CUDA, or CPU under ``TRITON_INTERPRET=1``);
+``"auto"`` takes Triton on CUDA tensors and, on CPU, the path measured fastest for the layer's shape.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from graphopt.kernels.quant import (
     dequantize_packed,
     grouped,
     n_groups,
+    needs_op,
     pack,
     quant_linear,
+    quant_linear_impl,
     unpack,
 )
+from graphopt.kernels.quant_cpu import CPU_BACKENDS, why_not
+from graphopt.kernels.quant_dispatch import auto_cpu_backend
 
 
 @functools.cache
@@ -49,7 +54,7 @@ def triton_available() -> bool:
 
 
 Scheme = Literal["int8", "int4", "ternary"]
-BACKENDS = ("auto", "torch", "int8_mm", "triton")
+BACKENDS = ("auto", "torch", "int_mm", "onednn", "int8_mm", "triton")
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "BITS", "CODE_RANGE", "QMAX", "SCHEMES", "W8A8_ACTIVATIONS", "W8A8_QMAX",
            "PackedLayer", "QuantConv2d", "QuantEmbedding", "QuantLinear", "dequantize", "grouped", "n_groups", "pack",
@@ -190,6 +195,8 @@ class QuantLinear(PackedLayer):
         if activations in W8A8_ACTIVATIONS and (scheme != "int8" or group_size > 0):
             raise ValueError(f"activations={activations!r} (w8a8) needs int8 weights with one scale per channel "
                              f"(got scheme={scheme}, group_size={group_size})")
+        if backend in CPU_BACKENDS and (problem := why_not(backend, scheme, group_size, activations)):
+            raise ValueError(problem)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.get_default_dtype())
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.group_size, self.backend, self.activations = scheme, group_size, backend, activations
@@ -239,19 +246,28 @@ class QuantLinear(PackedLayer):
         return self.in_features * self.out_features
 
     def resolved_backend(self, x: torch.Tensor) -> str:
-        """``auto``: ``triton`` on CUDA tensors when Triton is installed, else ``torch``. On the CPUs measured
-        here torch's packed int8 kernel (``int8_mm``) ran 10x slower than an fp32 matmul at 32 x 384 x 1536
-        (benchmarks/README.md), so it is opt-in."""
+        """``auto``: ``triton`` on CUDA tensors when Triton is installed; on CPU the fastest path for this
+        layer and input shape as measured on this machine (:mod:`graphopt.kernels.quant_dispatch`; the
+        reference where none is faster)."""
         if self.backend != "auto":
             return self.backend
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        if x.is_cuda:
+            return "triton" if triton_available() else "torch"
+        if x.device.type != "cpu":
+            return "torch"
+        return auto_cpu_backend(x, self.qweight, self.scale, self.scheme, self.group_size, self.in_features,
+                                self.activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x * self.smooth.to(x.dtype)
-        y = quant_linear(x, self.qweight, self.scale.to(x.dtype), self.scheme, self.group_size, self.in_features,
-                         self.activations, self.resolved_backend(x))
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
+        backend = self.resolved_backend(x)
+        run = quant_linear if needs_op(x, backend) else quant_linear_impl
+        scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)  # eager: no-op casts cost
+        y = run(x, self.qweight, scale, self.scheme, self.group_size, self.in_features, self.activations, backend)
+        if self.bias is None:
+            return y
+        return y + (self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype))
 
     #: the layout of graphopt_spec's kwargs; bump it (and add graphopt_spec_upgrade) when they change.
     #: 2: w8a8's per-tensor activation mode is named ``"per_tensor"`` (``"dynamic"`` in version 1)

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..frontend.inputs import ExampleInputs
-from ..infra.metrics import count_weight_bytes, interleaved_medians
+from ..infra.metrics import count_weight_bytes
 from ..infra.pipeline import Pipeline
 from ..infra.quality import Quality, Summary, summarize, task_quality
+from ..timing import interleaved_medians
 from .goal import Goal, GoalError
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ from torch import nn
 import graphopt as go
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.helpers.zoo import hf_model
-from graphopt.infra.metrics import interleaved_medians, measure_latencies
+from graphopt.infra.metrics import measure_latencies
 from graphopt.infra.quality import summarize, task_quality
+from graphopt.timing import interleaved_medians
 
 
 def _mlp():

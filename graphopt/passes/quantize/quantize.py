@@ -107,7 +107,7 @@ class Quantize(Pass):
     alpha: Annotated[float, Range(0, 1)] | None = None  # w8a8: SmoothQuant migration strength; None: chosen per layer group; 0: off
     activations: Literal["per_tensor", "per_token"] | None = None  # w8a8: one activation scale per tensor (None: this, onnxruntime's) or per token
     uneven_groups: Literal["error", "short", "per_channel"] = "error"  # a group size that does not divide
-    backend: Literal["auto", "torch", "int8_mm", "triton"] = "auto"  # kernel of the quantized layers (auto: Triton on CUDA)
+    backend: Literal["auto", "torch", "int_mm", "onednn", "int8_mm", "triton"] = "auto"  # layers' kernel (auto: measured)
     damp: Annotated[float, Range(0, 1, hi_open=True)] = 0.01  # GPTQ: added to the Hessian's diagonal, as a fraction of its mean
     act_order: bool = True  # GPTQ: columns with the largest Hessian diagonal first (measured better on MiniLM)
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read (per group of layers for GPTQ)

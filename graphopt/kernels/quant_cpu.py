@@ -1,0 +1,152 @@
+"""CPU paths of ``graphopt::quant_linear`` built on torch's own integer and packed kernels.
+
+- ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32; oneDNN, AMX / VNNI where the CPU has them).
+  w8a8 quantizes its input exactly as the reference does and multiplies the integer codes, so the
+  result is the reference's to the last rounding of the final scaling. Per-tensor (uint8 codes ``q``
+  with zero point ``z``) multiplies ``q - 128`` and adds ``(128 - z)`` times the weight's column sums,
+  which the same call computes as one extra input row of ones. Weight-only int8 splits each input row
+  into three int8 digits (``x = s1 q1 + s2 q2 + s3 q3``, each digit's scale 1/254 of the one before:
+  what is left is within ``max|x_row| / 2^23``, float32's rounding of the row's largest element),
+  multiplies the stacked digits once, and recombines: float32 accuracy from an integer GEMM.
+- ``onednn``: the same integer products on oneDNN's int8 linear (``onednn::qlinear_pointwise``, what
+  inductor lowers x86 int8 models to) with the weight reordered once into oneDNN's blocked layout
+  (``onednn::qlinear_prepack``): ``_int_mm`` reorders the weight on every call, which dominates a small
+  GEMM. The reordered copy is an opaque tensor that cannot be saved or copied, so it is not part of the
+  layer: a side table keyed by the packed codes (and their version counter, so codes changed in place are
+  packed again) holds it, one more byte per weight while the layer lives.
+- ``int8_mm``: ``torch._weight_int8pack_mm``, weight-only int8 with one scale per channel, computed in
+  the input's dtype (fast for bfloat16 and float16 inputs on this CPU; slow for float32).
+
+Which of them runs a layer under ``backend="auto"`` is measured, not assumed: :mod:`.quant_dispatch`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+#: the CPU backends of this module
+CPU_BACKENDS = ("int_mm", "onednn", "int8_mm")
+
+
+#: whether this torch has oneDNN's int8 linear (a constant: dynamo does not trace torch.backends)
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def why_not(backend: str, scheme: str, group_size: int, activations: str) -> str | None:
+    """Why ``backend`` cannot run a layer of this format, naming what can (``None``: it can)."""
+    if backend in ("int_mm", "onednn") and (scheme != "int8" or group_size > 0):
+        return (f"backend={backend!r} runs int8 weights with one scale per channel (w8a8 or weight-only), not "
+                f"{scheme} with group_size={group_size}; use backend='auto' or 'torch'")
+    if backend == "onednn" and not ONEDNN:
+        return "backend='onednn' needs torch built with oneDNN (torch.backends.mkldnn); use backend='int_mm'"
+    if backend == "int8_mm" and (scheme != "int8" or group_size > 0 or activations != "none"):
+        return (f"backend='int8_mm' runs weight-only int8 with one scale per channel, not {scheme} with "
+                f"group_size={group_size}, activations={activations!r}; use backend='auto' (or 'int_mm' for w8a8)")
+    return None
+
+
+def runs_on(backend: str, x: Tensor) -> str | None:
+    """Why ``backend`` cannot run on ``x``'s device (``None``: it can)."""
+    if backend in CPU_BACKENDS and x.device.type != "cpu":
+        return (f"backend={backend!r} runs on CPU tensors (this input is on {x.device}); use backend='auto' "
+                "(Triton on CUDA) or 'torch'")
+    return None
+
+
+def int_mm_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, activations: str) -> Tensor:
+    """``x @ W.T`` for int8 weights with one scale per channel, on ``torch._int_mm`` (see the module docstring)."""
+    flat = _as(x.reshape(-1, in_features), torch.float32)  # eager mode: every op counts, no-op casts included
+    rows = flat.shape[0]
+    w_scale = _as(scale[:, 0], torch.float32)
+    codes_t = qweight.t()  # oneDNN reads the transposed view faster than a contiguous copy (measured)
+    if activations == "per_token":
+        x_scale = flat.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.5
+        q = torch.clamp(torch.round(flat / x_scale), -128, 127).to(torch.int8)
+        y = torch._int_mm(q, codes_t) * (x_scale * w_scale)
+    elif activations == "per_tensor":
+        q, zero, x_scale = _per_tensor_codes(flat)
+        ones = torch.ones(1, in_features, dtype=torch.int8, device=x.device)
+        acc = torch._int_mm(torch.cat([q, ones]), codes_t)  # the last row: the weight's column sums
+        y = torch.addcmul(acc[:rows], (128 - zero).to(torch.int32), acc[rows:]) * (x_scale * w_scale)
+    else:
+        digits, digit_scales = _int8_digits(flat)
+        acc = torch._int_mm(digits, codes_t) * digit_scales
+        y = (acc[:rows] + acc[rows:2 * rows] + acc[2 * rows:]) * w_scale
+    return _as(y, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def onednn_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, activations: str) -> Tensor:
+    """``x @ W.T`` for int8 weights with one scale per channel, on oneDNN's int8 linear with the weight
+    reordered once (see the module docstring); the same integer products as :func:`int_mm_linear`."""
+    flat = _as(x.reshape(-1, in_features), torch.float32)
+    rows = flat.shape[0]
+    w_scale = _as(scale[:, 0], torch.float32)
+    if activations == "per_token":
+        x_scale = flat.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.5
+        q = torch.clamp(torch.round(flat / x_scale), -128, 127).to(torch.int8)
+        y = _onednn_products(q, qweight, w_scale) * x_scale
+    elif activations == "per_tensor":
+        q, zero, x_scale = _per_tensor_codes(flat)
+        ones = torch.ones(1, in_features, dtype=torch.int8, device=x.device)
+        acc = _onednn_products(torch.cat([q, ones]), qweight, w_scale)  # the last row: column sums
+        y = torch.addcmul(acc[:rows], 128 - zero, acc[rows:]) * x_scale
+    else:
+        digits, digit_scales = _int8_digits(flat)
+        acc = _onednn_products(digits, qweight, w_scale) * digit_scales
+        y = acc[:rows] + acc[rows:2 * rows] + acc[2 * rows:]
+    return _as(y, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+_reordered: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed codes -> (their version, oneDNN's copy)
+
+
+def _onednn_products(q: Tensor, qweight: Tensor, w_scale: Tensor) -> Tensor:
+    """``(q @ codes.T) * w_scale`` in float32 for int8 ``q``, on oneDNN with the codes reordered once."""
+    try:
+        version = qweight._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: it cannot change in place either
+        version = -1
+    hit = _reordered.get(qweight)
+    if hit is None or hit[0] != version:
+        hit = (version, torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None))
+        _reordered[qweight] = hit
+    zeros = torch.zeros(qweight.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, hit[1], w_scale, zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def _per_tensor_codes(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ONNX ``DynamicQuantizeLinear``'s codes less 128 (int8), its zero point and its scale (0-d float32)."""
+    lo, hi = x.amin().clamp(max=0), x.amax().clamp(min=0)
+    x_scale = (hi - lo) / 255
+    x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+    zero = torch.round(-lo / x_scale).clamp(0, 255)
+    return (torch.clamp(torch.round(x / x_scale) + zero, 0, 255) - 128).to(torch.int8), zero, x_scale
+
+
+def _int8_digits(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Three int8 digits per row (stacked: ``[3 * rows, k]``) and their scales (``[3 * rows, 1]``) whose sum
+    ``s1 q1 + s2 q2 + s3 q3`` is ``x`` to within ``max|x_row| / 2^23`` (the digits alone would leave
+    ``max|x_row| / (2 * 127 * 254^2)``; float32 arithmetic on the remainders adds its rounding)."""
+    s1 = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    q1 = torch.round(x / s1)
+    rest = x - q1 * s1  # |rest| <= s1 / 2 = 127 * s2 / 2
+    s2 = s1 / 254
+    q2 = torch.round(rest / s2)
+    rest = rest - q2 * s2
+    s3 = s2 / 254
+    q3 = torch.round(rest / s3).clamp(-127, 127)
+    return torch.cat([q1, q2, q3]).to(torch.int8), torch.cat([s1, s2, s3])
+
+
+def int8pack_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int) -> Tensor:
+    """``x @ W.T`` on ``torch._weight_int8pack_mm`` (weight-only int8, one scale per channel), in ``x``'s dtype."""
+    flat = x.reshape(-1, in_features)
+    y = torch._weight_int8pack_mm(flat, qweight, scale[:, 0].to(x.dtype))
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
