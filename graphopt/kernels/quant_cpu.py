@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .activations import dynamic_quantize_uint8, per_token_quantize_int8
+
 #: the CPU backends of this module
 CPU_BACKENDS = ("int_mm", "onednn", "int8_mm")
 
@@ -62,8 +64,8 @@ def int_mm_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, a
     w_scale = _as(scale[:, 0], torch.float32)
     codes_t = qweight.t()  # oneDNN reads the transposed view faster than a contiguous copy (measured)
     if activations == "per_token":
-        x_scale = flat.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.5
-        q = torch.clamp(torch.round(flat / x_scale), -128, 127).to(torch.int8)
+        q, x_scale = per_token_quantize_int8(flat)
+        q = q.to(torch.int8)
         y = torch._int_mm(q, codes_t) * (x_scale * w_scale)
     elif activations == "per_tensor":
         q, zero, x_scale = _per_tensor_codes(flat)
@@ -88,8 +90,8 @@ def onednn_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, a
     rows = flat.shape[0]
     w_scale = _as(scale[:, 0], torch.float32)
     if activations == "per_token":
-        x_scale = flat.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.5
-        q = torch.clamp(torch.round(flat / x_scale), -128, 127).to(torch.int8)
+        q, x_scale = per_token_quantize_int8(flat)
+        q = q.to(torch.int8)
         y = _onednn_products(q, qweight, w_scale) * x_scale
     elif activations == "per_tensor":
         q, zero, x_scale = _per_tensor_codes(flat)
@@ -103,7 +105,7 @@ def onednn_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, a
     return _as(y, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
-_reordered: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed codes -> (their version, oneDNN's copy)
+_reordered: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed codes -> (version, oneDNN's copy, zero points)
 
 
 def _onednn_products(q: Tensor, qweight: Tensor, w_scale: Tensor) -> Tensor:
@@ -114,20 +116,17 @@ def _onednn_products(q: Tensor, qweight: Tensor, w_scale: Tensor) -> Tensor:
         version = -1
     hit = _reordered.get(qweight)
     if hit is None or hit[0] != version:
-        hit = (version, torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None))
+        zeros = torch.zeros(qweight.shape[0], dtype=torch.long)  # the weight's zero points
+        hit = (version, torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None), zeros)
         _reordered[qweight] = hit
-    zeros = torch.zeros(qweight.shape[0], dtype=torch.long)
-    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, hit[1], w_scale, zeros, None, 1.0, 0, torch.float32,
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, hit[1], w_scale, hit[2], None, 1.0, 0, torch.float32,
                                               "none", [], "")
 
 
 def _per_tensor_codes(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """ONNX ``DynamicQuantizeLinear``'s codes less 128 (int8), its zero point and its scale (0-d float32)."""
-    lo, hi = x.amin().clamp(max=0), x.amax().clamp(min=0)
-    x_scale = (hi - lo) / 255
-    x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
-    zero = torch.round(-lo / x_scale).clamp(0, 255)
-    return (torch.clamp(torch.round(x / x_scale) + zero, 0, 255) - 128).to(torch.int8), zero, x_scale
+    q, x_scale, zero = dynamic_quantize_uint8(x)
+    return (q - 128).to(torch.int8), zero, x_scale
 
 
 def _int8_digits(x: Tensor) -> tuple[Tensor, Tensor]:
