@@ -2,7 +2,7 @@
 
 - ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32; oneDNN, AMX / VNNI where the CPU has them).
   w8a8 quantizes its input exactly as the reference does and multiplies the integer codes, so the
-  result is the reference's to the last rounding of the final scaling. Per-tensor (uint8 codes ``q``
+  result is the reference's up to float rounding of the scaling. Per-tensor (uint8 codes ``q``
   with zero point ``z``) multiplies ``q - 128`` and adds ``(128 - z)`` times the weight's column sums,
   which the same call computes as one extra input row of ones. Weight-only int8 splits each input row
   into three int8 digits (``x = s1 q1 + s2 q2 + s3 q3``, each digit's scale 1/254 of the one before:
@@ -21,6 +21,8 @@ Which of them runs a layer under ``backend="auto"`` is measured, not assumed: :m
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -59,50 +61,43 @@ def runs_on(backend: str, x: Tensor) -> str | None:
 
 def int_mm_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, activations: str) -> Tensor:
     """``x @ W.T`` for int8 weights with one scale per channel, on ``torch._int_mm`` (see the module docstring)."""
-    flat = _as(x.reshape(-1, in_features), torch.float32)  # eager mode: every op counts, no-op casts included
-    rows = flat.shape[0]
-    w_scale = _as(scale[:, 0], torch.float32)
     codes_t = qweight.t()  # oneDNN reads the transposed view faster than a contiguous copy (measured)
-    if activations == "per_token":
-        q, x_scale = per_token_quantize_int8(flat)
-        q = q.to(torch.int8)
-        y = torch._int_mm(q, codes_t) * (x_scale * w_scale)
-    elif activations == "per_tensor":
-        q, zero, x_scale = _per_tensor_codes(flat)
-        ones = torch.ones(1, in_features, dtype=torch.int8, device=x.device)
-        acc = torch._int_mm(torch.cat([q, ones]), codes_t)  # the last row: the weight's column sums
-        y = torch.addcmul(acc[:rows], (128 - zero).to(torch.int32), acc[rows:]) * (x_scale * w_scale)
-    else:
-        digits, digit_scales = _int8_digits(flat)
-        acc = torch._int_mm(digits, codes_t) * digit_scales
-        y = (acc[:rows] + acc[rows:2 * rows] + acc[2 * rows:]) * w_scale
-    return _as(y, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+    return _integer_linear(x, scale, in_features, activations, qweight.shape[0],
+                           lambda q, w_scale: torch._int_mm(q, codes_t) * w_scale)
 
 
 def onednn_linear(x: Tensor, qweight: Tensor, scale: Tensor, in_features: int, activations: str) -> Tensor:
     """``x @ W.T`` for int8 weights with one scale per channel, on oneDNN's int8 linear with the weight
     reordered once (see the module docstring); the same integer products as :func:`int_mm_linear`."""
-    flat = _as(x.reshape(-1, in_features), torch.float32)
+    return _integer_linear(x, scale, in_features, activations, qweight.shape[0],
+                           lambda q, w_scale: _onednn_products(q, qweight, w_scale))
+
+
+def _integer_linear(x: Tensor, scale: Tensor, in_features: int, activations: str, out_features: int,
+                    products: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """What both integer paths share: the input as int8 codes (per token, per tensor less 128 with a row of
+    ones for the weight's column sums, or three digits for weight-only), ``products(q, w_scale)`` (float32
+    ``(q @ codes.T) * w_scale``), then the input's scales."""
+    flat = _as(x.reshape(-1, in_features), torch.float32)  # eager mode: every op counts, no-op casts included
     rows = flat.shape[0]
     w_scale = _as(scale[:, 0], torch.float32)
     if activations == "per_token":
         q, x_scale = per_token_quantize_int8(flat)
-        q = q.to(torch.int8)
-        y = _onednn_products(q, qweight, w_scale) * x_scale
+        y = products(q.to(torch.int8), w_scale) * x_scale
     elif activations == "per_tensor":
-        q, zero, x_scale = _per_tensor_codes(flat)
+        q, x_scale, zero = dynamic_quantize_uint8(flat)
         ones = torch.ones(1, in_features, dtype=torch.int8, device=x.device)
-        acc = _onednn_products(torch.cat([q, ones]), qweight, w_scale)  # the last row: column sums
+        acc = products(torch.cat([(q - 128).to(torch.int8), ones]), w_scale)  # the last row: column sums
         y = torch.addcmul(acc[:rows], 128 - zero, acc[rows:]) * x_scale
     else:
         digits, digit_scales = _int8_digits(flat)
-        acc = _onednn_products(digits, qweight, w_scale) * digit_scales
+        acc = products(digits, w_scale) * digit_scales
         y = acc[:rows] + acc[rows:2 * rows] + acc[2 * rows:]
-    return _as(y, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    return _as(y, x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _reordered: WeakIdKeyDictionary = WeakIdKeyDictionary()  # packed codes -> (version, oneDNN's copy, zero points)
@@ -121,12 +116,6 @@ def _onednn_products(q: Tensor, qweight: Tensor, w_scale: Tensor) -> Tensor:
         _reordered[qweight] = hit
     return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, hit[1], w_scale, hit[2], None, 1.0, 0, torch.float32,
                                               "none", [], "")
-
-
-def _per_tensor_codes(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """ONNX ``DynamicQuantizeLinear``'s codes less 128 (int8), its zero point and its scale (0-d float32)."""
-    q, x_scale, zero = dynamic_quantize_uint8(x)
-    return (q - 128).to(torch.int8), zero, x_scale
 
 
 def _int8_digits(x: Tensor) -> tuple[Tensor, Tensor]:
