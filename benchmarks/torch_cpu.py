@@ -13,8 +13,8 @@ Rows: fp32 eager and compiled; graphopt ``quantize`` at int8 (weight-only, per c
 w8a8 per tensor and per token, its layers on ``backend="auto"`` (the CPU path measured fastest for each
 layer shape: ``graphopt.kernels.quant_dispatch``) and, for comparison, on ``backend="torch"`` (the
 reference: dequantize, then a float matmul); torchao ``quantize_`` with ``Int8WeightOnlyConfig``,
-``Int8DynamicActivationInt8WeightConfig`` and ``Int4WeightOnlyConfig(group_size=64)`` (its CPU layout),
-where they install and run (a row says why not). Compiled rows (MiniLM) run ``torch.compile`` (inductor
+``Int8DynamicActivationInt8WeightConfig`` and ``Int4WeightOnlyConfig(group_size=64)`` (its CPU layout) and
+optimum-quanto's ``qint8`` and ``qint4`` weights, where they install and run (a row says why not). Compiled rows (MiniLM) run ``torch.compile`` (inductor
 with freezing, dynamic=False) after one eager call, so that ``auto`` has picked its paths first; freezing
 folds a weight-only row's dequantization into float32 constants (the note says so). Latencies are medians
 of interleaved runs.
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import StaticCache
 
 import graphopt as go
 from graphopt.data import stdlib_texts, text_batches
@@ -67,6 +68,30 @@ def torchao(config: str) -> Callable[[nn.Module], nn.Module | str]:
             return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
         return model
     return build
+
+
+def quanto(weights: str) -> Callable[[nn.Module], nn.Module | str]:
+    """optimum-quanto's weight-only quantization (``quantize`` then ``freeze``: integer weights in memory)."""
+    def build(model: nn.Module) -> nn.Module | str:
+        try:
+            from optimum import quanto as oq
+        except ImportError as e:
+            return f"optimum-quanto not installed ({e.name}): make peers"
+        try:
+            oq.quantize(model, weights=getattr(oq, weights))
+            oq.freeze(model)
+        except Exception as e:  # a peer that does not run here is a row saying so
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        return model
+    return build
+
+
+def peer_rows(model: nn.Module) -> dict[str, nn.Module | str]:
+    """torchao's int8 weight-only, int8 dynamic and int4 CPU rows, and optimum-quanto's int8 and int4 rows,
+    each on its own copy of ``model``."""
+    rows = {f"torchao {c}": torchao(c)(copy.deepcopy(model)) for c in ("int8-wo", "int8-dyn", "int4-g64")}
+    rows.update({f"quanto {w}": quanto(w)(copy.deepcopy(model)) for w in ("qint8", "qint4")})
+    return rows
 
 
 def _torchao_int4_cpu(config: Any) -> Any:
@@ -134,8 +159,7 @@ def minilm(args: argparse.Namespace) -> None:
     rows: dict[str, nn.Module | str] = {"fp32": model}
     rows.update(graphopt_rows(model, example, calib, list(GRAPHOPT)))
     if not args.no_peers:
-        for config in ("int8-wo", "int8-dyn", "int4-g64"):
-            rows[f"torchao {config}"] = torchao(config)(copy.deepcopy(model))
+        rows.update(peer_rows(model))
     reference = embeddings(model, held)
     lat_a = timed(rows, small, 1, args.repeat, not args.no_compile)
     lat_b = timed(rows, large, 2, max(3, args.repeat // 4), not args.no_compile)
@@ -186,8 +210,7 @@ def smollm2(args: argparse.Namespace) -> None:
         if not isinstance(rows[name], str):
             rows[f"{name}, bf16"] = copy.deepcopy(rows[name]).to(torch.bfloat16)
     if not args.no_peers:
-        for config in ("int8-wo", "int8-dyn", "int4-g64"):
-            rows[f"torchao {config}"] = torchao(config)(copy.deepcopy(model))
+        rows.update(peer_rows(model))
     live = {k: m for k, m in rows.items() if not isinstance(m, str)}
 
     def decode(m: nn.Module) -> object:
@@ -197,20 +220,77 @@ def smollm2(args: argparse.Namespace) -> None:
         m(**prefill), decode(m)
     pre = interleaved_medians([lambda m=m: m(**prefill) for m in live.values()], args.repeat // 4 or 1)
     dec = interleaved_medians([lambda m=m: decode(m) for m in live.values()], args.repeat // 8 or 1)
+    compiled = {} if args.no_compile else compiled_decode(live, lambda: decode(model), prompt["input_ids"], args)
     logits = [model(**b).logits for b in held]
     table = []
     for name, m in rows.items():
         if isinstance(m, str):
-            table.append([name, m, "-", "-", "-"])
+            table.append([name, m, "-", "-", "-", "-"])
             continue
         i = list(live).index(name)
         agree = torch.cat([(m(**b).logits.argmax(-1) == ref.argmax(-1))[b["attention_mask"].bool()]
                            for b, ref in zip(held, logits)]).float().mean()
-        table.append([name, "", f"{agree:.4f}", f"{args.new_tokens / dec[i]:.1f} ({dec[0] / dec[i]:.2f}x)",
+        fast = "-"
+        if isinstance(compiled.get(name), str):
+            fast = compiled[name]
+        elif name in compiled:
+            ratio, same = compiled[name]
+            fast = (f"{args.new_tokens * ratio / dec[0]:.1f} ({ratio:.2f}x, {ratio / compiled['fp32'][0]:.2f}x of "
+                    f"fp32 compiled){'' if same else ', other tokens than eager'}")
+        table.append([name, "", f"{agree:.4f}", f"{args.new_tokens / dec[i]:.1f} ({dec[0] / dec[i]:.2f}x)", fast,
                       f"{pre[i] * 1e3:.0f} ms ({pre[i] / pre[0]:.2f}x)"])
-    print(f"\n{description}; 2 threads; decode {args.new_tokens} tokens at batch 1 (eager generate); prefill "
-          f"{prefill['input_ids'].shape[1]} tokens\n")
-    print(markdown_table(["row", "note", "next-token agreement", "decode tokens/s", "prefill"], table))
+    print(f"\n{description}; 2 threads; decode {args.new_tokens} tokens at batch 1 (eager: HF generate; compiled: "
+          f"static KV cache, one compiled graph a step); prefill {prefill['input_ids'].shape[1]} tokens; ratios to "
+          "fp32 eager\n")
+    print(markdown_table(["row", "note", "next-token agreement", "decode tokens/s", "decode tokens/s, compiled",
+                          "prefill"], table))
+
+
+def static_decoder(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
+    """Greedy decoding of ``new_tokens`` tokens with a static KV cache, each one-token step one graph under
+    ``torch.compile`` (gpt-fast's recipe; the prompt runs eagerly). Returns the tokens."""
+    cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + new_tokens)
+
+    def forward(ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+
+    step = torch.compile(forward, dynamic=False, fullgraph=True)
+
+    def run() -> torch.Tensor:
+        cache.reset()
+        length = prompt_ids.shape[1]
+        tokens = [forward(prompt_ids, torch.arange(length)).argmax(-1, keepdim=True)]
+        for i in range(new_tokens - 1):
+            tokens.append(step(tokens[-1], torch.tensor([length + i])).argmax(-1, keepdim=True))
+        return torch.cat(tokens, 1)
+
+    return run
+
+
+def compiled_decode(live: dict[str, nn.Module], fp32_generate: Callable[[], object], prompt_ids: torch.Tensor,
+                    args: argparse.Namespace) -> dict[str, tuple[float, bool] | str]:
+    """``{row: (tokens/s as a ratio to fp32 eager generate, same tokens as the row's eager greedy decode)}`` for
+    the fp32 row and the weight-only graphopt and torchao rows, each compiled in turn (without freezing, which
+    would fold a weight-only layer's dequantization into float32 constants) and timed interleaved with fp32
+    eager ``generate``."""
+    torch._inductor.config.freezing = False
+    out: dict[str, tuple[float, bool] | str] = {}
+    for name, m in live.items():
+        if name != "fp32" and ("w8a8" in name or "dyn" in name or "reference" in name or "bf16" in name):
+            continue
+        torch._dynamo.reset()
+        run = static_decoder(m, prompt_ids, args.new_tokens)
+        try:
+            tokens = run()
+        except Exception as e:  # a row that does not compile in one graph says so
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            continue
+        eager = m.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        base, t = interleaved_medians([fp32_generate, run], args.repeat // 8 or 1)
+        out[name] = (base / t, torch.equal(tokens, eager[:, prompt_ids.shape[1]:]))
+    torch._dynamo.reset()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

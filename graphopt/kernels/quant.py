@@ -136,7 +136,41 @@ def quant_linear_impl(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, gr
         if backend == "onednn" and not torch.compiler.is_compiling():  # traced: int_mm's aten ops, same integers
             return onednn_linear(x, qweight, scale, in_features, activations)
         return int_mm_linear(x, qweight, scale, in_features, activations)
+    if torch.compiler.is_compiling() and activations == "none" and one_row_reduces(x, scheme, group_size, in_features):
+        return one_row_linear(x, qweight, scale, scheme, group_size, in_features)
     return quant_linear_reference(x, qweight, scale, scheme, group_size, in_features, activations)
+
+
+def one_row_reduces(x: Tensor, scheme: str, group_size: int, in_features: int) -> bool:
+    """Whether :func:`one_row_linear` computes a weight-only layer for ``x``: one input row on CPU, and groups
+    that hold whole bytes of codes."""
+    group = group_size or in_features
+    return (x.device.type == "cpu" and math.prod(x.shape[:-1]) == 1 and in_features % group == 0
+            and group % PER_BYTE[scheme] == 0)
+
+
+def one_row_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int
+                   ) -> Tensor:
+    """The reference's ``x @ W.T`` for one input row, written as one reduction over the packed codes: what
+    ``torch.compile`` traces for a weight-only layer at batch 1 (LLM decoding). Inductor fuses the unpacking,
+    the scales and the dot products into one loop that reads each packed byte once, where dequantize-then-matmul
+    writes and reads a float32 copy of the weight (inductor decomposes float matmuls of one row the same way:
+    ``decompose_mem_bound_mm``). Each byte's ``PER_BYTE`` codes multiply the input's interleaved elements
+    directly, so no unpacked code tensor is built (stacking them defeated the fusion: 7x slower, measured).
+    Float32 sums in another order than the matmul's: equal to the reference within float32 rounding."""
+    per, offset, bits = PER_BYTE[scheme], -CODE_RANGE[scheme][0], BITS[scheme]
+    group = group_size or in_features
+    out, groups = qweight.shape[0], in_features // group
+    packed = qweight[:, :in_features // per].reshape(out, groups, group // per)
+    if per == 1:
+        codes = [packed.to(torch.float32)]
+    else:
+        wide = packed.to(torch.int32)
+        codes = [(((wide >> (bits * i)) & ((1 << bits) - 1)) - offset).to(torch.float32) for i in range(per)]
+    xs = x.reshape(1, groups, group // per, per).to(torch.float32)
+    sums = sum(xs[..., i] * codes[i] for i in range(per)).sum(-1)  # [out, groups]: each group's dot product
+    y = (sums * scale.to(torch.float32)).sum(-1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out)
 
 
 @torch.library.custom_op("graphopt::quant_linear", mutates_args=())

@@ -1,6 +1,6 @@
 """``backend="auto"`` on CPU: the fastest path for a layer's format and input shape, measured on this machine.
 
-Each key (machine and thread count, torch version, scheme, group size, activations, dtype, input rows
+Each key (machine and thread count, torch version, the paths' version, scheme, group size, activations, dtype, input rows
 rounded up to a power of two, in and out features) is timed once, every candidate path against the
 reference (interleaved medians), and kept in ``$GRAPHOPT_CACHE/quant_backends.json`` with all the times,
 so the choice can be read and checked: the pick is the fastest in its own row, and the reference is
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 4096
 #: seconds each candidate is timed for (at least 5 runs)
 BUDGET_S = 0.03
+#: part of every key: raised whenever a path's code changes, so that timings of the old code are not reused
+#: (2: oneDNN given uint8 activations)
+PATHS_VERSION = 2
 
 _table: TimingTable | None = None
 _chosen: dict[tuple, str] = {}  # this process's picks, without building the table's key again
@@ -46,6 +49,13 @@ def candidates(scheme: str, group_size: int, activations: str) -> list[str]:
     return ["torch"] + [b for b in CPU_BACKENDS if why_not(b, scheme, group_size, activations) is None]
 
 
+def table_key(x: Tensor, scheme: str, group_size: int, activations: str, in_features: int,
+              out_features: int) -> str:
+    """The table's key for a layer's format and an input like ``x`` (see the module docstring)."""
+    return TimingTable.key(device_key(x.device), torch.__version__, PATHS_VERSION, scheme, group_size, activations,
+                           str(x.dtype), row_bucket(math.prod(x.shape[:-1])), in_features, out_features)
+
+
 def row_bucket(rows: int) -> int:
     return min(MAX_ROWS, 1 << max(0, rows - 1).bit_length())
 
@@ -63,7 +73,9 @@ def auto_cpu_backend(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, gro
     if not isinstance(rows, int):  # a symbolic batch: one graph for every shape, the reference's
         return "torch"
     layer = (scheme, group_size, activations, x.dtype, row_bucket(rows), in_features, qweight.shape[0])
-    if torch.compiler.is_compiling():  # no thread count (a graph break in dynamo), no timing: the eager pick
+    if torch.compiler.is_compiling():  # no thread count (a graph break in dynamo), no timing: the eager pick,
+        if activations == "none" and rows == 1:  # but one row of a weight-only layer: the reference's reduction
+            return "torch"  # (quant.one_row_linear), 2.5x less time than the integer paths compiled (measured)
         return _last_pick.get(layer, "torch")
     memo = (torch.get_num_threads(), *layer)
     if (chosen := _chosen.get(memo)) is not None:
@@ -73,8 +85,7 @@ def auto_cpu_backend(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, gro
         return "torch"
     if _tracing(x):  # fake tensors outside dynamo (non-strict export): nothing to time
         return _last_pick.get(layer, "torch")
-    key = TimingTable.key(device_key(x.device), torch.__version__, scheme, group_size, activations, str(x.dtype),
-                          row_bucket(rows), in_features, qweight.shape[0])
+    key = table_key(x, scheme, group_size, activations, in_features, qweight.shape[0])
     store = table()
     entry = store.get(key, lambda: measure_paths(options, row_bucket(rows), x.dtype, qweight, scale, scheme,
                                                  group_size, in_features, activations))
