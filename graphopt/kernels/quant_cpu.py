@@ -15,7 +15,7 @@
   layer: a side table keyed by the packed codes (and their version counter, so codes changed in place are
   packed again) holds it, one more byte per weight while the layer lives. Its input goes in as uint8
   (``q + 128`` with zero point 128, which oneDNN folds into the weight's column sums): given int8
-  activations oneDNN 3.x on torch 2.13 runs a reference kernel, measured 700x slower at 3 x 576 x 1536.
+  activations the oneDNN in torch 2.13 runs a reference kernel, measured 700x slower at 3 x 576 x 1536.
 - ``int8_mm``: ``torch._weight_int8pack_mm``, weight-only int8 with one scale per channel, computed in
   the input's dtype (fast for bfloat16 and float16 inputs on this CPU; slow for float32).
 

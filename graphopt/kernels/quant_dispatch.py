@@ -1,12 +1,14 @@
 """``backend="auto"`` on CPU: the fastest path for a layer's format and input shape, measured on this machine.
 
-Each key (machine and thread count, torch version, the paths' version, scheme, group size, activations, dtype, input rows
-rounded up to a power of two, in and out features) is timed once, every candidate path against the
-reference (interleaved medians), and kept in ``$GRAPHOPT_CACHE/quant_backends.json`` with all the times,
-so the choice can be read and checked: the pick is the fastest in its own row, and the reference is
-always a candidate, so ``auto`` never picks a path slower than the reference as measured. While a model
+Each key (machine and thread count, torch version, the paths' version, scheme, group size, activations,
+dtype, input rows rounded up to a power of two, in and out features) is timed once, every candidate path
+against the reference (interleaved medians), and kept in ``$GRAPHOPT_CACHE/quant_backends.json`` with all
+the times, so the choice can be read and checked: the pick is the fastest in its own row, and the reference
+is always a candidate, so ``auto`` never picks a path slower than the reference as measured. While a model
 is traced (``torch.compile``, ``torch.export``) nothing is timed: the trace takes the path last picked
-eagerly for the layer's shape, or the reference if none was, so run the model once eagerly first.
+eagerly for the layer's shape, or the reference if none was, so run the model once eagerly first. Under
+``torch.compile`` one row of a weight-only layer takes the reference, which traces as one reduction over
+the packed codes (:func:`graphopt.kernels.quant.one_row_linear`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def auto_cpu_backend(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, gro
     layer = (scheme, group_size, activations, x.dtype, row_bucket(rows), in_features, qweight.shape[0])
     if torch.compiler.is_compiling():  # no thread count (a graph break in dynamo), no timing: the eager pick,
         if activations == "none" and rows == 1:  # but one row of a weight-only layer: the reference's reduction
-            return "torch"  # (quant.one_row_linear), 2.5x less time than the integer paths compiled (measured)
+            return "torch"  # (quant.one_row_linear), 2.4x less time than int_mm compiled (measured)
         return _last_pick.get(layer, "torch")
     memo = (torch.get_num_threads(), *layer)
     if (chosen := _chosen.get(memo)) is not None:
