@@ -14,8 +14,8 @@ w8a8 per tensor and per token, its layers on ``backend="auto"`` (the CPU path me
 layer shape: ``graphopt.kernels.quant_dispatch``) and, for comparison, on ``backend="torch"`` (the
 reference: dequantize, then a float matmul); torchao ``quantize_`` with ``Int8WeightOnlyConfig``,
 ``Int8DynamicActivationInt8WeightConfig`` and ``Int4WeightOnlyConfig(group_size=64)`` (its CPU layout) and
-optimum-quanto's ``qint8`` and ``qint4`` weights, where they install and run (a row says why not). Compiled rows (MiniLM) run ``torch.compile`` (inductor
-with freezing, dynamic=False) after one eager call, so that ``auto`` has picked its paths first; freezing
+optimum-quanto's ``qint8`` and ``qint4`` weights, where they install and run (a row says why not). Compiled
+rows (MiniLM) run ``torch.compile`` (inductor with freezing, dynamic=False) after one eager call, so that ``auto`` has picked its paths first; freezing
 folds a weight-only row's dequantization into float32 constants (the note says so). Latencies are medians
 of interleaved runs.
 """
@@ -270,7 +270,8 @@ def static_decoder(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) 
 def compiled_decode(live: dict[str, nn.Module], fp32_generate: Callable[[], object], prompt_ids: torch.Tensor,
                     args: argparse.Namespace) -> dict[str, tuple[float, bool] | str]:
     """``{row: (tokens/s as a ratio to fp32 eager generate, same tokens as the row's eager greedy decode)}`` for
-    the fp32 row and the weight-only graphopt and torchao rows, each compiled in turn (without freezing, which
+    the fp32 row and the weight-only graphopt, torchao and optimum-quanto rows (a row that does not compile in
+    one graph: why, as a string), each compiled in turn (without freezing, which
     would fold a weight-only layer's dequantization into float32 constants) and timed interleaved with fp32
     eager ``generate``."""
     torch._inductor.config.freezing = False
