@@ -32,11 +32,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import StaticCache
 
 import graphopt as go
+from graphopt.compiled import compiled_decoder
 from graphopt.data import stdlib_texts, text_batches
 from graphopt.infra.text import markdown_table
+from graphopt.kernels.quant_dispatch import candidates
 from graphopt.models import load_model_spec
 from graphopt.nn.quant import QuantLinear
 from graphopt.timing import interleaved_medians
@@ -45,6 +46,7 @@ GRAPHOPT = {"int8": "quantize(scheme=int8)", "int4-g64": "quantize(scheme=int4,g
             "w8a8": "quantize(scheme=w8a8)", "w8a8-token": "quantize(scheme=w8a8,activations=per_token)",
             # LLMs: the vocabulary projection (SmolLM2's is tied to the embedding table) is a sixth of the weights
             "int8-head": "quantize(scheme=int8,lm_head=true)",
+            "int4-g64-head": "quantize(scheme=int4,group_size=64,lm_head=true)",
             "w8a8-token-head": "quantize(scheme=w8a8,activations=per_token,lm_head=true)"}
 
 
@@ -111,6 +113,9 @@ def graphopt_rows(model: nn.Module, example: Any, calib: list, names: list[str])
             out[f"graphopt {name}"] = "quantize was rolled back"
             continue
         out[f"graphopt {name}"] = result.model
+        layers = [m for m in result.model.modules() if isinstance(m, QuantLinear)]
+        if all(candidates(m.scheme, m.group_size, m.activations) == ["torch"] for m in layers):
+            continue  # auto has no other path to pick (int4, ternary): a reference row would repeat this one
         reference = copy.deepcopy(result.model)
         for layer in reference.modules():
             if isinstance(layer, QuantLinear):
@@ -157,7 +162,8 @@ def minilm(args: argparse.Namespace) -> None:
     small, large = ({k: v for k, v in tokenizer([text] * b, truncation=True, max_length=t, padding="max_length",
                                                  return_tensors="pt").items()} for b, t in ((1, 32), (32, 64)))
     rows: dict[str, nn.Module | str] = {"fp32": model}
-    rows.update(graphopt_rows(model, example, calib, list(GRAPHOPT)))
+    encoder_rows = [n for n in GRAPHOPT if not n.endswith("-head")]  # an encoder has no LM head: moot there
+    rows.update(graphopt_rows(model, example, calib, encoder_rows))
     if not args.no_peers:
         rows.update(peer_rows(model))
     reference = embeddings(model, held)
@@ -246,27 +252,6 @@ def smollm2(args: argparse.Namespace) -> None:
                           "prefill"], table))
 
 
-def static_decoder(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
-    """Greedy decoding of ``new_tokens`` tokens with a static KV cache, each one-token step one graph under
-    ``torch.compile`` (gpt-fast's recipe; the prompt runs eagerly). Returns the tokens."""
-    cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + new_tokens)
-
-    def forward(ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
-
-    step = torch.compile(forward, dynamic=False, fullgraph=True)
-
-    def run() -> torch.Tensor:
-        cache.reset()
-        length = prompt_ids.shape[1]
-        tokens = [forward(prompt_ids, torch.arange(length)).argmax(-1, keepdim=True)]
-        for i in range(new_tokens - 1):
-            tokens.append(step(tokens[-1], torch.tensor([length + i])).argmax(-1, keepdim=True))
-        return torch.cat(tokens, 1)
-
-    return run
-
-
 def compiled_decode(live: dict[str, nn.Module], fp32_generate: Callable[[], object], prompt_ids: torch.Tensor,
                     args: argparse.Namespace) -> dict[str, tuple[float, bool] | str]:
     """``{row: (tokens/s as a ratio to fp32 eager generate, same tokens as the row's eager greedy decode)}`` for
@@ -280,7 +265,7 @@ def compiled_decode(live: dict[str, nn.Module], fp32_generate: Callable[[], obje
         if name != "fp32" and ("w8a8" in name or "dyn" in name or "reference" in name or "bf16" in name):
             continue
         torch._dynamo.reset()
-        run = static_decoder(m, prompt_ids, args.new_tokens)
+        run = compiled_decoder(m, prompt_ids, args.new_tokens, skip_module_guards=True)
         try:
             tokens = run()
         except Exception as e:  # a row that does not compile in one graph says so
@@ -302,11 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=40)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--llm-rows", default="int8,int8-head,int4-g64,w8a8-token,w8a8-token-head",
+    ap.add_argument("--llm-rows", default="int8,int8-head,int4-g64,int4-g64-head,w8a8-token,w8a8-token-head",
                     help="graphopt rows of the SmolLM2 table")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args(argv)
+    unknown = set(args.llm_rows.split(",")) - set(GRAPHOPT)
+    if unknown:
+        ap.error(f"unknown --llm-rows {sorted(unknown)}: choose among {sorted(GRAPHOPT)}")
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     for name in args.models.split(","):

@@ -32,7 +32,8 @@ LAYERS = [
     ["graphopt.analysis"],
     ["graphopt.frontend", "graphopt.nn"],
     ["graphopt.kernels"],
-    ["graphopt.timing", "graphopt.version", "graphopt.progress", "graphopt.units", "graphopt.cache"],
+    ["graphopt.timing", "graphopt.compiled", "graphopt.version", "graphopt.progress", "graphopt.units",
+     "graphopt.cache"],
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +30,11 @@ class ExampleInputs:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def call(self, module: nn.Module) -> Any:
-        """``module(*args, **kwargs)``, with HF KV caches off (see :mod:`graphopt.frontend.kv_cache`)."""
+    def call(self, module: nn.Module, via: Callable[..., Any] | None = None) -> Any:
+        """``module(*args, **kwargs)``, with HF KV caches off (see :mod:`graphopt.frontend.kv_cache`); ``via``:
+        what runs the module (a compiled forward) in its place."""
         with caches_off(module):
-            return module(*self.args, **self.kwargs)
+            return (via or module)(*self.args, **self.kwargs)
 
     def to(self, device: torch.device | str) -> ExampleInputs:
         return ExampleInputs(_map_tensors(self.args, lambda t: t.to(device)),

@@ -157,7 +157,11 @@ def one_row_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group
     writes and reads a float32 copy of the weight (inductor decomposes float matmuls of one row the same way:
     ``decompose_mem_bound_mm``). Each byte's ``PER_BYTE`` codes multiply the input's interleaved elements
     directly, so no unpacked code tensor is built (stacking them defeated the fusion: 7x slower, measured).
-    Float32 sums in another order than the matmul's: equal to the reference within float32 rounding."""
+    The input's elements are first gathered by their place in the byte with ``torch.cat``, which inductor
+    writes to a buffer: left as strided views, they are inlined into the reduction's loads with stride
+    ``PER_BYTE``, and inductor then vectorizes across output rows through byte transposes (an int4 g64 MLP block
+    of SmolLM2: 4.1 ms, against 0.24 ms with the buffer; fp32: 0.4 ms). Float32 sums in another order than the
+    matmul's: equal to the reference within float32 rounding."""
     per, offset, bits = PER_BYTE[scheme], -CODE_RANGE[scheme][0], BITS[scheme]
     group = group_size or in_features
     out, groups = qweight.shape[0], in_features // group
@@ -167,8 +171,9 @@ def one_row_linear(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group
     else:
         wide = packed.to(torch.int32)
         codes = [(((wide >> (bits * i)) & ((1 << bits) - 1)) - offset).to(torch.float32) for i in range(per)]
-    xs = x.reshape(1, groups, group // per, per).to(torch.float32)
-    sums = sum(xs[..., i] * codes[i] for i in range(per)).sum(-1)  # [out, groups]: each group's dot product
+    interleaved = x.reshape(groups, group // per, per).to(torch.float32)
+    xs = torch.cat([interleaved[..., i] for i in range(per)]).reshape(per, groups, group // per)
+    sums = sum(xs[i] * codes[i] for i in range(per)).sum(-1)  # [out, groups]: each group's dot product
     y = (sums * scale.to(torch.float32)).sum(-1)
     return y.to(x.dtype).reshape(*x.shape[:-1], out)
 

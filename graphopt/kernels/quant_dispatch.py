@@ -21,6 +21,7 @@ from torch import Tensor
 
 from graphopt.timing import TimingTable, device_key, interleaved_medians
 
+from .quant import one_row_reduces, quant_linear_impl
 from .quant_cpu import CPU_BACKENDS, why_not
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def auto_cpu_backend(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, gro
         return "torch"
     layer = (scheme, group_size, activations, x.dtype, row_bucket(rows), in_features, qweight.shape[0])
     if torch.compiler.is_compiling():  # no thread count (a graph break in dynamo), no timing: the eager pick,
-        if activations == "none" and rows == 1:  # but one row of a weight-only layer: the reference's reduction
-            return "torch"  # (quant.one_row_linear), 2.4x less time than int_mm compiled (measured)
+        if activations == "none" and one_row_reduces(x, scheme, group_size, in_features):  # but the reference's
+            return "torch"  # reduction for one row (quant.one_row_linear): 2.4x less time than int_mm (measured)
         return _last_pick.get(layer, "torch")
     memo = (torch.get_num_threads(), *layer)
     if (chosen := _chosen.get(memo)) is not None:
@@ -101,8 +102,6 @@ def auto_cpu_backend(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, gro
 def measure_paths(options: list[str], rows: int, dtype: torch.dtype, qweight: Tensor, scale: Tensor, scheme: str,
                   group_size: int, in_features: int, activations: str) -> dict[str, object]:
     """``{"ms": {backend: median ms}, "best": fastest}`` for ``rows`` random input rows."""
-    from .quant import quant_linear_impl  # lazy: quant imports this module, and this times quant's paths
-
     x = torch.randn(rows, in_features, dtype=dtype, generator=torch.Generator().manual_seed(0))
     scale = scale.to(dtype)
     runs = [lambda b=b: quant_linear_impl(x, qweight, scale, scheme, group_size, in_features, activations, b)

@@ -21,7 +21,7 @@ from ..frontend.inputs import ExampleInputs, as_example_inputs
 from ..frontend.preserve import preserved
 from ..infra.pipeline import Pipeline
 from .goal import Goal, GoalError, as_goal
-from .measure import Evaluator, Metric, Point, PointCache, fingerprint, metric_of_original
+from .measure import Evaluator, Metric, Point, PointCache, fingerprint, metric_of_original, prompt_ids
 from .search import SearchResult, run_search
 from .space import declared_space
 
@@ -40,6 +40,8 @@ def search_goal(model: nn.Module, example_inputs: Any, goal: Goal | str, build: 
     goal.check_runtime()
     goal.check_model(model)
     inputs = as_example_inputs(example_inputs)
+    if goal.compile and goal.decode:
+        prompt_ids(inputs)  # what compiled decoding continues: said now, not by every candidate
     held_out = [as_example_inputs(b) for b in eval_data] if eval_data is not None else None
     if (goal.quality is not None or goal.objective == "quality") and not held_out and metric is None:
         raise GoalError("a quality goal needs eval_data=: held-out model inputs (disjoint from calib) that "

@@ -6,7 +6,8 @@
 
 Constraints: ``quality`` (the report's figure against the original, at least: embedding cosine, top-1 or
 next-token agreement), ``ppl`` (the perplexity ratio, at most; language models), ``speedup`` (over the original
-on ``runtime``, at least; the worst over ``batches`` x ``threads``; of greedy ``generate()`` with ``decode=N``),
+on ``runtime``, at least; the worst over ``batches`` x ``threads``; of greedy ``generate()`` with ``decode=N``;
+under ``torch.compile`` with ``compile=true``, decoding over a static KV cache: :mod:`graphopt.compiled`),
 ``size`` (weight bytes relative to the
 original, at most). The objective is the figure the search maximises (``speedup``, ``quality``) or minimises
 (``size``) among the candidates that meet every constraint.
@@ -52,6 +53,7 @@ class Goal:
     refine: int = 1  # choices measured between a family's last that meets the quality floor and first that misses
     tie: float = 0.02  # speed-ups, or size reductions, within this fraction of the best are equal: the higher quality wins
     decode: int = 0  # runtime=torch: time greedy generate() of this many new tokens from the example (0: one forward)
+    compile: bool = False  # runtime=torch: time under torch.compile (decode=: a static KV cache, a graph a step)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batches", tuple(int(b) for b in _as_tuple(self.batches)))
@@ -82,6 +84,11 @@ class Goal:
             problems.append("decode= times generate(), which only runtime=torch has: drop runtime= or decode=")
         if self.decode and not self.needs_latency:
             problems.append("decode= times generate(): give speedup>= or objective=speedup with it")
+        if self.compile and self.runtime != "torch":
+            problems.append("compile=true times the model under torch.compile, which only runtime=torch has: "
+                            "drop runtime= or compile=")
+        if self.compile and not self.needs_latency:
+            problems.append("compile=true changes only how speed is timed: give speedup>= or objective=speedup")
         if not 0 <= self.tie < 1:
             problems.append(f"tie={self.tie} must be in [0, 1): the fraction of the best objective that counts as equal")
         if self.objective == "quality" and self.quality is not None:

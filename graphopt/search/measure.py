@@ -6,7 +6,8 @@ not after each of its passes as the report's rows are), its size the weight
 bytes relative to the original's, and its speed-up the original's time over its own at every batch size x
 thread count of the goal, the two timed in turns (:func:`~graphopt.infra.metrics.interleaved_medians`, for
 about 2 seconds a setting: at least 10 rounds, at most 200). On
-``runtime="onnxruntime"`` both are exported (``export_onnx``, verified in onnxruntime) and the files are timed.
+``runtime="onnxruntime"`` both are exported (``export_onnx``, verified in onnxruntime) and the files are timed;
+with ``compile=true`` both run under ``torch.compile`` (:mod:`graphopt.compiled`), compiled before the timing.
 Every measured point goes to a JSON cache keyed by the model, the inputs and the goal's measuring settings,
 so an interrupted search resumes where it stopped.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiled import compiled_decoder, compiled_forward
 from ..frontend.inputs import ExampleInputs
 from ..infra.metrics import count_weight_bytes
 from ..infra.pipeline import Pipeline
@@ -176,8 +178,25 @@ def fingerprint(model: nn.Module, goal: Goal, data: list[ExampleInputs], metric:
             if isinstance(t, torch.Tensor):
                 _update(h, t)
     timing = [goal.runtime, list(goal.batches), list(goal.thread_counts())]
-    h.update(json.dumps(timing + ([goal.decode] if goal.decode else [])).encode())
+    h.update(json.dumps(timing + ([goal.decode] if goal.decode else []) + (["compile"] if goal.compile else [])
+                        ).encode())
     return h.hexdigest()[:16]
+
+
+def _warm(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` after one call (a compiled one compiles there, not in the timing)."""
+    run()
+    return run
+
+
+def prompt_ids(x: ExampleInputs) -> torch.Tensor:
+    """The example's ``input_ids``, which compiled decoding continues (it takes no attention mask)."""
+    ids = x.kwargs.get("input_ids", x.args[0] if x.args else None)
+    mask = x.kwargs.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or (isinstance(mask, torch.Tensor) and not bool(mask.all())):
+        raise GoalError("compile=true with decode= continues the example's input_ids with no padding: give an "
+                        "example with input_ids and no padded positions")
+    return ids
 
 
 def _update(h: Any, t: torch.Tensor) -> None:
@@ -279,7 +298,8 @@ class Evaluator:
             pair = [self._base_runs[(batch, threads)], run]
             with _threads(threads), torch.no_grad():
                 base, new = interleaved_medians(pair, self._rounds(pair), warmup=2)
-            decode = f"decode {self.goal.decode}, " if self.goal.decode else ""
+            decode = ("compiled, " if self.goal.compile else "") + (f"decode {self.goal.decode}, "
+                                                                    if self.goal.decode else "")
             out[f"{decode}batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
         return out
 
@@ -302,15 +322,24 @@ class Evaluator:
         return self._ort_runs(candidate, "candidate")
 
     def _torch_runs(self, module: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
-        n = self.goal.decode
+        n, compiled = self.goal.decode, self.goal.compile
 
         def runner(x: ExampleInputs) -> Callable[[], None]:
+            if n and compiled:  # the prompt eagerly, then n - 1 compiled steps over a static KV cache
+                return _warm(compiled_decoder(module, prompt_ids(x), n))
             if n:  # greedy decoding of n tokens after the example's prompt (its prefill included)
                 return lambda: module.generate(*x.args, **x.kwargs, max_new_tokens=n, min_new_tokens=n,
                                                do_sample=False)
+            if compiled:
+                forward = compiled_forward(module)
+                return _warm(lambda: x.call(module, via=forward))
             return lambda: x.call(module)
 
-        return {(b, t): runner(self.inputs.with_batch(b)) for b, t in self.settings}
+        runs = {}
+        for b, t in self.settings:
+            with _threads(t), torch.no_grad():  # inductor writes its kernels for the thread count
+                runs[(b, t)] = runner(self.inputs.with_batch(b))
+        return runs
 
     def _ort_runs(self, module: nn.Module, name: str) -> dict[tuple[int, int], Callable[[], None]]:
         from ..emit.onnx_export import export_onnx

@@ -19,6 +19,8 @@ def test_goal_text_round_trips_and_parses_lists():
     assert Goal.parse(str(goal)) == goal
     assert str(Goal(ppl=1.05, objective="size")) == "ppl<=1.05,objective=size"
     assert Goal.parse("ppl<=1.05,objective=size,heal=0").heal == 0 and Goal(ppl=1.05).heal == 2
+    compiled = Goal.parse("ppl<=1.05,speedup>=2,decode=8,compile=true")
+    assert compiled.compile is True and Goal.parse(str(compiled)) == compiled and "compile=true" in str(compiled)
 
 
 @pytest.mark.parametrize("text, says", [
@@ -109,3 +111,38 @@ def test_a_decode_goal_times_greedy_generation(monkeypatch):
     assert calls and set(calls) == {3}  # generate(), 3 new tokens, is what was timed
     dropped = next(p for p in points if p.pipeline.endswith("drop_blocks"))
     assert dropped.speedup > 1.0  # one of the 2 blocks gone: each decoding step does less (1.26x measured)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("ppl<=1.05,objective=speedup,compile=true,runtime=onnxruntime", "only runtime=torch has"),
+    ("ppl<=1.05,objective=size,compile=true", "changes only how speed is timed"),
+])
+def test_a_compiled_goal_that_cannot_be_timed_says_why(text, says):
+    with pytest.raises(GoalError, match=says):
+        Goal.parse(text)
+
+
+def test_a_compiled_decode_goal_times_compiled_decoding_of_the_examples_prompt(monkeypatch):
+    """With compile=true, decode= times graphopt.compiled's decoder (the prompt, then compiled steps over a
+    static KV cache) for the original and each candidate, never generate(); a padded prompt is refused first."""
+    import graphopt.search.measure as measure
+
+    model, inputs = hf_model("llama_causal_lm")
+    made, steps = [], []
+
+    def decoder(module, ids, n):  # what the search builds and times (the real one compiles: tests/test_compiled.py)
+        made.append((module, ids.clone(), n))
+        return lambda: steps.append(module)
+
+    monkeypatch.setattr(measure, "compiled_decoder", decoder)
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("generate() was timed"))
+    goal = "ppl<=100,objective=speedup,decode=3,compile=true,passes=[drop_blocks],batches=[1],threads=[1],heal=0"
+    res = go.optimize_for(model, inputs, goal, calib=[inputs] * 2, eval_data=[inputs], cache=False)
+    points = [p for p in res.search.points if not p.failed]
+    assert len(points) == 2 and all(set(p.speedups) == {"compiled, decode 3, batch 1, 1 thread"} for p in points)
+    assert made[0][0] is model and all(n == 3 and torch.equal(ids, inputs["input_ids"][:1]) for _, ids, n in made)
+    assert len(made) == 3 and {id(m) for m in steps} == {id(m) for m, _, _ in made}  # the original once, each candidate
+    padded = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+    padded["attention_mask"][:, 0] = 0
+    with pytest.raises(GoalError, match="no padded positions"):
+        go.optimize_for(model, padded, goal, calib=[inputs] * 2, eval_data=[inputs], cache=False)
