@@ -41,7 +41,8 @@ def search_goal(model: nn.Module, example_inputs: Any, goal: Goal | str, build: 
     goal.check_model(model)
     inputs = as_example_inputs(example_inputs)
     if goal.compile and goal.decode:
-        prompt_ids(inputs)  # what compiled decoding continues: said now, not by every candidate
+        prompt_ids(inputs.with_batch(1))  # what compiled decoding continues (the timed batches repeat the
+        # example's first sample): said now, not by every candidate
     held_out = [as_example_inputs(b) for b in eval_data] if eval_data is not None else None
     if (goal.quality is not None or goal.objective == "quality") and not held_out and metric is None:
         raise GoalError("a quality goal needs eval_data=: held-out model inputs (disjoint from calib) that "
