@@ -55,6 +55,7 @@ REC = ("fold_bn,prune(target_flops=0.7,round_to=8,importance=taylor,allocation=g
 GRAPHOPT_ROWS = {
     "fold_bn": "fold_bn",
     "merge": "fold_bn,merge_layers",
+    "channels-last": "fold_bn,channels_last",
     "merge-0.9": "merge_layers(latency=0.9)",
     "int8-rtn": "quantize(scheme=int8)",
     "int8": "quantize(scheme=int8,bias_correction=true)",

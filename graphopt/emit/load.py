@@ -223,6 +223,10 @@ def load(directory: str | Path, base_model: nn.Module, *, strict: bool = True, i
     except (SafetensorError, OSError) as e:
         raise SerializationError(f"cannot read {weights}: {e}; save the model again") from e
     _assign(model, tensors, manifest, strict, hint, weights)
+    try:  # a file stores tensors contiguous: the layouts the log set come back once the weights are in
+        replay_edits(model, [e for e in edits if e.op == "set_layout"])
+    except EditError as e:
+        raise SerializationError(f"cannot restore the tensor layouts saved in {path}: {e}") from e
     problems = layer_size_problems(model)
     if problems:
         msg = f"the model rebuilt from {manifest_file} is inconsistent: {name_list(problems)}"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..infra.program import LAYOUTS
 from ..nn.quant import PackedLayer
 from .saved_model import SerializationError
 
@@ -47,6 +48,9 @@ def check_edit(i: int, edit: dict[str, Any]) -> None:
         for flag in ("buffer", "persistent", "requires_grad"):
             if flag in data and not isinstance(data[flag], bool):
                 raise SerializationError(f"{where}: {flag!r} must be true or false, got {data[flag]!r}")
+    elif op == "set_layout" and data.get("memory_format") not in LAYOUTS:
+        raise SerializationError(f"{where}: 'memory_format' must be one of {', '.join(LAYOUTS)}, got "
+                                 f"{data.get('memory_format')!r}")
     elif op == "tie" and not isinstance(data.get("to"), str):
         raise SerializationError(f"{where}: 'to' must name the tensor it is tied to, got {data.get('to')!r}")
     elif op == "remove_items" and not (isinstance(data.get("indices"), list) and data["indices"] and all(

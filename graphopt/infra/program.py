@@ -35,7 +35,7 @@ class EditError(ValueError):
 class Edit:
     """One structural change: ``op`` on ``target`` with JSON-able ``data``, made by pass ``by``."""
 
-    op: str  # "replace_module" | "remove_items" | "set_tensor" | "tie" | "set_attr" | "set_config"
+    op: str  # "replace_module" | "remove_items" | "set_tensor" | "set_layout" | "tie" | "set_attr" | "set_config"
     target: str
     data: dict[str, Any] = field(default_factory=dict)
     by: str = ""
@@ -259,6 +259,14 @@ class Program:
             raise EditError(f"{fqn!r} is neither a parameter nor a buffer")
         return value
 
+    def set_layout(self, fqn: str, memory_format: str) -> None:
+        """Store tensor ``fqn`` in ``memory_format`` (``"channels_last"``, ``"channels_last_3d"``): the same values and
+        the same Parameter object (hooks, ties and optimizers that hold it keep it), other strides. ``load``
+        applies it again after reading the weights, which a file stores contiguous."""
+        tensor = self.tensor(fqn)
+        _apply_layout(tensor, memory_format)
+        self._log("set_layout", fqn, {"memory_format": memory_format})
+
     def set_attr(self, fqn: str, name: str, value: Any) -> None:
         """Set a plain attribute (e.g. ``in_features``, ``num_heads``) on submodule ``fqn``."""
         try:
@@ -320,6 +328,23 @@ def _set_config(root: nn.Module, key: str, value: Any) -> None:
             setattr(config, key, value)
 
 
+#: the memory formats ``set_layout`` stores tensors in, by name (and the tensor rank each applies to)
+LAYOUTS = {"channels_last": (torch.channels_last, 4), "channels_last_3d": (torch.channels_last_3d, 5)}
+
+
+def _apply_layout(tensor: torch.Tensor, memory_format: str) -> None:
+    if memory_format not in LAYOUTS:
+        raise EditError(f"unknown memory format {memory_format!r}; one of {', '.join(LAYOUTS)}")
+    fmt, rank = LAYOUTS[memory_format]
+    if tensor.dim() != rank:
+        raise EditError(f"{memory_format} is for {rank}-D tensors, this one has shape {list(tensor.shape)}")
+    # contiguous(memory_format=) keeps a tensor whose size-1 dims make it both layouts (a 1x1 or a depthwise
+    # kernel); oneDNN reads the strides, so write the canonical channels-last ones
+    laid = torch.empty_like(tensor.data, memory_format=fmt)
+    if laid.stride() != tensor.stride():
+        tensor.data = laid.copy_(tensor.data)
+
+
 def _remove_items(items: nn.ModuleList, drop: list[int]) -> list[nn.Module]:
     removed = [items[i] for i in drop]
     kept = [m for i, m in enumerate(items) if i not in set(drop)]
@@ -374,6 +399,13 @@ def _replay_one(root: nn.Module, edit: Edit) -> None:
             owner._buffers.pop(name, None)
             owner._non_persistent_buffers_set.discard(name)
             owner._parameters[name] = nn.Parameter(value, requires_grad=grad)
+    elif edit.op == "set_layout":
+        owner_name, name = _split(edit.target)
+        owner = _get_submodule(root, owner_name) if owner_name else root
+        tensor = owner._parameters.get(name, owner._buffers.get(name))
+        if tensor is None:
+            raise EditError(f"{edit.target!r} is neither a parameter nor a buffer")
+        _apply_layout(tensor, str(data.get("memory_format")))
     elif edit.op == "tie":  # ``target`` names the same tensor as ``data["to"]`` (tied weights)
         src_owner, src_name = _split(data["to"])
         src = _get_submodule(root, src_owner) if src_owner else root

@@ -1,7 +1,7 @@
 """``optimize(model, inputs, goal=...)``'s search: the best pipeline of the declared space for a goal.
 
 1. **One change at a time.** Every choice of every slot (:mod:`.space`) is built and measured on its own,
-   mildest first; a choice that misses the quality floor alone ends its pass's stronger choices of the same
+   breadth first (the mildest choice of every family, then the next of each); a choice that misses the quality floor alone ends its pass's stronger choices of the same
    :func:`family` (a stronger cut of the same kind loses more: the assumption behind the floor's pruning,
    said in the result).
 2. **Every combination, predicted.** Each combination of the single changes that met the floor is estimated
@@ -348,36 +348,50 @@ class Search:
         return [self.combos[p.pipeline] for p in out]
 
     def _singles(self, progress: Progress) -> dict[int, Point]:
+        """Measure every choice on its own, breadth first: the mildest choice of every family of every slot, then
+        the second of each, and so on, so that a search stopped by ``max_time`` has tried every kind of change
+        at least once (SmolLM2's compiled decode reached only half of them slot by slot); then refine each slot."""
         singles: dict[int, Point] = {}
         measured: set[str] = set()  # labels of the choices measured
+        dropped: dict[tuple, str] = {}  # (slot, family) -> why its stronger choices are not measured
+        for at, choice in self._breadth_first():
+            kind = (at, family(choice))
+            if kind in dropped:
+                self.notes.append(f"{choice.label()} not measured: {dropped[kind]}")
+                progress.update()
+                continue
+            moot = choice.moot(self.evaluator.model)
+            same = without(choice, moot).label() if moot else ""
+            if same in measured:
+                self.notes.append(f"{choice.label()} not measured: on this model it is {same} "
+                                  f"({'; '.join(moot.values())})")
+                progress.update()
+                continue
+            measured.add(choice.label())
+            if self._out_of_time():
+                self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {choice.label()}")
+                return singles
+            point = self._measure((choice,), progress)
+            if choice.label() in point.unchanged:  # nothing to do on this model: no combination needs it
+                self.notes.append(f"{choice.label()} changed nothing on this model: left out of the combinations")
+                dropped[kind] = f"{choice.label()} changed nothing on this model"
+                continue
+            singles[id(choice)] = point
+            if not point.failed and not meets_floor(point, self.goal):
+                dropped[kind] = f"the milder {choice.label()} already misses the quality floor"
         for at, slot in enumerate(self.slots):
-            dropped: dict[tuple, str] = {}  # family -> why its stronger choices are not measured
-            for choice in slot.choices:
-                if family(choice) in dropped:
-                    self.notes.append(f"{choice.label()} not measured: {dropped[family(choice)]}")
-                    progress.update()
-                    continue
-                moot = choice.moot(self.evaluator.model)
-                same = without(choice, moot).label() if moot else ""
-                if same in measured:
-                    self.notes.append(f"{choice.label()} not measured: on this model it is {same} "
-                                      f"({'; '.join(moot.values())})")
-                    progress.update()
-                    continue
-                measured.add(choice.label())
-                if self._out_of_time():
-                    self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before {choice.label()}")
-                    return singles
-                point = self._measure((choice,), progress)
-                if choice.label() in point.unchanged:  # nothing to do on this model: no combination needs it
-                    self.notes.append(f"{choice.label()} changed nothing on this model: left out of the combinations")
-                    dropped[family(choice)] = f"{choice.label()} changed nothing on this model"
-                    continue
-                singles[id(choice)] = point
-                if not point.failed and not meets_floor(point, self.goal):
-                    dropped[family(choice)] = f"the milder {choice.label()} already misses the quality floor"
             self.slots[at] = self._refine(slot, singles, progress)
         return singles
+
+    def _breadth_first(self) -> list[tuple[int, Pass]]:
+        """(slot index, choice) pairs: each choice ranked by its place in its family (mildest 0), then slot order."""
+        order = []
+        for at, slot in enumerate(self.slots):
+            seen: Counter = Counter()
+            for pos, choice in enumerate(slot.choices):
+                order.append(((seen[family(choice)], at, pos), at, choice))
+                seen[family(choice)] += 1
+        return [(at, choice) for _, at, choice in sorted(order, key=lambda item: item[0])]
 
     def _refine(self, slot: Slot, singles: dict[int, Point], progress: Progress) -> Slot:
         """``slot`` with up to ``goal.refine`` choices per family measured by bisection between the family's last

@@ -51,6 +51,10 @@ def test_the_untampered_directory_loads(saved):
     (lambda m: m.update(aliases={"9.weight": "0.weight"}), r"the rebuilt model has no tensor '9.weight'"),
     (lambda m: m.update(nonpersistent_buffers=["0.running_mean"]), r"'0.running_mean' as a non-persistent buffer"),
     (lambda m: m.update(nonpersistent_buffers=[3]), r"non-persistent buffer"),
+    (lambda m: m["edits"].append({"op": "set_layout", "target": "0.weight", "data": {"memory_format": "nhwc"}}),
+     r"'memory_format' must be one of channels_last, channels_last_3d, got 'nhwc'"),
+    (lambda m: m["edits"].append({"op": "set_layout", "target": "0.weight", "data": {"memory_format": "channels_last"}}),
+     r"channels_last is for 4-D tensors, this one has shape \[4, 5\]"),
 ])
 def test_tampered_logs_are_refused(saved, change, match):
     _tamper(saved, change)

@@ -273,3 +273,23 @@ def test_a_choice_that_misses_the_floor_ends_only_the_stronger_choices_of_its_ow
     assert "jitter" in measured and "jitter(where='4',scale=0.0)" in measured  # another family: measured
     assert not any("scale=2.0" in p for p in measured)  # a stronger cut of the one that missed: not measured
     assert any("jitter(scale=2.0) not measured: the milder jitter already misses" in n for n in found.notes)
+
+
+def test_single_changes_are_measured_breadth_first_so_max_time_reaches_every_family(own_registry, monkeypatch):
+    from graphopt.search.search import Search
+
+    for name in ("alpha", "beta"):
+        @go.register_pass(name, tolerance=None, change=name, stage=30, choices=({"scale": 0.01}, {"scale": 0.02}))
+        def nudge(program, am, *, scale: float = 0.01):
+            """Add a little noise to the first layer's weight."""
+            w = program.module[0].weight
+            program.set_tensor("0.weight", w.detach() + scale * torch.randn_like(w))
+            return go.PassResult(modified=True)
+
+    model, x, calib, held_out = _mlp()
+    monkeypatch.setattr(Search, "_out_of_time", lambda self: len(self.points) >= 3)  # the original and two
+    found = go.optimize_for(model, x, "quality>=0.9,objective=size,passes=[alpha,beta]", eval_data=held_out,
+                            cache=False).search
+    built = [label(p) for p in found.points]
+    assert built == ["original", "alpha", "beta"]  # slot by slot it would be alpha twice, no beta
+    assert "stopped at max_time=1800 s before alpha(scale=0.02)" in found.notes
