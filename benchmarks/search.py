@@ -134,7 +134,8 @@ MODELS: dict[str, tuple[Callable[[argparse.Namespace], tuple[Any, Any, list, lis
     "minilm": (minilm, GOALS),
     "effnet-lite0": (effnet, ("quality>=0.98,speedup>=2,runtime=torch,batches=[1,32],threads=[2]",)),
     "smollm2": (smollm2, ("ppl<=1.05,objective=size,heal=1,max_time=1500",
-                          "ppl<=1.05,objective=speedup,decode=16,batches=[1],threads=[2],heal=0,max_time=1500")),
+                          "ppl<=1.05,objective=speedup,decode=16,compile=true,batches=[1],threads=[2],heal=0,"
+                          "max_time=1500")),
 }
 
 

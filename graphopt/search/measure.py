@@ -15,6 +15,7 @@ so an interrupted search resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +60,7 @@ class Point:
     error: str = ""
     predicted: bool = False
     unchanged: list[str] = field(default_factory=list)  # its passes that changed nothing on this model
+    untimed: str = ""  # why its speed was not timed (a goal that times)
 
     @property
     def speedup(self) -> float | None:
@@ -78,7 +80,9 @@ class Point:
             missed.append(f"quality {_fmt(self.quality)} < {goal.quality:g}")
         if goal.ppl is not None and (self.ppl is None or self.ppl > goal.ppl):
             missed.append(f"ppl ratio {_fmt(self.ppl)} > {goal.ppl:g}")
-        if goal.speedup is not None and (self.speedup is None or self.speedup < goal.speedup):
+        if goal.speedup is not None and self.speedup is None and self.untimed:
+            missed.append(f"speed-up not timed: {self.untimed}")
+        elif goal.speedup is not None and (self.speedup is None or self.speedup < goal.speedup):
             missed.append(f"speed-up {_fmt(self.speedup)} < {goal.speedup:g}")
         if goal.size is not None and self.size > goal.size:
             missed.append(f"size {self.size:.3f} > {goal.size:g}")
@@ -105,6 +109,15 @@ class Point:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Point:
         return cls(**data)
+
+
+def meets_floor(p: Point, goal: Goal) -> bool:
+    """Quality and perplexity within the goal (the constraints a further change can only make worse)."""
+    if p.failed:
+        return False
+    if goal.quality is not None and (p.quality is None or p.quality < goal.quality):
+        return False
+    return not (goal.ppl is not None and (p.ppl is None or p.ppl > goal.ppl))
 
 
 def metric_of_original(metric: Metric, model: nn.Module) -> float:
@@ -215,12 +228,19 @@ def _threads(n: int) -> Iterator[None]:
 
 
 class Evaluator:
-    """Builds and measures candidates against ``model`` (never changed), caching every point."""
+    """Builds and measures candidates against ``model`` (never changed), caching every point.
+
+    A candidate that misses the quality floor is timed only when ``repairable(pipeline)`` says a repair
+    (``heal``) may lift it over the floor, which the search decides by its speed: otherwise its speed changes
+    nothing the search does, and timing it costs as much as building it (a compiled candidate compiles first).
+    """
 
     def __init__(self, model: nn.Module, inputs: ExampleInputs, goal: Goal, build: Build, cache: PointCache,
                  eval_data: list[ExampleInputs], repeat: int = 10, seconds: float = 2.0,
-                 metric: Metric | None = None, base_metric: float | None = None) -> None:
+                 metric: Metric | None = None, base_metric: float | None = None,
+                 repairable: Callable[[Pipeline], bool] = lambda _: True) -> None:
         self.model, self.inputs, self.goal, self.build, self.cache = model, inputs, goal, build, cache
+        self.repairable = repairable
         self.repeat, self.seconds = repeat, seconds  # timing rounds per setting: at least, and seconds to aim for
         self.metric, self._base_metric = metric, base_metric  # the user's figure, and its value on the original
         self.eval_data = eval_data or ([] if metric is not None else [inputs])
@@ -239,8 +259,8 @@ class Evaluator:
         """The point of ``pipeline`` from the cache, else built and measured now (a failure is a point too)."""
         text = str(pipeline)
         cached = self.cache.get(text)
-        if cached is not None and (cached.failed or cached.speedups or not self.goal.needs_latency):
-            return cached  # (a point cached by a goal that timed nothing is measured again when this one times)
+        if cached is not None and (cached.failed or cached.speedups or not self._times(cached, pipeline)):
+            return cached  # (a point cached untimed is measured again when this goal times it)
         start = time.perf_counter()
         point = Point(text)
         try:
@@ -249,7 +269,7 @@ class Evaluator:
                 failed = result.report.failed[0]
                 point.error = f"{failed.text} was rolled back: {failed.reason}"
             else:
-                self._figures(point, result)
+                self._figures(point, result, pipeline)
         except Exception as e:  # noqa: BLE001 - a candidate that cannot be built or timed is a failed point, said
             point.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             log.info("search: %s failed: %s", text, point.error)
@@ -257,13 +277,13 @@ class Evaluator:
         self.cache.put(point)
         return point
 
-    def _figures(self, point: Point, result: Any) -> None:
+    def _figures(self, point: Point, result: Any, pipeline: Pipeline) -> None:
         point.unchanged = [r.text for r in result.report.passes if r.status == "unchanged"]
         changed = tuple(r.text for r in result.report.passes if r.status != "unchanged")
         same = self._built.get(changed)
         if same is not None:  # its other passes changed nothing: the model is one measured before
             point.quality, point.quality_name, point.ppl = same.quality, same.quality_name, same.ppl
-            point.size, point.speedups = same.size, dict(same.speedups)
+            point.size, point.speedups, point.untimed = same.size, dict(same.speedups), same.untimed
             return
         wanted = self.metric is None or self.goal.ppl is not None  # (with a metric, only ppl is read from it)
         figure = self._quality(result.model) if self.eval_data and wanted else None
@@ -272,9 +292,16 @@ class Evaluator:
         if self.metric is not None:
             point.quality, point.quality_name = self._metric(result.model), f"{_name(self.metric)} / original"
         point.size = count_weight_bytes(result.model) / self.base_bytes
-        if self.goal.needs_latency:
+        if self._times(point, pipeline):
             point.speedups = self._speedups(result.model)
+        elif self.goal.needs_latency:
+            point.untimed = "it misses the quality floor, and no repair is tried on it"
         self._built[changed] = point
+
+    def _times(self, point: Point, pipeline: Pipeline) -> bool:
+        """Whether this goal times ``point``: it times at all, and the point meets the quality floor or may be
+        repaired."""
+        return self.goal.needs_latency and (meets_floor(point, self.goal) or self.repairable(pipeline))
 
     def _quality(self, candidate: nn.Module) -> Quality | None:
         """The report's figure (:mod:`graphopt.infra.quality`) on the held-out batches: measured here once per
@@ -292,15 +319,44 @@ class Evaluator:
             return _as_figure(self.metric(candidate), "a candidate") / self._base_metric
 
     def _speedups(self, candidate: nn.Module) -> dict[str, float]:
-        out = {}
-        runs = self._runners(candidate)
-        for (batch, threads), run in runs.items():
-            pair = [self._base_runs[(batch, threads)], run]
+        return self._timed_together([self._runners(candidate)])[0]
+
+    def _timed_together(self, runs: list[dict[tuple[int, int], Callable[[], None]]]) -> list[dict[str, float]]:
+        """The speed-ups of each candidate's runners: at each setting the original and every candidate in turns."""
+        out: list[dict[str, float]] = [{} for _ in runs]
+        decode = ("compiled, " if self.goal.compile else "") + (f"decode {self.goal.decode}, " if self.goal.decode
+                                                                else "")
+        for batch, threads in self.settings:
+            group = [self._base_runs[(batch, threads)], *(r[(batch, threads)] for r in runs)]
             with _threads(threads), torch.no_grad():
-                base, new = interleaved_medians(pair, self._rounds(pair), warmup=2)
-            decode = ("compiled, " if self.goal.compile else "") + (f"decode {self.goal.decode}, "
-                                                                    if self.goal.decode else "")
-            out[f"{decode}batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
+                base, *times = interleaved_medians(group, self._rounds(group), warmup=2)
+            for figures, new in zip(out, times):
+                figures[f"{decode}batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
+        return out
+
+    def retime(self, points: list[tuple[Point, Pipeline]]) -> list[Point]:
+        """``points`` rebuilt from their pipelines and timed again, together: the original and every one of them
+        in turns at each setting, so that their ranking is one measurement's (on 2 cores a call of a few
+        milliseconds moves by 10-30% from one run to the next). Returns the points with the new speed-ups,
+        cached; a point that no longer builds is left out."""
+        built: list[tuple[Point, tuple[str, ...]]] = []
+        runs: dict[tuple[str, ...], dict[tuple[int, int], Callable[[], None]]] = {}
+        for i, (point, pipeline) in enumerate(points):
+            try:
+                result = self.build(pipeline)
+            except Exception as e:  # noqa: BLE001 - said, and the point keeps its first timing
+                log.warning("search: %s did not build again to be re-timed: %s", point.pipeline, e)
+                continue
+            if not result.ok:
+                continue
+            changed = tuple(r.text for r in result.report.passes if r.status != "unchanged")
+            built.append((point, changed))
+            if changed not in runs:  # (a point whose own passes changed nothing is a model timed here already)
+                runs[changed] = self._runners(result.model, f"confirm{i}")
+        figures = dict(zip(runs, self._timed_together(list(runs.values())))) if runs else {}
+        out = [dataclasses.replace(p, speedups=dict(figures[changed])) for p, changed in built]
+        for point in out:
+            self.cache.put(point)
         return out
 
     def _rounds(self, pair: list[Callable[[], None]]) -> int:
@@ -312,14 +368,14 @@ class Evaluator:
         once = max(time.perf_counter() - start, 1e-6)
         return int(min(200, max(self.repeat, self.seconds / once)))
 
-    def _runners(self, candidate: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
+    def _runners(self, candidate: nn.Module, name: str = "candidate") -> dict[tuple[int, int], Callable[[], None]]:
         if self.goal.runtime == "torch":
             if not self._base_runs:
                 self._base_runs = self._torch_runs(self.model)
             return self._torch_runs(candidate)
         if not self._base_runs:
             self._base_runs = self._ort_runs(self.model, "original")
-        return self._ort_runs(candidate, "candidate")
+        return self._ort_runs(candidate, name)
 
     def _torch_runs(self, module: nn.Module) -> dict[tuple[int, int], Callable[[], None]]:
         n, compiled = self.goal.decode, self.goal.compile

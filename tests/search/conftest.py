@@ -3,6 +3,7 @@
 import pytest
 
 from graphopt.infra import registry
+from graphopt.search.measure import Evaluator
 
 
 @pytest.fixture(autouse=True)
@@ -13,5 +14,13 @@ def own_search_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def own_registry(monkeypatch):
-    """Passes registered by a test stay in that test."""
+    """Passes registered by a test stay in that test (the built-in ones loaded first, into the shared registry)."""
+    registry.load_builtin_passes()
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+@pytest.fixture(autouse=True)
+def quick_timing(monkeypatch):
+    """The fewest timing rounds (``Evaluator.repeat``) instead of about 2 seconds a setting: the tests' models
+    time sleeps or microsecond matmuls, whose medians settle in ten rounds."""
+    monkeypatch.setattr(Evaluator, "_rounds", lambda self, group: self.repeat)

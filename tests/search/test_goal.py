@@ -33,8 +33,8 @@ def test_goal_text_round_trips_and_parses_lists():
     ("quality>=0.9,objective=quality", "drop one"),
     ("quality>=0.9,runtime=tensorrt", "choose torch or onnxruntime"),
     ("quality>=0.9,batches=[0]", "batch sizes >= 1"),
-    ("quality>=0.9,heal=-1", "trials, heal and refine >= 0"),
-    ("quality>=0.9,refine=-1", "trials, heal and refine >= 0"),
+    ("quality>=0.9,heal=-1", "trials, heal, refine and confirm >= 0"),
+    ("quality>=0.9,refine=-1", "trials, heal, refine and confirm >= 0"),
     ("", "an empty goal"),
     ("fast please", "write name>=value"),
 ])
@@ -136,7 +136,8 @@ def test_a_compiled_decode_goal_times_compiled_decoding_of_the_examples_prompt(m
 
     monkeypatch.setattr(measure, "compiled_decoder", decoder)
     monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("generate() was timed"))
-    goal = "ppl<=100,objective=speedup,decode=3,compile=true,passes=[drop_blocks],batches=[1],threads=[1],heal=0"
+    goal = ("ppl<=100,objective=speedup,decode=3,compile=true,passes=[drop_blocks],batches=[1],threads=[1],heal=0,"
+            "confirm=0")
     res = go.optimize_for(model, inputs, goal, calib=[inputs] * 2, eval_data=[inputs], cache=False)
     points = [p for p in res.search.points if not p.failed]
     assert len(points) == 2 and all(set(p.speedups) == {"compiled, decode 3, batch 1, 1 thread"} for p in points)

@@ -182,7 +182,7 @@ def test_a_speedup_goal_that_costs_too_much_quality_says_which_constraint_binds(
     assert str(res.pipeline) == "default" or str(res.pipeline) == "remove_dropout,fold_bn"
     assert any("optimize(goal=...): no measured point meets" in n for n in res.report.notes)
     noisy = next(p for p in found.points if p.pipeline.endswith("wake(n=2)"))
-    assert noisy.quality < 0.99 and noisy.speedup > 3  # fast enough, but not good enough
+    assert noisy.quality < 0.99 and noisy.speedups == {}  # not good enough; no repair searched: not timed
 
 
 def test_registering_choices_that_are_not_options_fails_at_registration(own_registry):
@@ -293,3 +293,24 @@ def test_single_changes_are_measured_breadth_first_so_max_time_reaches_every_fam
     built = [label(p) for p in found.points]
     assert built == ["original", "alpha", "beta"]  # slot by slot it would be alpha twice, no beta
     assert "stopped at max_time=1800 s before alpha(scale=0.02)" in found.notes
+
+
+def test_a_candidate_under_the_floor_is_timed_only_when_a_repair_may_lift_it(own_registry, tmp_path):
+    _register_wake(scale_noise=True)
+
+    @go.register_pass("mend", tolerance=None, stage=80, repairs=True)
+    def mend(program, am):
+        """A repair that finds nothing to mend."""
+        return go.PassResult(modified=False)
+
+    model = _sleepy_model()
+    x, held_out = torch.randn(2, 16), [torch.randn(4, 16)]
+    goal = "quality>=0.99,speedup>=3,passes=[wake,mend],batches=[1],threads=[1],heal={}"
+    found = go.optimize_for(model, x, goal.format(0), eval_data=held_out, cache=tmp_path).search
+    noisy = next(p for p in found.points if p.pipeline.endswith("wake(n=2)"))
+    assert noisy.quality < 0.99 and noisy.speedups == {}  # nothing would repair it: its speed changes nothing
+    assert "speed-up not timed: it misses the quality floor, and no repair is tried on it" in noisy.meets(found.goal)
+    assert next(p for p in found.points if p.pipeline.endswith(",wake")).speedup > 1.5  # meets the floor: timed
+    again = go.optimize_for(model, x, goal.format(1), eval_data=held_out, cache=tmp_path).search
+    noisy = next(p for p in again.points if p.pipeline.endswith("wake(n=2)"))
+    assert noisy.speedup > 3 and not noisy.untimed  # a repair may lift it, if it is fast enough: timed now
