@@ -1,9 +1,9 @@
 """``optimize(model, inputs, goal=...)``'s search: the best pipeline of the declared space for a goal.
 
 1. **One change at a time.** Every choice of every slot (:mod:`.space`) is built and measured on its own,
-   breadth first (the mildest choice of every family, then the next of each); a choice that misses the quality floor alone ends its pass's stronger choices of the same
-   :func:`family` (a stronger cut of the same kind loses more: the assumption behind the floor's pruning,
-   said in the result).
+   breadth first (the mildest choice of every family, then the next of each); a choice that misses the
+   quality floor alone ends its pass's stronger choices of the same :func:`family` (a stronger cut of the
+   same kind loses more: the assumption behind the floor's pruning, said in the result).
 2. **Every combination, predicted.** Each combination of the single changes that met the floor is estimated
    from them: speed-ups and size ratios multiply, quality losses (``1 - figure``) add, perplexity ratios
    multiply. The space is a product of a few slots with a few choices each (hundreds of combinations), so it
