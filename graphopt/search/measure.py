@@ -120,6 +120,11 @@ def meets_floor(p: Point, goal: Goal) -> bool:
     return not (goal.ppl is not None and (p.ppl is None or p.ppl > goal.ppl))
 
 
+def _changed(result: Any) -> tuple[str, ...]:
+    """The passes of a build that changed the model: builds with the same ones made the same model."""
+    return tuple(r.text for r in result.report.passes if r.status != "unchanged")
+
+
 def metric_of_original(metric: Metric, model: nn.Module) -> float:
     """``metric(model)``, checked: a finite positive float (candidates are compared by their ratio to it)."""
     if not callable(metric):
@@ -279,7 +284,7 @@ class Evaluator:
 
     def _figures(self, point: Point, result: Any, pipeline: Pipeline) -> None:
         point.unchanged = [r.text for r in result.report.passes if r.status == "unchanged"]
-        changed = tuple(r.text for r in result.report.passes if r.status != "unchanged")
+        changed = _changed(result)
         same = self._built.get(changed)
         if same is not None:  # its other passes changed nothing: the model is one measured before
             point.quality, point.quality_name, point.ppl = same.quality, same.quality_name, same.ppl
@@ -349,7 +354,7 @@ class Evaluator:
                 continue
             if not result.ok:
                 continue
-            changed = tuple(r.text for r in result.report.passes if r.status != "unchanged")
+            changed = _changed(result)
             built.append((point, changed))
             if changed not in runs:  # (a point whose own passes changed nothing is a model timed here already)
                 runs[changed] = self._runners(result.model, f"confirm{i}")
