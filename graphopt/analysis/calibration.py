@@ -10,17 +10,25 @@ as all of them have been seen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..frontend.inputs import as_example_inputs
+from .distributed import all_reduce_sum, my_share, rank_and_world
 from .hooked import Stop, run_hooked
 
 
 class Accumulator(Protocol):
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None: ...
+
+
+@runtime_checkable
+class Reducible(Protocol):
+    """An accumulator whose statistic is a sum: it can be gathered over processes (:mod:`.distributed`)."""
+
+    def reduce(self) -> None: ...
 
 
 Acc = TypeVar("Acc", bound=Accumulator)
@@ -43,6 +51,12 @@ class GramAccumulator:
         self.gram += rows.T @ rows
         self.total += rows.sum(dim=0)
         self.rows += rows.shape[0]
+
+    def reduce(self) -> None:
+        """The sums over every process's batches, in every process (nothing in one process)."""
+        rows = torch.tensor([self.rows], dtype=torch.float64)
+        all_reduce_sum(self.gram, self.total, rows)
+        self.rows = int(rows.item())
 
     def mean(self) -> torch.Tensor:
         """``XᵀX / rows`` (the GPTQ Hessian up to a factor 2)."""
@@ -67,8 +81,17 @@ def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: I
     each batch's padding mask (default: each batch's ``attention_mask``). The model runs without
     autograd; each forward stops once all ``layers`` have been called, so only the part of the model
     up to them runs.
+
+    Under ``torch.distributed`` (:mod:`.distributed`), accumulators that are sums (``reduce()``) are fed this
+    process's share of the batches and reduced over the processes; others see every batch in every process.
     """
     grams = {name: accumulator(_in_features(m)) for name, m in layers.items()}
+    batches = list(batches)
+    split = bool(grams) and all(isinstance(g, Reducible) for g in grams.values()) and rank_and_world()[1] > 1
+    if split:
+        indices = my_share(range(len(batches)))
+        batches = [batches[i] for i in indices]
+        masks = None if masks is None else [masks[i] for i in indices]
     seen: set[str] = set()
     mask: list[torch.Tensor | None] = [None]
 
@@ -88,6 +111,9 @@ def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: I
 
     run_hooked(model, batches, [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()],
                before=before)
+    if split:
+        for g in grams.values():
+            g.reduce()  # type: ignore[union-attr]
     return grams
 
 

@@ -4,7 +4,7 @@ Each config is the architecture's default apart from small sizes (and token ids 
 vocabulary): KV caches are on, as users hold these models. ``hf_model(name)`` returns
 ``(model, example_inputs)`` with random weights in eval mode; :data:`ZOO` holds the base models,
 :data:`TASK_ZOO` models with task heads (causal LM, seq2seq, classification, masked LM).
-``llama_7b_meta()`` builds a 7B-shaped Llama on the ``meta`` device (no memory for weights).
+``llama_meta()`` builds a 7B- or 405B-shaped Llama on the ``meta`` device (no memory for weights).
 """
 
 from __future__ import annotations
@@ -297,13 +297,27 @@ def hf_model(name: str, *, seed: int = 0, use_cache: bool | None = None, layers:
     return model.eval(), inputs
 
 
-def llama_7b_meta(num_layers: int = 32) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A Llama-2-7B-shaped LlamaModel on the meta device, with meta example inputs."""
+#: Llama shapes for the meta device: Llama-2-7B (MHA) and Llama-3.1-405B (GQA 128 / 8)
+LLAMA_SHAPES: dict[str, dict[str, int | float]] = {
+    "7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096},
+    "405b": {"vocab_size": 128256, "hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
+             "num_attention_heads": 128, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+             "rope_theta": 500000.0},
+}
+
+
+def llama_meta(shape: str = "7b", num_layers: int | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A LlamaModel of one of :data:`LLAMA_SHAPES` on the meta device (no memory for weights), with meta example
+    inputs; ``num_layers`` overrides the shape's layer count."""
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    if shape not in LLAMA_SHAPES:
+        raise KeyError(f"unknown Llama shape {shape!r}; choose from {', '.join(LLAMA_SHAPES)}")
+    sizes = dict(LLAMA_SHAPES[shape])
+    if num_layers is not None:
+        sizes["num_hidden_layers"] = num_layers
     with torch.device("meta"):
-        model = LlamaModel(cfg)
+        model = LlamaModel(LlamaConfig(**sizes))
     inputs = {"input_ids": torch.zeros(1, 128, dtype=torch.long, device="meta")}
     return model.eval(), inputs

@@ -35,6 +35,7 @@ from ..infra.metrics import count_weight_bytes
 from ..infra.pipeline import Pipeline
 from ..infra.quality import Quality, Summary, summarize, task_quality
 from ..timing import interleaved_medians
+from .costs import LayerCosts, LayerTimes
 from .goal import Goal, GoalError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Point:
     predicted: bool = False
     unchanged: list[str] = field(default_factory=list)  # its passes that changed nothing on this model
     untimed: str = ""  # why its speed was not timed (a goal that times)
+    ms: dict[str, float] = field(default_factory=dict)  # its own median milliseconds, per timed setting
+    layers: dict[str, LayerTimes] = field(default_factory=dict)  # per timed setting: its layers' table times
 
     @property
     def speedup(self) -> float | None:
@@ -255,8 +258,10 @@ class Evaluator:
         self._dir = tempfile.TemporaryDirectory(prefix="graphopt-search-") if goal.runtime == "onnxruntime" else None
         self._base_runs: dict[tuple[int, int], Callable[[], None]] = {}
         self._built: dict[tuple[str, ...], Point] = {}  # the passes that changed a build -> its point
+        self.costs = LayerCosts(goal.runtime, goal.decode, export_dir=Path(self._dir.name) if self._dir else None)
 
     def close(self) -> None:
+        self.costs.save()
         if self._dir is not None:
             self._dir.cleanup()
 
@@ -289,6 +294,7 @@ class Evaluator:
         if same is not None:  # its other passes changed nothing: the model is one measured before
             point.quality, point.quality_name, point.ppl = same.quality, same.quality_name, same.ppl
             point.size, point.speedups, point.untimed = same.size, dict(same.speedups), same.untimed
+            point.ms, point.layers = dict(same.ms), dict(same.layers)
             return
         wanted = self.metric is None or self.goal.ppl is not None  # (with a metric, only ppl is read from it)
         figure = self._quality(result.model) if self.eval_data and wanted else None
@@ -298,7 +304,8 @@ class Evaluator:
             point.quality, point.quality_name = self._metric(result.model), f"{_name(self.metric)} / original"
         point.size = count_weight_bytes(result.model) / self.base_bytes
         if self._times(point, pipeline):
-            point.speedups = self._speedups(result.model)
+            point.speedups, point.ms = self._timed(result.model)
+            point.layers = self._layer_times(result.model)
         elif self.goal.needs_latency:
             point.untimed = "it misses the quality floor, and no repair is tried on it"
         self._built[changed] = point
@@ -323,20 +330,32 @@ class Evaluator:
         with torch.no_grad():
             return _as_figure(self.metric(candidate), "a candidate") / self._base_metric
 
-    def _speedups(self, candidate: nn.Module) -> dict[str, float]:
+    def _timed(self, candidate: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+        """The candidate's speed-ups and own milliseconds at every setting."""
         return self._timed_together([self._runners(candidate)])[0]
 
-    def _timed_together(self, runs: list[dict[tuple[int, int], Callable[[], None]]]) -> list[dict[str, float]]:
-        """The speed-ups of each candidate's runners: at each setting the original and every candidate in turns."""
-        out: list[dict[str, float]] = [{} for _ in runs]
+    def _layer_times(self, candidate: nn.Module) -> dict[str, LayerTimes]:
+        """The candidate's layers costed from the latency table at every setting (:mod:`.costs`)."""
+        return {self._key(b, t): self.costs.profile(candidate, self.inputs.with_batch(b), t) for b, t in self.settings}
+
+    def _key(self, batch: int, threads: int) -> str:
+        """A timed setting's name in the points' figures."""
         decode = ("compiled, " if self.goal.compile else "") + (f"decode {self.goal.decode}, " if self.goal.decode
                                                                 else "")
+        return f"{decode}batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
+
+    def _timed_together(self, runs: list[dict[tuple[int, int], Callable[[], None]]]
+                        ) -> list[tuple[dict[str, float], dict[str, float]]]:
+        """Each candidate's speed-ups and own milliseconds: at each setting the original and every candidate in
+        turns."""
+        out: list[tuple[dict[str, float], dict[str, float]]] = [({}, {}) for _ in runs]
         for batch, threads in self.settings:
             group = [self._base_runs[(batch, threads)], *(r[(batch, threads)] for r in runs)]
             with _threads(threads), torch.no_grad():
                 base, *times = interleaved_medians(group, self._rounds(group), warmup=2)
-            for figures, new in zip(out, times):
-                figures[f"{decode}batch {batch}, {threads} thread{'s' if threads > 1 else ''}"] = base / new
+            for (speedups, ms), new in zip(out, times):
+                speedups[self._key(batch, threads)] = base / new
+                ms[self._key(batch, threads)] = 1e3 * new
         return out
 
     def retime(self, points: list[tuple[Point, Pipeline]]) -> list[Point]:
@@ -359,7 +378,8 @@ class Evaluator:
             if changed not in runs:  # (a point whose own passes changed nothing is a model timed here already)
                 runs[changed] = self._runners(result.model, f"confirm{i}")
         figures = dict(zip(runs, self._timed_together(list(runs.values())))) if runs else {}
-        out = [dataclasses.replace(p, speedups=dict(figures[changed])) for p, changed in built]
+        out = [dataclasses.replace(p, speedups=dict(figures[changed][0]), ms=dict(figures[changed][1]))
+               for p, changed in built]
         for point in out:
             self.cache.put(point)
         return out

@@ -5,12 +5,13 @@
    quality floor alone ends its pass's stronger choices of the same :func:`family` (a stronger cut of the
    same kind loses more: the assumption behind the floor's pruning, said in the result).
 2. **Every combination, predicted.** Each combination of the single changes that met the floor is estimated
-   from them: speed-ups and size ratios multiply, quality losses (``1 - figure``) add, perplexity ratios
-   multiply. The space is a product of a few slots with a few choices each (hundreds of combinations), so it
-   is enumerated exhaustively rather than sampled: no combination is left out, and the estimate of each costs
-   nothing. This is the knapsack of the issue solved by enumeration at pass level; the per-layer choices
-   (which layers get int4, which groups lose units) are made inside the passes (``budget_bits``, global
-   pruning), not by this search yet.
+   from them (:mod:`.predict`): quality losses (``1 - figure``) add, size and perplexity ratios multiply, and
+   the time is predicted layer by layer from the latency table on the goal's runtime (:mod:`.costs`; Amdahl's
+   law: two changes compound only on the layers both change). The space is a product of a few slots with a
+   few choices each (hundreds of combinations), so it is enumerated exhaustively rather than sampled: no
+   combination is left out, and the estimate of each costs nothing. This is the knapsack of the issue solved
+   by enumeration at pass level; the per-layer choices (which layers get int4, which groups lose units) are
+   made inside the passes (``budget_bits``, global pruning), not by this search yet.
 3. **The best predictions, measured.** The combinations predicted to meet the goal, best objective first,
    are built and measured end to end (``goal.trials`` of them, within ``goal.max_time``); the search never
    stops at the first that meets the goal, and the answer is always a measured point: predictions only decide
@@ -45,6 +46,7 @@ from ..infra.text import markdown_table
 from ..progress import Progress
 from .goal import Goal, GoalError
 from .measure import Evaluator, Point, meets_floor
+from .predict import predict, prediction_check
 from .space import Combination, Slot, Space, combinations, pipeline_of
 
 log = logging.getLogger(__name__)
@@ -218,25 +220,6 @@ def meets_budget(p: Point, goal: Goal) -> bool:
     return not (goal.size is not None and p.size > goal.size)
 
 
-def predict(combo: Combination, singles: dict[int, Point], base: Point) -> Point:
-    """A combination's figures from its single changes' (see the module docstring)."""
-    parts = [singles[id(p)] for p in combo]
-    point = Point(str(pipeline_of(combo)), predicted=True, quality_name=base.quality_name)
-    if all(s.quality is not None for s in parts):
-        point.quality = 1.0 - sum(1.0 - s.quality for s in parts)  # type: ignore[operator]
-    if all(s.ppl is not None for s in parts):
-        point.ppl = 1.0
-        for s in parts:
-            point.ppl *= s.ppl  # type: ignore[operator]
-    for s in parts:
-        point.size *= s.size
-    for key in base.speedups:
-        point.speedups[key] = 1.0
-        for s in parts:
-            point.speedups[key] *= s.speedups.get(key, 1.0)
-    return point
-
-
 class Search:
     """One search: the evaluator that builds and measures, the slots, the goal and its clock."""
 
@@ -274,14 +257,19 @@ class Search:
                 raise GoalError(f"the original model (pipeline {base.pipeline!r}) could not be measured: {base.error}")
             singles = self._singles(progress)
             ranked = self._ranked(singles, base)
+            tried = []
             for measured, (combo, _) in enumerate(ranked[:self.goal.trials]):
                 if self._out_of_time():
                     self.notes.append(f"stopped at max_time={self.goal.max_time:g} s with {measured} of "
                                       f"{min(self.goal.trials, len(ranked))} combinations measured")
                     break
-                self._measure(combo, progress)
+                tried.append(self._measure(combo, progress))
             else:
                 self._repair(progress)
+            check = prediction_check(tried, {p.pipeline: p for _, p in ranked},
+                                     {str(pipeline_of(c)): [singles[id(x)] for x in c] for c, _ in ranked}, base)
+            if check:
+                self.notes.append(check)
             self._confirm()
         return self.points, len(ranked)
 

@@ -20,7 +20,7 @@ from graphopt.frontend.nodes import (
     param_nodes,
     tied_parameters,
 )
-from graphopt.helpers.zoo import ZOO, hf_model, llama_7b_meta
+from graphopt.helpers.zoo import ZOO, hf_model, llama_meta
 
 
 def _state(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
@@ -179,7 +179,7 @@ def test_unknown_capture_method():
 # --- meta device ---------------------------------------------------------------------------------
 
 def test_meta_llama_captures_without_weight_memory():
-    model, inputs = llama_7b_meta(num_layers=2)
+    model, inputs = llama_meta("7b", num_layers=2)
     assert all(p.device.type == "meta" for p in model.parameters())
     program = go.capture(model, inputs)
     ep = program.analyses.get("exported")
@@ -190,6 +190,19 @@ def test_meta_llama_captures_without_weight_memory():
     assert op_counts(ep)["aten.linear.default"] == 2 * 7
     assert all(p.device.type == "meta" for p in model.parameters())
     assert "on meta" in summarize(program)
+
+
+def test_meta_llama_405b_shape_captures_and_finds_its_groups():
+    model, inputs = llama_meta("405b", num_layers=2)
+    program = go.capture(model, inputs)
+    g = program.analyses.get("graph")
+    assert g.nodes["p_layers_1_self_attn_k_proj_weight"]["shape"] == (1024, 16384)  # 8 key/value heads of 128
+    assert g.nodes["p_layers_1_mlp_gate_proj_weight"]["shape"] == (53248, 16384)
+    groups = [str(grp) for grp in program.dependency_groups]
+    assert len(groups) == 2 * 2  # per layer: the attention's key/value head groups (q, k, v, o), the MLP's units
+    assert sum("8 kv-head groups x 128" in grp and "q_proj" in grp and "o_proj" in grp for grp in groups) == 2
+    assert sum("53248 channels" in grp for grp in groups) == 2
+    assert all(p.device.type == "meta" for p in model.parameters())
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphopt.helpers.zoo import ZOO, hf_model, llama_7b_meta
+from graphopt.helpers.zoo import ZOO, hf_model, llama_meta
 
 
 def test_unknown_name_lists_the_choices():
@@ -40,11 +40,22 @@ def test_zoo_models_are_tiny_in_eval_mode_with_matching_inputs():
         assert all(isinstance(v, torch.Tensor) for v in inputs.values()), name
 
 
-def test_llama_7b_meta_has_llama2_7b_shapes_and_no_storage():
-    model, inputs = llama_7b_meta(num_layers=1)
+def test_llama_meta_has_llama2_7b_shapes_and_no_storage():
+    model, inputs = llama_meta("7b", num_layers=1)
     hidden, inter, vocab = 4096, 11008, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     assert sum(p.numel() for p in model.parameters()) == vocab * hidden + per_layer + hidden
     assert per_layer * 32 + vocab * hidden + hidden == 6_607_343_616  # the 32-layer model (no LM head)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert inputs["input_ids"].device.type == "meta"
+
+
+def test_llama_meta_405b_has_llama3_405b_shapes_with_grouped_kv_heads():
+    model, _ = llama_meta("405b", num_layers=1)
+    hidden, inter, vocab, kv = 16384, 53248, 128256, 8 * 128
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+    assert sum(p.numel() for p in model.parameters()) == vocab * hidden + per_layer + hidden
+    assert per_layer * 126 + vocab * hidden + hidden == 403_752_042_496  # the 126-layer model (405.8B with its LM head)
+    assert model.layers[0].self_attn.k_proj.weight.shape == (kv, hidden)
+    with pytest.raises(KeyError, match="choose from 7b, 405b"):
+        llama_meta("70x")

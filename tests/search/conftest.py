@@ -3,6 +3,7 @@
 import pytest
 
 from graphopt.infra import registry
+from graphopt.infra.latency_table import LatencyTable
 from graphopt.search.measure import Evaluator
 
 
@@ -24,3 +25,5 @@ def quick_timing(monkeypatch):
     """The fewest timing rounds (``Evaluator.repeat``) instead of about 2 seconds a setting: the tests' models
     time sleeps or microsecond matmuls, whose medians settle in ten rounds."""
     monkeypatch.setattr(Evaluator, "_rounds", lambda self, group: self.repeat)
+    monkeypatch.setattr(LatencyTable, "repeat", 3)
+    monkeypatch.setattr(LatencyTable, "seconds", 0.0)

@@ -243,8 +243,8 @@ def test_a_candidate_whose_own_passes_changed_nothing_reuses_the_figures_of_the_
     from graphopt.search.measure import Evaluator
 
     timed = []
-    speedups = Evaluator._speedups
-    monkeypatch.setattr(Evaluator, "_speedups", lambda self, m: timed.append(m) or speedups(self, m))
+    timing = Evaluator._timed
+    monkeypatch.setattr(Evaluator, "_timed", lambda self, m: timed.append(m) or timing(self, m))
     model, x, calib, held_out = _mlp()
     found = go.optimize_for(model, x, "quality>=0.9,passes=[drop_blocks,quantize],batches=[1],threads=[1]",
                             calib=calib, eval_data=held_out, cache=False).search

@@ -5,7 +5,7 @@ is cut into consecutive segments; a segment's activations are removed and its la
 (:func:`.layer_math.merged_chain`). Zero padding moves to the segment's first layer, as LayerMerge
 does, so the merged layer differs from the linearised chain only at the border, which its importance
 counts. Each segment has a cost, the measured latency of its merged layer plus the activation kept
-after it (:class:`.latency_table.LatencyTable`; or its multiply-adds, :class:`.latency_table.MacsCost`),
+after it (:class:`graphopt.infra.latency_table.LatencyTable`; or its multiply-adds, :class:`.macs_cost.MacsCost`),
 and an importance, the normalised output error of the model with only that segment merged, on
 calibration data. A dynamic program over the chains, with latency in buckets of 1/400 of the model's,
 picks the segments of least total importance whose predicted model latency (the table's sum plus the
@@ -25,12 +25,13 @@ from torch import nn
 
 from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
 from graphopt.infra.contract import PassResult
+from graphopt.infra.latency_table import LatencyTable
 from graphopt.infra.metrics import measure_latency
 from graphopt.infra.program import Program, swapped_modules
 
-from .latency_table import LatencyTable, MacsCost
 from .layer_math import merged_chain
 from .links import GraphLinks
+from .macs_cost import MacsCost
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
    through Layer Pruning and Merging"). Chains of layers joined by activation modules are cut into
    segments; the activations inside a segment are removed and its layers merged. A dynamic program
    picks the segments whose predicted latency (a table of layers measured on this device,
-   :mod:`.latency_table`) meets ``latency`` x the model's measured latency with the least
+   :mod:`graphopt.infra.latency_table`) meets ``latency`` x the model's measured latency with the least
    importance lost (each segment's output error on calibration data, measured alone).
 
 Every layer pair left alone gets a diagnostic with the reason.

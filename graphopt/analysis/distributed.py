@@ -1,0 +1,44 @@
+"""Calibration spread over processes with ``torch.distributed`` (``torchrun``: gloo on CPU, NCCL on GPU).
+
+When a process group is initialised, each process runs its share of the calibration batches (every
+``world``-th, from its rank) and statistics that are sums are all-reduced, so every process ends with the
+statistic of all the batches and makes the same decisions: the same GPTQ codes, the same refits. With no
+process group (the default), the share is every batch and a reduction does nothing. Nothing here starts or
+ends a process group: ``torchrun`` and the caller do (``torch.distributed.init_process_group``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """The items this process handles: every ``world``-th from its rank (all of them in one process)."""
+    rank, world = rank_and_world()
+    return list(items[rank::world])
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the processes, in place (nothing in one process). CPU tensors travel on gloo; a
+    backend that needs them on the GPU (NCCL) gets them there and back."""
+    if rank_and_world()[1] == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for t in tensors:
+        moved = t.to(device) if device is not None else t
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        if moved is not t:
+            t.copy_(moved)
