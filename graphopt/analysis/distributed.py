@@ -2,14 +2,16 @@
 
 When a process group is initialised, each process runs its share of the calibration batches (every
 ``world``-th, from its rank) and statistics that are sums are all-reduced, so every process ends with the
-statistic of all the batches and makes the same decisions: the same GPTQ codes, the same refits. With no
+statistic of all the batches and makes the same decisions: the same GPTQ codes, the same refits. Work whose
+results every process needs, and that splits by item (GPTQ's layers), is computed by one owner per item and
+sent to the others. With no
 process group (the default), the share is every batch and a reduction does nothing. Nothing here starts or
 ends a process group: ``torchrun`` and the caller do (``torch.distributed.init_process_group``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -42,3 +44,30 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
         if moved is not t:
             t.copy_(moved)
+
+
+def owners(costs: Sequence[float]) -> list[int]:
+    """The rank that computes each item: the costliest first, each to the least loaded rank (every process
+    computes the same assignment; all rank 0 in one process)."""
+    world = rank_and_world()[1]
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += costs[i]
+    return owner
+
+
+def computed_by_owners(costs: Sequence[float], compute: Callable[[int], T]) -> list[T]:
+    """``[compute(i) for i in range(len(costs))]``, each item computed by one process (:func:`owners`) and sent
+    to the others (``broadcast_object_list``): weight-parallel work whose results every process needs."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [compute(i) for i in range(len(costs))]
+    owner = owners(costs)
+    out: list[T] = []
+    for i, who in enumerate(owner):
+        box = [compute(i) if who == rank else None]
+        dist.broadcast_object_list(box, src=who)
+        out.append(box[0])  # type: ignore[arg-type]
+    return out

@@ -1,5 +1,5 @@
-"""Calibration under torch.distributed: two gloo processes on this machine, each with half the batches, end with
-the statistics and the GPTQ codes of one process with all of them."""
+"""Calibration under torch.distributed: two gloo processes on this machine, each with its share of the batches and
+of GPTQ's layers, end with the statistics and the GPTQ codes of one process with all of them."""
 
 import time
 
@@ -10,29 +10,48 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import graphopt as go
+from graphopt.analysis import distributed
 from graphopt.analysis.calibration import GramAccumulator, layer_input_stats
-from graphopt.analysis.distributed import my_share, rank_and_world
+from graphopt.analysis.distributed import my_share, owners, rank_and_world
+from graphopt.passes.quantize import algorithms
 
 
-def _mlp() -> tuple[nn.Module, list[torch.Tensor]]:
+class _TwoReaders(nn.Module):
+    """Two layers that read one input (one GPTQ group, shared out over the processes), then a third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(32, 64), nn.Linear(32, 48), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.a(x)) + torch.relu(self.b(x)).sum(-1, keepdim=True))
+
+
+def _model() -> tuple[nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
     g = torch.Generator().manual_seed(1)
-    return model, [torch.randn(8, 32, generator=g) for _ in range(5)]  # (5: the shares are 3 and 2 batches)
+    return _TwoReaders().eval(), [torch.randn(8, 32, generator=g) for _ in range(5)]  # (shares: 3 and 2 batches)
 
 
 def _calibrate() -> dict[str, torch.Tensor]:
-    """What the test compares: the Gram statistics of both layers and the GPTQ codes of a quantized copy."""
-    model, batches = _mlp()
+    """What the test compares: the Gram statistics of the layers, the GPTQ codes of a quantized copy, and the
+    batches and GPTQ solves this process ran."""
+    model, batches = _model()
     seen = []
-    handle = model[0].register_forward_hook(lambda *_: seen.append(1))
-    grams = layer_input_stats(model, {"0": model[0], "2": model[2]}, batches, GramAccumulator)
+    handle = model.a.register_forward_hook(lambda *_: seen.append(1))
+    grams = layer_input_stats(model, {"a": model.a, "out": model.out}, batches, GramAccumulator)
     handle.remove()
-    res = go.optimize(model, batches[0], "quantize(scheme=int4,method=gptq)", calib=batches, measure=False,
-                      on_error="raise")
-    return {"gram0": grams["0"].gram, "gram2": grams["2"].gram, "rows": torch.tensor(grams["2"].rows),
-            "batches_run": torch.tensor(len(seen)),
-            "codes0": res.model[0].qweight, "codes2": res.model[2].qweight}
+    solves = []
+    solve = algorithms.gptq_quantize
+    algorithms.gptq_quantize = lambda *a, **k: solves.append(a[0].shape) or solve(*a, **k)
+    try:
+        res = go.optimize(model, batches[0], "quantize(scheme=int4,method=gptq)", calib=batches, measure=False,
+                          on_error="raise")
+    finally:
+        algorithms.gptq_quantize = solve
+    return {"gram_a": grams["a"].gram, "gram_out": grams["out"].gram, "rows": torch.tensor(grams["out"].rows),
+            "batches_run": torch.tensor(len(seen)), "solved": torch.tensor([s[0] for s in solves]),
+            **{f"codes_{n}": getattr(res.model, n).qweight for n in ("a", "b", "out")}}
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
@@ -55,12 +74,22 @@ def test_two_gloo_processes_calibrate_as_one_process_does(tmp_path):
                 p.kill()
             pytest.fail("the two calibration processes did not finish in 120 s")
     alone = _calibrate()
-    assert int(alone["batches_run"]) == 5
-    for rank, share in enumerate((3, 2)):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    assert int(alone["batches_run"]) == 5 and sorted(alone["solved"].tolist()) == [32, 48, 64]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    # each layer solved by one process: the group (a: 64 rows, b: 48) split, the costlier out and a apart
+    assert sorted(ranks[0]["solved"].tolist() + ranks[1]["solved"].tolist()) == [32, 48, 64]
+    assert all(len(got["solved"]) < 3 for got in ranks)
+    for got, share in zip(ranks, (3, 2)):
         assert int(got["batches_run"]) == share  # each process ran its share of the batches only
         assert int(got["rows"]) == int(alone["rows"]) == 40  # every batch's rows, in each process
-        for key in ("gram0", "gram2"):
+        for key in ("gram_a", "gram_out"):
             torch.testing.assert_close(got[key], alone[key], rtol=1e-12, atol=1e-9)
-        for key in ("codes0", "codes2"):
-            assert torch.equal(got[key], alone[key]), f"{key} differs in rank {rank}"
+        for key in ("codes_a", "codes_b", "codes_out"):
+            assert torch.equal(got[key], alone[key]), key
+
+
+def test_owners_share_the_costliest_items_first_and_one_process_owns_all(monkeypatch):
+    assert owners([5.0, 1.0, 4.0]) == [0, 0, 0]
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+    assert owners([5.0, 1.0, 4.0]) == [0, 1, 1]  # 5 to rank 0, 4 to rank 1, then 1 to the less loaded rank 1
+    assert owners([1.0, 1.0, 1.0, 1.0]) == [0, 1, 0, 1]

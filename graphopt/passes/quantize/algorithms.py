@@ -21,6 +21,7 @@ import torch
 
 from graphopt.analysis.calibration import GramAccumulator
 from graphopt.analysis.diagnostics import Diagnostic
+from graphopt.analysis.distributed import computed_by_owners
 from graphopt.nn.quant import W8A8_QMAX, quantize_weight
 
 from .gptq import gptq_quantize
@@ -118,19 +119,25 @@ class Gptq(QuantAlgorithm):
         return GramAccumulator(features)
 
     def apply(self, group: LayerGroup) -> list[Diagnostic]:
-        notes, codes = [], []
-        for name, w, plan, gram, s in zip(group.names, group.weights, group.plans, group.stats, group.smooth):
+        """Each layer of the group rounded with its Hessian; under ``torch.distributed`` the group's layers are
+        shared out over the processes (the costliest first: ``in² x out``) and their codes sent to all."""
+        notes = []
+        for name, gram in zip(group.names, group.stats):
             dead = int((torch.diagonal(gram.gram) == 0).sum())
             if dead:
                 notes.append(Diagnostic(name, f"{dead} input feature(s) were zero in every calibration batch: their "
                                               "weight columns are rounded to nearest (GPTQ has no data for them)",
                                         "warning"))
+
+        def solve(i: int) -> Codes:
+            w, plan, gram, s = group.weights[i], group.plans[i], group.stats[i], group.smooth[i]
             hessian = gram.mean()
             if s is not None:  # the layer sees x * s: its Hessian is s H s
                 hessian = hessian * s.double()[:, None] * s.double()[None, :]
-            codes.append(gptq_quantize(held_weight(w, s), hessian, plan.scheme, plan.group_size, damp=self.damp,
-                                       act_order=self.act_order, qmax=qmax_of(plan)))
-        group.codes = codes
+            return gptq_quantize(held_weight(w, s), hessian, plan.scheme, plan.group_size, damp=self.damp,
+                                 act_order=self.act_order, qmax=qmax_of(plan))
+
+        group.codes = computed_by_owners([w.shape[1] ** 2 * w.shape[0] for w in group.weights], solve)
         return notes
 
 
