@@ -11,7 +11,8 @@ ends a process group: ``torchrun`` and the caller do (``torch.distributed.init_p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -71,3 +72,16 @@ def computed_by_owners(costs: Sequence[float], compute: Callable[[int], T]) -> l
         dist.broadcast_object_list(box, src=who)
         out.append(box[0])  # type: ignore[arg-type]
     return out
+
+
+@contextlib.contextmanager
+def one_writer() -> Iterator[bool]:
+    """Whether this process writes a result every process holds (rank 0 does; one process always does), and,
+    on leaving, a wait until it has: a save to one path under ``torchrun`` is written once, and is there when
+    every process goes on."""
+    rank, world = rank_and_world()
+    try:
+        yield rank == 0
+    finally:
+        if world > 1:
+            dist.barrier()

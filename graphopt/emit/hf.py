@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..analysis.distributed import one_writer
 from ..analysis.hf_config import is_hf_model, structure_mismatches, summarize
 from .compressed_tensors import compressed_tensors_problems, is_quantized, save_compressed
 
@@ -53,16 +54,20 @@ def refusal(model: nn.Module, problems: list[str]) -> str:
 
 def save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
     """The model's own ``save_pretrained``, after checking that plain transformers can load what it writes;
-    a quantized model is written as a compressed-tensors checkpoint (:mod:`.compressed_tensors`)."""
+    a quantized model is written as a compressed-tensors checkpoint (:mod:`.compressed_tensors`). Under
+    ``torchrun``, rank 0 writes and the other processes wait for it."""
     problems = loadability_problems(self)
     if problems:
         raise NotLoadableError(refusal(self, problems))
-    if is_quantized(self):
-        if args or kwargs:
-            raise TypeError("save_pretrained of a quantized model takes only the directory (it writes the "
-                            "compressed-tensors format)")
-        return save_compressed(self, save_directory)
-    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if is_quantized(self) and (args or kwargs):
+        raise TypeError("save_pretrained of a quantized model takes only the directory (it writes the "
+                        "compressed-tensors format)")
+    with one_writer() as writes:  # (under torchrun: rank 0 writes, the others wait for it)
+        if not writes:
+            return None
+        if is_quantized(self):
+            return save_compressed(self, save_directory)
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 
 def check_save_pretrained(model: nn.Module) -> list[str]:

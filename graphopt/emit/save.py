@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..analysis.distributed import one_writer
 from ..infra.program import Edit, EditError, Program, replay_edits
 from ..nn.spec import class_path
 from .saved_model import (
@@ -241,11 +242,13 @@ def save(obj: Any, directory: str | Path) -> Path:
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise SerializationError(f"cannot save to {out}: it is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    # Each file is replaced atomically, the weights first; the manifest is the commit point. A save that
-    # fails between the two leaves new weights beside the old manifest, which load() refuses (save_id).
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(
-        tensors, str(p), metadata={"format": "pt", "graphopt": str(FORMAT_VERSION), SAVE_ID_KEY: save_id}))
-    _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
-    log.info("saved %s (%d tensors, %d edits) to %s", type(model).__name__, len(tensors), len(edits), out)
+    with one_writer() as writes:  # (under torchrun: rank 0 writes, the others wait for it)
+        if writes:
+            out.mkdir(parents=True, exist_ok=True)
+            # Each file is replaced atomically, the weights first; the manifest is the commit point. A save that
+            # fails between the two leaves new weights beside the old manifest, which load() refuses (save_id).
+            _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(
+                tensors, str(p), metadata={"format": "pt", "graphopt": str(FORMAT_VERSION), SAVE_ID_KEY: save_id}))
+            _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+            log.info("saved %s (%d tensors, %d edits) to %s", type(model).__name__, len(tensors), len(edits), out)
     return out

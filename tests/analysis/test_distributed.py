@@ -1,5 +1,5 @@
 """Calibration under torch.distributed: two gloo processes on this machine, each with its share of the batches and
-of GPTQ's layers, end with the statistics and the GPTQ codes of one process with all of them."""
+of GPTQ's layers, end with the statistics and the GPTQ codes of one process with all of them, and save once."""
 
 import time
 
@@ -13,6 +13,7 @@ import graphopt as go
 from graphopt.analysis import distributed
 from graphopt.analysis.calibration import GramAccumulator, layer_input_stats
 from graphopt.analysis.distributed import my_share, owners, rank_and_world
+from graphopt.emit import save as save_module
 from graphopt.passes.quantize import algorithms
 
 
@@ -51,7 +52,7 @@ def _calibrate() -> dict[str, torch.Tensor]:
         algorithms.gptq_quantize = solve
     return {"gram_a": grams["a"].gram, "gram_out": grams["out"].gram, "rows": torch.tensor(grams["out"].rows),
             "batches_run": torch.tensor(len(seen)), "solved": torch.tensor([s[0] for s in solves]),
-            **{f"codes_{n}": getattr(res.model, n).qweight for n in ("a", "b", "out")}}
+            **{f"codes_{n}": getattr(res.model, n).qweight for n in ("a", "b", "out")}, "result": res}
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
@@ -59,7 +60,15 @@ def _worker(rank: int, world: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
         assert rank_and_world() == (rank, world) and my_share(range(5)) == list(range(5))[rank::world]
-        torch.save(_calibrate(), f"{folder}/rank{rank}.pt")
+        figures = _calibrate()
+        writes = []
+        write = save_module._write_atomic
+        save_module._write_atomic = lambda path, fn: writes.append(path) or write(path, fn)
+        out = go.save(figures.pop("result"), f"{folder}/saved")
+        save_module._write_atomic = write
+        figures["writes"] = torch.tensor(len(writes))
+        figures["saved_there"] = torch.tensor((out / "graphopt.json").exists())  # after rank 0's save, in each
+        torch.save(figures, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -74,11 +83,14 @@ def test_two_gloo_processes_calibrate_as_one_process_does(tmp_path):
                 p.kill()
             pytest.fail("the two calibration processes did not finish in 120 s")
     alone = _calibrate()
+    loaded = go.load(tmp_path / "saved", _model()[0])  # what the two processes saved, once
+    assert torch.equal(loaded.a.qweight, alone["codes_a"])
     assert int(alone["batches_run"]) == 5 and sorted(alone["solved"].tolist()) == [32, 48, 64]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     # each layer solved by one process: the group (a: 64 rows, b: 48) split, the costlier out and a apart
     assert sorted(ranks[0]["solved"].tolist() + ranks[1]["solved"].tolist()) == [32, 48, 64]
     assert all(len(got["solved"]) < 3 for got in ranks)
+    assert [int(got["writes"]) for got in ranks] == [2, 0] and all(bool(got["saved_there"]) for got in ranks)
     for got, share in zip(ranks, (3, 2)):
         assert int(got["batches_run"]) == share  # each process ran its share of the batches only
         assert int(got["rows"]) == int(alone["rows"]) == 40  # every batch's rows, in each process
