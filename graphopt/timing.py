@@ -5,12 +5,13 @@ and the quantized kernels' choice of path both read one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,6 +36,18 @@ def interleaved_medians(runs: list[Callable[[], object]], repeat: int, warmup: i
             run()
             out.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (``None`` or 0: left as it is)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_key(device: torch.device) -> str:

@@ -86,9 +86,9 @@ def layer_input_stats(model: nn.Module, layers: dict[str, nn.Module], batches: I
     process's share of the batches and reduced over the processes; others see every batch in every process.
     """
     grams = {name: accumulator(_in_features(m)) for name, m in layers.items()}
-    batches = list(batches)
     split = bool(grams) and all(isinstance(g, Reducible) for g in grams.values()) and rank_and_world()[1] > 1
     if split:
+        batches = list(batches)
         indices = my_share(range(len(batches)))
         batches = [batches[i] for i in indices]
         masks = None if masks is None else [masks[i] for i in indices]

@@ -66,9 +66,10 @@ def computed_by_owners(costs: Sequence[float], compute: Callable[[int], T]) -> l
     if world == 1:
         return [compute(i) for i in range(len(costs))]
     owner = owners(costs)
+    mine = {i: compute(i) for i, who in enumerate(owner) if who == rank}  # every process at once, then shared
     out: list[T] = []
     for i, who in enumerate(owner):
-        box = [compute(i) if who == rank else None]
+        box = [mine.get(i)]
         dist.broadcast_object_list(box, src=who)
         out.append(box[0])  # type: ignore[arg-type]
     return out

@@ -10,10 +10,9 @@ another, and two layers that differ only in their weights' values share an entry
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from graphopt.frontend.inputs import ExampleInputs
 from graphopt.nn.spec import ModuleSpecError, module_spec
-from graphopt.timing import TimingTable, device_key, interleaved_medians
+from graphopt.timing import TimingTable, device_key, interleaved_medians, num_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class LatencyTable(TimingTable):
         tensors = [[n, list(t.shape), str(t.dtype), list(t.stride())]
                    for n, t in [*layer.named_parameters(), *layer.named_buffers()]]
         device = _device(layer)
-        with _threads(threads):
+        with num_threads(threads):
             machine = device_key(device)
         return self.key(runtime, machine, spec, tensors, list(inputs))
 
@@ -67,8 +66,8 @@ class LatencyTable(TimingTable):
             inputs = ExampleInputs(tuple(_tensor(shape, dtype, _device(layer)) for shape, dtype in signature))
             sync = torch.cuda.synchronize if _device(layer).type == "cuda" and runner is None else (lambda: None)
             try:
-                with _threads(threads), torch.no_grad():
-                    run = runner(layer, inputs, threads or torch.get_num_threads()) if runner else \
+                with num_threads(threads), torch.no_grad():
+                    run = runner(layer, inputs, threads or torch.get_numnum_threads()) if runner else \
                         (lambda: (inputs.call(layer), sync()))
                     return 1e3 * self._median(run)
             except Exception as e:  # noqa: BLE001 - a layer that does not run alone is costed with the rest
@@ -107,13 +106,3 @@ def _device(layer: nn.Module) -> torch.device:
     t = next(iter([*layer.parameters(), *layer.buffers()]), None)
     return t.device if t is not None else torch.device("cpu")
 
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

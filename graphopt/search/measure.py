@@ -14,14 +14,13 @@ so an interrupted search resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from ..frontend.inputs import ExampleInputs
 from ..infra.metrics import count_weight_bytes
 from ..infra.pipeline import Pipeline
 from ..infra.quality import Quality, Summary, summarize, task_quality
-from ..timing import interleaved_medians
+from ..timing import interleaved_medians, num_threads
 from .costs import LayerCosts, LayerTimes
 from .goal import Goal, GoalError
 
@@ -225,16 +224,6 @@ def _update(h: Any, t: torch.Tensor) -> None:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Evaluator:
     """Builds and measures candidates against ``model`` (never changed), caching every point.
 
@@ -351,7 +340,7 @@ class Evaluator:
         out: list[tuple[dict[str, float], dict[str, float]]] = [({}, {}) for _ in runs]
         for batch, threads in self.settings:
             group = [self._base_runs[(batch, threads)], *(r[(batch, threads)] for r in runs)]
-            with _threads(threads), torch.no_grad():
+            with num_threads(threads), torch.no_grad():
                 base, *times = interleaved_medians(group, self._rounds(group), warmup=2)
             for (speedups, ms), new in zip(out, times):
                 speedups[self._key(batch, threads)] = base / new
@@ -418,7 +407,7 @@ class Evaluator:
 
         runs = {}
         for b, t in self.settings:
-            with _threads(t), torch.no_grad():  # inductor writes its kernels for the thread count
+            with num_threads(t), torch.no_grad():  # inductor writes its kernels for the thread count
                 runs[(b, t)] = runner(self.inputs.with_batch(b))
         return runs
 

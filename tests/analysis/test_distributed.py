@@ -2,6 +2,7 @@
 of GPTQ's layers, end with the statistics and the GPTQ codes of one process with all of them, and save once."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 import graphopt as go
 from graphopt.analysis import distributed
 from graphopt.analysis.calibration import GramAccumulator, layer_input_stats
-from graphopt.analysis.distributed import my_share, owners, rank_and_world
+from graphopt.analysis.distributed import computed_by_owners, my_share, owners, rank_and_world
 from graphopt.emit import save as save_module
 from graphopt.passes.quantize import algorithms
 
@@ -55,6 +56,21 @@ def _calibrate() -> dict[str, torch.Tensor]:
             **{f"codes_{n}": getattr(res.model, n).qweight for n in ("a", "b", "out")}, "result": res}
 
 
+def _meet(item: int, folder: str) -> int:
+    """Item 1 (rank 1's) leaves a mark; item 0 (rank 0's) waits for it: both are done only if the owners compute
+    at once (-1: item 0 waited 20 s in vain)."""
+    mark = Path(folder) / "item1"
+    if item == 1:
+        mark.touch()
+        return 1
+    deadline = time.monotonic() + 20
+    while not mark.exists():
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(0.01)
+    return 0
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
@@ -68,6 +84,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
         save_module._write_atomic = write
         figures["writes"] = torch.tensor(len(writes))
         figures["saved_there"] = torch.tensor((out / "graphopt.json").exists())  # after rank 0's save, in each
+        figures["at_once"] = torch.tensor(computed_by_owners([2.0, 1.0], lambda i: _meet(i, folder)) == [0, 1])
         torch.save(figures, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -91,6 +108,7 @@ def test_two_gloo_processes_calibrate_as_one_process_does(tmp_path):
     assert sorted(ranks[0]["solved"].tolist() + ranks[1]["solved"].tolist()) == [32, 48, 64]
     assert all(len(got["solved"]) < 3 for got in ranks)
     assert [int(got["writes"]) for got in ranks] == [2, 0] and all(bool(got["saved_there"]) for got in ranks)
+    assert all(bool(got["at_once"]) for got in ranks)  # the owners computed their items at the same time
     for got, share in zip(ranks, (3, 2)):
         assert int(got["batches_run"]) == share  # each process ran its share of the batches only
         assert int(got["rows"]) == int(alone["rows"]) == 40  # every batch's rows, in each process
