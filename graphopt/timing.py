@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -82,8 +83,20 @@ class TimingTable:
         return self.entries[key]
 
     def save(self) -> None:
+        """Write the table if this process measured anything: merged with what other processes (a second search,
+        the ranks under ``torchrun``) wrote since it was read, and replaced in one step, so no reader sees half
+        a file and no process's entries are lost."""
+        if not self.measured:
+            return
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        merged = {**(on_disk if isinstance(on_disk, dict) else {}), **self.entries}
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.entries))
+            tmp.write_text(json.dumps(merged))
+            tmp.replace(self.path)
         except OSError as e:
             log.warning("timing table not saved to %s: %s", self.path, e)
