@@ -1,6 +1,6 @@
 """A timed candidate's layers, costed on the goal's runtime from the latency table (issue 28's cost model).
 
-Every layer a candidate calls while the timed work runs (one forward of each timed batch, or decoding
+Every layer the original or a single change calls while the timed work runs (one forward of each timed batch, or decoding
 ``decode`` tokens: the prompt, then one token a step) is recorded with the shapes of its inputs, hooked by
 :func:`~graphopt.analysis.hooked.run_hooked`;
 each (layer kind, tensors, input shapes, runtime, threads) is timed alone once, in

@@ -254,8 +254,9 @@ class Evaluator:
         if self._dir is not None:
             self._dir.cleanup()
 
-    def measure(self, pipeline: Pipeline) -> Point:
-        """The point of ``pipeline`` from the cache, else built and measured now (a failure is a point too)."""
+    def measure(self, pipeline: Pipeline, layers: bool = True) -> Point:
+        """The point of ``pipeline`` from the cache, else built and measured now (a failure is a point too);
+        ``layers``: cost its layers from the latency table too, when it is timed."""
         text = str(pipeline)
         cached = self.cache.get(text)
         if cached is not None and (cached.failed or cached.speedups or not self._times(cached, pipeline)):
@@ -268,7 +269,7 @@ class Evaluator:
                 failed = result.report.failed[0]
                 point.error = f"{failed.text} was rolled back: {failed.reason}"
             else:
-                self._figures(point, result, pipeline)
+                self._figures(point, result, pipeline, layers)
         except Exception as e:  # noqa: BLE001 - a candidate that cannot be built or timed is a failed point, said
             point.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             log.info("search: %s failed: %s", text, point.error)
@@ -276,7 +277,7 @@ class Evaluator:
         self.cache.put(point)
         return point
 
-    def _figures(self, point: Point, result: Any, pipeline: Pipeline) -> None:
+    def _figures(self, point: Point, result: Any, pipeline: Pipeline, layers: bool) -> None:
         point.unchanged = [r.text for r in result.report.passes if r.status == "unchanged"]
         changed = _changed(result)
         same = self._built.get(changed)
@@ -294,7 +295,7 @@ class Evaluator:
         point.size = count_weight_bytes(result.model) / self.base_bytes
         if self._times(point, pipeline):
             point.speedups, point.ms = self._timed(result.model)
-            point.layers = self._layer_times(result.model)
+            point.layers = self._layer_times(result.model) if layers else {}
         elif self.goal.needs_latency:
             point.untimed = "it misses the quality floor, and no repair is tried on it"
         self._built[changed] = point

@@ -90,20 +90,17 @@ def layered_time(base_ms: float, base: LayerTimes, changes: Sequence[tuple[float
     return rest + share * (sum(layers.values()) + added) / total
 
 
-def prediction_check(measured: Sequence[Point], predicted: dict[str, Point], singles: dict[str, list[Point]],
-                     base: Point) -> str:
-    """How near the cost model's speed-ups came to the measured ones, beside multiplying the changes'
-    whole-model speed-ups: the check of the table against whole-model timings of the final candidates."""
+def prediction_check(measured: Sequence[tuple[Point, Sequence[Point]]], base: Point) -> str:
+    """How near the cost model's speed-ups came to the measured ones of the combinations measured (each with its
+    single changes), beside multiplying the changes' whole-model speed-ups: the table checked against
+    whole-model timings of the final candidates."""
     layered, product = [], []
-    for p in measured:
-        guess = predicted.get(p.pipeline)
-        if p.failed or guess is None or p.speedup is None or guess.speedup is None or p.pipeline not in singles:
+    for point, parts in measured:
+        guess = layered_speedups(parts, base)
+        if point.failed or point.speedup is None or guess is None:
             continue
-        naive = product_speedups(singles[p.pipeline], base)
-        if layered_speedups(singles[p.pipeline], base) is None:
-            continue
-        layered.append(abs(guess.speedup / p.speedup - 1))
-        product.append(abs(min(naive.values()) / p.speedup - 1))
+        layered.append(abs(min(guess.values()) / point.speedup - 1))
+        product.append(abs(min(product_speedups(parts, base).values()) / point.speedup - 1))
     if not layered:
         return ""
     return (f"cost model checked on the {len(layered)} combination(s) measured: the worst speed-up predicted layer "

@@ -235,7 +235,8 @@ class Search:
         return time.perf_counter() - self.start > self.goal.max_time
 
     def _measure(self, combo: Combination, progress: Progress) -> Point:
-        point = self.evaluator.measure(pipeline_of(combo))
+        # (the original and single changes are costed layer by layer: combinations are predicted from them)
+        point = self.evaluator.measure(pipeline_of(combo), layers=len(combo) <= 1)
         if all(point.pipeline != p.pipeline for p in self.points):
             self.points.append(point)
             self.combos[point.pipeline] = combo
@@ -263,11 +264,10 @@ class Search:
                     self.notes.append(f"stopped at max_time={self.goal.max_time:g} s with {measured} of "
                                       f"{min(self.goal.trials, len(ranked))} combinations measured")
                     break
-                tried.append(self._measure(combo, progress))
+                tried.append((self._measure(combo, progress), [singles[id(c)] for c in combo]))
             else:
                 self._repair(progress)
-            check = prediction_check(tried, {p.pipeline: p for _, p in ranked},
-                                     {str(pipeline_of(c)): [singles[id(x)] for x in c] for c, _ in ranked}, base)
+            check = prediction_check(tried, base)
             if check:
                 self.notes.append(check)
             self._confirm()
