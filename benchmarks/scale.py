@@ -11,8 +11,11 @@ weights in float32: ``0.5b`` (Qwen2.5-0.5B's sizes: hidden 896, MLP 4864, 24 lay
 - Per pass (``quantize(scheme=int4,method=gptq)``, ``replace_blocks(n=2)``), one ``optimize`` call each in a
   fresh process: the pass's seconds, its peak memory above the level it started from (``go.PassMemory``: the
   process's resident memory, sampled), and the process's peak resident memory over the whole call (the model,
-  ``optimize``'s copy of it, the rollback snapshot and the pass's own work). Streamed rows (one block in
-  memory at a time) are not there yet.
+  ``optimize``'s copy of it, the rollback snapshot and the pass's own work).
+- Streamed (``--streamed``): the same model saved as an HF folder (float32 safetensors, under ``--folder``), then
+  ``graphopt.stream.optimize_streamed`` in a fresh process (one block's weights in memory at a time): its wall
+  time, its peak memory above its start, the process's peak, and whether its int4 codes equal the in-memory run's
+  (read back from the written file). ``replace_blocks`` does not stream yet: its row says why.
 - GPTQ with 1 process (2 threads) and with 2 processes under ``torchrun`` (gloo, 1 thread each; calibration
   batches and each group's layers shared out, docs/scale.md): wall time of the ``optimize`` call in rank 0,
   and whether the codes equal the 1-process run's.
@@ -29,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -57,21 +61,56 @@ def run_one(args: argparse.Namespace) -> dict:
     from graphopt.analysis.distributed import rank_and_world
 
     model = build(args.shape, args.layers)
-    g = torch.Generator().manual_seed(1)
-    calib = [{"input_ids": torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=g)}
-             for _ in range(args.calib)]
+    calib = calibration(model.config.vocab_size, args.calib, args.tokens)
     start = time.perf_counter()
     res = go.optimize(model, calib[0], args.pass_text, calib=calib, measure=False, on_error="raise",
                       instruments=[go.PassMemory()])
     wall = time.perf_counter() - start
     record = res.report.records[-1]
-    codes = hashlib.sha256()
-    for name, t in sorted(res.model.state_dict().items()):
-        if name.endswith("qweight"):
-            codes.update(t.numpy().tobytes())
     return {"params_b": sum(p.numel() for p in model.parameters()) / 1e9, "pass_s": record.seconds,
             "pass_peak_mib": record.measures.get("peak MiB"), "wall_s": wall, "world": rank_and_world()[1],
-            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "codes": codes.hexdigest()}
+            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "codes": codes_digest(res.model.state_dict().items())}
+
+
+def calibration(vocab: int, n: int, tokens: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, vocab, (1, tokens), generator=g)} for _ in range(n)]
+
+
+def codes_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """One hash of the int4 / int8 codes (``qweight``), by name."""
+    digest = hashlib.sha256()
+    for _, t in sorted((n, t) for n, t in tensors if n.endswith("qweight")):
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_folder(args: argparse.Namespace) -> None:
+    """The model of ``--shape`` / ``--layers`` saved as an HF folder (float32 safetensors) at ``--folder``."""
+    model = build(args.shape, args.layers)
+    model.save_pretrained(args.folder)
+    print("RESULT " + json.dumps({"saved": args.folder}), flush=True)
+
+
+def run_streamed(args: argparse.Namespace) -> dict:
+    """``optimize_streamed`` on the folder; codes read back one tensor at a time once the peak is taken."""
+    from safetensors import safe_open
+
+    from graphopt.stream import StreamError, optimize_streamed
+
+    config = json.loads((Path(args.folder) / "config.json").read_text())
+    calib = calibration(config["vocab_size"], args.calib, args.tokens)
+    out = Path(args.folder).with_name(Path(args.folder).name + "-out")
+    try:
+        res = optimize_streamed(args.folder, calib[0], args.pass_text, calib=calib, out=out)
+    except StreamError as e:
+        return {"refused": " ".join(str(e).split())}
+    figures = {"wall_s": res.seconds, "pass_peak_mib": res.peak_mib, "process_peak_mib": res.process_peak_mib,
+               "params_b": None}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        figures["codes"] = codes_digest((n, f.get_tensor(n)) for n in f.keys()  # noqa: SIM118
+                                           if n.endswith("qweight"))
+    return figures
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -83,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo")
     torch.set_num_threads(args.threads)
     try:
-        figures = run_one(args)
+        figures = {"save": save_folder, "streamed": run_streamed}.get(args.mode, run_one)(args)
         if not distributed or dist.get_rank() == 0:
             print("RESULT " + json.dumps(figures), flush=True)
     finally:
@@ -91,11 +130,12 @@ def worker(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
-def launch(shape: str, layers: int | None, pass_text: str, calib: int, tokens: int, processes: int = 1) -> dict:
+def launch(shape: str, layers: int | None, pass_text: str, calib: int, tokens: int, processes: int = 1,
+           mode: str = "memory", folder: str = "") -> dict:
     """``worker`` in a fresh process (or ``processes`` of them under torchrun), its JSON line parsed."""
     me = [str(Path(__file__).resolve()), "--worker", "--shape", shape, "--pass-text", pass_text,
-          "--calib", str(calib), "--tokens", str(tokens), "--threads", str(2 // processes),
-          *(["--layers", str(layers)] if layers else [])]
+          "--calib", str(calib), "--tokens", str(tokens), "--threads", str(2 // processes), "--mode", mode,
+          *(["--folder", folder] if folder else []), *(["--layers", str(layers)] if layers else [])]
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] \
         if processes > 1 else [sys.executable]
     out = subprocess.run(prefix + me, capture_output=True, text=True, timeout=3600)
@@ -115,7 +155,11 @@ def main() -> None:
                     help="the per-pass rows (peak memory and time)")
     ap.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ with 1 and 2 processes (the first shape only)")
+    ap.add_argument("--streamed", action=argparse.BooleanOptionalAction, default=True,
+                    help="each pass streamed from an HF folder too, beside the in-memory row")
+    ap.add_argument("--folder", default="/tmp/graphopt-scale", help="where the HF folders of the shapes are saved")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="memory", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--pass-text", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -128,13 +172,27 @@ def main() -> None:
     layers = args.layers or None
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; calibration {args.calib} x {args.tokens} tokens")
     if args.passes:
-        print("| shape | params B | pass | pass s | pass peak MiB (above its start) | process peak MiB |")
-        print("|---|---|---|---|---|---|")
+        print("| shape | params B | pass | run | pass s | pass peak MiB (above its start) | process peak MiB | "
+              "codes equal in-memory |")
+        print("|---|---|---|---|---|---|---|---|")
     for shape in shapes if args.passes else []:
+        folder = f"{args.folder}/{shape}-{layers or 'all'}"
+        if args.streamed and not Path(folder, "config.json").is_file():
+            launch(shape, layers, "", args.calib, args.tokens, mode="save", folder=folder)
         for text in PASSES:
             f = launch(shape, layers, text, args.calib, args.tokens)
-            print(f"| {shape} | {f['params_b']:.2f} | {text} | {f['pass_s']:.1f} | {f['pass_peak_mib']:.0f} | "
-                  f"{f['process_peak_mib']:.0f} |", flush=True)
+            print(f"| {shape} | {f['params_b']:.2f} | {text} | in memory | {f['pass_s']:.1f} | "
+                  f"{f['pass_peak_mib']:.0f} | {f['process_peak_mib']:.0f} | |", flush=True)
+            if not args.streamed:
+                continue
+            s = launch(shape, layers, text, args.calib, args.tokens, mode="streamed", folder=folder)
+            if "refused" in s:
+                print(f"| {shape} | {f['params_b']:.2f} | {text} | streamed: refused ({s['refused']}) | | | | |",
+                      flush=True)
+                continue
+            same = "yes" if s["codes"] == f["codes"] else "NO"
+            print(f"| {shape} | {f['params_b']:.2f} | {text} | streamed | {s['wall_s']:.1f} | "
+                  f"{s['pass_peak_mib']:.0f} | {s['process_peak_mib']:.0f} | {same} |", flush=True)
     if args.processes:
         shape = shapes[0]
         print(f"\nGPTQ ({GPTQ}) on {shape}, one process vs two under torchrun (gloo), 2 cores in all:\n")

@@ -50,6 +50,7 @@ from .infra import (
 from .nn.spec import ModuleSpecError, register_module_spec
 from .optimize import OptimizeResult, optimize, optimize_for
 from .search import Goal, GoalError, SearchResult
+from .stream import StreamedResult, StreamError, optimize_streamed
 from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -81,6 +82,6 @@ __all__ = [
     "ExportReport", "Goal", "GoalError", "InputError", "Instrument", "Measure", "OnnxExportError", "OnnxVerificationError", "ModuleSpecError", "OptimizeResult", "Pass", "PassFailedError", "PassManager", "PassMemory",
     "PassRecord", "PassResult", "PassRolledBackWarning", "Pipeline", "PipelineError", "Program", "Range", "Report", "SearchResult", "VerificationError",
     "__version__", "as_example_inputs", "capture", "compare_outputs", "export_onnx", "get_pass", "list_analyses",
-    "list_passes", "list_presets", "load", "optimize", "optimize_for", "parse_pipeline", "register_analysis",
+    "list_passes", "list_presets", "load", "optimize", "optimize_for", "optimize_streamed", "StreamedResult", "StreamError", "parse_pipeline", "register_analysis",
     "register_module_spec", "register_pass", "register_preset", "save",
 ]

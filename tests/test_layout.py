@@ -24,7 +24,7 @@ PACKAGE_DIRS = {"graphopt": ROOT / "graphopt"}
 #: The layers, top to bottom (docs/design.md). A module may import its own layer and the layers below.
 LAYERS = [
     ["graphopt", "graphopt.cli", "graphopt.models", "graphopt.data", "graphopt.helpers"],
-    ["graphopt.optimize"],
+    ["graphopt.optimize", "graphopt.stream"],
     ["graphopt.search"],
     ["graphopt.emit"],
     ["graphopt.passes"],

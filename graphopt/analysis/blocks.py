@@ -44,6 +44,17 @@ class BlockList:
         return len(self.names)
 
 
+@dataclass
+class BlockCursor:
+    """Where a run streamed from disk is (:mod:`graphopt.stream`): the one block whose weights are loaded and
+    the inputs it takes, an ``(args, kwargs)`` per calibration batch. A pass that runs the block on them
+    (GPTQ by block) leaves the inputs of the next block in ``next_inputs``."""
+
+    name: str
+    inputs: list[tuple[tuple, dict]]
+    next_inputs: list[tuple[tuple, dict]] | None = None
+
+
 def hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Replace]:
     """The hidden states a block takes (first positional arg, or ``hidden_states=``) and how to replace them."""
     if args and isinstance(args[0], torch.Tensor):
@@ -51,6 +62,14 @@ def hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Replace]:
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return kwargs["hidden_states"], lambda h: (args, {**kwargs, "hidden_states": h})
     raise TypeError("the block takes no hidden-states tensor")
+
+
+def next_inputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The inputs of the block after ``block``: each of ``inputs`` with its hidden states replaced by
+    ``block``'s output on it (the other arguments, masks and positions, are shared by every block)."""
+    with torch.no_grad():
+        outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+    return [hidden_of(*io)[1](first_tensor(out)) for io, out in zip(inputs, outputs)]
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -74,9 +93,10 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> lis
     return seen
 
 
-def chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
+def chained(model: nn.Module, blocks: list[nn.Module], batch: Any, *, to_end: bool = True) -> bool:
     """Whether the blocks run once each in list order, each block's hidden-states input the previous block's
-    output (on one batch). Blocks run in another order (reversed) are not a stack the list describes."""
+    output (on one batch). Blocks run in another order (reversed) are not a stack the list describes.
+    ``to_end=False`` stops the forward after the last block (a streamed model's LM head is not read)."""
     seen_in: list[torch.Tensor] = []
     seen_out: list[torch.Tensor] = []
     order: list[int] = []
@@ -88,6 +108,8 @@ def chained(model: nn.Module, blocks: list[nn.Module], batch: Any) -> bool:
 
     def post(module: nn.Module, args: tuple, out: Any) -> None:
         seen_out.append(first_tensor(out))
+        if not to_end and module is blocks[-1]:
+            raise Stop
 
     run_hooked(model, [batch], [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True),
                                                              b.register_forward_hook(post))])
@@ -156,7 +178,7 @@ def _shifted_between(block: nn.Module, successor: nn.Module, seed: int) -> Itera
             handle.remove()
 
 
-def _same_class_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+def same_class_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """ModuleLists of two or more blocks of one class (LinearBlocks of an earlier replace_blocks aside)."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.ModuleList) and len(m) > 1 and name
@@ -182,15 +204,15 @@ def _special_blocks(blocks: nn.ModuleList) -> dict[int, str]:
     return out
 
 
-def all_blocks(model: nn.Module, example: Any) -> list[BlockList]:
+def all_blocks(model: nn.Module, example: Any, *, to_end: bool = True) -> list[BlockList]:
     """Every stack of repeated blocks of ``model``, the one holding the most parameters first: an
     encoder-decoder has two (T5's ``encoder.block`` and ``decoder.block``). A list nested inside an earlier
     one's blocks is not a stack of its own. ``[]`` when there is none."""
     found: list[BlockList] = []
-    for name, blocks in sorted(_same_class_lists(model), key=lambda nm: -_param_count(nm[1])):
+    for name, blocks in sorted(same_class_lists(model), key=lambda nm: -_param_count(nm[1])):
         if _param_count(blocks) == 0 or any(name.startswith(f"{b}.") for f in found for b in f.names):
             continue
-        if chained(model, list(blocks), example):
+        if chained(model, list(blocks), example, to_end=to_end):
             found.append(BlockList(name, [f"{name}.{i}" for i in range(len(blocks))], _special_blocks(blocks)))
     return found
 
@@ -200,7 +222,7 @@ def block_of(name: str, stacks: list[BlockList]) -> str | None:
     return next((b for s in stacks for b in s.names if name == b or name.startswith(f"{b}.")), None)
 
 
-def find_blocks(model: nn.Module, example: Any, path: str | None = None) -> BlockList:
+def find_blocks(model: nn.Module, example: Any, path: str | None = None, *, to_end: bool = True) -> BlockList:
     """The repeated blocks of ``model``: the same-class ``ModuleList`` holding the most parameters whose
     members run one after the other on ``example`` (or the list at ``path``). The one finder of blocks:
     depth rewrites, GPTQ, SmoothQuant, heal and dyt all use it (or the ``"blocks"`` analysis, its cached
@@ -208,18 +230,18 @@ def find_blocks(model: nn.Module, example: Any, path: str | None = None) -> Bloc
 
     Raises ``ValueError`` naming what was found when there is none.
     """
-    lists = _same_class_lists(model)
+    lists = same_class_lists(model)
     if path is not None:
         found = dict(lists)
         if path not in found:
             raise ValueError(f"{path!r} is not a ModuleList of two or more blocks of one class in "
                              f"{type(model).__name__}; lists that are: {sorted(found) or 'none'}")
-        if chained(model, list(found[path]), example):
+        if chained(model, list(found[path]), example, to_end=to_end):
             blocks = found[path]
             return BlockList(path, [f"{path}.{i}" for i in range(len(blocks))], _special_blocks(blocks))
         lists, stacks = [(path, found[path])], []
     else:
-        stacks = all_blocks(model, example)
+        stacks = all_blocks(model, example, to_end=to_end)
     if stacks:
         return stacks[0]
     tried = [name for name, blocks in lists if _param_count(blocks)]

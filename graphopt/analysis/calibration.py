@@ -48,7 +48,7 @@ class GramAccumulator:
         if mask is not None and mask.shape == x.shape[:-1]:
             rows = rows[mask.reshape(-1).bool()]
         rows = rows.to(device="cpu", dtype=torch.float64)
-        self.gram += rows.T @ rows
+        self.gram.addmm_(rows.T, rows)  # in place: no k x k temporary
         self.total += rows.sum(dim=0)
         self.rows += rows.shape[0]
 
@@ -58,10 +58,15 @@ class GramAccumulator:
         all_reduce_sum(self.gram, self.total, rows)
         self.rows = int(rows.item())
 
-    def mean(self) -> torch.Tensor:
-        """``XᵀX / rows`` (the GPTQ Hessian up to a factor 2)."""
+    def mean(self, *, spend: bool = False) -> torch.Tensor:
+        """``XᵀX / rows`` (the GPTQ Hessian up to a factor 2); ``spend``: divided in the accumulator's own memory,
+        which then holds the mean, not the sum (one ``k x k`` matrix less for a solve that needs no other)."""
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
+        if spend:
+            self.gram.div_(self.rows)
+            self.rows = 1
+            return self.gram
         return self.gram / self.rows
 
 

@@ -256,6 +256,8 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
     if args.calib not in (None, "docstrings") and not Path(args.calib).is_file():
         raise UsageError(f"--calib {args.calib}: no such file; give 'docstrings' or a text file with one "
                          f"sample per line")
+    if args.stream:
+        return _optimize_streamed(args, pipeline, con)
     loaded = _load(args.model, _resolve(args.model), con)
     calib = _calibration(args, loaded, searched or pipeline, con)
     doing = f"searching for {goal}" if goal else f"optimizing ({len(pipeline)} pass{'' if len(pipeline) == 1 else 'es'})"
@@ -300,6 +302,36 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
         names = ", ".join(r.text for r in failed)
         print(f"graphopt: {len(failed)} pass(es) rolled back: {names} (see the report)", file=con.err)
         return 1
+    return 0
+
+
+def _optimize_streamed(args: argparse.Namespace, pipeline: Any, con: Console) -> int:
+    """``--stream``: the pipeline run block by block on a local HF directory, written to ``--out``."""
+    from ..helpers.loaded import LoadedModel
+    from ..helpers.models import ModelSpecError, directory_inputs
+    from ..stream import StreamError, optimize_streamed
+
+    clashing = [flag for flag, given in (("--goal", args.goal), ("--onnx", args.onnx), ("--plot", args.plot),
+                                          ("--json", args.json), ("--inplace", args.inplace)) if given]
+    if clashing:
+        raise UsageError(f"--stream writes the model block by block and keeps no model in memory to search, export "
+                         f"or report on: drop {', '.join(clashing)} (load the result with graphopt.load to go on)")
+    if not args.out:
+        raise UsageError("--stream writes the result as it goes: give --out DIR")
+    if not con.verbose:
+        _quiet_transformers()
+    try:
+        example, tokenizer = directory_inputs(args.model)
+    except ModelSpecError as e:
+        raise UsageError(str(e)) from e
+    calib = _calibration(args, LoadedModel(None, example, tokenizer, args.model), pipeline, con)  # type: ignore[arg-type]
+    try:
+        with con.step(f"streaming {args.model} one block at a time", done="optimized"):
+            result = optimize_streamed(args.model, example, pipeline, calib=calib, out=args.out)
+    except StreamError as e:
+        raise UsageError(str(e)) from e
+    con.print(str(result))
+    con.print(f"saved to {args.out} (load with graphopt.load(directory, base_model))")
     return 0
 
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(needs matplotlib: pip install 'graphopt[plot]')")
     p.add_argument("--inplace", action="store_true",
                    help="optimize the loaded model without copying it first (halves peak memory)")
+    p.add_argument("--stream", action="store_true",
+                   help="read MODEL (a local HF directory) one block at a time and write --out as it goes: models "
+                        "larger than memory; block-local passes only (quantize rtn / gptq); docs/scale.md")
     p.add_argument("--no-verify", action="store_true", help="do not check outputs after each pass")
     p.add_argument("--no-measure", action="store_true", help="do not measure params/FLOPs/latency per pass")
     common(p)

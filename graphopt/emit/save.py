@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +147,17 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr())
 
 
-def _tensors_to_write(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """(tensors to write, aliases {name: stored name}, names of non-persistent buffers)."""
+def tensors_to_write(model: nn.Module, exclude: tuple[str, ...] = ()
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """(tensors to write, aliases {name: stored name}, names of non-persistent buffers), leaving out the
+    tensors of the submodules named in ``exclude`` (a streamed run writes its blocks on their own)."""
     named = dict(model.state_dict(keep_vars=True))
     nonpersistent = nonpersistent_buffers(model)
     named.update({k: v for k, v in nonpersistent.items() if k not in named})
+    if exclude:
+        inside = tuple(f"{e}." for e in exclude)
+        named = {k: v for k, v in named.items() if not k.startswith(inside)}
+        nonpersistent = {k: v for k, v in nonpersistent.items() if not k.startswith(inside)}
     meta = [k for k, t in named.items() if t.is_meta]
     if meta:
         raise SerializationError(
@@ -210,6 +216,17 @@ def save(obj: Any, directory: str | Path) -> Path:
     this model's structure. Returns the directory.
     """
     model, base, edits, pipeline, report = _unpack(obj)
+    edits = checked_edits(model, base, edits)
+    tensors, aliases, nonpersistent = tensors_to_write(model)
+    save_id = uuid.uuid4().hex  # in both files: load() refuses weights and a manifest of different saves
+    text = manifest_text(model, base, edits, pipeline, report, aliases, nonpersistent, save_id)
+    out = commit(directory, lambda p: save_file(tensors, str(p), metadata=weights_metadata(save_id)), text)
+    log.info("saved %s (%d tensors, %d edits) to %s", type(model).__name__, len(tensors), len(edits), out)
+    return out
+
+
+def checked_edits(model: nn.Module, base: nn.Module | None, edits: Iterable[Edit]) -> list[Edit]:
+    """The edit log to write (compacted), once it is recordable and replays on ``base`` into ``model``."""
     if base is not None and type(base) is not type(model):
         raise SerializationError(
             f"cannot save: the model is a {class_path(type(model))} but its base model is a "
@@ -219,10 +236,19 @@ def save(obj: Any, directory: str | Path) -> Path:
     _check_recordable(edits)
     if base is not None and base is not model:
         _check_replay(base, model, edits)
-    tensors, aliases, nonpersistent = _tensors_to_write(model)
+    return edits
+
+
+def weights_metadata(save_id: str) -> dict[str, str]:
+    """The safetensors metadata of a save's weights file."""
+    return {"format": "pt", "graphopt": str(FORMAT_VERSION), SAVE_ID_KEY: save_id}
+
+
+def manifest_text(model: nn.Module, base: nn.Module | None, edits: list[Edit], pipeline: str | None, report: Any,
+                  aliases: dict[str, str], nonpersistent: list[str], save_id: str) -> str:
+    """``graphopt.json``: the base model, the edit log and what ``load`` needs to put the weights back."""
     from ..version import __version__
 
-    save_id = uuid.uuid4().hex  # in both files: load() refuses weights and a manifest of different saves
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -238,7 +264,11 @@ def save(obj: Any, directory: str | Path) -> Path:
         "nonpersistent_buffers": nonpersistent,
         "edits": [e.to_dict() for e in edits],
     }
-    text = json.dumps(manifest, indent=2, allow_nan=False)
+    return json.dumps(manifest, indent=2, allow_nan=False)
+
+
+def commit(directory: str | Path, write_weights: Callable[[Path], None], text: str) -> Path:
+    """Write the weights (``write_weights(path)``), then the manifest ``text``, each replaced atomically."""
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise SerializationError(f"cannot save to {out}: it is a file, not a directory")
@@ -247,8 +277,6 @@ def save(obj: Any, directory: str | Path) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             # Each file is replaced atomically, the weights first; the manifest is the commit point. A save that
             # fails between the two leaves new weights beside the old manifest, which load() refuses (save_id).
-            _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(
-                tensors, str(p), metadata={"format": "pt", "graphopt": str(FORMAT_VERSION), SAVE_ID_KEY: save_id}))
+            _write_atomic(out / WEIGHTS_FILE, write_weights)
             _write_atomic(out / MANIFEST_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
-            log.info("saved %s (%d tensors, %d edits) to %s", type(model).__name__, len(tensors), len(edits), out)
     return out

@@ -183,6 +183,24 @@ def _load_directory(path: Path) -> LoadedModel:
     return LoadedModel(model, inputs, tokenizer, f"{path} ({summary(model)})")
 
 
+def directory_inputs(spec: str) -> tuple[dict[str, torch.Tensor], Any | None]:
+    """The example inputs and tokenizer of a local HF directory, without loading its weights (a run streamed
+    from disk reads them one block at a time)."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelSpecError(f"--stream reads a local HuggingFace directory (save_pretrained's); {spec} is not one")
+    _check_directory(path)
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelSpecError(f"cannot read {path}/config.json: {_first_line(e)}") from None
+    tokenizer = _tokenizer(tf, path)
+    holder = nn.Module()
+    holder.config = config
+    return example_inputs_for(holder, tokenizer), tokenizer
+
+
 def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
     """Refuse a directory whose weights do not fill the model its config builds: transformers would leave the
     missing tensors freshly initialised (a model that runs and is wrong) and drop the unexpected ones."""

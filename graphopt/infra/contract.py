@@ -104,6 +104,19 @@ class Pass:
         without an LM head): the search measures such a choice once, as the choice without them."""
         return {}
 
+    def for_block(self, block: str) -> Pass | str:
+        """This pass restricted to the block named ``block``, for a run streamed from disk
+        (:mod:`graphopt.stream`: each block's weights are in memory only while its passes run); or why the pass
+        needs the whole model (the default), which the streamed run gives as its refusal."""
+        return (f"{self.name} works on the whole model, not one block at a time: load the model and call "
+                "optimize(), or stream a block-local pass (quantize with method=rtn or gptq)")
+
+    def outside_blocks(self, program: Program, blocks: list[str]) -> Pass | str | None:
+        """For a run streamed from disk, once every block is done: this pass restricted to the layers outside
+        ``blocks`` (run with those loaded and the blocks not), ``None`` when it has nothing to do there (the
+        default), or why it leaves them as they are (the run warns with it)."""
+        return None
+
     def __str__(self) -> str:
         return format_pass(self)
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,6 +153,45 @@ def measure_latencies(module: nn.Module, inputs: ExampleInputs, reference: nn.Mo
     ratios = [a / b for a, b in zip(times[0], times[1])]
     return Latency(ms, _half_iqr(times[0]), len(times[0]), threads, statistics.median(ratios), _half_iqr(ratios),
                    statistics.median(times[1]) * 1e3)
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC: Any = None
+M_MMAP_THRESHOLD = -3
+
+
+def give_back_memory() -> None:
+    """Return the C allocator's free memory to the system (glibc's ``malloc_trim``; nothing elsewhere): tensors freed
+    between blocks leave holes in its heap that count as resident until trimmed."""
+    if libc := _libc():
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
+    """Inside, glibc maps every allocation of ``threshold`` bytes or more on its own, so that freeing it returns it
+    to the system at once (by default glibc raises its threshold up to 32 MiB as large blocks are freed, and
+    serves those from a heap that keeps them), for work that must stay within a memory bound (a model streamed
+    from disk). On exit the threshold is 32 MiB, where glibc's own settles for a process that frees large
+    tensors (its adjustment, once turned off, cannot be turned back on)."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        if libc:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
 
 
 class PeakMemory:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.blocks import BlockCursor
 from ..analysis.manager import AnalysisManager
 from ..frontend.inputs import ExampleInputs, as_example_inputs
 from ..nn.spec import ModuleSpecError, build_module, module_spec
@@ -105,6 +106,8 @@ class Program:
         self.analyses = AnalysisManager(self)
         self.current_pass = ""
         self.current_change = ""  # the running pass's Pass.change, recorded in each edit
+        #: set by a run streamed from disk (graphopt.stream): the one block whose weights are loaded, and its inputs
+        self.stream: BlockCursor | None = None
 
     # --- reading -------------------------------------------------------------------------------
     def get_submodule(self, fqn: str) -> nn.Module:

@@ -88,7 +88,12 @@ def weight_scales(w: torch.Tensor, scheme: Scheme, group_size: int, qmax: int | 
     int8; for int4 the one of :data:`CLIP_FRACTIONS` of it whose rounding error over the group is least
     (weighted by ``importance``, ``[in]``, e.g. a Hessian's diagonal: GPTQ's); the mean ``|w|`` over the group's
     real columns for ternary (the zero padding of a short last group does not count). Round to nearest and GPTQ
-    both take their scales from here."""
+    both take their scales from here. Rows are independent: a large ``w`` is taken 16 MiB of rows at a time
+    (int4's search of clipping fractions holds a few copies of what it is given)."""
+    rows = max(1, (16 << 20) // max(1, w[0].numel() * w.element_size())) if w.dim() == 2 else w.shape[0]
+    if w.shape[0] > rows:
+        return torch.cat([weight_scales(w[i:i + rows], scheme, group_size, qmax, importance=importance)
+                          for i in range(0, w.shape[0], rows)])
     wg = grouped(w, group_size)
     if scheme == "ternary":
         valid = grouped(torch.ones_like(w), group_size).sum(-1)

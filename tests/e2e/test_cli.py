@@ -414,3 +414,36 @@ def test_a_model_without_text_brings_its_own_calibration_and_held_out_views(caps
     assert "quality: top-1 agreement against the original, on 5 held-out samples" in out
     row = next(line for line in out.splitlines() if line.startswith("fold_bn "))
     assert row.split()[-2:] == ["1.0000", "1"]  # quality and top-5: folding BatchNorm is exact
+
+
+def test_stream_writes_what_the_in_memory_run_gives(capsys, tmp_path):
+    from graphopt.helpers.models import example_inputs_for
+    from graphopt.helpers.zoo import hf_model
+
+    model, _ = hf_model("llama_causal_lm", layers=3)
+    model.save_pretrained(tmp_path / "src")
+    code, out, err = run_cli(capsys, "optimize", str(tmp_path / "src"), "--stream", "-p", "quantize(scheme=int8)",
+                             "--out", str(tmp_path / "out"))
+    assert code == 0 and not error_lines(err)
+    assert "streamed quantize(scheme=int8,method=rtn) over 3 blocks" in out
+    with torch.device("meta"):
+        base = type(model)(model.config)
+    loaded = go.load(tmp_path / "out", base)
+    want = go.optimize(model, example_inputs_for(model), "quantize(scheme=int8)", measure=False).model
+    assert want.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(want.state_dict().values(), loaded.state_dict().values()))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "prune(ratio=0.2)", "--out", "OUT"], "prune works on the whole model"),
+    (["-p", "quantize(scheme=int8)"], "give --out DIR"),
+    (["-p", "quantize(scheme=int8)", "--out", "OUT", "--onnx", "m.onnx"], "drop --onnx"),
+])
+def test_stream_refusals_exit_2_before_writing(capsys, tmp_path, argv, message):
+    from graphopt.helpers.zoo import hf_model
+
+    hf_model("llama", layers=2)[0].save_pretrained(tmp_path / "src")
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    code, _, err = run_cli(capsys, "optimize", str(tmp_path / "src"), "--stream", *argv)
+    assert code == 2 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

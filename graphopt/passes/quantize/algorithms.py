@@ -131,11 +131,11 @@ class Gptq(QuantAlgorithm):
 
         def solve(i: int) -> Codes:
             w, plan, gram, s = group.weights[i], group.plans[i], group.stats[i], group.smooth[i]
-            hessian = gram.mean()
+            hessian = gram.mean(spend=True)  # the solve overwrites it: one k x k matrix in all
             if s is not None:  # the layer sees x * s: its Hessian is s H s
-                hessian = hessian * s.double()[:, None] * s.double()[None, :]
+                hessian.mul_(s.double()[:, None]).mul_(s.double()[None, :])
             return gptq_quantize(held_weight(w, s), hessian, plan.scheme, plan.group_size, damp=self.damp,
-                                 act_order=self.act_order, qmax=qmax_of(plan))
+                                 act_order=self.act_order, qmax=qmax_of(plan), overwrite=True)
 
         group.codes = computed_by_owners([w.shape[1] ** 2 * w.shape[0] for w in group.weights], solve)
         return notes

@@ -52,6 +52,7 @@ from graphopt.units import MIB
 
 from .algorithms import LayerGroup, QuantAlgorithm, RoundToNearest, SmoothQuant, qmax_of, rounding
 from .bias_correction import output_shifts, subtract_from_bias
+from .block_local import restricted_outside, restricted_to_block
 from .plan import (
     LayerPlan,
     LayerScheme,
@@ -200,8 +201,8 @@ class Quantize(Pass):
         if algorithm.sequential:
             batches = self._batches(program)
             linears = [n for n in targets if n not in convs]
-            rest = sequential_by_block(model, linears, batches, algorithm.statistic, quantize_group) \
-                if self.by_block else linears
+            rest = sequential_by_block(model, linears, batches, algorithm.statistic, quantize_group,
+                                       at=program.stream) if self.by_block else linears
             for names in track(self._sequential_groups(am, rest) if rest else [], f"quantize: {algorithm.name}",
                                unit="layer group"):
                 quantize_group(names, layer_input_stats(model, {n: program.get_submodule(n) for n in names},
@@ -235,6 +236,14 @@ class Quantize(Pass):
             result.stats["tied_tables"] = len(shared)
         return result
 
+    def for_block(self, block: str) -> Quantize | str:
+        return restricted_to_block(self, block)
+
+    def outside_blocks(self, program: Program, blocks: list[str]) -> Quantize | str | None:
+        outside = [t for t in self._targets(program.module, PassResult(modified=False))[0]
+                   if not t.startswith(tuple(f"{b}." for b in blocks))]
+        return restricted_outside(self, blocks, outside)
+
     # --- options and scope ----------------------------------------------------------------------------
     def _check_options(self, program: Program) -> None:
         if self.backend not in BACKENDS:
@@ -265,7 +274,7 @@ class Quantize(Pass):
         if self.activations is not None and not self._any_w8a8():
             raise ValueError(f"quantize(activations={self.activations}) sets how w8a8 scales its activations; "
                              f"scheme={self.scheme} keeps activations in float (use scheme=w8a8, or drop activations)")
-        if program.device.type == "meta":
+        if program.device.type == "meta" and program.stream is None:
             raise ValueError("quantize needs real weights; the model is on the meta device (load its weights first)")
 
     def _units(self, program: Program, am: AnalysisManager) -> list[tuple[str, Callable[[], PassResult]]]:

@@ -19,13 +19,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
-from graphopt.analysis.blocks import find_blocks, first_block_inputs, hidden_of
+from graphopt.analysis.blocks import BlockCursor, find_blocks, first_block_inputs, hidden_of, next_inputs
 from graphopt.analysis.calibration import layer_input_stats, mask_of
 from graphopt.analysis.hooked import call_order
 from graphopt.frontend.inputs import ExampleInputs
+from graphopt.infra.metrics import give_back_memory
 from graphopt.progress import track
 
 log = logging.getLogger(__name__)
@@ -34,24 +34,34 @@ QuantizeGroup = Callable[[list[str], dict[str, Any]], None]
 
 
 def sequential_by_block(model: nn.Module, targets: list[str], batches: list, statistic: Callable[[int], Any],
-                        quantize_group: QuantizeGroup) -> list[str]:
+                        quantize_group: QuantizeGroup, at: BlockCursor | None = None) -> list[str]:
     """Quantize the targets inside the model's blocks, block by block; returns the targets left (outside).
 
     Returns every target untouched when the model has no recognisable blocks (the caller then runs
-    the whole-model sequential order).
+    the whole-model sequential order). ``at``: a run streamed from disk, where only that block is loaded
+    and its inputs were recorded; its ``next_inputs`` are set to the next block's.
     """
+    if at is not None:
+        blocks, inputs = [at.name], at.inputs
+    else:
+        try:
+            blocks = find_blocks(model, batches[0]).names
+        except ValueError as e:
+            log.info("GPTQ in whole-model order: %s", e)
+            return targets
+        inputs = first_block_inputs(model, model.get_submodule(blocks[0]), batches)
     try:
-        blocks = find_blocks(model, batches[0]).names
-    except ValueError as e:
-        log.info("GPTQ in whole-model order: %s", e)
-        return targets
-    inputs = first_block_inputs(model, model.get_submodule(blocks[0]), batches)
-    try:
-        carriers = [hidden_of(*io) for io in inputs]
+        for io in inputs:
+            hidden_of(*io)
     except TypeError as e:
+        if at is not None:
+            raise ValueError(f"GPTQ streamed: {at.name} {e}; only blocks that take the hidden states stream") from e
         log.info("GPTQ in whole-model order: %s", e)
         return targets
     if len(inputs) != len(batches):
+        if at is not None:
+            raise ValueError(f"GPTQ streamed: {len(inputs)} recorded inputs of {at.name} for {len(batches)} "
+                             "calibration batches")
         return targets
     masks = [mask_of(b) for b in batches]
     done: set[str] = set()
@@ -63,11 +73,11 @@ def sequential_by_block(model: nn.Module, targets: list[str], batches: list, sta
             stats = layer_input_stats(block, {n: model.get_submodule(n) for n in group}, calls, statistic, masks)
             quantize_group(group, stats)
             done.update(group)
-        with torch.no_grad():
-            outputs = [block(*args, **kwargs) for args, kwargs in inputs]
-        hidden = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
-        inputs = [replace(h) for (_, replace), h in zip(carriers, hidden)]
-        carriers = [hidden_of(*io) for io in inputs]
+            del stats
+            give_back_memory()  # the group's Gram matrices (k x k each)
+        inputs = next_inputs(block, inputs)
+    if at is not None:
+        at.next_inputs = inputs
     missed = [t for t in targets if t.startswith(tuple(f"{b}." for b in blocks)) and t not in done]
     if missed:
         raise ValueError(f"quantize: the calibration data never reaches {missed[:3]}; give inputs that run "

@@ -1,0 +1,61 @@
+"""GPTQ's solve in the Hessian's own memory: the same codes as with a copy, the Hessian used as scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt.analysis.calibration import GramAccumulator
+from graphopt.nn.quant import weight_scales
+from graphopt.passes.quantize.gptq import gptq_quantize, permute_rows_
+
+
+def _hessian(k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * k, k, generator=g) @ torch.randn(k, k, generator=g)
+    acc = GramAccumulator(k)
+    acc.add(x)
+    return acc.mean()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme, group", [("int4", 16), ("int8", 0)])
+def test_overwriting_the_hessian_gives_the_same_codes(act_order, scheme, group):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    h = _hessian(64)
+    kept = h.clone()
+    codes, scales = gptq_quantize(w, h, scheme, group, act_order=act_order)
+    assert torch.equal(h, kept)  # without overwrite the caller's Hessian is left alone
+    scratch = h.clone()
+    codes2, scales2 = gptq_quantize(w, scratch, scheme, group, act_order=act_order, overwrite=True)
+    assert torch.equal(codes, codes2) and torch.equal(scales, scales2)
+    assert not torch.equal(scratch, kept)  # it held the factor
+
+
+@pytest.mark.parametrize("order", [[0], [1, 0], [2, 0, 1], [0, 1, 2, 3], [3, 2, 1, 0, 4], None])
+def test_permute_rows_in_place_is_indexing(order):
+    g = torch.Generator().manual_seed(2)
+    order = order or torch.randperm(50, generator=g).tolist()
+    h = torch.randn(len(order), len(order), generator=g, dtype=torch.float64)
+    want = h[order][:, order]
+    for view in (h, h.T):
+        permute_rows_(view, order)
+    assert torch.equal(h, want)
+
+
+def test_spent_mean_is_the_mean_in_the_accumulators_memory():
+    acc = GramAccumulator(8)
+    acc.add(torch.randn(30, 8))
+    want = acc.mean()
+    got = acc.mean(spend=True)
+    assert torch.equal(got, want) and got.data_ptr() == acc.gram.data_ptr()
+
+
+def test_int4_scales_taken_in_chunks_of_rows_equal_the_whole():
+    """weight_scales goes 16 MiB of rows at a time: 1100 rows x 4096 float64 inputs is three chunks."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1100, 4096, generator=g, dtype=torch.float64)
+    importance = torch.rand(4096, generator=g, dtype=torch.float64)
+    got = weight_scales(w, "int4", 128, importance=importance)
+    want = torch.cat([weight_scales(w[i:i + 100], "int4", 128, importance=importance) for i in range(0, 1100, 100)])
+    assert torch.equal(got, want)
