@@ -67,7 +67,7 @@ class LatencyTable(TimingTable):
             sync = torch.cuda.synchronize if _device(layer).type == "cuda" and runner is None else (lambda: None)
             try:
                 with num_threads(threads), torch.no_grad():
-                    run = runner(layer, inputs, threads or torch.get_numnum_threads()) if runner else \
+                    run = runner(layer, inputs, threads or torch.get_num_threads()) if runner else \
                         (lambda: (inputs.call(layer), sync()))
                     return 1e3 * self._median(run)
             except Exception as e:  # noqa: BLE001 - a layer that does not run alone is costed with the rest

@@ -93,6 +93,19 @@ def test_a_profile_costs_every_layer_called_by_its_kind_shape_and_layout(tmp_pat
     assert len(LatencyTable(tmp_path / "latency.json").entries) == 3
 
 
+def test_a_runner_without_a_thread_count_is_given_the_current_one(tmp_path):
+    """(A typo once made this call raise, which the table took for a layer that does not run alone.)"""
+    given = []
+
+    def runner(layer, inputs, threads):
+        given.append(threads)
+        return lambda: inputs.call(layer)
+
+    table = LatencyTable(tmp_path / "latency.json")
+    ms = table.ms_of(nn.Linear(8, 8), (((2, 8), "float32"),), runtime="other", runner=runner)
+    assert ms is not None and ms > 0 and given == [torch.get_num_threads()]
+
+
 def test_a_decoding_profile_counts_the_prompt_once_and_each_step_on_one_token():
     model, _ = hf_model("llama_causal_lm")
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
