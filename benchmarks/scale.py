@@ -69,7 +69,8 @@ def run_one(args: argparse.Namespace) -> dict:
     record = res.report.records[-1]
     return {"params_b": sum(p.numel() for p in model.parameters()) / 1e9, "pass_s": record.seconds,
             "pass_peak_mib": record.measures.get("peak MiB"), "wall_s": wall, "world": rank_and_world()[1],
-            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "codes": codes_digest(res.model.state_dict().items())}
+            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "codes": codes_digest(res.model.state_dict().items())}
 
 
 def calibration(vocab: int, n: int, tokens: int) -> list[dict[str, torch.Tensor]]:
@@ -85,11 +86,10 @@ def codes_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def save_folder(args: argparse.Namespace) -> None:
+def save_folder(args: argparse.Namespace) -> dict:
     """The model of ``--shape`` / ``--layers`` saved as an HF folder (float32 safetensors) at ``--folder``."""
-    model = build(args.shape, args.layers)
-    model.save_pretrained(args.folder)
-    print("RESULT " + json.dumps({"saved": args.folder}), flush=True)
+    build(args.shape, args.layers).save_pretrained(args.folder)
+    return {"saved": args.folder}
 
 
 def run_streamed(args: argparse.Namespace) -> dict:
