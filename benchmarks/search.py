@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval", type=int, default=128, help="held-out docstrings, photo views, or LM windows")
     ap.add_argument("--tokens", type=int, default=64, help="MiniLM's tokens per text")
     ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--cache", type=Path, help="keep the measured points in this folder (a rerun resumes from "
+                                               "them; default: a temporary folder, every point measured afresh)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("graphopt.progress").setLevel(logging.INFO)
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     setup, goals = MODELS[args.model]
     goals = args.goals or list(goals)
     model, example, calib, held = setup(args)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = str(args.cache or scratch)
         summary = []
         for text in goals:
             start = time.perf_counter()

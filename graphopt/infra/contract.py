@@ -16,6 +16,7 @@ from .options import check_options
 from .text import format_pass
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from ..analysis.manager import AnalysisManager
@@ -67,6 +68,11 @@ class Pass:
       pipeline, lower first (depth 10, prune 20, dyt 30, merge 40, factorize 50, heal 80, quantize 90: quantize last).
     - ``repairs``: the pass recovers what earlier lossy passes lost (``heal``): it is not a choice of its
       own; the search adds it to the measured candidates whose quality floor binds (``Goal.heal``).
+    - ``per_layer``: the option that sets the pass's choice layer by layer (a ``{layer glob: value}`` map), then
+      the options such a value stands for: ``quantize``'s ``("layers", "scheme", "method")``. The search's
+      per-layer plans (:mod:`graphopt.search.layerwise`) set it, with :meth:`layer_value`,
+      :meth:`layer_units`, :meth:`layer_variant` and :meth:`layer_error`; ``()``: none. ``layer_unchanged``: the
+      value that leaves a layer as it is (``quantize``: ``float``), which every plan may give a layer.
     """
 
     name: ClassVar[str] = ""
@@ -81,6 +87,8 @@ class Pass:
     slot: ClassVar[str] = ""
     stage: ClassVar[int] = 50
     repairs: ClassVar[bool] = False
+    per_layer: ClassVar[tuple[str, ...]] = ()
+    layer_unchanged: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         check_options(self)  # declared types and ranges, for passes built in Python as from text
@@ -115,6 +123,30 @@ class Pass:
         """For a run streamed from disk, once every block is done: this pass restricted to the layers outside
         ``blocks`` (run with those loaded and the blocks not), ``None`` when it has nothing to do there (the
         default), or why it leaves them as they are (the run warns with it)."""
+        return None
+
+    # --- per-layer plans of the goal search (``per_layer``) ---------------------------------------------
+    def layer_value(self) -> str | None:
+        """The value this configured pass gives every layer it changes (``quantize(scheme=int4)``: ``int4``), or
+        None when it does not give them all one (a bits budget, a layers map): the search plans layer by layer
+        over the choices that have one."""
+        return None
+
+    def layer_units(self, program: Program) -> list[list[str]]:
+        """The layers this pass would change on ``program``, in groups that take one value together (layers that
+        read one tensor)."""
+        return []
+
+    def layer_variant(self, program: Program, name: str, value: str) -> nn.Module | None:
+        """Layer ``name`` as ``value`` would make it, built cheaply (``quantize``: rounded to nearest), which the
+        latency table times; None when the value does not apply to this layer."""
+        return None
+
+    def layer_error(self, program: Program, name: str, value: str) -> torch.Tensor | None:
+        """The change ``value`` makes to the weight of layer ``name``, one row per output as
+        :func:`graphopt.analysis.layers.weight_rows` lays a weight out; the search weighs it by the probed
+        Gauss-Newton diagonal (:func:`graphopt.analysis.probes.fisher_diagonal`) to
+        estimate the loss of each layer's value. None: the value does not apply to the layer."""
         return None
 
     def __str__(self) -> str:

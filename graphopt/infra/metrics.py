@@ -9,18 +9,21 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..frontend.inputs import ExampleInputs
+from ..frontend.inputs import ExampleInputs, as_example_inputs, flatten_outputs
 from ..frontend.kv_cache import caches_off
 from ..nn.quant import PackedLayer
+from ..progress import track
+from .program import swapped_modules
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 
 def count_params(module: nn.Module) -> int:
@@ -229,3 +232,39 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.bytes = max(self.bytes, self.resident() - self._start)
+
+
+@torch.no_grad()
+def output_changes(model: nn.Module, swaps: Mapping[K, Callable[[], Mapping[str, nn.Module]]], batches: Sequence[Any],
+                   label: str = "", figure: Figure | None = None) -> dict[K, float]:
+    """For each key, how much ``model``'s outputs on ``batches`` change with the modules its function builds
+    swapped in (alone, built when their turn comes: :func:`~graphopt.infra.program.swapped_modules`): by default
+    the squared change of the float outputs relative to their squared norm (what
+    :func:`graphopt.analysis.probes.fisher_diagonal` estimates from a weight change); with ``figure``, its
+    ``(summary of one batch's outputs, loss of the swapped summaries against the reference's)``."""
+    summary, loss = figure or (_float_outputs, _relative_change)
+    examples = [as_example_inputs(b) for b in batches]
+
+    def summaries() -> list[Any]:
+        return [summary(x.call(model), x) for x in examples]
+
+    reference = summaries()
+    changes: dict[K, float] = {}
+    for key in track(list(swaps), label or "output change of each swap", unit="swap"):
+        with swapped_modules(model, dict(swaps[key]())):
+            changes[key] = loss(summaries(), reference)
+    return changes
+
+
+#: how :func:`output_changes` compares outputs: a batch's outputs (and its inputs) -> a summary; summaries -> a loss
+Figure = tuple[Callable[[Any, ExampleInputs], Any], Callable[[list[Any], list[Any]], float]]
+
+
+def _float_outputs(outputs: Any, _inputs: ExampleInputs) -> list[torch.Tensor]:
+    return [t.float() for t in flatten_outputs(outputs).values()
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _relative_change(now: list[list[torch.Tensor]], reference: list[list[torch.Tensor]]) -> float:
+    energy = sum(float(r.pow(2).sum()) for batch in reference for r in batch) or 1.0
+    return sum(float((o - r).pow(2).sum()) for a, b in zip(now, reference) for o, r in zip(a, b)) / energy

@@ -58,15 +58,20 @@ def search_goal(model: nn.Module, example_inputs: Any, goal: Goal | str, build: 
         base_metric = metric_of_original(metric, model) if metric is not None else None
         store = PointCache(_cache_path(cache, model, inputs, goal, held_out, calib, metric, base_metric))
         evaluator = Evaluator(model, inputs, goal, build, store, held_out or [], metric=metric,
-                              base_metric=base_metric, repairable=_repairable(space.repairs if goal.heal else []))
+                              base_metric=base_metric,
+                              repairable=_timed_under_floor(space.repairs if goal.heal else [], goal.plans),
+                              calib=calib or ())
         return run_search(evaluator, space, goal)
 
 
-def _repairable(repairs: Sequence[Any]) -> Callable[[Pipeline], bool]:
-    """Whether a repairing pass may run on a candidate: one of its passes is lossy (declares a ``change``) and
-    comes before the repair's stage (the search's rule for what it repairs, :meth:`Search.repairable`)."""
+def _timed_under_floor(repairs: Sequence[Any], plans: int) -> Callable[[Pipeline], bool]:
+    """Whether a candidate under the quality floor is timed all the same: a repairing pass may run on it (one of
+    its passes is lossy, declares a ``change``, and comes before the repair's stage: the search's rule for what
+    it repairs, :meth:`Search.repairable`), or it is a uniform choice that per-layer plans read (their speed is
+    spread over the layers from its measured time: :mod:`.layerwise`)."""
     def check(pipeline: Pipeline) -> bool:
-        return any(type(p).change and type(p).stage < type(r).stage for r in repairs for p in pipeline)
+        return any(type(p).change and type(p).stage < type(r).stage for r in repairs for p in pipeline) or \
+            (plans > 0 and any(type(p).per_layer and p.layer_value() is not None for p in pipeline))
 
     return check
 

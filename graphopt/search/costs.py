@@ -80,19 +80,21 @@ class LayerCosts:
 
     def profile(self, model: nn.Module, inputs: ExampleInputs, threads: int) -> LayerTimes:
         """Each layer's milliseconds on ``inputs`` at ``threads`` threads (summed over its calls)."""
-        out: LayerTimes = {}
-        for name, signatures in layer_calls(model, inputs, self.decode).items():
-            layer = model.get_submodule(name)
-            total: float | None = 0.0
-            for signature, count in Counter(signatures).items():
-                ms = None if signature is None else self.table.ms_of(
-                    layer, signature, runtime=self.runtime, threads=threads, runner=self._runner())
-                if ms is None:
-                    total = None
-                    break
-                total = (total or 0.0) + ms * count
-            out[name] = total
-        return out
+        return {name: self.layer_ms(model.get_submodule(name), signatures, threads)
+                for name, signatures in layer_calls(model, inputs, self.decode).items()}
+
+    def layer_ms(self, layer: nn.Module, signatures: list[Signature | None], threads: int) -> float | None:
+        """The table's milliseconds of ``layer`` summed over calls with ``signatures`` (those :func:`layer_calls`
+        recorded), at ``threads`` threads; None when one call cannot be timed alone. ``layer`` may be one no model
+        holds yet (a layer as a per-layer plan would make it: the table costs it all the same)."""
+        total = 0.0
+        for signature, count in Counter(signatures).items():
+            ms = None if signature is None else self.table.ms_of(
+                layer, signature, runtime=self.runtime, threads=threads, runner=self._runner())
+            if ms is None:
+                return None
+            total += ms * count
+        return total
 
     def save(self) -> None:
         self.table.save()

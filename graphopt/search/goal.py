@@ -55,6 +55,7 @@ class Goal:
     decode: int = 0  # runtime=torch: time greedy generate() of this many new tokens from the example (0: one forward)
     compile: bool = False  # runtime=torch: time under torch.compile (decode=: a static KV cache, a graph a step)
     confirm: int = 3  # speedup objective: the best this many measured points rebuilt and timed again together
+    plans: int = 2  # per-layer plans measured (a pass's value chosen layer by layer against the floor; 0: none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batches", tuple(int(b) for b in _as_tuple(self.batches)))
@@ -77,8 +78,8 @@ class Goal:
             problems.append(f"batches={list(self.batches)}: give one or more batch sizes >= 1")
         if any(t < 1 for t in self.threads):
             problems.append(f"threads={list(self.threads)}: thread counts are >= 1")
-        if self.max_time <= 0 or self.trials < 0 or self.heal < 0 or self.refine < 0 or self.confirm < 0:
-            problems.append("max_time must be > 0 seconds, trials, heal, refine and confirm >= 0")
+        if self.max_time <= 0 or min(self.trials, self.heal, self.refine, self.confirm, self.plans) < 0:
+            problems.append("max_time must be > 0 seconds, trials, heal, refine, confirm and plans >= 0")
         if self.decode < 0:
             problems.append(f"decode={self.decode}: the new tokens a timed generate() makes, >= 1 (0: time a forward)")
         if self.decode and self.runtime != "torch":

@@ -20,7 +20,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,16 +227,18 @@ def _update(h: Any, t: torch.Tensor) -> None:
 class Evaluator:
     """Builds and measures candidates against ``model`` (never changed), caching every point.
 
-    A candidate that misses the quality floor is timed only when ``repairable(pipeline)`` says a repair
-    (``heal``) may lift it over the floor, which the search decides by its speed: otherwise its speed changes
-    nothing the search does, and timing it costs as much as building it (a compiled candidate compiles first).
+    A candidate that misses the quality floor is timed only when ``repairable(pipeline)`` says so: a repair
+    (``heal``) may lift it over the floor, which the search decides by its speed, or per-layer plans read its
+    speed (a uniform choice of a per-layer knob); otherwise its speed changes nothing the search does, and
+    timing it costs as much as building it (a compiled candidate compiles first).
     """
 
     def __init__(self, model: nn.Module, inputs: ExampleInputs, goal: Goal, build: Build, cache: PointCache,
                  eval_data: list[ExampleInputs], repeat: int = 10, seconds: float = 2.0,
                  metric: Metric | None = None, base_metric: float | None = None,
-                 repairable: Callable[[Pipeline], bool] = lambda _: True) -> None:
+                 repairable: Callable[[Pipeline], bool] = lambda _: True, calib: Sequence[Any] = ()) -> None:
         self.model, self.inputs, self.goal, self.build, self.cache = model, inputs, goal, build, cache
+        self.calib = list(calib)  # what per-layer plans estimate each layer's loss on (never the held-out data)
         self.repairable = repairable
         self.repeat, self.seconds = repeat, seconds  # timing rounds per setting: at least, and seconds to aim for
         self.metric, self._base_metric = metric, base_metric  # the user's figure, and its value on the original
@@ -326,9 +328,9 @@ class Evaluator:
 
     def _layer_times(self, candidate: nn.Module) -> dict[str, LayerTimes]:
         """The candidate's layers costed from the latency table at every setting (:mod:`.costs`)."""
-        return {self._key(b, t): self.costs.profile(candidate, self.inputs.with_batch(b), t) for b, t in self.settings}
+        return {self.key(b, t): self.costs.profile(candidate, self.inputs.with_batch(b), t) for b, t in self.settings}
 
-    def _key(self, batch: int, threads: int) -> str:
+    def key(self, batch: int, threads: int) -> str:
         """A timed setting's name in the points' figures."""
         decode = ("compiled, " if self.goal.compile else "") + (f"decode {self.goal.decode}, " if self.goal.decode
                                                                 else "")
@@ -344,8 +346,8 @@ class Evaluator:
             with num_threads(threads), torch.no_grad():
                 base, *times = interleaved_medians(group, self._rounds(group), warmup=2)
             for (speedups, ms), new in zip(out, times):
-                speedups[self._key(batch, threads)] = base / new
-                ms[self._key(batch, threads)] = 1e3 * new
+                speedups[self.key(batch, threads)] = base / new
+                ms[self.key(batch, threads)] = 1e3 * new
         return out
 
     def retime(self, points: list[tuple[Point, Pipeline]]) -> list[Point]:

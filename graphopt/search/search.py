@@ -2,7 +2,7 @@
 
 1. **One change at a time.** Every choice of every slot (:mod:`.space`) is built and measured on its own,
    breadth first (the mildest choice of every family, then the next of each); a choice that misses the
-   quality floor alone ends its pass's stronger choices of the same :func:`family` (a stronger cut of the
+   quality floor alone ends its pass's stronger choices of the same :func:`~.space.family` (a stronger cut of the
    same kind loses more: the assumption behind the floor's pruning, said in the result).
 2. **Every combination, predicted.** Each combination of the single changes that met the floor is estimated
    from them (:mod:`.predict`): quality losses (``1 - figure``) add, size and perplexity ratios multiply, and
@@ -10,18 +10,21 @@
    law: two changes compound only on the layers both change). The space is a product of a few slots with a
    few choices each (hundreds of combinations), so it is enumerated exhaustively rather than sampled: no
    combination is left out, and the estimate of each costs nothing. This is the knapsack of the issue solved
-   by enumeration at pass level; the per-layer choices (which layers get int4, which groups lose units) are
-   made inside the passes (``budget_bits``, global pruning), not by this search yet.
+   by enumeration at pass level; per-layer choices are step 4's.
 3. **The best predictions, measured.** The combinations predicted to meet the goal, best objective first,
    are built and measured end to end (``goal.trials`` of them, within ``goal.max_time``); the search never
    stops at the first that meets the goal, and the answer is always a measured point: predictions only decide
    what to measure.
-4. **Repaired near the front.** The ``goal.heal`` measured candidates nearest the floor whose quality
+4. **Per-layer plans.** A pass with a per-layer knob (``quantize``'s ``layers``) gets a value per group of
+   layers, chosen by a knapsack against the floor (:mod:`.layerwise`): losses estimated from probed gradients
+   and scaled by the measured uniform choices, times read from the latency table; ``goal.plans`` of them are
+   built and measured.
+5. **Repaired near the front.** The ``goal.heal`` measured candidates nearest the floor whose quality
    floor is all they miss (and that hold a lossy change before the repairing pass's stage) are built again
    with the repairing pass (``heal``: distillation from the original) and measured: healing is too slow to
    try on every candidate, and only changes the quality of the few whose quality binds. One that meets the
    floor healed is followed by its family's next stronger choice, healed, which step 1 left out.
-5. **Confirmed together.** With speed as the objective, the best ``goal.confirm`` points that meet the goal are
+6. **Confirmed together.** With speed as the objective, the best ``goal.confirm`` points that meet the goal are
    rebuilt and timed again in one session (the original and each in turns), and keep those figures: the
    answer is picked from one measurement of its rivals.
 
@@ -31,7 +34,6 @@ meeting the goal, or, when none does, the nearest points and which constraint bi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -39,15 +41,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..infra.contract import Pass
 from ..infra.text import markdown_table
 from ..progress import Progress
 from .goal import Goal, GoalError
+from .layerwise import FRACTIONS, describe, layer_plans
 from .measure import Evaluator, Point, meets_floor
 from .predict import predict, prediction_check
-from .space import Combination, Slot, Space, combinations, pipeline_of
+from .space import Combination, Slot, Space, combinations, family, midpoint, pipeline_of, without
 
 log = logging.getLogger(__name__)
 
@@ -170,49 +172,6 @@ def _dominates(a: Point, b: Point) -> bool:
     return all(x >= y for x, y in zip(fa, fb)) and any(x > y for x, y in zip(fa, fb))
 
 
-def family(choice: Pass) -> tuple[Any, ...]:
-    """Choices of one pass that differ only in numbers, set or not (``prune`` ratios, blocks dropped, an int4
-    bits budget): listed mildest first, each is a stronger cut of the one before. Choices that differ in anything else (``quantize``'s
-    ``int8`` weight-only and ``w8a8``) are not ordered by strength, and one missing the floor says nothing
-    of the other."""
-    fixed = [(f.name, repr(getattr(choice, f.name))) for f in dataclasses.fields(choice)
-             if isinstance(getattr(choice, f.name), bool)
-             or not isinstance(getattr(choice, f.name), (int, float, type(None)))]  # (None: a number left unset)
-    return (type(choice), *fixed)
-
-
-def midpoint(mild: Pass, strong: Pass) -> Pass | None:
-    """The choice halfway between two of one :func:`family` (each option that differs averaged, integers rounded
-    down); None when no value lies between them or the pass refuses it."""
-    if family(mild) != family(strong):
-        return None
-    halfway: dict[str, Any] = {}
-    for f in dataclasses.fields(mild):
-        a, b = getattr(mild, f.name), getattr(strong, f.name)
-        if a == b:
-            continue
-        if not (_is_number(a) and _is_number(b)):
-            return None  # (an option set in one and unset in the other: budget_bits=6 against all-int4)
-        mid = (a + b) // 2 if isinstance(a, int) and isinstance(b, int) else round((a + b) / 2, 6)
-        if mid in (a, b):
-            return None
-        halfway[f.name] = mid
-    try:
-        return dataclasses.replace(mild, **halfway) if halfway else None
-    except ValueError:  # out of the option's declared range
-        return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def without(choice: Pass, options: Sequence[str]) -> Pass:
-    """``choice`` with ``options`` back at their defaults."""
-    defaults = type(choice)().options(all=True)
-    return dataclasses.replace(choice, **{name: defaults[name] for name in options})
-
-
 def meets_budget(p: Point, goal: Goal) -> bool:
     """Speed-up and size within the goal (the constraints a repair such as heal does not change)."""
     if goal.speedup is not None and (p.speedup is None or p.speedup < goal.speedup):
@@ -252,7 +211,8 @@ class Search:
         kin = Counter(family(c) for s in self.slots for c in s.choices)
         n_singles = sum(kin.values()) + self.goal.refine * sum(n > 1 for n in kin.values())  # (refinable: 2 or more)
         n_repaired = self.goal.heal * len(self.repairs)
-        with Progress("search", total=1 + n_singles + self.goal.trials + n_repaired, unit="candidate") as progress:
+        total = 1 + n_singles + self.goal.trials + self.goal.plans + n_repaired
+        with Progress("search", total=total, unit="candidate") as progress:
             base = self._measure((), progress)
             if base.failed:
                 raise GoalError(f"the original model (pipeline {base.pipeline!r}) could not be measured: {base.error}")
@@ -266,12 +226,42 @@ class Search:
                     break
                 tried.append((self._measure(combo, progress), [singles[id(c)] for c in combo]))
             else:
+                self._plans(singles, base, progress)
                 self._repair(progress)
             check = prediction_check(tried, base)
             if check:
                 self.notes.append(check)
             self._confirm()
         return self.points, len(ranked)
+
+    def _plans(self, singles: dict[int, Point], base: Point, progress: Progress) -> None:
+        """Measure up to ``goal.plans`` per-layer plans (:mod:`.layerwise`), one at a time: each round, every
+        family's plan within the floor's budget (a smaller share of it where that plan was measured), corrected
+        by what its last plan measured; the best predicted is built and measured."""
+        if not self.goal.plans:
+            return
+        planners, notes = layer_plans(self.evaluator, self.slots, singles, base, self.goal)
+        self.notes += notes
+        measured = {p.pipeline for p in self.points}
+        for _ in range(self.goal.plans):
+            offers = []
+            for planner in planners:
+                for fraction in FRACTIONS:
+                    offer = planner.plan(fraction)
+                    if offer is not None and str(pipeline_of((offer[0],))) not in measured:
+                        offers.append((planner, *offer))
+                        break
+            if not offers:
+                return
+            if self._out_of_time():
+                self.notes.append(f"stopped at max_time={self.goal.max_time:g} s before the per-layer plans")
+                return
+            planner, choice, predicted = min(offers, key=lambda o: (bool(o[2].meets(self.goal)),
+                                                                     -objective(o[2], self.goal)))
+            point = self._measure((choice,), progress)
+            measured.add(point.pipeline)
+            planner.observe(choice, point)
+            self.notes.append(describe(choice, predicted, point))
 
     def _confirm(self) -> None:
         """With speed as the objective, the best ``goal.confirm`` points that meet the goal rebuilt and timed again,
@@ -325,7 +315,7 @@ class Search:
                     queue.insert(0, stronger)
 
     def stronger(self, combo: Combination) -> Combination | None:
-        """``combo`` with one of its choices replaced by the next stronger choice of the same :func:`family`, one
+        """``combo`` with one of its choices replaced by the next stronger choice of the same :func:`~.space.family`, one
         that was not measured on its own (the floor rule dropped it); None if there is none."""
         measured = {p.pipeline for p in self.points}
         for i, choice in enumerate(combo):
@@ -365,7 +355,7 @@ class Search:
         dropped: dict[tuple, str] = {}  # (slot, family) -> why its stronger choices are not measured
         for at, choice in self._breadth_first():
             kind = (at, family(choice))
-            if kind in dropped:
+            if kind in dropped and not self._plans_read(choice):
                 self.notes.append(f"{choice.label()} not measured: {dropped[kind]}")
                 progress.update()
                 continue
@@ -392,6 +382,12 @@ class Search:
             self.slots[at] = self._refine(slot, singles, progress)
         return singles
 
+    def _plans_read(self, choice: Pass) -> bool:
+        """Whether the per-layer plans read ``choice``'s measured loss (a uniform value of a per-layer knob, such as
+        all-int4): measured even where a milder choice of its family missed the floor, since a plan gives that
+        value to the layers that bear it."""
+        return bool(self.goal.plans and type(choice).per_layer and choice.layer_value() is not None)
+
     def _breadth_first(self) -> list[tuple[int, Pass]]:
         """(slot index, choice) pairs: each choice ranked by its place in its family (mildest 0), then slot order."""
         order = []
@@ -404,7 +400,7 @@ class Search:
 
     def _refine(self, slot: Slot, singles: dict[int, Point], progress: Progress) -> Slot:
         """``slot`` with up to ``goal.refine`` choices per family measured by bisection between the family's last
-        measured choice that meets the quality floor and the next, which misses it (:func:`midpoint`): the cut
+        measured choice that meets the quality floor and the next, which misses it (:func:`~.space.midpoint`): the cut
         the floor allows, not only the listed ones. A refined choice joins the combinations like any other."""
         choices = list(slot.choices)
         for kind in dict.fromkeys(family(c) for c in choices):

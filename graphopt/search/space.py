@@ -10,9 +10,11 @@ measured candidates whose quality floor binds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..infra.contract import Pass
 from ..infra.pipeline import Pipeline, parse_pipeline
@@ -87,3 +89,46 @@ def combinations(slots: Sequence[Slot]) -> Iterator[Combination]:
 def pipeline_of(combo: Combination) -> Pipeline:
     """The pipeline that builds a candidate: the ``default`` clean-ups, then its passes by stage."""
     return Pipeline([*parse_pipeline("default"), *sorted(combo, key=lambda p: type(p).stage)])
+
+
+def family(choice: Pass) -> tuple[Any, ...]:
+    """Choices of one pass that differ only in numbers, set or not (``prune`` ratios, blocks dropped, an int4
+    bits budget): listed mildest first, each is a stronger cut of the one before. Choices that differ in anything else (``quantize``'s
+    ``int8`` weight-only and ``w8a8``) are not ordered by strength, and one missing the floor says nothing
+    of the other."""
+    fixed = [(f.name, repr(getattr(choice, f.name))) for f in dataclasses.fields(choice)
+             if isinstance(getattr(choice, f.name), bool)
+             or not isinstance(getattr(choice, f.name), (int, float, type(None)))]  # (None: a number left unset)
+    return (type(choice), *fixed)
+
+
+def midpoint(mild: Pass, strong: Pass) -> Pass | None:
+    """The choice halfway between two of one :func:`family` (each option that differs averaged, integers rounded
+    down); None when no value lies between them or the pass refuses it."""
+    if family(mild) != family(strong):
+        return None
+    halfway: dict[str, Any] = {}
+    for f in dataclasses.fields(mild):
+        a, b = getattr(mild, f.name), getattr(strong, f.name)
+        if a == b:
+            continue
+        if not (_is_number(a) and _is_number(b)):
+            return None  # (an option set in one and unset in the other: budget_bits=6 against all-int4)
+        mid = (a + b) // 2 if isinstance(a, int) and isinstance(b, int) else round((a + b) / 2, 6)
+        if mid in (a, b):
+            return None
+        halfway[f.name] = mid
+    try:
+        return dataclasses.replace(mild, **halfway) if halfway else None
+    except ValueError:  # out of the option's declared range
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def without(choice: Pass, options: Sequence[str]) -> Pass:
+    """``choice`` with ``options`` back at their defaults."""
+    defaults = type(choice)().options(all=True)
+    return dataclasses.replace(choice, **{name: defaults[name] for name in options})

@@ -45,6 +45,6 @@ def test_without_confirming_the_lucky_timing_picks_the_answer(own_registry, luck
 
 
 def test_a_confirm_goal_term_is_checked():
-    with pytest.raises(go.GoalError, match="confirm >= 0"):
+    with pytest.raises(go.GoalError, match="confirm and plans >= 0"):
         go.Goal.parse("quality>=0.9,confirm=-1")
     assert str(go.Goal.parse("quality>=0.9,confirm=0")) == "quality>=0.9,confirm=0"

@@ -33,8 +33,9 @@ def test_goal_text_round_trips_and_parses_lists():
     ("quality>=0.9,objective=quality", "drop one"),
     ("quality>=0.9,runtime=tensorrt", "choose torch or onnxruntime"),
     ("quality>=0.9,batches=[0]", "batch sizes >= 1"),
-    ("quality>=0.9,heal=-1", "trials, heal, refine and confirm >= 0"),
-    ("quality>=0.9,refine=-1", "trials, heal, refine and confirm >= 0"),
+    ("quality>=0.9,heal=-1", "trials, heal, refine, confirm and plans >= 0"),
+    ("quality>=0.9,refine=-1", "trials, heal, refine, confirm and plans >= 0"),
+    ("quality>=0.9,plans=-1", "trials, heal, refine, confirm and plans >= 0"),
     ("", "an empty goal"),
     ("fast please", "write name>=value"),
 ])

@@ -2,7 +2,7 @@
 and the next, which misses it, so the search finds the cut the floor allows, not only the listed ones."""
 
 import graphopt as go
-from graphopt.search.search import midpoint
+from graphopt.search.space import midpoint
 from tests.search.test_search import REFIT, _mlp
 
 

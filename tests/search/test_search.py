@@ -221,7 +221,7 @@ def test_max_time_is_honoured_and_the_cache_resumes_without_building_again(tmp_p
 def test_on_onnxruntime_every_candidate_is_exported_and_timed_at_each_batch_size():
     model, x, calib, held_out = _mlp()
     found = go.optimize_for(model, x[:1], "quality>=0.9,runtime=onnxruntime,batches=[1,16],threads=[1],"
-                            "passes=[quantize],trials=0", calib=calib, eval_data=held_out, cache=False).search
+                            "passes=[quantize],trials=0,plans=0", calib=calib, eval_data=held_out, cache=False).search
     assert len(found.points) == 5 and not [p.error for p in found.points if p.failed]
     assert all(set(p.speedups) == {"batch 1, 1 thread", "batch 16, 1 thread"} for p in found.points)
     assert all(0.05 < s < 20 for p in found.points for s in p.speedups.values())

@@ -21,13 +21,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graphopt.analysis.probes import probe_gradients
-from graphopt.frontend.inputs import as_example_inputs, flatten_outputs
-from graphopt.infra.program import swapped_modules
+from graphopt.analysis.layers import linear_weight, weight_rows
+from graphopt.analysis.probes import fisher_diagonal
+from graphopt.infra.metrics import output_changes
 from graphopt.nn.quant import BITS, n_groups
-from graphopt.progress import track
 
 log = logging.getLogger(__name__)
+
+
+def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight as [out, in], bias)`` of a layer quantize packs: a Linear or Conv1D, or a Conv2d (its weight as
+    rows of ``in / groups x kh x kw``, the layout of :class:`QuantConv2d`); else ``None``."""
+    if isinstance(module, nn.Conv2d):
+        return weight_rows(module, module.weight), module.bias
+    return linear_weight(module)
 
 
 @dataclass(frozen=True)
@@ -157,26 +164,12 @@ def _plan_same(shapes: dict[str, tuple[int, int]], scheme: str, group_size: int 
     return plans, notes
 
 
-@torch.no_grad()
 def layer_sensitivity(model: nn.Module, names: list[str], packed: Callable[[str, LayerPlan], nn.Module],
                       plans: dict[str, LayerPlan], batches: list) -> dict[str, float]:
     """Relative output error of ``model`` on ``batches`` with each layer of ``names`` alone replaced by
     ``packed(name, plan)`` (the layer quantized by its plan)."""
-    def outputs() -> list[torch.Tensor]:
-        out = []
-        for b in batches:
-            flat = flatten_outputs(as_example_inputs(b).call(model))
-            out.extend(t.float() for t in flat.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
-        return out
-
-    reference = outputs()
-    energy = sum(float(r.pow(2).sum()) for r in reference) or 1.0
-    scores: dict[str, float] = {}
-    for name in track(names, "quantize: sensitivity of each layer", unit="layer"):
-        with swapped_modules(model, {name: packed(name, plans[name])}):
-            err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs(), reference))
-        scores[name] = err / energy
-    return scores
+    swaps = {name: (lambda name=name: {name: packed(name, plans[name])}) for name in names}
+    return output_changes(model, swaps, batches, "quantize: sensitivity of each layer")
 
 
 def gradient_sensitivity(model: nn.Module, params: dict[str, torch.Tensor], error: Callable[[str], torch.Tensor],
@@ -189,15 +182,7 @@ def gradient_sensitivity(model: nn.Module, params: dict[str, torch.Tensor], erro
     batches (:mod:`graphopt.analysis.probes`): the squared output change its rounding causes alone, relative to
     the outputs' energy, with the Gauss-Newton matrix taken diagonal as in HAWQ-V2's and ModelOpt's per-layer
     scores."""
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in params.items()}
-    energy = 0.0
-    for batch_energy in track(probe_gradients(model, batches, list(params.values()), who="quantize(budget_bits=...)"),
-                              "quantize: sensitivity of every layer (probed gradients)", total=len(batches),
-                              unit="batch"):
-        energy += batch_energy
-        for name, weight in params.items():
-            if weight.grad is not None:
-                fisher[name] += weight.grad.detach().float().pow(2)
+    fisher, energy = fisher_diagonal(model, params, batches, who="quantize(budget_bits=...)")
     return {n: float((rows(n, fisher.pop(n)) * error(n).float().pow(2)).sum()) / (energy or 1.0) for n in params}
 
 

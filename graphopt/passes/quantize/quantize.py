@@ -38,9 +38,7 @@ from torch import nn
 
 from graphopt.analysis import AnalysisManager
 from graphopt.analysis.calibration import layer_input_stats
-from graphopt.analysis.channel_scale import producers_of, scale_path
 from graphopt.analysis.layers import linear_weight, output_embeddings, tied_tables, weight_rows, why_not_plain
-from graphopt.frontend.errors import CaptureError
 from graphopt.infra.contract import Pass, PassResult
 from graphopt.infra.options import Range
 from graphopt.infra.program import Program
@@ -50,6 +48,7 @@ from graphopt.nn.quant import BACKENDS, PackedLayer, QuantConv2d, QuantEmbedding
 from graphopt.progress import track
 from graphopt.units import MIB
 
+from . import per_layer
 from .algorithms import LayerGroup, QuantAlgorithm, RoundToNearest, SmoothQuant, qmax_of, rounding
 from .bias_correction import output_shifts, subtract_from_bias
 from .block_local import restricted_outside, restricted_to_block
@@ -60,19 +59,13 @@ from .plan import (
     layer_sensitivity,
     mixed_precision,
     plan_layers,
+    weight_matrix,
 )
 from .sequential import sequential_by_block
+from .smoothquant import fold_factor, fold_plan
 from .tables import SHAREABLE, share_tied_table, why_not_table
 
 log = logging.getLogger(__name__)
-
-
-def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight as [out, in], bias)`` of a layer quantize packs: a Linear or Conv1D, or a Conv2d (its weight as
-    rows of ``in / groups x kh x kw``, the layout of :class:`QuantConv2d`); else ``None``."""
-    if isinstance(module, nn.Conv2d):
-        return weight_rows(module, module.weight), module.bias
-    return linear_weight(module)
 
 
 def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
@@ -87,11 +80,14 @@ def _scales_underflow(weight: torch.Tensor, plan: LayerPlan) -> bool:
                choices=({"scheme": "int8"}, {"scheme": "w8a8", "method": "gptq"},
                         {"scheme": "int4", "method": "gptq", "budget_bits": 6}, {"scheme": "int4", "method": "gptq"},
                         {"scheme": "int8", "lm_head": True},
-                        {"scheme": "int4", "method": "gptq", "budget_bits": 6, "lm_head": True}))
+                        {"scheme": "int4", "method": "gptq", "budget_bits": 6, "lm_head": True},
+                        {"scheme": "int4", "method": "gptq", "lm_head": True}))
 class Quantize(Pass):
     """Quantize Linear and Conv2d weights to int8 / int4 / ternary, or Linear weights and activations to int8 (w8a8)."""
 
     decisive = ("scheme", "method", "group_size")
+    per_layer = ("layers", "scheme", "method")  # the search's per-layer plans set layers={...} (per_layer.py)
+    layer_unchanged = "float"
 
     scheme: Literal["int8", "int4", "ternary", "w8a8"] = "int8"  # weight format (w8a8: int8 activations too)
     group_size: Annotated[int, Range(0)] | None = None  # None: int4 the largest of 128/64/32 dividing each width; else per channel
@@ -172,7 +168,7 @@ class Quantize(Pass):
         smoothing = bool(w8a8) and (self.alpha is None or self.alpha > 0)
         groups = self._sequential_groups(am, w8a8) if smoothing else []
         smooth = self._transformed(program, SmoothQuant(self.alpha), groups, plans, result) if smoothing else {}
-        folds = self._fold_plan(program, am, groups, smooth, plans, result) if smooth else {}
+        folds = fold_plan(program, am, groups, smooth, plans, result) if smooth else {}
         sizes = {"before": 0, "after": 0, "weights": 0}
         algorithm = rounding(self.method, damp=self.damp, act_order=self.act_order)
         pending: dict[str, PackedLayer] = {}  # bias correction: built, replaced once their shifts are measured
@@ -215,7 +211,7 @@ class Quantize(Pass):
         shared = [t for t, head in tied.items() if share_tied_table(program, t, head, result)]
         before, after, n_weights = sizes["before"], sizes["after"], sizes["weights"]
         for consumer, producer in folds.items():
-            self._fold(program, consumer, producer, result)
+            fold_factor(program, consumer, producer, result)
         for name in tables:
             table = program.get_submodule(name)
             int4 = self.scheme == "int4"
@@ -235,6 +231,18 @@ class Quantize(Pass):
         if shared:
             result.stats["tied_tables"] = len(shared)
         return result
+
+    def layer_value(self) -> str | None:
+        return per_layer.layer_value(self)
+
+    def layer_units(self, program: Program) -> list[list[str]]:
+        return per_layer.layer_units(self, program)
+
+    def layer_variant(self, program: Program, name: str, value: str) -> nn.Module | None:
+        return per_layer.layer_variant(self, program, name, value)
+
+    def layer_error(self, program: Program, name: str, value: str) -> torch.Tensor | None:
+        return per_layer.layer_error(self, program, name, value)
 
     def for_block(self, block: str) -> Quantize | str:
         return restricted_to_block(self, block)
@@ -399,48 +407,6 @@ class Quantize(Pass):
             result.diagnostics += algorithm.apply(group)
             out.update({n: s for n, s in zip(names, group.smooth) if s is not None})
         return out
-
-    def _fold_plan(self, program: Program, am: AnalysisManager, groups: list[list[str]],
-                   smooth: dict[str, torch.Tensor], plans: dict[str, LayerPlan], result: PassResult) -> dict[str, str]:
-        """``{consumer: producer}``: SmoothQuant factors that can move into an earlier layer's per-channel scales,
-        each proven exact on the float model's graph (:mod:`graphopt.analysis.channel_scale`); every factor left
-        as a ``Mul`` is noted with why."""
-        singles = [g[0] for g in groups if len(g) == 1 and g[0] in smooth]  # a shared input: no single producer
-        if not singles:
-            return {}
-        try:
-            ep = am.get("exported")
-        except CaptureError as e:
-            result.note("", "SmoothQuant factors stay as a Mul before each layer: the model could not be captured "
-                            f"to prove a fold ({str(e).splitlines()[0]})")
-            return {}
-        folds: dict[str, str] = {}
-        for name in singles:
-            reasons = []
-            for producer in producers_of(ep, name):
-                plan = plans.get(producer)
-                why = ("it is not quantized by this pass" if plan is None else
-                       f"its scales are per group of {plan.group_size}" if plan.group_size else
-                       scale_path(ep, producer, name))
-                if not why:
-                    folds[name] = producer
-                    break
-                reasons.append(f"{producer}: {why}")
-            if name not in folds:
-                result.note(name, "SmoothQuant factor stays a Mul before the layer (no earlier layer carries it "
-                                  "exactly: " + ("; ".join(reasons) or "no layer feeds it") + ")")
-        return folds
-
-    def _fold(self, program: Program, consumer: str, producer: str, result: PassResult) -> None:
-        """Move ``consumer``'s SmoothQuant factor into ``producer``'s per-channel scales and bias (proven exact)."""
-        factor = program.get_submodule(consumer).smooth.detach().clone()
-        layer = program.get_submodule(producer)
-        program.set_tensor(f"{producer}.scale", layer.scale * factor[:, None].to(layer.scale.dtype))
-        if layer.bias is not None:
-            program.set_tensor(f"{producer}.bias", (layer.bias * factor.to(layer.bias.dtype)).detach())
-        program.set_tensor(f"{consumer}.smooth", None)
-        result.note(consumer, f"SmoothQuant factor moved into {producer}'s per-channel scales (proven exact on the "
-                              "graph; no Mul)")
 
     def _batches(self, program: Program) -> list:
         return program.calib_batches(self.calib_batches)

@@ -19,10 +19,21 @@ pass proves the fold on the graph (:mod:`graphopt.analysis.channel_scale`), it d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from graphopt.analysis.channel_scale import producers_of, scale_path
+from graphopt.frontend.errors import CaptureError
 from graphopt.kernels.quant import quant_linear_reference
 from graphopt.nn.quant import W8A8_QMAX, pack, quantize_weight
+
+if TYPE_CHECKING:
+    from graphopt.analysis import AnalysisManager
+    from graphopt.infra.contract import PassResult
+    from graphopt.infra.program import Program
+
+    from .plan import LayerPlan
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_GAIN = 0.1  # smoothing must remove 10% of a group's error to be worth its Mul
@@ -92,3 +103,46 @@ def choose_alpha(stats: SmoothStats, weights: list[torch.Tensor], alpha: float |
             f"alpha={best} (layer error {tried[best]:.2e}, unsmoothed {base:.2e})"
     why = " (input wider than the outputs: needs a 5x drop)" if wide else ""
     return 0.0, None, f"not smoothed{why}: layer error {base:.2e}; the best alpha, {best}, gave {tried[best]:.2e}"
+
+
+def fold_plan(program: Program, am: AnalysisManager, groups: list[list[str]],
+              smooth: dict[str, torch.Tensor], plans: dict[str, LayerPlan], result: PassResult) -> dict[str, str]:
+    """``{consumer: producer}``: SmoothQuant factors that can move into an earlier layer's per-channel scales,
+    each proven exact on the float model's graph (:mod:`graphopt.analysis.channel_scale`); every factor left
+    as a ``Mul`` is noted with why."""
+    singles = [g[0] for g in groups if len(g) == 1 and g[0] in smooth]  # a shared input: no single producer
+    if not singles:
+        return {}
+    try:
+        ep = am.get("exported")
+    except CaptureError as e:
+        result.note("", "SmoothQuant factors stay as a Mul before each layer: the model could not be captured "
+                        f"to prove a fold ({str(e).splitlines()[0]})")
+        return {}
+    folds: dict[str, str] = {}
+    for name in singles:
+        reasons = []
+        for producer in producers_of(ep, name):
+            plan = plans.get(producer)
+            why = ("it is not quantized by this pass" if plan is None else
+                   f"its scales are per group of {plan.group_size}" if plan.group_size else
+                   scale_path(ep, producer, name))
+            if not why:
+                folds[name] = producer
+                break
+            reasons.append(f"{producer}: {why}")
+        if name not in folds:
+            result.note(name, "SmoothQuant factor stays a Mul before the layer (no earlier layer carries it "
+                              "exactly: " + ("; ".join(reasons) or "no layer feeds it") + ")")
+    return folds
+
+def fold_factor(program: Program, consumer: str, producer: str, result: PassResult) -> None:
+    """Move ``consumer``'s SmoothQuant factor into ``producer``'s per-channel scales and bias (proven exact)."""
+    factor = program.get_submodule(consumer).smooth.detach().clone()
+    layer = program.get_submodule(producer)
+    program.set_tensor(f"{producer}.scale", layer.scale * factor[:, None].to(layer.scale.dtype))
+    if layer.bias is not None:
+        program.set_tensor(f"{producer}.bias", (layer.bias * factor.to(layer.bias.dtype)).detach())
+    program.set_tensor(f"{consumer}.smooth", None)
+    result.note(consumer, f"SmoothQuant factor moved into {producer}'s per-channel scales (proven exact on the "
+                          "graph; no Mul)")

@@ -57,3 +57,14 @@ def test_probe_gradients_restores_the_flags_and_names_its_caller():
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
     with pytest.raises(ValueError, match="^who me: the calibration data is empty"):
         next(probe_gradients(model, [], who="who me"))
+
+
+def test_probe_gradients_puts_back_the_gradients_the_model_held():
+    model, inputs = hf_model("llama")  # (the goal search probes the caller's model, which may hold gradients)
+    held = next(model.parameters())
+    held.grad = torch.full_like(held, 0.5)
+    chosen = [p for n, p in model.named_parameters() if n.endswith("q_proj.weight")]
+    for _ in probe_gradients(model, [inputs], chosen, who="test"):
+        assert held.grad is None  # (cleared while the probes run: their gradients are alone)
+    assert torch.equal(held.grad, torch.full_like(held, 0.5))
+    assert all(p.grad is None for p in chosen)
