@@ -13,19 +13,20 @@ measured on their own (``int8``, ``w8a8``, ``int4``: each gives every layer one 
   calibration batches with the unit swapped for its variants (:func:`~graphopt.infra.metrics.output_changes`),
   judged by the goal's own figure (the report's quality, or the perplexity ratio) on those batches: on MiniLM the
   outputs' squared change put most of w8a8's loss in one layer whose outliers dominate it, which the
-  sentence-embedding cosine does not. The estimates are put in the goal's units by the measured single of each value: a value's
-  units' estimates are scaled to add up to what its uniform choice lost end to end (``1 - quality``, or the log
-  of the perplexity ratio).
-- **Cost.** With speed as the objective, each unit's time under each value is read from the latency table on the
-  goal's runtime (:class:`~.costs.LayerCosts`): the value's layer built cheaply (:meth:`Pass.layer_variant`:
-  rounded to nearest, as fast as the GPTQ layer) and timed on the calls the base model makes, so a plan is costed
-  without being built; the base's measured time less its layers' is the rest, which a plan does not change. With
-  size as the objective, the unit's weight bytes under the value.
+  sentence-embedding cosine does not. The estimates are put in the goal's units by the measured single of each
+  value: a value's units' estimates are scaled to add up to what its uniform choice lost end to end
+  (``1 - quality``, or the log of the perplexity ratio).
+- **Cost.** With size as the objective, the unit's weight bytes under the value. With speed, the time the unit adds
+  over the base at each timed setting: the value's uniform choice, timed in the whole model, spread over the units
+  by their share of the base's layer time in the latency table (:func:`_added`: a runtime fuses quantized layers
+  with their neighbours, which a layer timed alone does not show); a value with no timed uniform choice takes the
+  table's time of the layer built cheaply (:meth:`Pass.layer_variant`: rounded to nearest, as fast as the GPTQ
+  layer) on the calls the base model makes. Either way a plan is costed without being built.
 - **Choice.** A multiple-choice knapsack (:func:`knapsack`, a dynamic programme over the loss budget in
   ``BINS`` steps, each unit's loss rounded up: the plan's predicted loss never exceeds the budget) picks one value
-  per unit, the least cost within the budget the floor leaves; once at the whole budget and once at half of it
-  (the estimates are first order in the units' interactions). Each plan is built by the pass with that map
-  (GPTQ where a value's choice used it) and measured end to end: a plan is a candidate like any other.
+  per unit, the least cost within the budget the floor leaves (:class:`Planner`). Plans are built by the pass with
+  that map (GPTQ where a value's choice used it) and measured end to end one at a time, each planned with the
+  estimates corrected by what the last one measured (the estimates add the units' losses, which compound).
 
 Plans are made on the base model (the clean-ups alone), not on top of other changes; a floor on quality and one
 on perplexity together plan against the quality floor.
