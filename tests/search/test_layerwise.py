@@ -107,6 +107,12 @@ def test_the_plan_is_the_smallest_model_that_exhaustive_search_over_layers_finds
     int4 = next(p for p in res.search.points if p.pipeline.endswith("quantize(scheme=int4,method=gptq)"))
     assert int4.quality < floor  # measured although its milder budget_bits=6 choice missed: the plans read it
     assert any(n.startswith("per-layer plan quantize(") and "predicted" in n for n in res.search.notes)
+    int8, w8a8 = (next(p for p in res.search.points if p.pipeline.endswith(end))
+                  for end in (",quantize", "quantize(scheme=w8a8,method=gptq)"))
+    assert int8.size == w8a8.size and int8.quality != w8a8.quality
+    worse = "quantize(scheme=int8,method=rtn)" if int8.quality < w8a8.quality else "quantize(scheme=w8a8,method=gptq)"
+    left = [n for n in res.search.notes if "left out" in n]
+    assert len(left) == 1 and left[0].startswith(f"per-layer plans: {worse} left out")  # as small, lost more
     again = go.optimize(model, x, str(res.pipeline), calib=calib, progress=False)
     assert torch.equal(again.model(held_out[0]), res.model(held_out[0]))  # the text rebuilds the model
 
