@@ -21,6 +21,7 @@ from ..frontend.inputs import ExampleInputs, as_example_inputs
 from ..frontend.preserve import preserved
 from ..infra.pipeline import Pipeline
 from .goal import Goal, GoalError, as_goal
+from .layerwise import plan_value
 from .measure import Evaluator, Metric, Point, PointCache, fingerprint, metric_of_original, prompt_ids
 from .search import SearchResult, run_search
 from .space import declared_space
@@ -71,7 +72,7 @@ def _timed_under_floor(repairs: Sequence[Any], plans: int) -> Callable[[Pipeline
     spread over the layers from its measured time: :mod:`.layerwise`)."""
     def check(pipeline: Pipeline) -> bool:
         return any(type(p).change and type(p).stage < type(r).stage for r in repairs for p in pipeline) or \
-            (plans > 0 and any(type(p).per_layer and p.layer_value() is not None for p in pipeline))
+            (plans > 0 and any(plan_value(p) is not None for p in pipeline))
 
     return check
 

@@ -126,6 +126,14 @@ def budget_of(base: Point, goal: Goal) -> float | None:
     return None
 
 
+def plan_value(choice: Pass) -> str | None:
+    """The value ``choice`` gives every layer, where per-layer plans can mix it (its pass has a per-layer knob and a
+    value that leaves a layer unchanged); else None. What decides which singles the plans read, and so which are
+    measured and timed under the floor."""
+    cls = type(choice)
+    return choice.layer_value() if cls.per_layer and cls.layer_unchanged else None
+
+
 def families(slots: Sequence[Slot], singles: dict[int, Point]) -> list[dict[str, tuple[Pass, Point]]]:
     """The measured uniform choices of passes with a per-layer knob, by family (the choices that differ only in
     the options a layer's value stands for), ``{value: (choice, point)}``; a plan mixes them with the value that
@@ -134,7 +142,7 @@ def families(slots: Sequence[Slot], singles: dict[int, Point]) -> list[dict[str,
     for slot in slots:
         for choice in slot.choices:
             point = singles.get(id(choice))
-            value = choice.layer_value() if type(choice).per_layer and type(choice).layer_unchanged else None
+            value = plan_value(choice)
             if value is None or point is None or point.failed:
                 continue
             defaults = type(choice)().options(all=True)

@@ -46,7 +46,7 @@ from ..infra.contract import Pass
 from ..infra.text import markdown_table
 from ..progress import Progress
 from .goal import Goal, GoalError
-from .layerwise import FRACTIONS, describe, layer_plans
+from .layerwise import FRACTIONS, describe, layer_plans, plan_value
 from .measure import Evaluator, Point, meets_floor
 from .predict import predict, prediction_check
 from .space import Combination, Slot, Space, combinations, family, midpoint, pipeline_of, without
@@ -386,7 +386,7 @@ class Search:
         """Whether the per-layer plans read ``choice``'s measured loss (a uniform value of a per-layer knob, such as
         all-int4): measured even where a milder choice of its family missed the floor, since a plan gives that
         value to the layers that bear it."""
-        return bool(self.goal.plans and type(choice).per_layer and choice.layer_value() is not None)
+        return bool(self.goal.plans) and plan_value(choice) is not None
 
     def _breadth_first(self) -> list[tuple[int, Pass]]:
         """(slot index, choice) pairs: each choice ranked by its place in its family (mildest 0), then slot order."""
