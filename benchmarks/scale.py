@@ -15,7 +15,7 @@ weights in float32: ``0.5b`` (Qwen2.5-0.5B's sizes: hidden 896, MLP 4864, 24 lay
 - Streamed (``--streamed``): the same model saved as an HF folder (float32 safetensors, under ``--folder``), then
   ``graphopt.stream.optimize_streamed`` in a fresh process (one block's weights in memory at a time): its wall
   time, its peak memory above its start, the process's peak, and whether its int4 codes equal the in-memory run's
-  (read back from the written file). ``replace_blocks`` does not stream yet: its row says why.
+  (read back from the written file), or for ``replace_blocks`` every tensor of the blocks.
 - GPTQ with 1 process (2 threads) and with 2 processes under ``torchrun`` (gloo, 1 thread each; calibration
   batches and each group's layers shared out, docs/scale.md): wall time of the ``optimize`` call in rank 0,
   and whether the codes equal the 1-process run's.
@@ -79,10 +79,14 @@ def calibration(vocab: int, n: int, tokens: int) -> list[dict[str, torch.Tensor]
 
 
 def codes_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """One hash of the int4 / int8 codes (``qweight``), by name."""
+    """One hash of the int4 / int8 codes (``qweight``) by name, or, for a model with none (``replace_blocks``), of
+    every tensor of its blocks (``.layers.``)."""
+    tensors = list(tensors)
+    chosen = [(n, t) for n, t in tensors if n.endswith("qweight")] or [(n, t) for n, t in tensors if ".layers." in n]
     digest = hashlib.sha256()
-    for _, t in sorted((n, t) for n, t in tensors if n.endswith("qweight")):
-        digest.update(t.numpy().tobytes())
+    for name, t in sorted(chosen, key=lambda nt: nt[0]):
+        digest.update(name.encode())
+        digest.update(t.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -108,8 +112,8 @@ def run_streamed(args: argparse.Namespace) -> dict:
     figures = {"wall_s": res.seconds, "pass_peak_mib": res.peak_mib, "process_peak_mib": res.process_peak_mib,
                "params_b": None}
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        figures["codes"] = codes_digest((n, f.get_tensor(n)) for n in f.keys()  # noqa: SIM118
-                                           if n.endswith("qweight"))
+        names = [n for n in f.keys() if n.endswith("qweight")] or [n for n in f.keys() if ".layers." in n]  # noqa: SIM118
+        figures["codes"] = codes_digest((n, f.get_tensor(n)) for n in names)
     return figures
 
 
@@ -155,6 +159,7 @@ def main() -> None:
                     help="the per-pass rows (peak memory and time)")
     ap.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ with 1 and 2 processes (the first shape only)")
+    ap.add_argument("--only", default="", help="run only the passes whose text starts with this (replace_blocks)")
     ap.add_argument("--streamed", action=argparse.BooleanOptionalAction, default=True,
                     help="each pass streamed from an HF folder too, beside the in-memory row")
     ap.add_argument("--folder", default="/tmp/graphopt-scale", help="where the HF folders of the shapes are saved")
@@ -179,7 +184,7 @@ def main() -> None:
         folder = f"{args.folder}/{shape}-{layers or 'all'}"
         if args.streamed and not Path(folder, "config.json").is_file():
             launch(shape, layers, "", args.calib, args.tokens, mode="save", folder=folder)
-        for text in PASSES:
+        for text in (t for t in PASSES if t.startswith(args.only)):
             f = launch(shape, layers, text, args.calib, args.tokens)
             print(f"| {shape} | {f['params_b']:.2f} | {text} | in memory | {f['pass_s']:.1f} | "
                   f"{f['pass_peak_mib']:.0f} | {f['process_peak_mib']:.0f} | |", flush=True)

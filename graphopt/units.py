@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 MIB = 2**20
+GIB = 2**30
 
 
 def format_bytes(n: float | None) -> str:

@@ -115,7 +115,7 @@ class LinearMapStats:
         self.xtx = torch.zeros(width, width, dtype=torch.float64)
         self.xty = torch.zeros(width, features_out, dtype=torch.float64)
         self.rows = 0
-        self.max_rows = max(1, sample_bytes // (4 * (features_in + 2 * features_out)))
+        self.max_rows = max(1, sample_bytes // (4 * (features_in + 2 * features_out))) if sample_bytes else 0
         self.sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._sampled = 0
 

@@ -73,6 +73,10 @@ class Pass:
       per-layer plans (:mod:`graphopt.search.layerwise`) set it, with :meth:`layer_value`,
       :meth:`layer_units`, :meth:`layer_variant` and :meth:`layer_error`; ``()``: none. ``layer_unchanged``: the
       value that leaves a layer as it is (``quantize``: ``float``), which every plan may give a layer.
+    - ``streams_by_forwards``: the pass reads the weights only through forwards of the model, and through
+      :meth:`Program.loaded` where it reads them otherwise (``drop_blocks``, ``replace_blocks``), so a run streamed
+      from disk runs it on the whole model with one block's weights held at a time (:mod:`graphopt.stream`); such
+      passes come before the block-local ones (:meth:`for_block`) in a streamed pipeline.
     """
 
     name: ClassVar[str] = ""
@@ -89,6 +93,7 @@ class Pass:
     repairs: ClassVar[bool] = False
     per_layer: ClassVar[tuple[str, ...]] = ()
     layer_unchanged: ClassVar[str] = ""
+    streams_by_forwards: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_options(self)  # declared types and ranges, for passes built in Python as from text

@@ -108,6 +108,8 @@ class Program:
         self.current_change = ""  # the running pass's Pass.change, recorded in each edit
         #: set by a run streamed from disk (graphopt.stream): the one block whose weights are loaded, and its inputs
         self.stream: BlockCursor | None = None
+        #: set by a run streamed from disk while a ``Pass.streams_by_forwards`` pass runs: see :meth:`loaded`
+        self.weights_of: Callable[[str], contextlib.AbstractContextManager[None]] | None = None
 
     # --- reading -------------------------------------------------------------------------------
     def get_submodule(self, fqn: str) -> nn.Module:
@@ -121,6 +123,12 @@ class Program:
         ex = self.example_inputs if inputs is None else as_example_inputs(inputs)
         with torch.no_grad():
             return ex.call(self.module)
+
+    def loaded(self, fqn: str) -> contextlib.AbstractContextManager[None]:
+        """``with program.loaded(name):`` submodule ``name`` holds its weights inside. In memory they always do; in a
+        run streamed from disk (:mod:`graphopt.stream.on_demand`) they are read from the files for the code inside
+        (a pass that reads weights outside a forward of the model) and freed after, unless the pass set new ones."""
+        return self.weights_of(fqn) if self.weights_of is not None else contextlib.nullcontext()
 
     def calib_batches(self, limit: int | None = None) -> list[Any]:
         """The calibration batches a pass reads: every one, or at most ``limit``.

@@ -123,8 +123,14 @@ def offload(module: nn.Module, *, skip: tuple[str, ...] = ()) -> None:
     """Take ``module``'s weights and persistent buffers back to ``meta`` (their memory is freed), but those under
     ``skip``; non-persistent buffers (rotary tables) are computed at construction and stay."""
     for local, tensor in _own_tensors(module):
-        if not tensor.is_meta and not local.startswith(tuple(f"{s}." for s in skip)):
-            _swap(tensor, torch.empty_like(tensor, device="meta"))
+        if not local.startswith(tuple(f"{s}." for s in skip)):
+            free(tensor)
+
+
+def free(tensor: torch.Tensor) -> None:
+    """Swap one tensor to ``meta`` in place (its memory freed; every module holding it sees the change)."""
+    if not tensor.is_meta:
+        _swap(tensor, torch.empty_like(tensor, device="meta"))
 
 
 @contextlib.contextmanager

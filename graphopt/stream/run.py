@@ -8,10 +8,13 @@ become the next block's inputs, its tensors are written to a part file and its m
 joined into one ``model.safetensors`` beside the edit log (``graphopt.load`` reads it as it reads a ``save``);
 nothing is written to the output folder before every block is done, and the source folder is only read.
 
-Passes that need the whole model (``prune``'s global allocation, end-to-end ``heal``, mixed precision's
-ranking) refuse before any work, each with why. What is not done for a streamed model: no output check
-against the original (that would run the original too; the result's notes say so) and no rollback of one
-pass (a failed pass fails the run, and the output folder stays as it was).
+Passes that read the model only through its forwards (``drop_blocks``, ``replace_blocks``:
+``Pass.streams_by_forwards``) run first, on the whole model with each block's weights read while it runs
+(:mod:`.on_demand`). A pipeline with a pass that needs the whole model in memory (``prune``'s global allocation,
+end-to-end ``heal``, mixed precision's ranking) runs in memory when the model fits, else is refused before any
+work, with the figures (:mod:`.whole`). What is not done for a streamed model: no output check against the
+original (that would run the original too; the result's notes say so) and no rollback of one pass (a failed
+pass fails the run, and the output folder stays as it was).
 """
 
 from __future__ import annotations
@@ -28,18 +31,28 @@ from typing import Any
 
 from torch import nn
 
-from ..analysis.blocks import BlockCursor, find_blocks, first_block_inputs, next_inputs, same_class_lists
+from ..analysis.blocks import (
+    BlockCursor,
+    BlockList,
+    find_blocks,
+    first_block_inputs,
+    next_inputs,
+    same_class_lists,
+)
 from ..analysis.diagnostics import Diagnostic
-from ..emit.save import checked_edits, commit, manifest_text, tensors_to_write, weights_metadata
+from ..emit.save import checked_edits, commit, manifest_text, save, tensors_to_write, weights_metadata
 from ..emit.saved_model import nonpersistent_buffers
 from ..infra.contract import Pass
 from ..infra.metrics import PeakMemory, give_back_memory, large_allocations_mapped
 from ..infra.pipeline import Pipeline, as_pipeline
 from ..infra.program import Program
+from ..optimize import optimize
 from ..progress import track
 from ..units import MIB
 from .checkpoint import Checkpoint, StreamError, meta_skeleton, offload
+from .on_demand import WeightsOnDemand
 from .parts import Parts
+from .whole import fits_in_memory
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +85,23 @@ class StreamedResult:
         return "\n".join(lines)
 
 
-def _refusals(passes: Pipeline, calib: Any) -> list[str]:
-    why = [r for r in (p.for_block("<block>") for p in passes) if isinstance(r, str)]
-    why += [f"{p.name} needs calibration data: pass calib=" for p in passes if p.needs_calibration and calib is None]
-    return why
+def _refusals(passes: Pipeline, calib: Any) -> tuple[list[str], list[str]]:
+    """Why the pipeline cannot run one block at a time (it may run on the whole model in memory), and what is wrong
+    with it either way."""
+    whole, errors = [], []
+    local = None  # the first block-local pass
+    for p in passes:
+        if p.streams_by_forwards:
+            if local is not None:
+                whole.append(f"{p.label()} runs on the whole stack of blocks, so it must come before {local.label()}, "
+                             "which works one block at a time: put it first")
+            continue
+        local = local or p
+        restricted = p.for_block("<block>")
+        if isinstance(restricted, str):
+            whole.append(restricted)
+    errors += [f"{p.name} needs calibration data: pass calib=" for p in passes if p.needs_calibration and calib is None]
+    return whole, errors
 
 
 def _calib_limit(passes: Pipeline) -> int | None:
@@ -87,44 +113,70 @@ def _calib_limit(passes: Pipeline) -> int | None:
     return next(iter(limits), None)
 
 
-def _find_blocks(model: nn.Module, checkpoint: Checkpoint, example: Any) -> list[str]:
+def _find_blocks(model: nn.Module, checkpoint: Checkpoint, example: Any) -> BlockList:
     """The model's blocks (:func:`find_blocks`), found on one forward with the weights outside the candidate
-    lists loaded, and each candidate block's only while it runs."""
-    candidates = [(f"{path}.{i}", member) for path, members in same_class_lists(model)
-                  for i, member in enumerate(members)]
-    checkpoint.load(model, "", skip=tuple(name for name, _ in candidates), mapped=True)
-    hooks = []
-    for name, member in candidates:
-        hooks.append(member.register_forward_pre_hook(lambda m, a, name=name: checkpoint.load(m, name)))
-        hooks.append(member.register_forward_hook(lambda m, a, o: offload(m)))
-    try:
-        return find_blocks(model, example, to_end=False).names
-    except ValueError as e:
-        raise StreamError(f"nothing to stream block by block: {e}") from None
-    finally:
-        for h in hooks:
-            h.remove()
+    lists mapped, and each candidate block's loaded only while it runs."""
+    candidates = [f"{path}.{i}" for path, members in same_class_lists(model) for i in range(len(members))]
+    with WeightsOnDemand(model, checkpoint, candidates):
+        try:
+            return find_blocks(model, example, to_end=False)
+        except ValueError as e:
+            raise StreamError(f"nothing to stream block by block: {e}") from None
+
+
+def _run_whole(program: Program, checkpoint: Checkpoint, stack: BlockList, passes: list[Pass],
+               result: StreamedResult, seen: set[tuple[str, str]]) -> dict[str, str]:
+    """Run the passes that work on the whole stack (``Pass.streams_by_forwards``) with each block's weights read
+    while it runs; returns the blocks after them, each with the name its weights have in the files ("" for a
+    block a pass built, whose weights are all in memory)."""
+    model = program.module
+    origin = {id(model.get_submodule(name)): name for name in stack.names}
+    inside = f"{stack.path}."
+    real = {id(t) for n, t in model.state_dict(keep_vars=True).items() if not t.is_meta and not n.startswith(inside)}
+    with WeightsOnDemand(model, checkpoint, stack.names) as on_demand:
+        program.weights_of = on_demand.loaded
+        try:
+            for p in passes:
+                _run(program, p, p, result, lambda d: True, seen)
+        finally:
+            program.weights_of = None
+    changed = [n for n, t in model.state_dict(keep_vars=True).items()
+               if not t.is_meta and not n.startswith(inside) and id(t) not in real]
+    if changed:
+        raise StreamError(f"{', '.join(p.label() for p in passes)} changed {changed[0]} outside the blocks, which a "
+                          "streamed run cannot write yet; run it on the model in memory")
+    items = model.get_submodule(stack.path)
+    return {f"{stack.path}.{i}": origin.get(id(block), "") for i, block in enumerate(items)}
 
 
 def optimize_streamed(source: str | Path, example_inputs: Any, pipeline: str | Pipeline | Iterable[Pass | str], *,
-                      out: str | Path, calib: Iterable[Any] | None = None, model: nn.Module | None = None
-                      ) -> StreamedResult:
+                      out: str | Path, calib: Iterable[Any] | None = None, model: nn.Module | None = None,
+                      memory_limit: int | None = None) -> StreamedResult:
     """Run ``pipeline`` on the model saved in the HF folder ``source`` one block at a time, and write the result
     to ``out`` (as :func:`graphopt.save` does).
 
     ``model``: the model to fill, built on ``meta`` (default: the folder config's ``architectures[0]``).
-    Raises :class:`StreamError` before any work for a pass that needs the whole model.
+    A pipeline with a pass that needs the whole model runs on it in memory instead when the model fits
+    ``memory_limit`` bytes (default: the memory the system has available; :mod:`graphopt.stream.whole`), and
+    raises :class:`StreamError` before any work when it does not.
     """
     passes = as_pipeline(pipeline)
-    refusals = _refusals(passes, calib)
-    if refusals:
-        raise StreamError("cannot stream this pipeline one block at a time:\n  " + "\n  ".join(refusals))
-    limit = _calib_limit(passes)
+    whole, errors = _refusals(passes, calib)
+    if errors:
+        raise StreamError("cannot run this pipeline:\n  " + "\n  ".join(whole + errors))
     checkpoint = Checkpoint(source)
     skeleton = model if model is not None else meta_skeleton(checkpoint.config())
     if any(not p.is_meta for p in skeleton.parameters()):
         raise StreamError("model= must be built on the meta device (with torch.device('meta'): ...); its weights "
                           f"come from {source}")
+    if whole:
+        fits, figures = fits_in_memory(list(passes), checkpoint, memory_limit)
+        if not fits:
+            raise StreamError("cannot stream this pipeline one block at a time:\n  " + "\n  ".join(whole) +
+                              f"\nnor run it on the whole model in memory: {figures}. Stream the passes that work "
+                              "block by block, or run the others where the model fits (memory_limit= to allow more)")
+        return _in_memory(checkpoint, skeleton, example_inputs, passes, calib, Path(out), figures)
+    limit = _calib_limit([p for p in passes if not p.streams_by_forwards])  # (those read the model's own forwards)
     out = Path(out)
     base = copy.deepcopy(skeleton)
     program = Program(skeleton, example_inputs, calib=calib)
@@ -154,25 +206,49 @@ def optimize_streamed(source: str | Path, example_inputs: Any, pipeline: str | P
     return result
 
 
+def _in_memory(checkpoint: Checkpoint, skeleton: nn.Module, example_inputs: Any, passes: Pipeline, calib: Any,
+               out: Path, figures: str) -> StreamedResult:
+    """The pipeline run by ``optimize`` on the whole model read into memory, saved to ``out``."""
+    log.info("the model fits in memory: %s; running the pipeline on it whole", figures)
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        checkpoint.load(skeleton, "")
+        res = optimize(skeleton, example_inputs, passes, calib=calib, inplace=True, measure=False, on_error="raise")
+        save(res, out)
+    records = [r for r in res.report.records if r.status != "baseline"]
+    result = StreamedResult(out, passes, 0, time.perf_counter() - start, peak.bytes / MIB,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            stats={r.text: dict(r.stats) for r in records},
+                            diagnostics=[d for r in records for d in r.diagnostics])
+    result.diagnostics.append(Diagnostic("", f"not streamed: a pass needs the whole model, and it fits in memory "
+                                             f"({figures}); optimize ran on it whole", "info"))
+    return result
+
+
 def _stream(program: Program, checkpoint: Checkpoint, passes: Pipeline, limit: int | None, parts: Parts,
             result: StreamedResult) -> None:
     """Load, transform, write and free each block in turn, then the rest of the model."""
     model = program.module
-    blocks = _find_blocks(model, checkpoint, program.example_inputs)
+    stack = _find_blocks(model, checkpoint, program.example_inputs)
+    seen: set[tuple[str, str]] = set()
+    whole = [p for p in passes if p.streams_by_forwards]
+    sources = _run_whole(program, checkpoint, stack, whole, result, seen) if whole else {n: n for n in stack.names}
+    local = [p for p in passes if not p.streams_by_forwards]
+    blocks = list(sources)
     result.blocks = len(blocks)
     checkpoint.load(model, "", skip=tuple(blocks), mapped=True)  # (and lists that are not the stack, if any)
     inputs = []
-    for batch in program.calib_batches(limit) if limit is not None or any(p.needs_calibration for p in passes) else []:
+    for batch in program.calib_batches(limit) if any(p.needs_calibration for p in local) else []:
         inputs += first_block_inputs(model, model.get_submodule(blocks[0]), [batch])
         checkpoint.drop_mapped_pages()
     offload(model, skip=tuple(blocks))
-    seen: set[tuple[str, str]] = set()
     others = tuple(f"{b}." for b in blocks)
-    for name in track(blocks, f"stream: {passes}", unit="block"):
+    for name in track(blocks, f"stream: {','.join(p.label() for p in local) or 'copy'}", unit="block"):
         block = model.get_submodule(name)
-        checkpoint.load(block, name)
+        if sources[name]:
+            checkpoint.load(block, sources[name])
         program.stream = BlockCursor(name, inputs)
-        for p in passes:
+        for p in local:
             restricted = p.for_block(name)
             assert isinstance(restricted, Pass)  # checked before any work (_refusals)
             # the block's own notes, and one of each about the rest of the model
@@ -184,7 +260,7 @@ def _stream(program: Program, checkpoint: Checkpoint, passes: Pipeline, limit: i
         offload(block)
         give_back_memory()
         program.stream = None
-    outside = [(p, p.outside_blocks(program, blocks)) for p in passes]
+    outside = [(p, p.outside_blocks(program, blocks)) for p in local]
     result.diagnostics += [Diagnostic("", f"{p.label()}: {rest}", "warning") for p, rest in outside
                            if isinstance(rest, str)]
     outside = [(p, rest) for p, rest in outside if isinstance(rest, Pass)]

@@ -109,11 +109,37 @@ def test_sharded_checkpoint_is_read(tmp_path):
     ("quantize(scheme=int4,method=gptq)", "quantize needs calibration data"),
 ])
 def test_whole_model_passes_refused_before_any_work(tmp_path, text, why):
-    _saved("llama_causal_lm", tmp_path / "src")
-    with pytest.raises(StreamError, match=why):
+    """...when the model does not fit the memory limit either (the tiny model fits 100 KB: 1 byte is set)."""
+    model, _ = _saved("llama_causal_lm", tmp_path / "src")
+    calib = None if "calibration" in why else [{"input_ids": b["input_ids"]}
+                                                for b in _calib(model.config.vocab_size, padded=False)]
+    with pytest.raises(StreamError, match=why) as refused:
         optimize_streamed(tmp_path / "src", {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, text,
-                          out=tmp_path / "out")
+                          out=tmp_path / "out", memory_limit=1, calib=calib)
+    if calib is not None:
+        assert "nor run it on the whole model in memory: about 0.0 GiB needed" in str(refused.value)
+        assert "is over the memory_limit of 0.0 GiB" in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_whole_model_pass_runs_in_memory_when_the_model_fits(tmp_path):
+    model, example = _saved("llama_causal_lm", tmp_path / "src")
+    calib = [{"input_ids": b["input_ids"]} for b in _calib(model.config.vocab_size, padded=False)]
+    text = "prune(ratio=0.25,importance=taylor,calib_batches=3)"
+    res = optimize_streamed(tmp_path / "src", example, text, calib=calib, out=tmp_path / "out")
+    assert res.blocks == 0 and "optimize ran on it whole" in res.diagnostics[-1].message
+    assert "fits within the available memory" in res.diagnostics[-1].message
+    in_memory = go.optimize(model, example, text, calib=calib, measure=False, on_error="raise")
+    _assert_same_model(in_memory.model, go.load(tmp_path / "out", _meta_base(model)))
+    assert res.stats[in_memory.report.records[-1].text] == in_memory.report.records[-1].stats
+
+
+def test_memory_needed_counts_the_copies_a_pipeline_holds():
+    from graphopt.infra.pipeline import as_pipeline
+    from graphopt.stream.whole import memory_needed
+
+    assert memory_needed(list(as_pipeline("prune(ratio=0.2)")), 10)[0] == 20  # the model and the snapshot
+    assert memory_needed(list(as_pipeline("prune(ratio=0.2),heal")), 10)[0] == 60  # + teacher, grads, 2 moments
 
 
 def test_failed_run_leaves_the_output_as_it_was(tmp_path, monkeypatch):

@@ -86,8 +86,9 @@ def down_projection(model: nn.Module, block_name: str, batch: Any) -> str | None
 
 
 def estimate_map(model: nn.Module, blocks: BlockList, start: int, n: int, batches: Iterable[Any],
-                 fold_into: str | None) -> tuple[LinearMapStats, Any]:
-    """Stream the span's statistics; returns them and the span's output structure (for a LinearBlock)."""
+                 fold_into: str | None, *, sample: bool = True) -> tuple[LinearMapStats, Any]:
+    """Stream the span's statistics; returns them and the span's output structure (for a LinearBlock).
+    ``sample``: keep a bounded sample of rows too (for ``refine_cosine``)."""
     last = model.get_submodule(blocks.names[start + n - 1])
     rec: dict[str, Any] = {}
     mask: list[torch.Tensor | None] = [None]
@@ -118,7 +119,8 @@ def estimate_map(model: nn.Module, blocks: BlockList, start: int, n: int, batche
             x = rows_of(rec["x"], mask[0])
             base = torch.zeros_like(x)
         if not stats:
-            stats.append(LinearMapStats(x.shape[-1], target.shape[-1], bias=has_bias))
+            stats.append(LinearMapStats(x.shape[-1], target.shape[-1], bias=has_bias,
+                                        sample_bytes=(1 << 28) if sample else 0))
         stats[0].add(x, rows_of(target, mask[0]), base)
         raise Stop
 
@@ -174,8 +176,15 @@ def folded_tensors(model: nn.Module, down: str, weight: torch.Tensor, bias: torc
     layer = model.get_submodule(down)
     w = layer.weight.detach()
     t = weight.to(device=w.device, dtype=torch.float64)
-    new_w = (w.double() @ t) if is_conv1d(layer) else (t.T @ w.double())
-    out = {f"{down}.weight": new_w.to(w.dtype)}
+    new_w = torch.empty_like(w)
+    step = max(1, (16 << 20) // (8 * t.shape[0]))  # 16 MiB of float64 at a time (a 8192-wide MLP's weight: 64 MiB)
+    if is_conv1d(layer):  # [in, out]: the map acts on the output columns
+        for i in range(0, w.shape[0], step):
+            new_w[i:i + step] = w[i:i + step].double() @ t
+    else:  # [out, in]: on the output rows
+        for j in range(0, w.shape[1], step):
+            new_w[:, j:j + step] = t.T @ w[:, j:j + step].double()
+    out = {f"{down}.weight": new_w}
     if layer.bias is not None:
         b = layer.bias.detach().double() @ t
         if bias is not None:

@@ -57,6 +57,7 @@ class _Depth(Pass):
     blocks: str | None = None  # the ModuleList of blocks; None: found (the largest stack on the residual path)
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read to choose the span (and fit the map)
 
+    streams_by_forwards = True  # every weight read is a forward, or inside program.loaded
     def _batches(self, program: Program) -> list:
         batches = program.calib_batches(self.calib_batches) if program.calib is not None else []
         if not batches and self.needs_calibration:
@@ -194,7 +195,8 @@ class ReplaceBlocks(_Depth):
                             "add of its last linear layer's output (post-norm blocks), so it cannot be folded")
         elif self.fold:
             result.note(span, "the map is a LinearBlock: no block before the span to fold it into")
-        stats, structure = estimate_map(program.module, blocks, start, self.n, batches, down)
+        stats, structure = estimate_map(program.module, blocks, start, self.n, batches, down,
+                                        sample=self.method == "cosine")
         weight, bias = stats.solve()
         result.stats["rows"] = stats.rows
         if stats.rows < weight.shape[1]:  # fewer equations than unknowns per output: it fits the data, not the blocks
@@ -207,8 +209,9 @@ class ReplaceBlocks(_Depth):
             result.note(span, f"cosine refinement on {stats.samples()[0].shape[0]} sampled rows: mean cosine "
                         f"{before:.4f} -> {after:.4f}" + (" (kept the least-squares map)" if after <= before else ""))
         if down is not None:
-            for fqn, value in folded_tensors(program.module, down, weight, bias).items():
-                program.set_tensor(fqn, value)
+            with program.loaded(down):
+                for fqn, value in folded_tensors(program.module, down, weight, bias).items():
+                    program.set_tensor(fqn, value)
             cut_span(program, blocks, start, self.n, None, result)
             result.note(span, f"replaced by a linear map folded into {down} (no parameter added)")
             result.stats["folded"] = 1
@@ -216,8 +219,9 @@ class ReplaceBlocks(_Depth):
             if isinstance(structure, ValueError):
                 raise ValueError(f"replace_blocks: {span} cannot be replaced by a linear map: {structure}; "
                                  "use drop_blocks") from None
-            like = next(program.get_submodule(blocks.names[start]).parameters())
-            cut_span(program, blocks, start, self.n, linear_block(weight, bias, structure, self.n, like), result)
+            with program.loaded(blocks.names[start]):
+                new = linear_block(weight, bias, structure, self.n, next(program.get_submodule(blocks.names[start]).parameters()))
+            cut_span(program, blocks, start, self.n, new, result)
             result.note(span, f"replaced by a LinearBlock ({weight.numel() + (0 if bias is None else bias.numel()):,} "
                         "parameters)")
             result.stats["folded"] = 0

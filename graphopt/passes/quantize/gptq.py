@@ -92,8 +92,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
             group = col // g
             if not static and col % g == 0:  # a new group: its scale from the weights as updated so far
                 span = min(g, k - col)
-                scales[:, group] = weight_scales(torch.cat([w1[:, i:], w[:, end:]], 1)[:, :span], scheme, 0, qmax,
-                                                 importance=importance[col:col + span])[:, 0]
+                here = w1[:, i:i + span]  # the group's columns: the rest of this block, then the next ones of w
+                group_w = here if here.shape[1] == span else torch.cat([here, w[:, end:end + span - here.shape[1]]], 1)
+                scales[:, group] = weight_scales(group_w, scheme, 0, qmax, importance=importance[col:col + span])[:, 0]
             q = round_codes(w1[:, i], scales[:, group], scheme, qmax)
             codes[:, start + i] = q
             err = (w1[:, i] - q * scales[:, group]) / hinv1[i, i]
