@@ -258,6 +258,8 @@ def cmd_optimize(args: argparse.Namespace, con: Console) -> int:
                          f"sample per line")
     if args.stream:
         return _optimize_streamed(args, pipeline, con)
+    if args.memory_limit is not None:
+        raise UsageError("--memory-limit bounds a --stream run that needs the whole model: give --stream too")
     loaded = _load(args.model, _resolve(args.model), con)
     calib = _calibration(args, loaded, searched or pipeline, con)
     doing = f"searching for {goal}" if goal else f"optimizing ({len(pipeline)} pass{'' if len(pipeline) == 1 else 'es'})"
@@ -327,7 +329,8 @@ def _optimize_streamed(args: argparse.Namespace, pipeline: Any, con: Console) ->
     calib = _calibration(args, LoadedModel(None, example, tokenizer, args.model), pipeline, con)  # type: ignore[arg-type]
     try:
         with con.step(f"streaming {args.model} one block at a time", done="optimized"):
-            result = optimize_streamed(args.model, example, pipeline, calib=calib, out=args.out)
+            limit = None if args.memory_limit is None else int(args.memory_limit * 2**30)
+            result = optimize_streamed(args.model, example, pipeline, calib=calib, out=args.out, memory_limit=limit)
     except StreamError as e:
         raise UsageError(str(e)) from e
     con.print(str(result))

@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimize the loaded model without copying it first (halves peak memory)")
     p.add_argument("--stream", action="store_true",
                    help="read MODEL (a local HF directory) one block at a time and write --out as it goes: models "
-                        "larger than memory; block-local passes only (quantize rtn / gptq); docs/scale.md")
+                        "larger than memory; block-local passes (quantize rtn / gptq) and drop_blocks / "
+                        "replace_blocks; docs/scale.md")
+    p.add_argument("--memory-limit", type=float, metavar="GIB",
+                   help="with --stream: a pipeline that needs the whole model runs on it in memory only within this "
+                        "many GiB (default: the memory the system has available), else it is refused")
     p.add_argument("--no-verify", action="store_true", help="do not check outputs after each pass")
     p.add_argument("--no-measure", action="store_true", help="do not measure params/FLOPs/latency per pass")
     common(p)

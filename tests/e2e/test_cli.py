@@ -435,7 +435,8 @@ def test_stream_writes_what_the_in_memory_run_gives(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-p", "prune(ratio=0.2)", "--out", "OUT"], "prune works on the whole model"),
+    (["-p", "prune(ratio=0.2)", "--out", "OUT", "--memory-limit", "0"], "prune works on the whole model"),
+    (["-p", "prune(ratio=0.2)", "--out", "OUT", "--memory-limit", "0"], "nor run it on the whole model in memory"),
     (["-p", "quantize(scheme=int8)"], "give --out DIR"),
     (["-p", "quantize(scheme=int8)", "--out", "OUT", "--onnx", "m.onnx"], "drop --onnx"),
 ])
@@ -447,3 +448,12 @@ def test_stream_refusals_exit_2_before_writing(capsys, tmp_path, argv, message):
     code, _, err = run_cli(capsys, "optimize", str(tmp_path / "src"), "--stream", *argv)
     assert code == 2 and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_memory_limit_without_stream_is_refused(capsys, tmp_path):
+    from graphopt.helpers.zoo import hf_model
+
+    hf_model("llama", layers=2)[0].save_pretrained(tmp_path / "src")
+    code, _, err = run_cli(capsys, "optimize", str(tmp_path / "src"), "-p", "quantize(scheme=int8)",
+                           "--memory-limit", "4")
+    assert code == 2 and "give --stream too" in err
