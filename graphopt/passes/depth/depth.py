@@ -58,6 +58,7 @@ class _Depth(Pass):
     calib_batches: Annotated[int, Range(1)] = 32  # calibration batches read to choose the span (and fit the map)
 
     streams_by_forwards = True  # every weight read is a forward, or inside program.loaded
+
     def _batches(self, program: Program) -> list:
         batches = program.calib_batches(self.calib_batches) if program.calib is not None else []
         if not batches and self.needs_calibration:
@@ -219,8 +220,9 @@ class ReplaceBlocks(_Depth):
             if isinstance(structure, ValueError):
                 raise ValueError(f"replace_blocks: {span} cannot be replaced by a linear map: {structure}; "
                                  "use drop_blocks") from None
-            with program.loaded(blocks.names[start]):
-                new = linear_block(weight, bias, structure, self.n, next(program.get_submodule(blocks.names[start]).parameters()))
+            with program.loaded(blocks.names[start]):  # (its dtype and device, which a streamed block has only then)
+                like = next(program.get_submodule(blocks.names[start]).parameters())
+                new = linear_block(weight, bias, structure, self.n, like)
             cut_span(program, blocks, start, self.n, new, result)
             result.note(span, f"replaced by a LinearBlock ({weight.numel() + (0 if bias is None else bias.numel()):,} "
                         "parameters)")
