@@ -39,7 +39,6 @@ from ..frontend.inputs import ExampleInputs, InputError, as_example_inputs, flat
 from ..frontend.kv_cache import caches_off
 from ..frontend.preserve import preserved
 from .onnx_inputs import CallLayout, DynamicAxes, FlatCall, call_layout, dynamic_shapes, normalise_axes
-from .onnx_norms import flatten_residual_norms
 from .onnx_quant import (
     QUANT_FORMATS,
     W8A8_REL_L2,
@@ -50,6 +49,7 @@ from .onnx_quant import (
     qdq_session_config,
 )
 from .onnx_report import ExportReport, OnnxExportError, OnnxVerificationError, VerifiedRun, first_lines
+from .onnx_rewrites import rewrite_for_onnxruntime
 from .onnx_verify import check_dynamic_dims, default_session_error, file_info, refuse_file, verify_file
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 dynamic_axes: DynamicAxes | None = None, opset: int | None = None, atol: float = 1e-4,
                 rtol: float = 1e-3, check: bool = True, external_data: bool | None = None,
                 custom_translations: Mapping[Callable, Callable] | None = None, quant_format: QuantFormat = "qdq",
-                accuracy_level: int = 0, flatten_norms: bool = True) -> ExportReport:
+                accuracy_level: int = 0, ort_rewrites: bool = True) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and verify the file in onnxruntime against torch.
 
     Args:
@@ -220,10 +220,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         quant_format: how quantized layers are written (:mod:`graphopt.emit.onnx_quant`): ``"qdq"``
             (standard ``DequantizeLinear -> MatMul``, opset 21) or ``"matmulnbits"`` (onnxruntime's 4-bit op).
         accuracy_level: ``MatMulNBits``' compute precision: 0 (float, the default) or 4 (int8, faster).
-        flatten_norms: write each residual ``Add -> LayerNormalization`` on a 2-D view
-            (:mod:`graphopt.emit.onnx_norms`: the same arithmetic), which onnxruntime's CPU provider then runs
-            unfused, 5-6x faster than its ``SkipLayerNormalization``; False writes the pairs as traced (for a
-            runtime whose fused kernel is the faster one).
+        ort_rewrites: apply :mod:`graphopt.emit.onnx_rewrites`' exact rewrites for onnxruntime's CPU provider
+            (residual LayerNorms on 2-D views, which it runs unfused, 5-6x faster than its
+            ``SkipLayerNormalization``; attention on the hidden layout, without per-head transposes); False
+            writes the graph as traced (e.g. for a runtime whose fused kernels are the faster ones).
 
     Returns:
         An :class:`ExportReport` (path, opset, size, input/output shapes, errors); ``os.fspath`` works on it.
@@ -272,7 +272,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         try:  # quantized layers are lowered on the in-memory graph: the file is written once, lowered
             with _quiet_exporter():
                 lowered, dynamic = lower_quantized(program.model, quant_format, accuracy_level)
-                flattened = flatten_residual_norms(program.model) if flatten_norms else 0
+                rewritten = rewrite_for_onnxruntime(program.model) if ort_rewrites else {}
         except QuantLoweringError:
             path.unlink(missing_ok=True)  # a refusal leaves nothing at the path, not an earlier export either
             raise
@@ -293,9 +293,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         rel_l2 = W8A8_REL_L2 if dynamic or int8_compute else None
         if lowered:
             notes.append(lowering_note(lowered, dynamic, quant_format, accuracy_level))
-        if flattened:
-            notes.append(f"{flattened} residual Add -> LayerNormalization pairs written on 2-D views, which "
-                         "onnxruntime's CPU provider runs unfused (faster than its SkipLayerNormalization)")
+        if rewritten:
+            notes.append("rewritten for onnxruntime's CPU provider (same arithmetic, faster kernels): "
+                         + ", ".join(f"{n} {what}" for what, n in rewritten.items()))
         if dynamic or int8_compute:
             what = f"{dynamic} w8a8 layers" if dynamic else "layers at accuracy_level=4"
             notes.append(f"{what} round their inputs to int8 at run time, where float differences between "

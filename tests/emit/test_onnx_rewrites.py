@@ -1,4 +1,4 @@
-"""flatten_residual_norms: residual Add -> LayerNormalization on 2-D views, which onnxruntime runs unfused."""
+"""export_onnx's rewrites for onnxruntime: residual norms on 2-D views (run unfused), attention without transposes."""
 
 from __future__ import annotations
 
@@ -34,19 +34,27 @@ def test_bert_runs_its_residual_norms_unfused_with_the_same_arithmetic(tmp_path)
     model, tensors = hf_model("bert", layers=3)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     report = go.export_onnx(model, tensors, tmp_path / "flat.onnx", dynamic_axes=axes)
-    traced = go.export_onnx(model, tensors, tmp_path / "traced.onnx", dynamic_axes=axes, flatten_norms=False)
+    traced = go.export_onnx(model, tensors, tmp_path / "traced.onnx", dynamic_axes=axes, ort_rewrites=False)
 
     # two residual norms per block (after attention, after the MLP); the embeddings' norm adds a broadcast
-    assert any("6 residual Add -> LayerNormalization" in n for n in report.notes)
-    assert not any("residual Add" in n for n in traced.notes)
+    assert any("6 residual Add -> LayerNormalization pairs on 2-D views, 3 Attention nodes on the [batch, seq, "
+               "hidden] layout" in n for n in report.notes), report.notes
+    assert not any("onnxruntime's CPU provider" in n for n in traced.notes)
+    written = onnx.load(str(report.path)).graph.node
+    assert "Transpose" not in [n.op_type for n in written]  # the per-head transposes around each Attention
+    heads = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")} for n in written
+             if n.op_type == "Attention"]
+    assert heads == [{"q_num_heads": model.config.num_attention_heads,
+                      "kv_num_heads": model.config.num_attention_heads}] * 3
     flat_ops, flat_session = _optimized_ops(report.path, tmp_path)
     traced_ops, _ = _optimized_ops(traced.path, tmp_path)
     assert traced_ops.count("SkipLayerNormalization") == 6  # what onnxruntime does to the traced pairs
     assert "SkipLayerNormalization" not in flat_ops and flat_ops.count("LayerNormalization") == 7
 
-    # the same kernels on a view: equal, bit for bit, to the traced graph with the fusion turned off
+    # the same kernels on views: equal, bit for bit, to the traced graph with the fusion turned off
     _, unfused = _optimized_ops(traced.path, tmp_path, disabled=("SkipLayerNormFusion",))
     grown = {k: v.repeat(3, 2) for k, v in tensors.items()}  # other sizes on both dynamic axes
+    grown["attention_mask"][1, -3:] = 0  # padding: the mask reaches the rewritten Attention
     for got, want in zip(flat_session.run(None, _feed(flat_session, grown)), unfused.run(None, _feed(unfused, grown))):
         assert got.shape == want.shape and np.array_equal(got, want)
     with torch.no_grad():
@@ -79,10 +87,11 @@ def test_only_the_pairs_onnxruntime_would_fuse_are_rewritten(tmp_path):
     model = _Residuals().eval()
     x = torch.randn(2, 5, 16)
     report = go.export_onnx(model, (x,), tmp_path / "m.onnx", dynamic_axes={"x": {0: "batch"}})
-    assert any(n.startswith("1 residual Add -> LayerNormalization") for n in report.notes), report.notes
+    assert any(n.endswith(": 1 residual Add -> LayerNormalization pairs on 2-D views") for n in report.notes), \
+        report.notes
     graph = onnx.load(str(report.path)).graph
     assert sum(n.op_type == "Reshape" for n in graph.node) == 3  # two views in, one back
-    traced = go.export_onnx(model, (x,), tmp_path / "t.onnx", dynamic_axes={"x": {0: "batch"}}, flatten_norms=False)
+    traced = go.export_onnx(model, (x,), tmp_path / "t.onnx", dynamic_axes={"x": {0: "batch"}}, ort_rewrites=False)
     assert [o.name for o in graph.output] == [o.name for o in onnx.load(str(traced.path)).graph.output]
     ops, session = _optimized_ops(report.path, tmp_path)
     assert "SkipLayerNormalization" not in ops
@@ -100,10 +109,13 @@ def test_pre_norm_models_rewrite_only_their_final_norm(name, pairs, tmp_path):
     one Add; Llama's RMSNorm is no LayerNormalization."""
     model, tensors = hf_model(name)
     flat = go.export_onnx(model, tensors, tmp_path / "flat.onnx")
-    traced = go.export_onnx(model, tensors, tmp_path / "traced.onnx", flatten_norms=False)
+    traced = go.export_onnx(model, tensors, tmp_path / "traced.onnx", ort_rewrites=False)
     assert sum(f"{pairs} residual Add" in n for n in flat.notes) == (pairs > 0)
+    assert not any("Attention nodes" in n for n in flat.notes)  # GPT-2 merges the heads' output straight into
+    # [batch * seq, hidden] rows for its Conv1D (not 3-D); Llama rotates q and k after the head split
     assert _optimized_ops(traced.path, tmp_path)[0].count("SkipLayerNormalization") == pairs
     assert _optimized_ops(flat.path, tmp_path)[0].count("SkipLayerNormalization") == 0
     flat_nodes = [n.op_type for n in onnx.load(str(flat.path)).graph.node]
     traced_nodes = [n.op_type for n in onnx.load(str(traced.path)).graph.node]
     assert len(flat_nodes) - len(traced_nodes) == 4 * pairs  # Shape and three Reshapes per pair
+    assert flat_nodes.count("Attention") == traced_nodes.count("Attention") == model.config.num_hidden_layers
