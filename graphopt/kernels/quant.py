@@ -103,21 +103,44 @@ def dequantize(codes: Tensor, scale: Tensor, group_size: int, dtype: torch.dtype
     return values.reshape(codes.shape[0], -1)[:, :k].to(dtype)
 
 
+#: the float weights :func:`dequantize_rows` makes at a time outside graphs (bytes): unpacking goes through int32,
+#: about 12 bytes a weight, so a 8192 x 2048 int4 layer at once held ~200 MiB beside its 64 MiB result
+DEQUANTIZE_CHUNK = 16 << 20
+
+
+def dequantize_rows(qweight: Tensor, scale: Tensor, scheme: str, group_size: int, width: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``dequantize(unpack(qweight))``: the ``[rows, width]`` weights the packed codes stand for, in ``dtype``.
+
+    Eagerly, a slice of rows at a time into the result (the same values: each row is computed alone), so
+    what it holds beside the result is one slice's unpacking; traced (export, compile), in one piece.
+    """
+    rows = qweight.shape[0]
+    step = max(1, DEQUANTIZE_CHUNK // max(1, width * 4))
+    if rows <= step or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return dequantize(unpack(qweight, scheme, width), scale, group_size, dtype)
+    out = torch.empty(rows, width, dtype=dtype, device=qweight.device)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        out[start:end] = dequantize(unpack(qweight[start:end], scheme, width), scale[start:end], group_size, dtype)
+    return out
+
+
 def quant_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int,
                            in_features: int, activations: str = "none") -> Tensor:
     """``x @ W.T`` for the packed ``W`` (no bias), in ``x``'s dtype."""
+    if activations not in W8A8_ACTIVATIONS:
+        return F.linear(x, dequantize_rows(qweight, scale, scheme, group_size, in_features, x.dtype))
+    if group_size > 0:
+        raise ValueError(f"activations={activations!r} needs one weight scale per output channel (group_size=0)")
+    if activations == "per_token":
+        q, x_scale = per_token_quantize_int8(x)
+    else:
+        q, x_scale, zero = dynamic_quantize_uint8(x)
+        q = q - zero
     codes = unpack(qweight, scheme, in_features)
-    if activations in W8A8_ACTIVATIONS:
-        if group_size > 0:
-            raise ValueError(f"activations={activations!r} needs one weight scale per output channel (group_size=0)")
-        if activations == "per_token":
-            q, x_scale = per_token_quantize_int8(x)
-        else:
-            q, x_scale, zero = dynamic_quantize_uint8(x)
-            q = q - zero
-        acc = F.linear(q, codes.to(torch.float32))  # integer-valued: x codes (less the zero point) . w codes
-        return (acc * (x_scale * scale[:, 0].to(torch.float32))).to(x.dtype)
-    return F.linear(x, dequantize(codes, scale, group_size, x.dtype))
+    acc = F.linear(q, codes.to(torch.float32))  # integer-valued: x codes (less the zero point) . w codes
+    return (acc * (x_scale * scale[:, 0].to(torch.float32))).to(x.dtype)
 
 
 def quant_linear_impl(x: Tensor, qweight: Tensor, scale: Tensor, scheme: str, group_size: int, in_features: int,
@@ -244,7 +267,7 @@ def _setup_context(ctx: object, inputs: tuple, output: Tensor) -> None:
 def _backward(ctx: object, grad: Tensor) -> tuple:
     """Straight-through: the gradient of ``x @ W.T`` for the dequantized ``W`` (weights are frozen)."""
     qweight, scale, scheme, group_size, in_features = ctx.weight  # type: ignore[attr-defined]
-    w = dequantize(unpack(qweight, scheme, in_features), scale, group_size, grad.dtype)
+    w = dequantize_rows(qweight, scale, scheme, group_size, in_features, grad.dtype)
     return grad @ w, None, None, None, None, None, None, None
 
 
@@ -256,7 +279,7 @@ def dequantize_packed(qweight: Tensor, scale: Tensor, scheme: str, group_size: i
     """The ``[rows, width]`` weights that packed codes and their scales stand for, in ``scale``'s dtype (what
     :class:`graphopt.nn.quant.QuantConv2d` convolves with). An op, so that ONNX export keeps the int8 / int4
     codes in the file (:mod:`graphopt.emit.onnx_quant`) instead of folding them into float weights."""
-    return dequantize(unpack(qweight, scheme, width), scale, group_size, scale.dtype)
+    return dequantize_rows(qweight, scale, scheme, group_size, width, scale.dtype)
 
 
 @dequantize_packed.register_fake

@@ -36,6 +36,7 @@ from graphopt.kernels.quant import (
     W8A8_QMAX,
     dequantize,
     dequantize_packed,
+    dequantize_rows,
     grouped,
     n_groups,
     needs_op,
@@ -234,7 +235,7 @@ class QuantLinear(PackedLayer):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the layer applies to its (unsmoothed) input, ``[out, in]``."""
-        w = dequantize(self.codes(), self.scale, self.group_size, torch.float32)
+        w = dequantize_rows(self.qweight, self.scale, self.scheme, self.group_size, self.in_features)
         if self.smooth is not None:
             w = w * self.smooth.to(torch.float32)
         return w.to(dtype or self.scale.dtype)
@@ -425,8 +426,8 @@ class QuantEmbedding(PackedLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize(unpack(self.qweight, self.scheme, self.embedding_dim), self.scale, self.group_size,
-                          self.scale.dtype)
+        return dequantize_rows(self.qweight, self.scale, self.scheme, self.group_size, self.embedding_dim,
+                               self.scale.dtype)
 
     @property
     def weight_count(self) -> int:

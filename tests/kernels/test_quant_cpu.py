@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt.kernels import quant_dispatch
+from graphopt.kernels import quant, quant_dispatch
 from graphopt.kernels.quant import pack, quant_linear_impl, quant_linear_reference
 from graphopt.kernels.quant_cpu import _int8_digits, runs_on
 from graphopt.nn.quant import QuantLinear, quantize_weight
@@ -295,3 +295,24 @@ def test_inductor_vectorizes_one_row_reductions_along_the_packed_bytes(fresh_tab
         got, code = run_and_get_code(torch.compile(block, fullgraph=True, dynamic=False), x)
     assert _rel(got, want) < 1e-5
     assert "transpose_mxn" not in "".join(code)
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("int8", 0), ("int4", 64), ("int4", 48), ("ternary", 0)])
+def test_weights_dequantize_a_slice_of_rows_at_a_time_to_the_same_values(scheme, group, monkeypatch):
+    """Eagerly the packed weights are unpacked a slice of rows at a time (a slice's int32 unpacking at a time,
+    not the layer's); each row is computed alone, so the values are those of one piece, bit for bit."""
+    codes, scale = quantize_weight(torch.randn(N, K, generator=torch.Generator().manual_seed(1)), scheme, group)
+    packed = pack(codes, scheme)
+    whole = quant.dequantize(quant.unpack(packed, scheme, K), scale, group)
+    monkeypatch.setattr(quant, "DEQUANTIZE_CHUNK", 5 * K * 4)  # slices of 5 rows: 72 = 14 x 5 + 2
+    calls: list[int] = []
+    unpack = quant.unpack
+    monkeypatch.setattr(quant, "unpack", lambda p, *a: calls.append(p.shape[0]) or unpack(p, *a))
+    sliced = quant.dequantize_rows(packed, scale, scheme, group, K)
+    assert calls == [5] * 14 + [2]
+    assert torch.equal(sliced, whole)
+    x = torch.randn(3, K)
+    assert torch.equal(quant_linear_reference(x, packed, scale, scheme, group, K), x @ whole.T)
+    layer = QuantLinear(K, N, bias=False, scheme=scheme, group_size=group)
+    layer.set_codes(codes, scale)
+    assert torch.equal(layer.dequantized_weight(), whole)
