@@ -13,6 +13,7 @@ bias that every later block reuses) is *special*: depth rewrites never cut it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -142,7 +143,10 @@ def read_elsewhere(model: nn.Module, blocks: BlockList, example: Any) -> dict[in
     def outputs() -> list[torch.Tensor]:
         with torch.no_grad():
             flat = flatten_outputs(inputs.call(model))
-        return [t for t in flat.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        kept = [t for t in flat.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        del flat
+        gc.collect()  # transformers' output objects sit in reference cycles: a 1B Llama's logits each, until collected
+        return kept
 
     base = outputs()
     found: dict[int, str] = {}

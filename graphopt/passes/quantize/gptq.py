@@ -101,5 +101,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, end:].addmm_(err1, hinv[start:end, end:], alpha=-1)  # in place: no out x k temporary
-    inverse = torch.argsort(perm)
-    return codes[:, inverse], scales.to(torch.float32)
+    if act_order:  # back to the weight's column order, in place (codes[:, argsort(perm)] would copy them)
+        permute_rows_(codes.T, torch.argsort(perm).tolist())
+    return codes, scales.to(torch.float32)

@@ -164,6 +164,7 @@ class Quantize(Pass):
             return result
         if self.budget_bits is not None:
             plans = self._mixed(program, weights, plans, shapes, result)
+        del weights  # each float weight is freed as its packed layer replaces it, not at the end of the pass
         w8a8 = [n for n in targets if plans[n].activations != "none"]
         smoothing = bool(w8a8) and (self.alpha is None or self.alpha > 0)
         groups = self._sequential_groups(am, w8a8) if smoothing else []

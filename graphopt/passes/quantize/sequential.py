@@ -69,7 +69,10 @@ def sequential_by_block(model: nn.Module, targets: list[str], batches: list, sta
         block = model.get_submodule(block_name)
         inside = {t: model.get_submodule(t) for t in targets if t.startswith(f"{block_name}.")}
         calls = [ExampleInputs(args, kwargs) for args, kwargs in inputs]
-        for group in call_order(block, inside, calls[0]).groups(inside)[0] if inside else []:
+        groups = call_order(block, inside, calls[0]).groups(inside)[0] if inside else []
+        inside.clear()  # the float layers: each is freed once its group's packed layers replace it (a 1B Llama's
+        # gate and up projections, 128 MiB, stayed beside down_proj's 512 MiB Hessian)
+        for group in groups:
             stats = layer_input_stats(block, {n: model.get_submodule(n) for n in group}, calls, statistic, masks)
             quantize_group(group, stats)
             done.update(group)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graphopt.analysis.calibration import GramAccumulator
-from graphopt.nn.quant import weight_scales
+from graphopt.nn.quant import round_codes, weight_scales
 from graphopt.passes.quantize.gptq import gptq_quantize, permute_rows_
 
 
@@ -59,3 +59,16 @@ def test_int4_scales_taken_in_chunks_of_rows_equal_the_whole():
     got = weight_scales(w, "int4", 128, importance=importance)
     want = torch.cat([weight_scales(w[i:i + 100], "int4", 128, importance=importance) for i in range(0, 1100, 100)])
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scheme, group", [("int4", 16), ("int8", 0)])
+def test_act_order_codes_come_back_in_the_weights_column_order(scheme, group):
+    """A diagonal Hessian spreads no error: GPTQ is rounding to nearest, visited in a shuffled column order (its
+    diagonal's, descending). The codes, put back in place, are the nearest codes of each column."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 64, generator=g, dtype=torch.float64)
+    h = torch.diag(torch.rand(64, generator=g, dtype=torch.float64) + 0.5)
+    codes, scales = gptq_quantize(w, h.clone(), scheme, group, act_order=True, overwrite=True)
+    assert torch.argsort(torch.diag(h), descending=True).tolist() != list(range(64))
+    per_column = scales.double().repeat_interleave(group or 64, dim=1)[:, :64]
+    assert torch.equal(codes.double(), round_codes(w, per_column, scheme))
