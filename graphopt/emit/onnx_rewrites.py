@@ -35,11 +35,17 @@ log = logging.getLogger(__name__)
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 
+def _same_dims(a: object, b: object) -> bool:
+    """Two dimensions known to be equal: the same number, or the same named symbol (two unknown ones are not)."""
+    known = [isinstance(d, int) or getattr(d, "value", None) is not None for d in (a, b)]
+    return all(known) and a == b
+
+
 def _same_3d_shape(a: ir.Value, b: ir.Value) -> int | None:
     """The last dimension when ``a`` and ``b`` are 3-D of one shape (what the fusion matches), else None."""
     if a.shape is None or b.shape is None or len(a.shape) != 3 or len(b.shape) != 3:
         return None
-    if any(x != y for x, y in zip(a.shape, b.shape)):
+    if not all(_same_dims(x, y) for x, y in zip(a.shape, b.shape)):
         return None
     hidden = a.shape[2]
     return hidden if isinstance(hidden, int) else None
@@ -47,10 +53,10 @@ def _same_3d_shape(a: ir.Value, b: ir.Value) -> int | None:
 
 def _residual_pair(norm: ir.Node) -> tuple[ir.Node, int] | None:
     """The ``Add`` feeding ``norm`` and the width when onnxruntime would fuse the two; None otherwise."""
-    if norm.op_type != "LayerNormalization" or norm.domain not in _ONNX_DOMAINS:
+    if not _is(norm, "LayerNormalization"):
         return None
     add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-    if add is None or add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or add.graph is not norm.graph:
+    if not _is(add, "Add") or add.graph is not norm.graph:
         return None
     summed = norm.inputs[0]
     if len(summed.uses()) != 1 or summed.is_graph_output():
@@ -135,7 +141,7 @@ def _split_heads(value: ir.Value, attention: ir.Node) -> tuple[ir.Value, int] | 
     heads, width = split[2], split[3]
     if not (isinstance(heads, int) and isinstance(width, int) and x.shape[2] == heads * width):
         return None
-    return (x, heads) if tuple(split[:2]) == tuple(x.shape[:2]) else None
+    return (x, heads) if all(_same_dims(a, b) for a, b in zip(split[:2], x.shape[:2])) else None
 
 
 def _merged_heads(attention: ir.Node) -> ir.Value | None:
@@ -148,8 +154,9 @@ def _merged_heads(attention: ir.Node) -> ir.Value | None:
     if not _is(reshape, "Reshape") or heads is None or len(heads) != 4:
         return None
     merged = reshape.outputs[0].shape
-    ok = merged is not None and len(merged) == 3 and tuple(merged[:2]) == (heads[0], heads[2]) and \
-        isinstance(heads[1], int) and isinstance(heads[3], int) and merged[2] == heads[1] * heads[3]
+    ok = merged is not None and len(merged) == 3 and _same_dims(merged[0], heads[0]) and \
+        _same_dims(merged[1], heads[2]) and isinstance(heads[1], int) and isinstance(heads[3], int) and \
+        merged[2] == heads[1] * heads[3]
     return reshape.outputs[0] if ok else None
 
 

@@ -119,3 +119,23 @@ def test_pre_norm_models_rewrite_only_their_final_norm(name, pairs, tmp_path):
     traced_nodes = [n.op_type for n in onnx.load(str(traced.path)).graph.node]
     assert len(flat_nodes) - len(traced_nodes) == 4 * pairs  # Shape and three Reshapes per pair
     assert flat_nodes.count("Attention") == traced_nodes.count("Attention") == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize(("dims", "rewritten"), [(["b", "s"], 1), ([None, None], 0), ([2, 3], 1), ([2, None], 0)])
+def test_operands_of_unknown_size_may_broadcast_and_are_left_alone(dims, rewritten):
+    """Two unknown dimensions may differ at run time ([2, 3, 16] + [2, 1, 16]): on 2-D views the rows would
+    not line up, so only operands whose sizes are known equal (numbers, or one named symbol) are rewritten."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from graphopt.emit.onnx_rewrites import flatten_residual_norms
+
+    shape = [*dims, 16]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["out"])],
+        "residual", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "y")],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+        [helper.make_tensor("g", TensorProto.FLOAT, [16], [1.0] * 16)])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert flatten_residual_norms(model) == rewritten
+    assert [n.op_type for n in model.graph].count("Reshape") == 3 * rewritten
