@@ -72,3 +72,33 @@ def test_act_order_codes_come_back_in_the_weights_column_order(scheme, group):
     assert torch.argsort(torch.diag(h), descending=True).tolist() != list(range(64))
     per_column = scales.double().repeat_interleave(group or 64, dim=1)[:, :64]
     assert torch.equal(codes.double(), round_codes(w, per_column, scheme))
+
+
+def test_float_weights_are_freed_as_their_packed_layers_replace_them(monkeypatch):
+    """By the time GPTQ solves a block's last layer, the float weights of the block's layers already packed are
+    gone (the pass held every target's weight to its end: a 1B Llama's gate and up projections, 128 MiB, sat
+    beside down_proj's 512 MiB Hessian)."""
+    import gc
+    import weakref
+
+    import graphopt as go
+    from graphopt.helpers.zoo import hf_model
+    from graphopt.passes.quantize import algorithms
+
+    model, inputs = hf_model("llama_causal_lm")
+    block = model.model.layers[0]
+    originals = {n: weakref.ref(m.weight) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(originals) == 7
+    alive_at_last: list[list[str]] = []
+    solve = algorithms.gptq_quantize
+
+    def watched(weight, *args, **kwargs):
+        if weight.shape[1] == block.mlp.down_proj.in_features and not alive_at_last:  # block 0's down_proj
+            gc.collect()
+            alive_at_last.append(sorted(n for n, ref in originals.items() if ref() is not None))
+        return solve(weight, *args, **kwargs)
+
+    monkeypatch.setattr(algorithms, "gptq_quantize", watched)
+    go.optimize(model, inputs, pipeline="quantize(scheme=int4,method=gptq,group_size=16)", calib=[inputs] * 2,
+                inplace=True, verify=False)
+    assert alive_at_last == [["mlp.down_proj"]]
